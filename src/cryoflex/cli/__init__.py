@@ -1,0 +1,66 @@
+"""The `cryoflex` command: one subcommand per module in this package; each module's docstring is its help."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cryoflex import __version__
+from cryoflex.errors import CryoflexInputError
+
+# Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, str] = {
+    "info": "cryoflex.cli.info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with one subparser per subcommand module."""
+    parser = argparse.ArgumentParser(
+        prog="cryoflex",
+        description="cryoflex: segments and rigid motions from cryo-EM particle images (cryoSPHERE).",
+    )
+    parser.add_argument("--version", action="version", version=f"cryoflex {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        summary = doc.splitlines()[0] if doc else ""
+        sub = subparsers.add_parser(
+            name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; user errors end with a message and exit code 2, not a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(args.run(args) or 0)
+    except CryoflexInputError as error:
+        if args.verbose:
+            raise
+        print(f"cryoflex {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryoflex {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

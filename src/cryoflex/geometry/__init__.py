@@ -1,0 +1,1 @@
+"""Rotations and the conventions that connect them to RELION, cryoSPARC and cryoDRGN."""

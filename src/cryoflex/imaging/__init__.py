@@ -1,0 +1,1 @@
+"""Image formation: CTF, Gaussian projector, volumes. Pure physics, no neural networks."""
