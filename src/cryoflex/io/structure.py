@@ -1,0 +1,344 @@
+"""Atomic structures (PDB, mmCIF) as one pseudo-atom per polymer residue, read and written with gemmi.
+
+Every amino acid becomes its C-alpha and every nucleotide its C1' atom; waters, ligands and ions are dropped.
+All chains are kept, with their ids and residue numbers. A multi-model file is an ensemble: one coordinate set
+per model, same residues in each. Alternate locations: gemmi keeps the first conformer (by PDB convention the
+highest-occupancy one, A).
+
+Residue amplitude = electrons of the residue's heavy (non-hydrogen) atoms, i.e. the sum of their atomic
+numbers Z (glycine: N + CA + C + O = 7 + 6 + 6 + 8 = 27). At the low resolution a C-alpha Gaussian models, a
+residue scatters in proportion to its electron count, so heavier residues weigh more; the overall scale does
+not matter because the loss is a correlation. Hydrogens are left out because X-ray/EM models include them
+inconsistently.
+
+Elements: CHARMM-style PDB files leave the element column blank and left-align atom names, so gemmi guesses
+the element from the first two letters of the name (CA -> calcium, HG1 -> mercury, CD -> cadmium, NE -> neon).
+After reading, a guessed element cannot be told from a written one, but such guesses are never elements of a
+biopolymer: any atom of a polymer residue whose element is not one of H, C, N, O, S, P, Se or a halogen gets
+its element from its name as the PDB convention does for protein and nucleic-acid atoms (first letter after
+leading digits: C, N, O, S, P or H).
+
+Residue names: whatever gemmi's table knows as an amino acid (MSE and other modified ones included) or a
+nucleotide, plus the force-field names it does not know: CHARMM/AMBER histidines HSD HSE HSP HID HIE HIP,
+AMBER CYX CYM ASH GLH LYN, CHARMM nucleotides ADE CYT GUA THY URA and AMBER terminal nucleotides (DA5, RU3,
+A5, ...).
+
+Chains with a blank id (CHARMM files keep the segment in columns 73-76 instead) are named A, B, ... by
+segment, in order of appearance, skipping ids already in use, so that the structure can be written as mmCIF
+and selected in ChimeraX."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import gemmi
+import numpy as np
+
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+AMINO_ACID_ATOM = "CA"
+NUCLEOTIDE_ATOM = "C1'"
+_NUCLEOTIDE_ATOM_OLD_NAME = "C1*"  # PDB format version 2 and some old programs
+_FORCE_FIELD_AMINO_ACIDS = frozenset(
+    {"HSD", "HSE", "HSP", "HID", "HIE", "HIP", "CYX", "CYM", "ASH", "GLH", "LYN"}
+)
+_FORCE_FIELD_NUCLEOTIDES = frozenset(
+    {"ADE", "CYT", "GUA", "THY", "URA"}
+    | {f"{sugar}{base}{end}" for sugar in ("D", "R") for base in "ACGTU" for end in ("", "5", "3")}
+    | {f"{base}{end}" for base in "ACGU" for end in ("5", "3")}
+)
+_POLYMER_ELEMENTS = frozenset({"H", "D", "C", "N", "O", "S", "P", "Se", "F", "Cl", "Br", "I"})
+_NAME_ELEMENTS = "CNOSPH"
+_PDB_SUFFIXES = {".pdb", ".ent"}
+_MMCIF_SUFFIXES = {".cif", ".mmcif"}
+_CHAIN_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Pseudo-atom model: one CA/C1' per residue, coordinates for each model of an ensemble, in Angstrom."""
+
+    coords_A: np.ndarray  # (n_models, n_residues, 3) float64
+    chain_ids: np.ndarray  # (n_residues,) str
+    residue_numbers: np.ndarray  # (n_residues,) int
+    insertion_codes: np.ndarray  # (n_residues,) str, '' if none
+    residue_names: np.ndarray  # (n_residues,) str
+    atom_names: np.ndarray  # (n_residues,) str: 'CA' or "C1'"
+    amplitudes_e: np.ndarray  # (n_residues,) float64: electrons of the residue's heavy atoms
+    source_path: str | None = None
+
+    def __post_init__(self) -> None:
+        coords = np.asarray(self.coords_A, dtype=np.float64)
+        if coords.ndim != 3 or coords.shape[2] != 3 or coords.shape[0] < 1 or coords.shape[1] < 1:
+            raise ValueError(f"coords_A must have shape (n_models, n_residues, 3), not {coords.shape}")
+        if not np.isfinite(coords).all():
+            raise ValueError("coords_A holds NaN or infinite values")
+        object.__setattr__(self, "coords_A", coords)
+        n_residues = coords.shape[1]
+        for name, dtype in (("chain_ids", str), ("residue_numbers", np.int64), ("insertion_codes", str),
+                            ("residue_names", str), ("atom_names", str), ("amplitudes_e", np.float64)):
+            values = np.asarray(getattr(self, name), dtype=dtype)
+            if values.shape != (n_residues,):
+                raise ValueError(f"{name} must have shape ({n_residues},), got {values.shape}")
+            object.__setattr__(self, name, values)
+
+    @property
+    def n_models(self) -> int:
+        return self.coords_A.shape[0]
+
+    @property
+    def n_residues(self) -> int:
+        return self.coords_A.shape[1]
+
+    def chains(self) -> list[tuple[str, int]]:
+        """(chain id, residue count) for each chain, in order of first appearance in the file."""
+        return list(Counter(self.chain_ids.tolist()).items())
+
+    def model(self, index: int) -> Structure:
+        """The structure with only model `index` (negative indices count from the end)."""
+        if not -self.n_models <= index < self.n_models:
+            raise IndexError(f"model {index} out of range for {self.n_models} models")
+        position = index % self.n_models
+        return replace(self, coords_A=self.coords_A[position:position + 1])
+
+    def with_coords(self, coords_A: np.ndarray) -> Structure:
+        """Same residues, new coordinates: (n_models, n_residues, 3), or (n_residues, 3) for one model."""
+        coords = np.asarray(coords_A, dtype=np.float64)
+        return replace(self, coords_A=coords[None] if coords.ndim == 2 else coords)
+
+
+@dataclass(frozen=True)
+class _Selected:
+    """One polymer residue of one model and its pseudo-atom."""
+
+    chain_id: str
+    segment: str
+    residue: gemmi.Residue
+    atom: gemmi.Atom
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        return (self.chain_id, self.residue.seqid.num, self.residue.seqid.icode.strip(), self.residue.name)
+
+
+def residue_kind(name: str) -> str | None:
+    """'amino acid', 'nucleotide' or None (water, ligand, ion, unknown) for a residue name."""
+    if name in _FORCE_FIELD_AMINO_ACIDS:
+        return "amino acid"
+    if name in _FORCE_FIELD_NUCLEOTIDES:
+        return "nucleotide"
+    info = gemmi.find_tabulated_residue(name)
+    if info is not None and info.is_amino_acid():
+        return "amino acid"
+    if info is not None and info.is_nucleic_acid():
+        return "nucleotide"
+    return None
+
+
+def atomic_number(atom: gemmi.Atom) -> int:
+    """Atomic number of a polymer-residue atom, from its name where gemmi's element is a mis-guess."""
+    if atom.element.name in _POLYMER_ELEMENTS:
+        return atom.element.atomic_number
+    letter = atom.name.lstrip("0123456789")[:1].upper()
+    return gemmi.Element(letter).atomic_number if letter and letter in _NAME_ELEMENTS else 0
+
+
+def residue_electrons(residue: gemmi.Residue) -> int:
+    """Electrons of the residue's heavy atoms: sum of Z over its non-hydrogen atoms."""
+    numbers = [atomic_number(atom) for atom in residue]
+    unknown = [atom.name for atom, z in zip(residue, numbers, strict=True) if z == 0]
+    if unknown:
+        logger.warning("residue %s %s: no element for atoms %s; they add no electrons", residue.name,
+                       residue.seqid, ", ".join(unknown))
+    return sum(z for z in numbers if z > 1)
+
+
+def _pseudo_atom(residue: gemmi.Residue, kind: str) -> gemmi.Atom | None:
+    """The residue's CA (amino acid) or C1' (nucleotide) atom, or None if it has none."""
+    names = (AMINO_ACID_ATOM,) if kind == "amino acid" else (NUCLEOTIDE_ATOM, _NUCLEOTIDE_ATOM_OLD_NAME)
+    for name in names:
+        atom = residue.find_atom(name, "*")
+        if atom is not None:
+            return atom
+    return None
+
+
+def _select_residues(model: gemmi.Model, warn: bool) -> tuple[list[_Selected], Counter[str]]:
+    """The model's polymer residues with their pseudo-atom, and a count of the other residues."""
+    selected: list[_Selected] = []
+    others: Counter[str] = Counter()
+    for chain in model:
+        for residue in chain:
+            kind = residue_kind(residue.name)
+            if kind is None:
+                others[residue.name] += 1
+                continue
+            atom = _pseudo_atom(residue, kind)
+            if atom is None:
+                wanted = AMINO_ACID_ATOM if kind == "amino acid" else NUCLEOTIDE_ATOM
+                others[f"{residue.name} without {wanted}"] += 1
+                if warn:
+                    logger.warning("chain '%s' residue %s %s has no %s atom; skipped",
+                                   chain.name, residue.name, residue.seqid, wanted)
+                continue
+            selected.append(_Selected(chain.name.strip(), residue.segment.strip(), residue, atom))
+    return selected, others
+
+
+def _describe_others(others: Counter[str]) -> str:
+    """'HOH x 120, ATP x 2' for the most common residue names."""
+    return ", ".join(f"{name} x {count}" for name, count in others.most_common(8))
+
+
+def _name_blank_chains(selected: list[_Selected]) -> list[str]:
+    """Chain ids of the residues; blank ones become unused letters, one per segment in order of appearance."""
+    used = {s.chain_id for s in selected if s.chain_id}
+    free = iter(letter for letter in _CHAIN_LETTERS if letter not in used)
+    by_segment: dict[str, str] = {}
+    for s in selected:
+        if not s.chain_id and s.segment not in by_segment:
+            by_segment[s.segment] = next(free)
+            logger.info("blank chain id (segment '%s') named '%s'", s.segment, by_segment[s.segment])
+    return [s.chain_id or by_segment[s.segment] for s in selected]
+
+
+def _read_gemmi(path: Path) -> gemmi.Structure:
+    """Parse a PDB or mmCIF file (format detected from its content); errors become CryoflexInputError."""
+    if not path.is_file():
+        raise CryoflexInputError(path, "file not found", "check the path")
+    try:
+        structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Detect)
+    except (RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise CryoflexInputError(path, f"could not parse it as PDB or mmCIF: {error}",
+                                 "give a valid .pdb or .cif coordinate file") from error
+    if len(structure) == 0 or structure[0].count_atom_sites() == 0:
+        raise CryoflexInputError(path, "no atom records found", "give a PDB or mmCIF file with atoms")
+    structure.remove_alternative_conformations()
+    return structure
+
+
+def read_structure(path: str | Path) -> Structure:
+    """Read a PDB or mmCIF file as one CA/C1' pseudo-atom per residue; several models give an ensemble."""
+    path = Path(path)
+    gemmi_structure = _read_gemmi(path)
+    first, others = _select_residues(gemmi_structure[0], warn=True)
+    if not first:
+        found = _describe_others(others)
+        raise CryoflexInputError(path, f"no amino-acid (CA) or nucleotide (C1') residue found; only {found}",
+                                 "give a protein or nucleic-acid structure")
+    first_keys = [s.key for s in first]
+    coords = [[s.atom.pos.tolist() for s in first]]
+    for model in list(gemmi_structure)[1:]:
+        selected, _ = _select_residues(model, warn=False)
+        keys = [s.key for s in selected]
+        if keys != first_keys:
+            difference = next((f"{a} vs {b}" for a, b in zip(first_keys, keys, strict=False) if a != b),
+                              f"{len(keys)} vs {len(first_keys)} residues")
+            problem = f"model {model.num} has other residues than the first model ({difference})"
+            raise CryoflexInputError(path, problem, "give models that all have the same residues")
+        coords.append([s.atom.pos.tolist() for s in selected])
+    kinds = [residue_kind(s.residue.name) for s in first]
+    logger.info("read %d models x %d residues from %s", len(coords), len(first), path)
+    return Structure(
+        coords_A=np.array(coords, dtype=np.float64),
+        chain_ids=np.array(_name_blank_chains(first)),
+        residue_numbers=np.array([s.residue.seqid.num for s in first], dtype=np.int64),
+        insertion_codes=np.array([s.residue.seqid.icode.strip() for s in first]),
+        residue_names=np.array([s.residue.name for s in first]),
+        atom_names=np.array([AMINO_ACID_ATOM if kind == "amino acid" else NUCLEOTIDE_ATOM for kind in kinds]),
+        amplitudes_e=np.array([residue_electrons(s.residue) for s in first], dtype=np.float64),
+        source_path=str(path),
+    )
+
+
+def _chain_runs(chain_ids: np.ndarray) -> list[tuple[str, int, int]]:
+    """(chain id, start, stop) for each run of consecutive residues with the same chain id."""
+    starts = [0] + [i for i in range(1, len(chain_ids)) if chain_ids[i] != chain_ids[i - 1]]
+    stops = starts[1:] + [len(chain_ids)]
+    return [(str(chain_ids[start]), start, stop) for start, stop in zip(starts, stops, strict=True)]
+
+
+def to_gemmi(structure: Structure, b_factors: np.ndarray | None = None) -> gemmi.Structure:
+    """A pseudo-atom-only gemmi Structure (models 1..n, element C), with entities and label_seq_id set."""
+    n_residues = structure.n_residues
+    b_values = np.zeros(n_residues) if b_factors is None else np.asarray(b_factors, dtype=np.float64)
+    if b_values.shape != (n_residues,) or not np.isfinite(b_values).all():
+        raise ValueError(f"b_factors must be {n_residues} finite values, got shape {b_values.shape}")
+    result = gemmi.Structure()
+    result.spacegroup_hm = "P 1"
+    carbon = gemmi.Element("C")
+    runs = _chain_runs(structure.chain_ids)
+    for model_index in range(structure.n_models):
+        model = gemmi.Model(model_index + 1)
+        for chain_id, start, stop in runs:
+            chain = gemmi.Chain(chain_id)
+            for i in range(start, stop):
+                residue = gemmi.Residue()
+                residue.name = str(structure.residue_names[i])
+                icode = structure.insertion_codes[i] or " "
+                residue.seqid = gemmi.SeqId(int(structure.residue_numbers[i]), icode)
+                residue.entity_type = gemmi.EntityType.Polymer
+                residue.het_flag = "A"
+                atom = gemmi.Atom()
+                atom.name = str(structure.atom_names[i])
+                atom.element = carbon
+                atom.pos = gemmi.Position(*structure.coords_A[model_index, i])
+                atom.occ = 1.0
+                atom.b_iso = float(b_values[i])
+                residue.add_atom(atom)
+                chain.add_residue(residue)
+            model.add_chain(chain)
+        result.add_model(model)
+    result.setup_entities()
+    for entity in result.entities:
+        subchain = result[0].get_subchain(entity.subchains[0])
+        entity.full_sequence = [residue.name for residue in subchain]
+    result.assign_label_seq_id()
+    result.assign_serial_numbers()
+    return result
+
+
+def write_structure(path: str | Path, structure: Structure, b_factors: np.ndarray | None = None) -> None:
+    """Write a CA/C1'-only PDB (.pdb) or mmCIF (.cif, .mmcif) file, one MODEL per model, atomically.
+
+    b_factors (n_residues,) fill the B-factor column (e.g. segment ids to colour by in ChimeraX), else 0.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _PDB_SUFFIXES | _MMCIF_SUFFIXES:
+        raise CryoflexInputError(path, f"unknown structure file extension '{suffix}'", "use .pdb or .cif")
+    gemmi_structure = to_gemmi(structure, b_factors)
+    if suffix in _PDB_SUFFIXES:
+        try:
+            text = gemmi_structure.make_pdb_string()
+        except RuntimeError as error:  # e.g. chain ids longer than 2 characters
+            problem = f"cannot be written as PDB: {error}"
+            raise CryoflexInputError(path, problem, "write .cif instead") from error
+    else:
+        text = gemmi_structure.make_mmcif_document().as_string()
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def structure_summary(structure: Structure) -> dict[str, Any]:
+    """Counts for `cryoflex info`: models, residues, amino acids, nucleotides, each chain's residue range."""
+    chains = []
+    for chain_id, count in structure.chains():
+        numbers = structure.residue_numbers[structure.chain_ids == chain_id]
+        chains.append({"chain_id": chain_id, "n_residues": count, "first_residue": int(numbers[0]),
+                       "last_residue": int(numbers[-1])})
+    n_amino_acids = int((structure.atom_names == AMINO_ACID_ATOM).sum())
+    return {
+        "n_models": structure.n_models,
+        "n_residues": structure.n_residues,
+        "n_amino_acids": n_amino_acids,
+        "n_nucleotides": structure.n_residues - n_amino_acids,
+        "chains": chains,
+    }
