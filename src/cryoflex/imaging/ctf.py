@@ -1,0 +1,222 @@
+"""Contrast transfer function (CTF) in torch, batched over particles, RELION sign (DESIGN.md).
+
+    lambda_A = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)),  V in volts
+    df(theta) = 0.5 (dfU + dfV + (dfU - dfV) cos 2(theta - angle_ast)),  theta = atan2(ky, kx)
+    chi = pi lambda df s^2 - (pi/2) Cs lambda^3 s^4 + phase_shift + asin(w),  s = |k| in 1/A, Cs in A
+    CTF = sin(chi) exp(-B s^2 / 4) scale
+
+asin(w) equals DESIGN's atan(w / sqrt(1 - w^2)). This CTF is exactly minus cryoDRGN's and cisTEM's.
+
+Speed: the CTF runs once per image per training step. Using cos 2(theta - a) s^2 = (kx^2 - ky^2) cos 2a +
+2 kx ky sin 2a, chi is a sum of four fixed per-pixel grid terms (frequencies in cycles per pixel, cached per
+box size, dtype and device) weighted by per-particle coefficients that absorb the pixel size. There is no
+per-pixel trigonometry except the final sin, and particles with different pixel sizes share one grid.
+
+Grids: rfft = torch.fft.rfft2 of an N x N image (rows = y: fftfreq; columns = x: rfftfreq), (N, N//2+1);
+full = fftshifted full grid, (N, N), zero frequency at (N//2, N//2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+Scalar = float | torch.Tensor
+
+_RELATIVISTIC_PER_V = 0.978466e-6
+_WAVELENGTH_CONSTANT_A = 12.2643247  # h / sqrt(2 m e), in A sqrt(V)
+
+
+class _GridTerms(NamedTuple):
+    """Per-pixel terms of chi on a grid (frequencies in cycles per unit length)."""
+
+    s2: torch.Tensor  # kx^2 + ky^2
+    cos_term: torch.Tensor  # kx^2 - ky^2 = s^2 cos 2 theta
+    sin_term: torch.Tensor  # 2 kx ky = s^2 sin 2 theta
+    s4: torch.Tensor  # s^4
+
+
+def electron_wavelength_A(voltage_kV: Scalar) -> Scalar:
+    """Relativistic electron wavelength in A for an acceleration voltage in kV (RELION's constants)."""
+    volts = voltage_kV * 1000.0
+    if isinstance(volts, torch.Tensor):
+        return _WAVELENGTH_CONSTANT_A * torch.rsqrt(volts * (1.0 + _RELATIVISTIC_PER_V * volts))
+    return _WAVELENGTH_CONSTANT_A / math.sqrt(volts * (1.0 + _RELATIVISTIC_PER_V * volts))
+
+
+def _rfft_frequencies_px(
+    box_size_px: int, dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kx, ky) in cycles per pixel on the torch.fft.rfft2 grid, each (N, N//2+1)."""
+    kx = torch.fft.rfftfreq(box_size_px, dtype=dtype, device=device)
+    ky = torch.fft.fftfreq(box_size_px, dtype=dtype, device=device)
+    return torch.broadcast_tensors(kx[None, :], ky[:, None])
+
+
+def _full_frequencies_px(
+    box_size_px: int, dtype: torch.dtype, device: torch.device | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kx, ky) in cycles per pixel on the fftshifted full grid, each (N, N)."""
+    k = torch.fft.fftshift(torch.fft.fftfreq(box_size_px, dtype=dtype, device=device))
+    return torch.broadcast_tensors(k[None, :], k[:, None])
+
+
+def rfft_frequencies_A(
+    box_size_px: int,
+    pixel_size_A: Scalar,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kx, ky) in 1/A on the torch.fft.rfft2 grid of an N x N image: (N, N//2+1), or (B, N, N//2+1).
+
+    A (B,) tensor of pixel sizes gives one grid per particle; dtype and device default to its own.
+    """
+    if isinstance(pixel_size_A, torch.Tensor):
+        dtype = dtype or (pixel_size_A.dtype if pixel_size_A.is_floating_point() else None)
+        device = device or pixel_size_A.device
+    kx, ky = _rfft_frequencies_px(box_size_px, dtype or torch.get_default_dtype(), device)
+    pixel_size = torch.as_tensor(pixel_size_A, dtype=kx.dtype, device=kx.device)[..., None, None]
+    return kx / pixel_size, ky / pixel_size
+
+
+def _grid_terms(kx: torch.Tensor, ky: torch.Tensor) -> _GridTerms:
+    """The four per-pixel terms of chi for frequencies kx, ky."""
+    kx2, ky2 = kx.square(), ky.square()
+    s2 = kx2 + ky2
+    return _GridTerms(s2=s2, cos_term=kx2 - ky2, sin_term=2.0 * kx * ky, s4=s2.square())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_grid_terms(box_size_px: int, full: bool, dtype: torch.dtype, device: torch.device) -> _GridTerms:
+    """Grid terms in cycles per pixel, computed once per (box size, grid kind, dtype, device).
+
+    Built outside inference mode so that a first call under torch.inference_mode cannot cache tensors that
+    autograd later refuses to save.
+    """
+    make = _full_frequencies_px if full else _rfft_frequencies_px
+    with torch.inference_mode(False):
+        return _grid_terms(*make(box_size_px, dtype, device))
+
+
+def _dtype_and_device(defocus_u_A: Scalar, *others: Scalar) -> tuple[torch.dtype, torch.device]:
+    """dtype of the defocus tensor (else the default dtype); device of the first tensor given (else CPU)."""
+    dtype = torch.get_default_dtype()
+    if isinstance(defocus_u_A, torch.Tensor) and defocus_u_A.is_floating_point():
+        dtype = defocus_u_A.dtype
+    tensors = [v for v in (defocus_u_A, *others) if isinstance(v, torch.Tensor)]
+    return dtype, tensors[0].device if tensors else torch.device("cpu")
+
+
+def _ctf_on_grid(
+    terms: _GridTerms,
+    dtype: torch.dtype,
+    device: torch.device,
+    pixel_size_A: Scalar,
+    defocus_u_A: Scalar,
+    defocus_v_A: Scalar,
+    defocus_angle_deg: Scalar,
+    voltage_kV: Scalar,
+    cs_mm: Scalar,
+    amplitude_contrast: Scalar,
+    phase_shift_deg: Scalar,
+    bfactor_A2: Scalar,
+    scale: Scalar,
+) -> torch.Tensor:
+    """CTF on grid terms in cycles per pixel_size_A; parameters broadcast to shape P -> P + grid shape."""
+    values = (pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm)
+    values += (amplitude_contrast, phase_shift_deg, scale)
+    params = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=dtype, device=device) for v in values))
+    apix, df_u, df_v, angle_deg, kv, cs, w, phase_deg, scale_t = (p[..., None, None] for p in params)
+    wavelength = electron_wavelength_A(kv)
+    inv_apix2 = 1.0 / apix.square()
+    half_pi_lambda = (0.5 * math.pi) * wavelength * inv_apix2  # pi lambda df s^2 = half_pi_lambda (2 df) s^2
+    astig = half_pi_lambda * (df_u - df_v)
+    two_angle = 2.0 * torch.deg2rad(angle_deg)
+    chi = (
+        (half_pi_lambda * (df_u + df_v)) * terms.s2
+        + (astig * torch.cos(two_angle)) * terms.cos_term
+        + (astig * torch.sin(two_angle)) * terms.sin_term
+        - ((0.5e7 * math.pi) * cs * wavelength**3 * inv_apix2.square()) * terms.s4
+        + (torch.deg2rad(phase_deg) + torch.asin(w))
+    )
+    ctf = torch.sin(chi)
+    if not (isinstance(bfactor_A2, (int, float)) and bfactor_A2 == 0):
+        bfactor = torch.as_tensor(bfactor_A2, dtype=dtype, device=device)[..., None, None]
+        ctf = ctf * torch.exp((-0.25 * bfactor * inv_apix2) * terms.s2)
+    return ctf * scale_t
+
+
+def ctf_rfft(
+    box_size_px: int,
+    pixel_size_A: Scalar,
+    defocus_u_A: Scalar,
+    defocus_v_A: Scalar,
+    defocus_angle_deg: Scalar,
+    voltage_kV: Scalar,
+    cs_mm: Scalar,
+    amplitude_contrast: Scalar,
+    phase_shift_deg: Scalar = 0.0,
+    bfactor_A2: Scalar = 0.0,
+    scale: Scalar = 1.0,
+) -> torch.Tensor:
+    """CTF on the torch.fft.rfft2 grid: parameters (B,) tensors or floats -> (B, N, N//2+1).
+
+    dtype follows defocus_u_A (float32 or float64); device follows the tensor arguments. Parameters broadcast
+    together (all floats -> (N, N//2+1)). Differentiable in every tensor argument.
+    """
+    dtype, device = _dtype_and_device(defocus_u_A, pixel_size_A, voltage_kV, scale)
+    terms = _cached_grid_terms(box_size_px, False, dtype, device)
+    return _ctf_on_grid(
+        terms, dtype, device, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg,
+        voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
+    )  # fmt: skip
+
+
+def ctf_full_grid(
+    box_size_px: int,
+    pixel_size_A: Scalar,
+    defocus_u_A: Scalar,
+    defocus_v_A: Scalar,
+    defocus_angle_deg: Scalar,
+    voltage_kV: Scalar,
+    cs_mm: Scalar,
+    amplitude_contrast: Scalar,
+    phase_shift_deg: Scalar = 0.0,
+    bfactor_A2: Scalar = 0.0,
+    scale: Scalar = 1.0,
+) -> torch.Tensor:
+    """As ctf_rfft, on the fftshifted full grid (zero frequency at (N//2, N//2)), for plots: -> (B, N, N)."""
+    dtype, device = _dtype_and_device(defocus_u_A, pixel_size_A, voltage_kV, scale)
+    terms = _cached_grid_terms(box_size_px, True, dtype, device)
+    return _ctf_on_grid(
+        terms, dtype, device, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg,
+        voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
+    )  # fmt: skip
+
+
+def ctf_at_frequencies(
+    kx_per_A: torch.Tensor,
+    ky_per_A: torch.Tensor,
+    defocus_u_A: Scalar,
+    defocus_v_A: Scalar,
+    defocus_angle_deg: Scalar,
+    voltage_kV: Scalar,
+    cs_mm: Scalar,
+    amplitude_contrast: Scalar,
+    phase_shift_deg: Scalar = 0.0,
+    bfactor_A2: Scalar = 0.0,
+    scale: Scalar = 1.0,
+) -> torch.Tensor:
+    """CTF at arbitrary frequencies kx, ky in 1/A of 2-D shape G: parameters of shape P -> P + G.
+
+    The astigmatism angle is measured from the kx axis towards ky (theta = atan2(ky, kx)); dtype and device
+    follow kx_per_A.
+    """
+    return _ctf_on_grid(
+        _grid_terms(kx_per_A, ky_per_A), kx_per_A.dtype, kx_per_A.device, 1.0, defocus_u_A, defocus_v_A,
+        defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
+    )  # fmt: skip

@@ -1,0 +1,280 @@
+"""Gaussian projector: brute-force integrals, cisTEM angle convention, RELION origin sign, CTF, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryoflex.geometry.rotations import relion_euler_to_matrix, uniform_random_rotations
+from cryoflex.imaging.projector import (
+    GaussianProjector,
+    fourier_shift_images,
+    pixel_coordinates_A,
+    project_gaussians,
+)
+
+F64 = torch.float64
+
+
+def _molecule(rng: np.random.Generator, n: int, spread_A: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random residues within +-spread_A of the origin, amplitudes in [0.5, 2]."""
+    coords = torch.as_tensor(rng.uniform(-spread_A, spread_A, size=(n, 3)), dtype=F64)
+    amplitudes = torch.as_tensor(rng.uniform(0.5, 2.0, size=n), dtype=F64)
+    return coords, amplitudes
+
+
+def _brute_force_projection(
+    coords_A: np.ndarray, amplitudes: np.ndarray, box_size_px: int, pixel_size_A: float, sigma_A: float
+) -> np.ndarray:
+    """3-D density on pixel centres x a fine z grid, summed along z times dz; (N, N) indexed [y, x]."""
+    grid = (np.arange(box_size_px) - box_size_px // 2) * pixel_size_A
+    dz_A = 0.05
+    z = np.arange(-30.0, 30.0, dz_A)
+    dx = grid[None, None, :, None] - coords_A[:, 0]
+    dy = grid[None, :, None, None] - coords_A[:, 1]
+    dz = z[:, None, None, None] - coords_A[:, 2]
+    density = (amplitudes * np.exp(-(dx**2 + dy**2 + dz**2) / (2 * sigma_A**2))).sum(-1)
+    return density.sum(0) * dz_A
+
+
+def test_matches_brute_force_z_integral_after_rotation() -> None:
+    rng = np.random.default_rng(0)
+    coords, amplitudes = _molecule(rng, 7, 8.0)
+    rotation = torch.as_tensor(uniform_random_rotations(1, rng), dtype=F64)
+    box, apix, sigma = 32, 1.3, 2.0
+    image = project_gaussians(
+        coords, amplitudes, rotation, box_size_px=box, pixel_size_A=apix, sigma_A=sigma
+    )[0]
+    rotated = (coords @ rotation[0].T).numpy()
+    expected = _brute_force_projection(rotated, amplitudes.numpy(), box, apix, sigma)
+    relative = np.abs(image.numpy() - expected).max() / np.abs(expected).max()
+    assert relative < 1e-4
+    assert image.shape == (box, box)
+
+
+def test_total_integral_is_sum_of_gaussian_masses() -> None:
+    rng = np.random.default_rng(1)
+    coords, amplitudes = _molecule(rng, 12, 10.0)
+    rotations = torch.as_tensor(uniform_random_rotations(3, rng), dtype=F64)
+    box, apix, sigma = 48, 1.5, 2.0
+    images = project_gaussians(
+        coords, amplitudes, rotations, box_size_px=box, pixel_size_A=apix, sigma_A=sigma
+    )
+    mass = amplitudes.sum() * (2 * math.pi) ** 1.5 * sigma**3
+    torch.testing.assert_close(images.sum(dim=(1, 2)) * apix**2, mass.expand(3), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_axes_row_is_y_column_is_x_and_rotation_is_applied(box: int) -> None:
+    coords = torch.tensor([[4.0, 0.0, 0.0]], dtype=F64)
+    amplitudes = torch.ones(1, dtype=F64)
+    quarter_turn_z = torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], dtype=F64)
+    rotations = torch.cat([torch.eye(3, dtype=F64)[None], quarter_turn_z])
+    images = project_gaussians(coords, amplitudes, rotations, box_size_px=box, pixel_size_A=1.0, sigma_A=1.0)
+    peaks = [divmod(int(image.argmax()), box) for image in images]
+    assert peaks == [(box // 2, box // 2 + 4), (box // 2 + 4, box // 2)]
+
+
+def test_batched_coordinates_and_amplitudes_match_per_image_calls() -> None:
+    rng = np.random.default_rng(2)
+    coords = torch.as_tensor(rng.uniform(-6, 6, size=(3, 5, 3)), dtype=F64)
+    amplitudes = torch.as_tensor(rng.uniform(0.5, 2, size=(3, 5)), dtype=F64)
+    rotations = torch.as_tensor(uniform_random_rotations(3, rng), dtype=F64)
+    options = {"box_size_px": 20, "pixel_size_A": 1.2, "sigma_A": 2.0}
+    batched = project_gaussians(coords, amplitudes, rotations, **options)
+    singles = [
+        project_gaussians(coords[b], amplitudes[b], rotations[b : b + 1], **options)[0] for b in range(3)
+    ]
+    torch.testing.assert_close(batched, torch.stack(singles), rtol=1e-12, atol=1e-12)
+
+
+def test_class_matches_function_and_float32_is_accurate() -> None:
+    rng = np.random.default_rng(3)
+    coords, amplitudes = _molecule(rng, 9, 7.0)
+    rotations = torch.as_tensor(uniform_random_rotations(4, rng), dtype=F64)
+    shifts = torch.as_tensor(rng.uniform(-3, 3, size=(4, 2)), dtype=F64)
+    projector = GaussianProjector(24, 1.4, sigma_A=2.5)
+    expected = project_gaussians(
+        coords, amplitudes, rotations, box_size_px=24, pixel_size_A=1.4, sigma_A=2.5, shifts_A=shifts
+    )
+    torch.testing.assert_close(projector(coords, amplitudes, rotations, shifts_A=shifts), expected)
+    single = projector(coords.float(), amplitudes.float(), rotations.float(), shifts_A=shifts.float())
+    assert single.dtype == torch.float32
+    assert (single.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert projector.pixel_grid_A(torch.device("cpu"), torch.float32).dtype == torch.float32
+
+
+def test_rejects_bad_shapes() -> None:
+    rotations = torch.eye(3, dtype=F64)[None]
+    with pytest.raises(ValueError, match="amplitudes"):
+        project_gaussians(
+            torch.zeros(4, 3, dtype=F64), torch.ones(3, dtype=F64), rotations, box_size_px=8, pixel_size_A=1.0
+        )
+    with pytest.raises(ValueError, match="rotations"):
+        project_gaussians(
+            torch.zeros(4, 3, dtype=F64),
+            torch.ones(4, dtype=F64),
+            torch.eye(3, dtype=F64),
+            box_size_px=8,
+            pixel_size_A=1.0,
+        )
+
+
+# --- angle convention against cisTEM --------------------------------------------------------------
+
+
+def _lowpass(images: np.ndarray, cutoff_cycles_per_px: float) -> np.ndarray:
+    """Zero all Fourier components above cutoff_cycles_per_px (radially)."""
+    size = images.shape[-1]
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij"))
+    return np.fft.ifft2(np.fft.fft2(images) * (k <= cutoff_cycles_per_px)).real
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each pair of images (B, N, N) -> (B,)."""
+    a = a - a.mean(axis=(1, 2), keepdims=True)
+    b = b - b.mean(axis=(1, 2), keepdims=True)
+    return (a * b).sum(axis=(1, 2)) / np.sqrt((a * a).sum(axis=(1, 2)) * (b * b).sum(axis=(1, 2)))
+
+
+def test_euler_convention_matches_cistem_projections(data_dir) -> None:
+    """cryojax 0.6.0's frozen cisTEM slices of a 64^3 map (volume[z, y, x], 1 A voxels, DC zeroed).
+
+    Every voxel above 1e-4 of the maximum becomes a pseudo-atom (sigma = half a voxel) at its voxel centre;
+    the convention R = relion_euler_to_matrix(phi, theta, psi) must beat R^T and swapped phi/psi wherever
+    those give a different projection. Pearson correlation ignores cisTEM's DC removal and FFT scaling.
+    """
+    reference = np.load(data_dir / "cistem_projection.npz")
+    volume, angles, cistem = (
+        reference["volume"],
+        reference["angles"],
+        reference["projections"].astype(np.float64),
+    )
+    box, voxel = int(reference["box_size"]), float(reference["voxel_size"])
+    k, i, j = np.nonzero(volume > 1e-4 * volume.max())
+    coords = torch.as_tensor(np.stack([j, i, k], axis=-1) - box // 2, dtype=F64) * voxel
+    amplitudes = torch.as_tensor(volume[k, i, j], dtype=F64)
+    projector = GaussianProjector(box, voxel, sigma_A=0.5 * voxel)
+    phi, theta, psi = angles.T
+    conventions = {
+        "relion": relion_euler_to_matrix(phi, theta, psi),
+        "transposed": relion_euler_to_matrix(phi, theta, psi).transpose(0, 2, 1),
+        "phi_psi_swapped": relion_euler_to_matrix(psi, theta, phi),
+    }
+    correlations, lowpass_correlations = {}, {}
+    for name, matrices in conventions.items():
+        images = projector(coords, amplitudes, torch.as_tensor(matrices)).numpy()
+        correlations[name] = _pearson(images, cistem)
+        lowpass_correlations[name] = _pearson(_lowpass(images, 0.25), _lowpass(cistem, 0.25))
+    assert correlations["relion"].min() > 0.985
+    assert lowpass_correlations["relion"].min() > 0.995
+    for name in ("transposed", "phi_psi_swapped"):
+        # where a wrong convention changes the projection (x', y' rows differ), it must lose clearly
+        differs = np.abs(conventions[name][:, :2] - conventions["relion"][:, :2]).max(axis=(1, 2)) > 0.1
+        assert differs.sum() >= 6
+        margin = correlations["relion"][differs] - correlations[name][differs]
+        assert margin.min() > 0.05
+        assert (correlations["relion"] >= correlations[name] - 1e-3).all()
+
+
+# --- RELION origin shifts -------------------------------------------------------------------------
+
+
+def test_origin_shift_is_undone_by_fourier_shift_by_plus_origin() -> None:
+    rng = np.random.default_rng(4)
+    coords, amplitudes = _molecule(rng, 10, 6.0)
+    rotations = torch.as_tensor(uniform_random_rotations(3, rng), dtype=F64)
+    origins = torch.tensor([[3.3, -5.7], [-2.45, 1.1], [6.05, 4.4]], dtype=F64)
+    projector = GaussianProjector(48, 1.0, sigma_A=2.0)
+    centred = projector(coords, amplitudes, rotations)
+    observed = projector(coords, amplitudes, rotations, shifts_A=origins)
+    assert (observed - centred).abs().max() > 0.1 * centred.abs().max()
+    recentred = fourier_shift_images(observed, origins, 1.0)
+    assert (recentred - centred).abs().max() < 1e-6 * centred.abs().max()
+    wrong_sign = fourier_shift_images(observed, -origins, 1.0)
+    assert (wrong_sign - centred).abs().max() > 0.1 * centred.abs().max()
+
+
+def _centroid_A(image: torch.Tensor, pixel_size_A: float) -> tuple[float, float]:
+    """Intensity centroid (x, y) in A in the image convention (column = x, row = y, centre N//2)."""
+    grid = pixel_coordinates_A(image.shape[-1], pixel_size_A, dtype=image.dtype)
+    total = image.sum()
+    return float((image.sum(0) * grid).sum() / total), float((image.sum(1) * grid).sum() / total)
+
+
+@pytest.mark.parametrize("box", [40, 41])
+def test_gaussian_at_model_origin_appears_at_centre_minus_origin(box: int) -> None:
+    apix = 1.25
+    origin = torch.tensor([[2.7, -4.15]], dtype=F64)
+    image = project_gaussians(
+        torch.zeros(1, 3, dtype=F64),
+        torch.ones(1, dtype=F64),
+        torch.eye(3, dtype=F64)[None],
+        box_size_px=box,
+        pixel_size_A=apix,
+        sigma_A=2.0,
+        shifts_A=origin,
+    )[0]
+    x_A, y_A = _centroid_A(image, apix)
+    assert x_A == pytest.approx(-2.7, abs=1e-9) and y_A == pytest.approx(4.15, abs=1e-9)
+    row, col = divmod(int(image.argmax()), box)
+    assert (row, col) == (box // 2 + round(4.15 / apix), box // 2 - round(2.7 / apix))
+    moved = fourier_shift_images(image[None], torch.tensor([[1.0, 2.5]], dtype=F64), apix)[0]
+    assert _centroid_A(moved, apix) == pytest.approx((-1.7, 6.65), abs=1e-4)
+
+
+# --- CTF ------------------------------------------------------------------------------------------
+
+
+def _even_filter_full(box: int, pixel_size_A: float) -> np.ndarray:
+    """A real astigmatic CTF-like transfer function on the full fft2 grid (N, N), even on the discrete grid.
+
+    At the Nyquist column of even N, +k and -k are one sample; averaging H over the grid's own k -> -k makes
+    the filter Hermitian-consistent there, so both FFT layouts define the same convolution.
+    """
+    ky, kx = np.meshgrid(np.fft.fftfreq(box, pixel_size_A), np.fft.fftfreq(box, pixel_size_A), indexing="ij")
+    phase = 2000.0 * (1.3 * kx**2 + 0.7 * ky**2 + 0.4 * kx * ky)
+    transfer = -np.sin(phase + 0.1) * np.exp(-20.0 * (kx**2 + ky**2))
+    negated = (-np.arange(box)) % box
+    return 0.5 * (transfer + transfer[negated][:, negated])
+
+
+@pytest.mark.parametrize("box", [32, 33])
+def test_ctf_is_a_convolution_about_the_box_centre(box: int) -> None:
+    rng = np.random.default_rng(5)
+    coords, amplitudes = _molecule(rng, 8, 8.0)
+    rotations = torch.as_tensor(uniform_random_rotations(2, rng), dtype=F64)
+    apix = 1.5
+    projector = GaussianProjector(box, apix, sigma_A=2.0)
+    clean = projector(coords, amplitudes, rotations)
+    ones = torch.ones(2, box, box // 2 + 1, dtype=F64)
+    torch.testing.assert_close(projector(coords, amplitudes, rotations, ctf=ones), clean, rtol=0, atol=1e-12)
+    full = _even_filter_full(box, apix)
+    ctf = torch.as_tensor(full[:, : box // 2 + 1]).expand(2, -1, -1)
+    filtered = projector(coords, amplitudes, rotations, ctf=ctf).numpy()
+    centred_fft = np.fft.fft2(np.fft.ifftshift(clean.numpy(), axes=(1, 2)))
+    expected = np.fft.fftshift(np.fft.ifft2(centred_fft * full), axes=(1, 2)).real
+    np.testing.assert_allclose(filtered, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    assert np.abs(filtered - clean.numpy()).max() > 0.1 * np.abs(expected).max()
+
+
+# --- gradients ------------------------------------------------------------------------------------
+
+
+def test_gradcheck_coordinates_rotations_shifts_through_ctf() -> None:
+    rng = np.random.default_rng(6)
+    coords = torch.as_tensor(rng.uniform(-3, 3, size=(3, 3)), dtype=F64).requires_grad_()
+    amplitudes = torch.as_tensor(rng.uniform(0.5, 2, size=3), dtype=F64)
+    rotations = torch.as_tensor(uniform_random_rotations(2, rng), dtype=F64).requires_grad_()
+    shifts = torch.as_tensor(rng.uniform(-1, 1, size=(2, 2)), dtype=F64).requires_grad_()
+    ctf = torch.as_tensor(_even_filter_full(8, 1.5)[:, :5]).expand(2, -1, -1)
+
+    def forward(c: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return project_gaussians(
+            c, amplitudes, r, box_size_px=8, pixel_size_A=1.5, sigma_A=2.0, shifts_A=s, ctf=ctf
+        )
+
+    assert torch.autograd.gradcheck(forward, (coords, rotations, shifts))
