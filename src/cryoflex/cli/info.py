@@ -1,4 +1,4 @@
-"""Summarise a cryo-EM file: particle metadata (.star, .cs, .pkl), structures (.pdb, .cif) or image stacks (.mrcs, .mrc).
+"""Summarise a cryo-EM file: particles (.star, .cs, .pkl), structures (.pdb, .cif) or image stacks (.mrcs, .mrc).
 
 Prints counts, box and pixel size, optics groups, defocus range, voltage, whether poses and shifts are present, or a
 structure's chains and residue counts. With --json the same summary is printed as JSON for scripts.
@@ -27,18 +27,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", type=Path, help="a .star, .cs, .pkl, .pdb, .cif, .mrcs or .mrc file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--ctf", type=Path, help="cryoDRGN ctf.pkl to go with a poses .pkl")
+    parser.add_argument("--particles", type=Path, help="image stack (.mrcs) to go with cryoDRGN .pkl files")
+    parser.add_argument("--amplitude-contrast", type=float, help="for files that do not state it (RELION 3.0)")
+    parser.add_argument("--box-size", type=int, help="box size in pixels, for files that do not state it")
+    parser.add_argument("--pixel-size", type=float, help="pixel size in A, for files that do not state it")
     parser.add_argument("--datadir", type=Path, help="directory to resolve the particle stacks against")
     parser.add_argument("--no-images", action="store_true", help="do not check that the referenced image stacks exist")
 
 
-def summarise(path: Path, *, ctf_path: Path | None = None, datadir: Path | None = None,
-              check_images: bool = True) -> dict[str, Any]:
-    """The summary of one file as a JSON-serialisable dict; raises CryoflexInputError on bad input."""
+def summarise(
+    path: Path, *, datadir: Path | None = None, check_images: bool = True, **reader_options: Any
+) -> dict[str, Any]:
+    """The summary of one file as a JSON-serialisable dict; raises CryoflexInputError on bad input.
+
+    reader_options go to cryoflex.io.metadata.read_metadata (ctf_path, stack_path, box_size_px, ...)."""
     suffix = path.suffix.lower()
     if not path.exists():
         raise CryoflexInputError(path, "file not found", "check the path")
     if suffix in METADATA_SUFFIXES:
-        return _summarise_metadata(path, ctf_path, datadir, check_images)
+        return _summarise_metadata(path, datadir, check_images, reader_options)
     if suffix in STRUCTURE_SUFFIXES:
         from cryoflex.io.structure import read_structure, structure_summary
 
@@ -49,11 +56,13 @@ def summarise(path: Path, *, ctf_path: Path | None = None, datadir: Path | None 
     raise CryoflexInputError(path, f"unknown file type '{suffix}'", f"give one of: {', '.join(known)}")
 
 
-def _summarise_metadata(path: Path, ctf_path: Path | None, datadir: Path | None, check_images: bool) -> dict[str, Any]:
+def _summarise_metadata(
+    path: Path, datadir: Path | None, check_images: bool, reader_options: dict[str, Any]
+) -> dict[str, Any]:
     from cryoflex.io.metadata import metadata_summary, read_metadata
     from cryoflex.io.particles import open_particle_images
 
-    metadata = read_metadata(path, ctf_path=ctf_path)
+    metadata = read_metadata(path, **{k: v for k, v in reader_options.items() if v is not None})
     summary: dict[str, Any] = {"kind": "particles", "path": str(path), **metadata_summary(metadata)}
     if check_images and metadata.image_paths is not None:
         try:
@@ -79,7 +88,9 @@ def _summarise_stack(path: Path) -> dict[str, Any]:
                 voxel_size_A = [float(voxel.x), float(voxel.y), float(voxel.z)]
                 mode = int(header.mode)
     except (OSError, ValueError) as error:
-        raise CryoflexInputError(path, f"not a readable MRC file: {error}", "check that the file is an MRC stack or map")
+        raise CryoflexInputError(
+            path, f"not a readable MRC file: {error}", "check that the file is an MRC stack or map"
+        ) from error
     stack = path.suffix.lower() == ".mrcs"
     summary: dict[str, Any] = {"kind": "stack" if stack else "map", "path": str(path)}
     if stack:
@@ -110,14 +121,24 @@ def format_summary(summary: dict[str, Any], indent: int = 0) -> str:
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             lines.append(f"{pad}{label}:")
             for record in value:
-                lines.append(f"{pad}  - " + ", ".join(f"{k.replace('_', ' ')} {_format_value(v)}"
-                                                      for k, v in record.items()))
+                lines.append(
+                    f"{pad}  - " + ", ".join(f"{k.replace('_', ' ')} {_format_value(v)}" for k, v in record.items())
+                )
         else:
             lines.append(f"{pad}{label}: {_format_value(value)}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = summarise(args.path, ctf_path=args.ctf, datadir=args.datadir, check_images=not args.no_images)
+    summary = summarise(
+        args.path,
+        datadir=args.datadir,
+        check_images=not args.no_images,
+        ctf_path=args.ctf,
+        stack_path=args.particles,
+        amplitude_contrast=args.amplitude_contrast,
+        box_size_px=args.box_size,
+        pixel_size_A=args.pixel_size,
+    )
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

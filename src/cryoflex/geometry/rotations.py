@@ -13,7 +13,9 @@ from scipy.spatial.transform import Rotation
 def relion_euler_to_matrix(rot_deg: np.ndarray, tilt_deg: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:
     """RELION Euler angles (degrees, each shape (N,)) -> rotation matrices (N, 3, 3), float64."""
     angles = np.stack([np.asarray(rot_deg), np.asarray(tilt_deg), np.asarray(psi_deg)], axis=-1).astype(np.float64)
-    return np.ascontiguousarray(Rotation.from_euler("ZYZ", angles.reshape(-1, 3), degrees=True).as_matrix().transpose(0, 2, 1))
+    return np.ascontiguousarray(
+        Rotation.from_euler("ZYZ", angles.reshape(-1, 3), degrees=True).as_matrix().transpose(0, 2, 1)
+    )
 
 
 def matrix_to_relion_euler(rotations: np.ndarray) -> np.ndarray:
