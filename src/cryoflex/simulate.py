@@ -1,0 +1,200 @@
+"""Synthetic particle datasets from a structure ensemble, with known conformations, poses, CTF and noise.
+
+SNR = signal variance / noise variance, where the signal variance is the mean over the first (up to) 512 clean images of
+each image's variance over the whole box (after the CTF). The noise is white and Gaussian. Particles are protein-white
+(RELION's convention): the projected density is positive and the CTF has RELION's sign.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryoflex.geometry.rotations import uniform_random_rotations
+from cryoflex.imaging.ctf import ctf_rfft
+from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.io.atomic import atomic_path
+from cryoflex.io.metadata import CTFParameters, ParticleMetadata, write_relion_star
+from cryoflex.io.particles import StackWriter
+from cryoflex.io.structure import Structure, write_structure
+
+logger = logging.getLogger(__name__)
+_N_PILOT_IMAGES = 512
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that defines a synthetic dataset; the same config and seed give the same files."""
+
+    n_images: int
+    box_size_px: int = 64
+    pixel_size_A: float = 2.0
+    snr: float = 0.1
+    sigma_A: float = 2.0
+    defocus_min_A: float = 10000.0
+    defocus_max_A: float = 25000.0
+    astigmatism_max_A: float = 0.0
+    voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    shift_std_A: float = 0.0
+    images_per_file: int = 10000
+    batch_size: int = 256
+    nominal_frame: int = 0
+    seed: int = 0
+    save_clean: bool = False
+
+
+def centre_ensemble(ensemble: Structure, nominal_frame: int) -> Structure:
+    """Kabsch-superpose every model onto the nominal one, then put the nominal's centroid at the origin (model frame)."""
+    coords = ensemble.coords_A
+    reference = coords[nominal_frame] - coords[nominal_frame].mean(axis=0)
+    aligned = np.empty_like(coords)
+    for k, model in enumerate(coords):
+        centred = model - model.mean(axis=0)
+        u, _, vt = np.linalg.svd(centred.T @ reference)
+        d = np.sign(np.linalg.det(u @ vt))
+        rotation = u @ np.diag([1.0, 1.0, d]) @ vt
+        aligned[k] = centred @ rotation
+    return ensemble.with_coords(aligned)
+
+
+def simulate_dataset(
+    ensemble: Structure,
+    config: SimulationConfig,
+    out_dir: Path,
+    weights: np.ndarray | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write stacks, particles.star, nominal.pdb and truth.npz under out_dir; return the star file's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensemble = centre_ensemble(ensemble, config.nominal_frame)
+    n, n_conf = config.n_images, ensemble.n_models
+    rng = np.random.default_rng(config.seed)
+    probabilities = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    conformation = rng.choice(n_conf, size=n, p=probabilities)
+    rotations = uniform_random_rotations(n, rng)
+    shifts_A = rng.normal(0.0, config.shift_std_A, size=(n, 2)) if config.shift_std_A > 0 else np.zeros((n, 2))
+    defocus_u_A = rng.uniform(config.defocus_min_A, config.defocus_max_A, size=n)
+    defocus_v_A = defocus_u_A - rng.uniform(0.0, config.astigmatism_max_A, size=n)
+    defocus_angle_deg = rng.uniform(0.0, 180.0, size=n)
+
+    projector = GaussianProjector(config.box_size_px, config.pixel_size_A, config.sigma_A)
+    coords = torch.as_tensor(ensemble.coords_A, dtype=torch.float32)
+    amplitudes = torch.as_tensor(ensemble.amplitudes_e, dtype=torch.float32)
+
+    def clean_images(start: int, stop: int) -> np.ndarray:
+        ctf = ctf_rfft(
+            config.box_size_px,
+            config.pixel_size_A,
+            torch.as_tensor(defocus_u_A[start:stop], dtype=torch.float32),
+            torch.as_tensor(defocus_v_A[start:stop], dtype=torch.float32),
+            torch.as_tensor(defocus_angle_deg[start:stop], dtype=torch.float32),
+            config.voltage_kV,
+            config.cs_mm,
+            config.amplitude_contrast,
+        )
+        with torch.no_grad():
+            images = projector(
+                coords[conformation[start:stop]],
+                amplitudes,
+                torch.as_tensor(rotations[start:stop], dtype=torch.float32),
+                shifts_A=torch.as_tensor(shifts_A[start:stop], dtype=torch.float32),
+                ctf=ctf,
+            )
+        return images.numpy()
+
+    signal_variance = float(clean_images(0, min(n, _N_PILOT_IMAGES)).var(axis=(1, 2)).mean())
+    noise_std = float(np.sqrt(signal_variance / config.snr))
+    logger.info("signal variance %.4g, noise std %.4g for SNR %g", signal_variance, noise_std, config.snr)
+
+    stack_dir = out_dir / "stacks"
+    image_paths, image_indices = [], []
+    bar = tqdm(total=n, unit="img", desc="simulate", disable=not progress)
+    for file_start in range(0, n, config.images_per_file):
+        file_stop = min(n, file_start + config.images_per_file)
+        name = f"particles_{file_start // config.images_per_file:05d}.mrcs"
+        writers = [StackWriter(stack_dir / name, file_stop - file_start, config.box_size_px, config.pixel_size_A)]
+        if config.save_clean:
+            writers.append(
+                StackWriter(out_dir / "clean" / name, file_stop - file_start, config.box_size_px, config.pixel_size_A)
+            )
+        with writers[0] as noisy, writers[1] if config.save_clean else _NullWriter() as clean:
+            for start in range(file_start, file_stop, config.batch_size):
+                stop = min(file_stop, start + config.batch_size)
+                images = clean_images(start, stop)
+                clean.write(start - file_start, images)
+                noise_rng = np.random.default_rng([config.seed, 1, start])
+                noise = noise_rng.standard_normal(images.shape, dtype=np.float32) * noise_std
+                noisy.write(start - file_start, images + noise)
+                bar.update(stop - start)
+        image_paths += [f"stacks/{name}"] * (file_stop - file_start)
+        image_indices += list(range(file_stop - file_start))
+    bar.close()
+
+    names = np.array([f"{i + 1:06d}@{p}" for i, p in zip(image_indices, image_paths)])
+    metadata = ParticleMetadata(
+        source_path=out_dir / "particles.star",
+        format="relion3.1",
+        names=names,
+        pixel_size_A=np.full(n, config.pixel_size_A),
+        box_size_px=config.box_size_px,
+        optics_group=np.ones(n, int),
+        rotations=rotations,
+        shifts_A=shifts_A,
+        ctf=CTFParameters(
+            defocus_u_A=defocus_u_A,
+            defocus_v_A=defocus_v_A,
+            defocus_angle_deg=defocus_angle_deg,
+            voltage_kV=np.full(n, config.voltage_kV),
+            cs_mm=np.full(n, config.cs_mm),
+            amplitude_contrast=np.full(n, config.amplitude_contrast),
+            phase_shift_deg=np.zeros(n),
+            bfactor_A2=np.zeros(n),
+            scale=np.ones(n),
+        ),
+        image_paths=np.array(image_paths),
+        image_indices=np.array(image_indices),
+        particles_table=None,
+        optics_table=None,
+    )
+    write_relion_star(out_dir / "particles.star", metadata)
+    write_structure(out_dir / "nominal.pdb", ensemble.model(config.nominal_frame))
+    with atomic_path(out_dir / "truth.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez(
+            handle,
+            conformation_index=conformation,
+            conformations_A=ensemble.coords_A.astype(np.float32),
+            rotations=rotations,
+            shifts_A=shifts_A,
+            defocus_u_A=defocus_u_A,
+            defocus_v_A=defocus_v_A,
+            defocus_angle_deg=defocus_angle_deg,
+            amplitudes_e=ensemble.amplitudes_e,
+            names=names,
+            noise_std=noise_std,
+            snr=config.snr,
+            sigma_A=config.sigma_A,
+            pixel_size_A=config.pixel_size_A,
+            nominal_frame=config.nominal_frame,
+        )
+    return out_dir / "particles.star"
+
+
+class _NullWriter:
+    """Stands in for the clean-image writer when clean images are not saved."""
+
+    def __enter__(self) -> _NullWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        return None
