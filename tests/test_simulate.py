@@ -74,3 +74,32 @@ def test_deterministic_for_seed(data_dir, tmp_path):
     images = [open_particle_images(read_metadata(s))[np.arange(24)] for s in (star_a, star_b, star_c)]
     np.testing.assert_array_equal(images[0], images[1])
     assert not np.allclose(images[0], images[2])
+
+
+def test_cli_simulate_from_trajectory(data_dir, tmp_path):
+    from cryoflex.cli import main
+
+    args = [
+        "simulate",
+        "--topology",
+        str(data_dir / "adk.psf"),
+        "--trajectory",
+        str(data_dir / "adk_dims.dcd"),
+        "--out",
+        str(tmp_path / "cli"),
+        "--n-images",
+        "6",
+        "--box-size-px",
+        "32",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert read_metadata(tmp_path / "cli" / "particles.star").n_particles == 6
+    assert (tmp_path / "cli" / "nominal.pdb").exists()
+
+
+def test_cli_simulate_without_ensemble_is_a_clear_error(tmp_path, capsys):
+    from cryoflex.cli import main
+
+    assert main(["simulate", "--out", str(tmp_path), "--n-images", "3"]) == 2
+    assert "--structure" in capsys.readouterr().err

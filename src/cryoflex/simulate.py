@@ -51,7 +51,7 @@ class SimulationConfig:
 
 
 def centre_ensemble(ensemble: Structure, nominal_frame: int) -> Structure:
-    """Kabsch-superpose every model onto the nominal one, then put the nominal's centroid at the origin (model frame)."""
+    """Kabsch-superpose every model onto the nominal one, then put the nominal centroid at the origin (model frame)."""
     coords = ensemble.coords_A
     reference = coords[nominal_frame] - coords[nominal_frame].mean(axis=0)
     aligned = np.empty_like(coords)
@@ -138,7 +138,7 @@ def simulate_dataset(
         image_indices += list(range(file_stop - file_start))
     bar.close()
 
-    names = np.array([f"{i + 1:06d}@{p}" for i, p in zip(image_indices, image_paths)])
+    names = np.array([f"{i + 1:06d}@{p}" for i, p in zip(image_indices, image_paths, strict=True)])
     metadata = ParticleMetadata(
         source_path=out_dir / "particles.star",
         format="relion3.1",

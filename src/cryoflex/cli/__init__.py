@@ -14,6 +14,7 @@ from cryoflex.errors import CryoflexInputError
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",
+    "simulate": "cryoflex.cli.simulate",
 }
 
 
