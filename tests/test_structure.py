@@ -285,3 +285,13 @@ def test_b_factors_must_match_residues(data_dir: Path, tmp_path: Path) -> None:
     structure = read_structure(data_dir / "pdb1ake.pdb")
     with pytest.raises(ValueError, match="b_factors"):
         write_structure(tmp_path / "out.pdb", structure, b_factors=np.zeros(3))
+
+
+def test_written_c_alpha_model_reads_back_with_residue_amplitudes(data_dir: Path, tmp_path: Path) -> None:
+    """The table of in-chain residue electrons agrees with full-atom counts (the C-terminal residue adds its OXT)."""
+    full = read_structure(data_dir / "adk_open.pdb")
+    write_structure(tmp_path / "ca.pdb", full)
+    c_alpha = read_structure(tmp_path / "ca.pdb")
+    expected = full.amplitudes_e.copy()
+    expected[-1] -= 8  # OXT
+    np.testing.assert_array_equal(c_alpha.amplitudes_e, expected)

@@ -150,8 +150,25 @@ def atomic_number(atom: gemmi.Atom) -> int:
     return gemmi.Element(letter).atomic_number if letter and letter in _NAME_ELEMENTS else 0
 
 
+# Heavy-atom electrons of amino acids inside a chain (no OXT), for C-alpha-only files such as the ones cryoflex
+# writes: from the residues' heavy-atom formulas (GLY = C2 N O = 27).
+_CHAIN_AMINO_ACID_ELECTRONS = {
+    "GLY": 27, "ALA": 33, "SER": 41, "CYS": 49, "VAL": 45, "THR": 47, "PRO": 45, "LEU": 51, "ILE": 51,
+    "ASN": 54, "ASP": 55, "GLN": 60, "LYS": 58, "GLU": 61, "MET": 61, "HIS": 65, "PHE": 69, "ARG": 72,
+    "TYR": 77, "TRP": 88, "MSE": 79, "HSD": 65, "HSE": 65, "HSP": 65, "HID": 65, "HIE": 65, "HIP": 65,
+    "CYX": 49, "CYM": 49, "ASH": 55, "GLH": 61, "LYN": 58,
+}  # fmt: skip
+
+
 def residue_electrons(residue: gemmi.Residue) -> int:
-    """Electrons of the residue's heavy atoms: sum of Z over its non-hydrogen atoms."""
+    """Electrons of the residue's heavy atoms: sum of Z over its non-hydrogen atoms.
+
+    A known amino acid present as its C-alpha alone (a C-alpha model) gets its full residue's count from a table,
+    so a structure written by cryoflex reads back with the amplitudes it was written from.
+    """
+    heavy = [atom for atom in residue if not atom.is_hydrogen()]
+    if len(heavy) == 1 and heavy[0].name == AMINO_ACID_ATOM and residue.name in _CHAIN_AMINO_ACID_ELECTRONS:
+        return _CHAIN_AMINO_ACID_ELECTRONS[residue.name]
     numbers = [atomic_number(atom) for atom in residue]
     unknown = [atom.name for atom, z in zip(residue, numbers, strict=True) if z == 0]
     if unknown:
