@@ -15,6 +15,7 @@ from cryoflex.errors import CryoflexInputError
 SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",
     "simulate": "cryoflex.cli.simulate",
+    "train": "cryoflex.cli.train",
 }
 
 

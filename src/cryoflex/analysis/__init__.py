@@ -1,0 +1,1 @@
+"""Analysis of trained runs: latent embeddings, decoded structures, metrics against ground truth."""

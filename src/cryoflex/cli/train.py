@@ -1,0 +1,110 @@
+"""Train cryoSPHERE: learn segments of the structure and one rigid motion per segment for every particle image.
+
+Inputs: particles with poses and CTF (RELION .star, cryoSPARC .cs, or cryoDRGN poses .pkl with --ctf) and the nominal
+structure (PDB/mmCIF) in the particles' frame: give the consensus map it is fitted into (--consensus-map), or the box
+centre in its coordinates (--box-centre-A), or --centre-structure when the particles are centred on its centroid.
+Settings: defaults < --config YAML < flags; the full configuration is saved as RUN/config.yaml. Every epoch writes an
+atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly. Logs: RUN/metrics.jsonl and
+TensorBoard (tensorboard --logdir RUN/tensorboard). Several GPUs (or CPU processes):
+  torchrun --nproc-per-node K -m cryoflex train ...
+
+examples:
+  cryoflex train --particles particles.star --structure model.pdb --consensus-map consensus.mrc --out run1
+  cryoflex train --particles sim/particles.star --structure sim/nominal.pdb --out run1 --segments 4 --epochs 30
+  cryoflex train --out run1 --resume --epochs 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from cryoflex.config import TrainConfig, load_config
+from cryoflex.errors import CryoflexInputError
+
+logger = logging.getLogger(__name__)
+
+# flags that may change when a run is resumed (they do not change what is learned)
+_RESUMABLE = ("epochs", "device", "num_workers", "progress")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run directory (created)")
+    parser.add_argument("--config", type=Path, help="YAML file of settings (names as in RUN/config.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--particles", help="particle file: .star, .cs, or cryoDRGN poses .pkl")
+    inputs.add_argument("--structure", help="nominal structure: PDB or mmCIF")
+    inputs.add_argument("--ctf", help="cryoDRGN ctf.pkl (with a poses .pkl)")
+    inputs.add_argument("--datadir", help="directory of the particle stacks, if not where the particle file says")
+    inputs.add_argument("--amplitude-contrast", type=float, help="for RELION 3.0 files without rlnAmplitudeContrast")
+    placement = inputs.add_mutually_exclusive_group()
+    placement.add_argument("--consensus-map", help="map the structure is fitted into (its centre = box centre)")
+    placement.add_argument("--box-centre-A", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                           help="box centre in the structure's coordinates (A)")
+    placement.add_argument("--centre-structure", action="store_true", default=None,
+                           help="the particles are centred on the structure's centroid")
+    model = parser.add_argument_group("model")
+    model.add_argument("--segments", type=int, help="number of segments (default 6)")
+    model.add_argument("--parts", nargs="+", metavar="PART",
+                       help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
+    model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
+    model.add_argument("--sigma-A", type=float, help="Gaussian width of a residue (default 2 A)")
+    run = parser.add_argument_group("training")
+    run.add_argument("--epochs", type=int, help="(default 20)")
+    run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
+    run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
+    run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
+    run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
+    run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 networks on CUDA")
+    run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
+    run.add_argument("--seed", type=int, help="random seed (default 0)")
+    run.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                     help="do not write the preprocessed image cache RUN/cache")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    names = (
+        "particles", "structure", "ctf", "datadir", "amplitude_contrast", "consensus_map", "box_centre_A",
+        "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size", "learning_rate",
+        "downsample", "invert_contrast", "device", "precision", "num_workers", "seed", "cache", "progress",
+    )  # fmt: skip
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration: from --config and flags, or on --resume from RUN/config.yaml."""
+    overrides = _overrides(args)
+    if not args.resume:
+        return load_config(args.config, overrides)
+    saved = args.out / "config.yaml"
+    if not saved.is_file():
+        raise CryoflexInputError(
+            saved, "no saved configuration to resume from", "check --out, or train without --resume"
+        )
+    fixed = sorted(set(overrides) - set(_RESUMABLE))
+    if fixed or args.config is not None:
+        raise CryoflexInputError(
+            saved, f"a resumed run keeps its configuration, but {', '.join(fixed) or '--config'} was given",
+            f"drop those flags (only {', '.join(_RESUMABLE)} may change), or start a new run",
+        )  # fmt: skip
+    return load_config(saved, {name: overrides[name] for name in overrides if name in _RESUMABLE})
+
+
+def run(args: argparse.Namespace) -> int:
+    from cryoflex.train.loop import TrainingDiverged, train
+
+    config = resolve_config(args)
+    try:
+        result = train(config, args.out, resume=args.resume)
+    except FileExistsError as error:
+        raise CryoflexInputError(args.out, str(error), "pass --resume, or another --out") from None
+    except TrainingDiverged as error:
+        logger.error("%s", error)
+        return 3
+    if result.last_metrics:
+        print(f"trained {result.epochs_done} epochs ({result.steps_done} steps): {args.out}")
+    return 0

@@ -1,0 +1,347 @@
+"""Particle images with poses and CTF as a torch Dataset: downsampling, normalisation and an on-disk cache.
+
+Images are read through open_particle_images (resolved by rlnImageName, never reordered) and Fourier-cropped
+(cryoflex.data.downsample). With a cache_dir, all downsampled images are written once to one contiguous float32
+.npy (n, D, D) with a JSON sidecar that says which metadata and box it was built from; later runs memory-map it.
+The dataset holds no open file handles in its pickled state, so DataLoader workers each open their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryoflex.data.downsample import check_box_out, downsampled_pixel_size_A, fourier_crop
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.metadata import ParticleMetadata
+from cryoflex.io.particles import ParticleStack, open_particle_images
+
+CTF_FIELDS = (
+    "defocus_u_A",
+    "defocus_v_A",
+    "defocus_angle_deg",
+    "voltage_kV",
+    "cs_mm",
+    "amplitude_contrast",
+    "phase_shift_deg",
+    "bfactor_A2",
+    "scale",
+)
+CACHE_FORMAT_VERSION = 1
+CHUNK_IMAGES = 256
+PIXEL_SIZE_RTOL = 1e-4
+_MIN_RELATIVE_STD = 1e-5  # std below this fraction of |mean| (or exactly 0): the images carry no signal
+_REFINEMENT_FIX = (
+    "run a consensus refinement first (RELION Refine3D or cryoSPARC homogeneous refinement) and give its "
+    "particle file (e.g. Refine3D/jobNNN/run_data.star)"
+)
+# Where each format keeps what the dataset needs, to name the missing field in errors.
+_FIELD_NAMES = {
+    "cryosparc": {"rotations": "alignments3D/pose", "shifts_A": "alignments3D/shift", "ctf": "ctf/*"},
+    "cryodrgn": {"rotations": "poses.pkl rotations", "shifts_A": "poses.pkl translations", "ctf": "ctf.pkl"},
+}
+_STAR_FIELD_NAMES = {
+    "rotations": "rlnAngleRot/rlnAngleTilt/rlnAnglePsi",
+    "shifts_A": "rlnOriginXAngst/rlnOriginYAngst",
+    "ctf": "rlnDefocusU/rlnDefocusV/rlnDefocusAngle",
+}
+
+
+@dataclass(frozen=True)
+class ImageNormalisation:
+    """Pixel statistics used to normalise images: (image - mean) / std."""
+
+    mean: float
+    std: float
+
+
+def estimate_normalisation(
+    images_source: Any, n_images: int, *, max_images: int = 1000, seed: int = 0
+) -> ImageNormalisation:
+    """Mean and std over all pixels of up to max_images images drawn without replacement.
+
+    images_source[positions] must return a (k, H, W) array for an integer array of positions (a ParticleStack,
+    a numpy array or memmap). Raises ValueError when the pixels are constant or not finite.
+    """
+    if n_images < 1 or max_images < 1:
+        raise ValueError(f"need at least one image, got n_images={n_images}, max_images={max_images}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n_images, size=min(n_images, max_images), replace=False))
+    count, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, chosen.size, CHUNK_IMAGES):
+        chunk = np.asarray(images_source[chosen[start : start + CHUNK_IMAGES]], dtype=np.float64)
+        # Chan et al.'s pairwise update of (count, mean, sum of squared deviations): no cancellation.
+        chunk_mean = float(chunk.mean())
+        chunk_m2 = float(np.square(chunk - chunk_mean).sum())
+        delta, total = chunk_mean - mean, count + chunk.size
+        mean += delta * chunk.size / total
+        m2 += chunk_m2 + delta**2 * count * chunk.size / total
+        count = total
+    std = float(np.sqrt(m2 / count))
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise ValueError(f"image pixels are not finite (mean {mean}, std {std}) in {chosen.size} images")
+    if not std > _MIN_RELATIVE_STD * abs(mean):
+        raise ValueError(
+            f"image pixels are constant (mean {mean:g}, std {std:g} over {chosen.size} images): cannot normalise"
+        )
+    return ImageNormalisation(mean=mean, std=std)
+
+
+class _DownsampledImages:
+    """images[positions] -> (k, D, D) float32 numpy: read from the stack, then Fourier-cropped."""
+
+    def __init__(self, stack: ParticleStack, box_size_px: int):
+        self.stack = stack
+        self.box_size_px = box_size_px
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(self.stack[np.asarray(positions)])
+        return fourier_crop(images, self.box_size_px).numpy()
+
+
+def _field_name(metadata: ParticleMetadata, what: str) -> str:
+    return _FIELD_NAMES.get(metadata.format, _STAR_FIELD_NAMES)[what]
+
+
+def _check_training_fields(metadata: ParticleMetadata) -> None:
+    """Raise naming the file and field when poses or CTF are missing."""
+    needs = (
+        ("rotations", metadata.rotations, "has no particle orientations (angles)", _REFINEMENT_FIX),
+        ("shifts_A", metadata.shifts_A, "has no particle shifts (origin offsets)", _REFINEMENT_FIX),
+        (
+            "ctf",
+            metadata.ctf,
+            "has no CTF parameters",
+            "estimate the CTF (CTFFIND/Gctf/cryoSPARC patch CTF) and refine; give the refined particle file",
+        ),
+    )
+    for what, value, problem, fix in needs:
+        if value is None:
+            raise CryoflexInputError(
+                metadata.source_path,
+                f"the particle file {problem}; training needs poses and CTF for every particle",
+                fix=fix,
+                field=_field_name(metadata, what),
+            )
+
+
+def _single_pixel_size_A(metadata: ParticleMetadata) -> float:
+    """The one pixel size all particles share (to PIXEL_SIZE_RTOL), else an error listing the optics groups."""
+    sizes = metadata.pixel_size_A
+    low, high = float(sizes.min()), float(sizes.max())
+    if high - low > PIXEL_SIZE_RTOL * high:
+        by_group = dict(
+            sorted({int(g): float(p) for g, p in zip(metadata.optics_group, sizes, strict=True)}.items())
+        )
+        listed = ", ".join(f"group {g}: {p:g} A" for g, p in by_group.items())
+        raise CryoflexInputError(
+            metadata.source_path,
+            f"particles have different pixel sizes (optics {listed}); cryoflex needs one pixel size",
+            fix="rescale to one pixel size (relion_image_handler) or train on one optics group",
+            field="rlnImagePixelSize",
+        )
+    return float(sizes[0])
+
+
+def _image_refs_digest(metadata: ParticleMetadata) -> str:
+    """SHA-256 of the image references in order: a subset or reordering of the same file gets another cache."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(metadata.image_indices, dtype=np.int64).tobytes())
+    digest.update("\0".join(metadata.image_paths.tolist()).encode())
+    return digest.hexdigest()
+
+
+class ParticleDataset(torch.utils.data.Dataset):
+    """Item i: the i-th particle of the metadata as {"index", "image" (D, D), "rotation", "shifts_A", "ctf"}.
+
+    Images are downsampled to box_size_px (None: original box), normalised (image - mean) / std and negated when
+    invert_contrast. Pixel size after downsampling: original * N / D; shifts stay in A.
+    """
+
+    def __init__(
+        self,
+        metadata: ParticleMetadata,
+        *,
+        box_size_px: int | None = None,
+        datadir: Path | None = None,
+        cache_dir: Path | None = None,
+        invert_contrast: bool = False,
+        normalisation: ImageNormalisation | None = None,
+        progress: bool = False,
+    ):
+        _check_training_fields(metadata)
+        self._metadata = metadata
+        self._original_pixel_size_A = _single_pixel_size_A(metadata)
+        stack = open_particle_images(metadata, None if datadir is None else Path(datadir))
+        self._original_box_size_px = stack.box_size_px
+        self._box_size_px = self._original_box_size_px if box_size_px is None else int(box_size_px)
+        try:
+            check_box_out(self._original_box_size_px, self._box_size_px)
+        except ValueError as err:
+            raise CryoflexInputError(
+                metadata.source_path, str(err), fix="choose another box size", field="box_size_px"
+            ) from err
+        self._invert_contrast = invert_contrast
+        self._rotations = metadata.rotations.astype(np.float32)
+        self._shifts_A = metadata.shifts_A.astype(np.float32)
+        self._ctf = np.stack([getattr(metadata.ctf, name) for name in CTF_FIELDS], axis=1).astype(np.float32)
+        self._stack: ParticleStack | None = stack
+        self._cache_path: Path | None = None
+        self._cache: np.ndarray | None = None
+        if cache_dir is not None:
+            self._cache_path = self._ensure_cache(Path(cache_dir), progress)
+            stack.close()
+            self._stack = None
+        if normalisation is None:
+            normalisation = self._estimate_normalisation()
+        self._normalisation = normalisation
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def n(self) -> int:
+        return self._metadata.n_particles
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def box_size_px(self) -> int:
+        """Box size after downsampling."""
+        return self._box_size_px
+
+    @property
+    def pixel_size_A(self) -> float:
+        """Pixel size after downsampling."""
+        return downsampled_pixel_size_A(self._original_pixel_size_A, self._original_box_size_px, self._box_size_px)
+
+    @property
+    def original_box_size_px(self) -> int:
+        return self._original_box_size_px
+
+    @property
+    def original_pixel_size_A(self) -> float:
+        return self._original_pixel_size_A
+
+    @property
+    def normalisation(self) -> ImageNormalisation:
+        return self._normalisation
+
+    @property
+    def metadata(self) -> ParticleMetadata:
+        return self._metadata
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The .npy cache of downsampled images, or None when images are downsampled on the fly."""
+        return self._cache_path
+
+    # ---------------------------------------------------------------- items
+
+    def _images(self) -> Any:
+        """(k, D, D) reader of unnormalised downsampled images: the cache memmap, else the stack."""
+        if self._cache_path is not None:
+            if self._cache is None:
+                self._cache = np.load(self._cache_path, mmap_mode="r")
+            return self._cache
+        return _DownsampledImages(self._stack, self._box_size_px)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = int(i)
+        if not -self.n <= index < self.n:
+            raise IndexError(f"particle {i} out of range for {self.n} particles")
+        index %= self.n
+        image = torch.from_numpy(np.array(self._images()[np.array([index])][0], dtype=np.float32))
+        image = (image - self._normalisation.mean) / self._normalisation.std
+        if self._invert_contrast:
+            image = -image
+        return {
+            "index": torch.tensor(index, dtype=torch.int64),
+            "image": image,
+            "rotation": torch.from_numpy(self._rotations[index].copy()),
+            "shifts_A": torch.from_numpy(self._shifts_A[index].copy()),
+            "ctf": torch.from_numpy(self._ctf[index].copy()),
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the open memmap; each worker maps the cache itself."""
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    # ---------------------------------------------------------------- normalisation and cache
+
+    def _estimate_normalisation(self) -> ImageNormalisation:
+        try:
+            return estimate_normalisation(self._images(), self.n)
+        except ValueError as err:
+            raise CryoflexInputError(
+                self._metadata.source_path,
+                f"{err} (images after downsampling to {self._box_size_px} px)",
+                fix="check that the particle stacks hold the particle images",
+                field="images",
+            ) from err
+
+    def _cache_description(self) -> dict[str, Any]:
+        """What the cache must have been built from to be reused (also written as its JSON sidecar)."""
+        source = self._metadata.source_path.resolve()
+        stat = source.stat()
+        return {
+            "format_version": CACHE_FORMAT_VERSION,
+            "source_path": str(source),
+            "source_size_bytes": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns,
+            "image_refs_sha256": _image_refs_digest(self._metadata),
+            "n_images": self.n,
+            "box_size_px": self._box_size_px,
+            "original_box_size_px": self._original_box_size_px,
+            "original_pixel_size_A": self._original_pixel_size_A,
+        }
+
+    def _ensure_cache(self, cache_dir: Path, progress: bool) -> Path:
+        """Path of an up-to-date .npy cache in cache_dir, building it when missing or stale."""
+        description = self._cache_description()
+        source = self._metadata.source_path
+        key = hashlib.sha256(description["source_path"].encode()).hexdigest()[:10]
+        npy_path = cache_dir / f"{source.stem}.{key}.{self._box_size_px}px.npy"
+        sidecar = npy_path.with_suffix(".json")
+        if _cache_is_valid(npy_path, sidecar, description):
+            return npy_path
+        sidecar.unlink(missing_ok=True)  # the sidecar marks a complete cache: remove it before rebuilding
+        images = _DownsampledImages(self._stack, self._box_size_px)
+        _write_cache(npy_path, self.n, self._box_size_px, images, progress)
+        write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
+        return npy_path
+
+
+def _cache_is_valid(npy_path: Path, sidecar: Path, description: dict[str, Any]) -> bool:
+    """Whether the sidecar matches `description` and the .npy holds (n, D, D) float32."""
+    try:
+        if json.loads(sidecar.read_text()) != description:
+            return False
+        cached = np.load(npy_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    n, box = description["n_images"], description["box_size_px"]
+    return cached.dtype == np.float32 and cached.shape == (n, box, box)
+
+
+def _write_cache(npy_path: Path, n: int, box_size_px: int, images: _DownsampledImages, progress: bool) -> None:
+    """Stream all n downsampled images in chunks into one float32 .npy (n, D, D), written atomically."""
+    with atomic_path(npy_path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, box_size_px, box_size_px))
+        with tqdm(total=n, unit="img", desc="cache images", disable=not progress) as bar:
+            for start in range(0, n, CHUNK_IMAGES):
+                stop = min(n, start + CHUNK_IMAGES)
+                array[start:stop] = images[np.arange(start, stop)]
+                bar.update(stop - start)
+        array.flush()
+        del array

@@ -1,0 +1,1 @@
+"""The cryoSPHERE model: segmentation, networks, deformation, losses."""

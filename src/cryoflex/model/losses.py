@@ -1,0 +1,198 @@
+"""cryoSPHERE losses: image correlation, KL terms, chain continuity and residue clashes.
+
+Every function is batched over the leading dimension, differentiable, works in float32 and float64, and never
+produces 0/0 or NaN, in value or gradient (the original implementation's clash loss divided 0/0 when nothing
+clashed, and its distances had NaN gradients at coincident residues).
+
+The clash loss never builds an n x n matrix: `ClashNeighbourList` keeps the residue pairs that are close in
+some recent predicted structure (a Verlet list with a skin, rebuilt every few steps from a k-d tree), and
+`clash_loss` evaluates only those pairs, so memory is O(batch x pairs) instead of O(batch x n^2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+
+def _safe_distance(diff: torch.Tensor) -> torch.Tensor:
+    """|diff| over the last axis; exactly 0 (with zero, finite gradient) where diff is exactly 0."""
+    squared = (diff * diff).sum(dim=-1)
+    positive = squared > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, squared, torch.ones_like(squared))), 0.0)
+
+
+def _safe_log(values: torch.Tensor) -> torch.Tensor:
+    """log, its argument clamped to the dtype's smallest normal number: a zero std gives a finite value."""
+    return torch.log(values.clamp_min(torch.finfo(values.dtype).tiny))
+
+
+def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
+
+    An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
+    with a finite gradient, instead of the 0/0 of the textbook formula.
+    """
+    predicted_flat = predicted.flatten(start_dim=1)
+    observed_flat = observed.flatten(start_dim=1)
+    predicted_centred = predicted_flat - predicted_flat.mean(dim=1, keepdim=True)
+    observed_centred = observed_flat - observed_flat.mean(dim=1, keepdim=True)
+    covariance = (predicted_centred * observed_centred).sum(dim=1)
+    predicted_power = (predicted_centred * predicted_centred).sum(dim=1)
+    observed_power = (observed_centred * observed_centred).sum(dim=1)
+    defined = (predicted_power > _rounding_power(predicted_flat)) & (
+        observed_power > _rounding_power(observed_flat)
+    )
+    one = torch.ones_like(covariance)
+    predicted_norm = torch.sqrt(torch.where(defined, predicted_power, one))
+    norm = predicted_norm * torch.sqrt(torch.where(defined, observed_power, one))
+    correlation = torch.where(defined, covariance / norm, 0.0)
+    return 1.0 - correlation
+
+
+def _rounding_power(flat: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of squared deviations that rounding alone can leave in a constant image (a few ulps/pixel)."""
+    ulp = 8.0 * torch.finfo(flat.dtype).eps * flat.detach().abs().amax(dim=1)
+    return flat.shape[1] * ulp * ulp
+
+
+def standard_normal_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B,) KL(N(mean, diag std^2) || N(0, I)), summed over the L latent dimensions."""
+    return 0.5 * (mean * mean + std * std - 1.0 - 2.0 * _safe_log(std)).sum(dim=-1)
+
+
+def normal_kl(
+    mean: torch.Tensor, std: torch.Tensor, prior_mean: torch.Tensor | float, prior_std: torch.Tensor | float
+) -> torch.Tensor:
+    """Scalar: sum of elementwise KL(N(mean, std^2) || N(prior_mean, prior_std^2)), with broadcasting.
+
+    Used for the variational posteriors of the segmentation's GMM parameters against their priors.
+    """
+    prior_mean = torch.as_tensor(prior_mean, dtype=mean.dtype, device=mean.device)
+    prior_std = torch.as_tensor(prior_std, dtype=mean.dtype, device=mean.device)
+    variance_ratio = (std / prior_std) ** 2
+    mean_term = ((mean - prior_mean) / prior_std) ** 2
+    kl = _safe_log(prior_std) - _safe_log(std) + 0.5 * (variance_ratio + mean_term - 1.0)
+    return kl.sum()
+
+
+def consecutive_pairs(chain_ids: Sequence[str] | np.ndarray) -> torch.Tensor:
+    """(P, 2) int64 pairs (i, i + 1) of residues that follow each other in file order in the same chain."""
+    same_chain_next = _same_chain_next(chain_ids)
+    first = torch.from_numpy(np.flatnonzero(same_chain_next).astype(np.int64))
+    return torch.stack([first, first + 1], dim=1)
+
+
+def _same_chain_next(chain_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """(n - 1,) bool: residue i + 1 is in the same chain as residue i."""
+    ids = np.asarray(chain_ids, dtype=str)
+    return ids[1:] == ids[:-1]
+
+
+def continuity_loss(
+    coords_A: torch.Tensor, pairs: torch.Tensor, reference_distances_A: torch.Tensor
+) -> torch.Tensor:
+    """(B, n, 3) -> (B,) mean over pairs of (d - d_ref)^2 in A^2 (keeps consecutive C-alpha distances).
+
+    0 when there are no pairs (no 0/0).
+    """
+    pairs = pairs.to(coords_A.device)
+    distances_A = _safe_distance(coords_A[:, pairs[:, 0]] - coords_A[:, pairs[:, 1]])
+    squared_error = (distances_A - reference_distances_A.to(coords_A)) ** 2
+    return squared_error.sum(dim=-1) / max(pairs.shape[0], 1)
+
+
+class ClashNeighbourList:
+    """Verlet-style list of candidate clash pairs: residue pairs that are not consecutive in a chain (i.e. not
+    in consecutive_pairs, and not i == j), whose distance in ANY structure of the batch given to update() is
+    below cutoff_A + skin_A. Rebuilt by the caller every few steps from the current predicted structures
+    (no grad), so clash memory is O(batch x pairs), never O(batch x n^2)."""
+
+    def __init__(
+        self, chain_ids: Sequence[str] | np.ndarray, *, cutoff_A: float = 4.0, skin_A: float = 6.0
+    ) -> None:
+        if cutoff_A <= 0 or skin_A < 0:
+            raise ValueError(f"need cutoff_A > 0 and skin_A >= 0, got {cutoff_A} and {skin_A}")
+        self.cutoff_A = float(cutoff_A)
+        self.skin_A = float(skin_A)
+        self._same_chain_next = _same_chain_next(chain_ids)
+        self.n_residues = len(chain_ids)
+        self.pairs = torch.zeros((0, 2), dtype=torch.int64)
+
+    def update(self, coords_A: torch.Tensor) -> torch.Tensor:
+        """(B, n, 3) or (n, 3) -> (P, 2) int64 pairs i < j, stored in self.pairs, on the device of coords_A.
+
+        One k-d tree per structure on the CPU in float64; the pairs are the union over the batch.
+        """
+        structures = coords_A.detach().to(device="cpu", dtype=torch.float64).numpy()
+        if structures.ndim == 2:
+            structures = structures[None]
+        if structures.ndim != 3 or structures.shape[1:] != (self.n_residues, 3):
+            raise ValueError(
+                f"coords_A must have shape (B, {self.n_residues}, 3), got {tuple(coords_A.shape)}"
+            )
+        radius_A = self.cutoff_A + self.skin_A
+        n = self.n_residues
+
+        def close_pair_keys(points: np.ndarray) -> np.ndarray:
+            return _pair_keys(cKDTree(points).query_pairs(radius_A, output_type="ndarray"), n)
+
+        # cKDTree releases the GIL while it searches, so threads give a real speed-up.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(structures), os.cpu_count() or 1))) as pool:
+            keys = np.concatenate(list(pool.map(close_pair_keys, structures)))
+        first, second = np.divmod(_sorted_unique(keys), n)
+        consecutive = (second - first == 1) & self._same_chain_next[first]
+        pairs = np.stack([first[~consecutive], second[~consecutive]], axis=1)
+        self.pairs = torch.from_numpy(pairs).to(coords_A.device)
+        return self.pairs
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values by sort + neighbour comparison: ~15x faster than np.unique on 1e7 int64."""
+    values = np.sort(values)
+    keep = np.ones(values.shape, dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def _pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:
+    """(K, 2) index pairs i < j -> (K,) int64 keys i * n + j, so that a union is one sort."""
+    pairs = pairs.astype(np.int64, copy=False).reshape(-1, 2)
+    return pairs[:, 0] * n + pairs[:, 1]
+
+
+def clash_loss(coords_A: torch.Tensor, pairs: torch.Tensor, *, cutoff_A: float = 4.0) -> torch.Tensor:
+    """(B, n, 3), (P, 2) -> (B,) sum over pairs of relu(cutoff - d)^2, divided by n (a fixed normaliser).
+
+    Dividing by the residue count rather than by the number of clashing pairs keeps the value finite and
+    continuous when nothing clashes or when the neighbour list is rebuilt. Memory O(B x P).
+    """
+    pairs = pairs.to(coords_A.device)
+    distances_A = _safe_distance(coords_A[:, pairs[:, 0]] - coords_A[:, pairs[:, 1]])
+    return _clash_sum(distances_A, cutoff_A) / coords_A.shape[1]
+
+
+def _clash_sum(distances_A: torch.Tensor, cutoff_A: float) -> torch.Tensor:
+    """(B, P) -> (B,) sum of squared overlaps relu(cutoff - d)^2."""
+    return (torch.relu(cutoff_A - distances_A) ** 2).sum(dim=-1)
+
+
+def dense_clash_loss(
+    coords_A: torch.Tensor, chain_ids: Sequence[str] | np.ndarray, *, cutoff_A: float = 4.0
+) -> torch.Tensor:
+    """clash_loss over every non-consecutive pair, computed densely: O(B n^2) memory and time.
+
+    A reference for tests and for small structures only; training uses ClashNeighbourList + clash_loss.
+    """
+    n = coords_A.shape[1]
+    upper = torch.triu(torch.ones((n, n), dtype=torch.bool, device=coords_A.device), diagonal=1)
+    consecutive = consecutive_pairs(chain_ids).to(coords_A.device)
+    upper[consecutive[:, 0], consecutive[:, 1]] = False
+    first, second = upper.nonzero(as_tuple=True)
+    distances_A = _safe_distance(coords_A[:, :, None, :] - coords_A[:, None, :, :])[:, first, second]
+    return _clash_sum(distances_A, cutoff_A) / n

@@ -1,0 +1,1 @@
+"""Training: building a run from its configuration, the loop, checkpoints and distributed launch."""

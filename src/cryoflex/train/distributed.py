@@ -1,0 +1,72 @@
+"""One process or many (torchrun): who this process is, its device, and its share of every epoch's batches.
+
+Launch several processes with torchrun (one per GPU, or several gloo processes on a CPU); torchrun sets RANK,
+WORLD_SIZE and LOCAL_RANK. Every rank draws the same epoch permutation and takes every world_size-th particle, so
+shards are disjoint and equally long (the last few particles are repeated to make them so).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> the local GPU when there is one, else the CPU; 'cuda' -> this process's GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+    return torch.device(requested)
+
+
+def start_processes(requested_device: str) -> ProcessContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
+    if world_size == 1:
+        return ProcessContext(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ProcessContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def stop_processes(context: ProcessContext) -> None:
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def epoch_batches(
+    n_images: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's batches of particle indices for `epoch`: a seeded permutation, sharded, cut into batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_images, generator=generator)
+    per_rank = -(-n_images // world_size)
+    if per_rank * world_size > n_images:
+        order = torch.cat([order, order[: per_rank * world_size - n_images]])
+    mine = order[rank::world_size].tolist()
+    return [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]

@@ -1,0 +1,103 @@
+"""From a TrainConfig to the objects a run needs: particles, the nominal structure in the particles' frame, the model.
+
+Analysis rebuilds the same model from a run's saved configuration and checkpoint with build_model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoflex.config import TrainConfig
+from cryoflex.data.dataset import ParticleDataset
+from cryoflex.data.placement import box_centre_from_map_A, place_structure_A
+from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.io.metadata import ParticleMetadata, read_metadata
+from cryoflex.io.structure import Structure, read_structure
+from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.model.networks import Decoder, Encoder
+from cryoflex.model.segmentation import Segmentation, parse_parts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInputs:
+    metadata: ParticleMetadata
+    structure: Structure  # first model, coordinates in the particles' frame (A, origin at the box centre)
+    dataset: ParticleDataset
+
+
+def read_particles(config: TrainConfig) -> ParticleMetadata:
+    return read_metadata(
+        config.particles,
+        ctf_path=config.ctf,
+        amplitude_contrast=config.amplitude_contrast,
+    )
+
+
+def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
+    """The nominal structure's first model, moved into the particles' frame as the config says."""
+    path = Path(config.structure)
+    structure = read_structure(path)
+    if structure.n_models > 1:
+        logger.info("%s has %d models: the first is the nominal structure", path, structure.n_models)
+        structure = structure.model(0)
+    box_centre_A = None
+    if config.consensus_map is not None:
+        box_centre_A = box_centre_from_map_A(Path(config.consensus_map))
+        logger.info("box centre from %s: (%.1f, %.1f, %.1f) A", config.consensus_map, *box_centre_A)
+    elif config.box_centre_A is not None:
+        box_centre_A = np.asarray(config.box_centre_A, dtype=np.float64)
+    coords_A = place_structure_A(
+        structure.coords_A[0], structure_path=path, box_size_A=box_size_A, box_centre_A=box_centre_A,
+        centre_on_centroid=config.centre_structure,
+    )  # fmt: skip
+    return structure.with_coords(coords_A[None])
+
+
+def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> RunInputs:
+    """Read the particles, build the dataset (with its on-disk cache under RUN/cache) and place the structure."""
+    metadata = read_particles(config)
+    dataset = ParticleDataset(
+        metadata,
+        box_size_px=config.downsample,
+        datadir=None if config.datadir is None else Path(config.datadir),
+        cache_dir=Path(run_dir) / "cache" if config.cache else None,
+        invert_contrast=config.invert_contrast,
+        progress=progress,
+    )
+    box_size_A = dataset.box_size_px * dataset.pixel_size_A
+    structure = placed_structure(config, box_size_A)
+    if config.sigma_A < 0.5 * dataset.pixel_size_A:
+        logger.warning(
+            "sigma_A %.2f A is under half the pixel size %.2f A: Gaussians are under-sampled; raise sigma_A",
+            config.sigma_A, dataset.pixel_size_A,
+        )  # fmt: skip
+    return RunInputs(metadata, structure, dataset)
+
+
+def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
+    """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
+    try:
+        parts = parse_parts(config.parts, structure, config.segments)
+    except ValueError as error:
+        raise CryoflexInputError(config.structure, str(error), "fix the parts setting", field="parts") from None
+    segmentation = Segmentation(structure.n_residues, parts, tau=config.tau)
+    encoder = Encoder(box_size_px, config.latent_dim, config.encoder_hidden)
+    decoder = Decoder(
+        config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
+    )
+    return CryoSphere(
+        torch.as_tensor(structure.coords_A[0], dtype=torch.float32),
+        torch.as_tensor(structure.amplitudes_e, dtype=torch.float32),
+        segmentation,
+        encoder,
+        decoder,
+        GaussianProjector(box_size_px, pixel_size_A, config.sigma_A),
+    )

@@ -1,0 +1,260 @@
+"""Losses: correlation, KL terms, continuity, and the neighbour-list clash loss against its dense form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist, squareform
+
+from cryoflex.io.structure import read_structure
+from cryoflex.model.losses import (
+    ClashNeighbourList,
+    clash_loss,
+    consecutive_pairs,
+    continuity_loss,
+    correlation_loss,
+    dense_clash_loss,
+    normal_kl,
+    standard_normal_kl,
+)
+
+DTYPES = [torch.float32, torch.float64]
+TWO_CHAINS = ["A"] * 12 + ["B"] * 8
+
+
+def _random_coords(seed: int, batch: int, n: int, box_A: float) -> torch.Tensor:
+    """Residues uniformly in a cube small enough that some non-consecutive pairs are under 4 A."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, n, 3), generator=generator, dtype=torch.float64) * box_A
+
+
+def _non_consecutive_distances(coords_A: np.ndarray, chain_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n) distances and a mask of the pairs i < j not consecutive in a chain (brute force, numpy)."""
+    distances = squareform(pdist(coords_A))
+    n = len(chain_ids)
+    mask = np.triu(np.ones((n, n), dtype=bool), k=1)
+    for i in range(n - 1):
+        if chain_ids[i] == chain_ids[i + 1]:
+            mask[i, i + 1] = False
+    return distances, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_correlation_loss_matches_numpy_corrcoef(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    observed = torch.randn((4, 16, 16), generator=generator, dtype=torch.float64)
+    predicted = 0.6 * observed + torch.randn((4, 16, 16), generator=generator, dtype=torch.float64)
+    loss = correlation_loss(predicted.to(dtype), observed.to(dtype))
+    expected = [
+        1.0 - np.corrcoef(p.ravel(), o.ravel())[0, 1]
+        for p, o in zip(predicted.numpy(), observed.numpy(), strict=True)
+    ]
+    assert loss.dtype == dtype and loss.shape == (4,)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(loss.double().numpy(), expected, atol=tolerance)
+    assert 0.2 < loss.min() and loss.max() < 0.8  # really partial correlations, not a trivial 0 or 1
+
+
+def test_correlation_loss_is_scale_and_offset_invariant_with_extremes() -> None:
+    observed = torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    predicted = torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = correlation_loss(predicted, observed)
+    torch.testing.assert_close(correlation_loss(250.0 * predicted - 7.0, 0.01 * observed + 3.0), base)
+    torch.testing.assert_close(
+        correlation_loss(observed * 3.0 + 1.0, observed), torch.zeros(3, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        correlation_loss(-observed, observed), torch.full((3,), 2.0, dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_correlation_loss_constant_image_gives_one_and_finite_gradient(dtype: torch.dtype) -> None:
+    observed = torch.randn((3, 7, 7), generator=torch.Generator().manual_seed(3), dtype=dtype)
+    # constant images: zero, large, and (index 1) both images constant at a value whose mean subtraction leaves
+    # a uniform rounding residue on 7 x 7 pixels: without a rounding threshold that would correlate as +-1
+    value = 0.1 if dtype == torch.float32 else 0.3
+    predicted = torch.stack([torch.zeros(7, 7), torch.full((7, 7), value), torch.full((7, 7), 1e4)]).to(dtype)
+    predicted.requires_grad_(True)
+    observed_constant = observed.clone()
+    observed_constant[1] = value
+    observed_constant.requires_grad_(True)
+    loss = correlation_loss(predicted, observed_constant)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, torch.ones(3, dtype=dtype))
+    assert torch.isfinite(predicted.grad).all() and torch.isfinite(observed_constant.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_correlation_loss_gradient_is_finite_and_correct(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(4)
+    observed = torch.randn((2, 6, 6), generator=generator, dtype=torch.float64)
+    predicted = torch.randn((2, 6, 6), generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: correlation_loss(p, observed), (predicted,))
+    predicted_typed = predicted.detach().to(dtype).requires_grad_(True)
+    correlation_loss(predicted_typed, observed.to(dtype)).sum().backward()
+    assert torch.isfinite(predicted_typed.grad).all() and predicted_typed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_normal_kl_matches_torch_distributions(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(5)
+    mean = torch.randn((5, 7), generator=generator, dtype=dtype)
+    std = torch.rand((5, 7), generator=generator, dtype=dtype) * 2.0 + 0.05
+    posterior = torch.distributions.Normal(mean, std)
+    prior = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(std))
+    expected = torch.distributions.kl_divergence(posterior, prior).sum(dim=-1)
+    result = standard_normal_kl(mean, std)
+    assert result.shape == (5,) and result.dtype == dtype
+    torch.testing.assert_close(result, expected)
+
+
+def test_kl_of_zero_std_is_finite_with_finite_gradient() -> None:
+    mean = torch.zeros((2, 3), requires_grad=True)
+    std = torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 1.0]], requires_grad=True)
+    total = standard_normal_kl(mean, std).sum() + normal_kl(mean, std, 0.0, 1.0)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(std.grad).all() and torch.isfinite(mean.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normal_kl_matches_torch_distributions_with_broadcasting(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(6)
+    mean = torch.randn((4, 3), generator=generator, dtype=dtype)
+    std = torch.rand((4, 3), generator=generator, dtype=dtype) + 0.1
+    prior_mean = torch.randn((3,), generator=generator, dtype=dtype)
+    prior_std = torch.rand((3,), generator=generator, dtype=dtype) + 0.5
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std), torch.distributions.Normal(prior_mean, prior_std)
+    ).sum()
+    result = normal_kl(mean, std, prior_mean, prior_std)
+    assert result.shape == () and result.dtype == dtype
+    torch.testing.assert_close(result, expected)
+    scalar_prior = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std), torch.distributions.Normal(0.0, 1.0)
+    ).sum()
+    torch.testing.assert_close(normal_kl(mean, std, 0.0, 1.0), scalar_prior.to(dtype))
+
+
+def test_consecutive_pairs_break_at_chain_changes() -> None:
+    pairs = consecutive_pairs(np.array(["A", "A", "A", "B", "B", "C"]))
+    assert pairs.dtype == torch.int64
+    assert pairs.tolist() == [[0, 1], [1, 2], [3, 4]]
+    assert consecutive_pairs(["A"]).shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_continuity_loss_value_gradient_and_empty(dtype: torch.dtype) -> None:
+    coords = torch.tensor([[[0.0, 0, 0], [3.0, 0, 0], [3.0, 4.0, 0], [3.0, 4.0, 0]]], dtype=dtype).repeat(
+        2, 1, 1
+    )
+    coords[1, 1, 0] = 3.8
+    pairs = consecutive_pairs(["A", "A", "A", "A"])
+    reference = torch.full((3,), 3.8, dtype=dtype)
+    coords.requires_grad_(True)
+    loss = continuity_loss(coords, pairs, reference)
+    # batch 0: distances 3, 4, 0; batch 1: 3.8, sqrt(0.64 + 16), 0 (coincident residues)
+    expected_0 = ((3.0 - 3.8) ** 2 + (4.0 - 3.8) ** 2 + 3.8**2) / 3
+    expected_1 = (0.0 + (np.sqrt(16.64) - 3.8) ** 2 + 3.8**2) / 3
+    torch.testing.assert_close(loss, torch.tensor([expected_0, expected_1], dtype=dtype))
+    loss.sum().backward()
+    assert torch.isfinite(coords.grad).all()
+    empty = continuity_loss(coords, torch.zeros((0, 2), dtype=torch.int64), torch.zeros(0, dtype=dtype))
+    torch.testing.assert_close(empty, torch.zeros(2, dtype=dtype))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_clash_loss_with_neighbour_list_equals_dense(seed: int) -> None:
+    coords = _random_coords(seed, batch=3, n=len(TWO_CHAINS), box_A=14.0)
+    pairs = ClashNeighbourList(TWO_CHAINS).update(coords)
+    sparse = clash_loss(coords, pairs)
+    dense = dense_clash_loss(coords, TWO_CHAINS)
+    distances, mask = _non_consecutive_distances(coords[0].numpy(), TWO_CHAINS)
+    assert (distances[mask] < 4.0).sum() >= 3  # the test really has clashes
+    expected_0 = (np.maximum(4.0 - distances[mask], 0.0) ** 2).sum() / len(TWO_CHAINS)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+    assert abs(dense[0].item() - expected_0) < 1e-12
+    coords.requires_grad_(True)
+    sparse_gradient = torch.autograd.grad(clash_loss(coords, pairs).sum(), coords)[0]
+    dense_gradient = torch.autograd.grad(dense_clash_loss(coords, TWO_CHAINS).sum(), coords)[0]
+    torch.testing.assert_close(sparse_gradient, dense_gradient, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clash_loss_without_clashes_is_exactly_zero(dtype: torch.dtype) -> None:
+    coords = (torch.arange(10, dtype=dtype)[:, None] * torch.tensor([4.5, 0.0, 0.0], dtype=dtype))[
+        None
+    ].repeat(2, 1, 1)
+    coords.requires_grad_(True)
+    pairs = ClashNeighbourList(["A"] * 10).update(coords)
+    assert len(pairs) > 0  # pairs within the skin, none under the cutoff
+    for loss in (clash_loss(coords, pairs), dense_clash_loss(coords, ["A"] * 10)):
+        (gradient,) = torch.autograd.grad(loss.sum(), coords)
+        assert loss.dtype == dtype and torch.equal(loss, torch.zeros(2, dtype=dtype))
+        assert torch.equal(gradient, torch.zeros_like(coords))
+    empty = clash_loss(coords, torch.zeros((0, 2), dtype=torch.int64))
+    assert torch.equal(empty, torch.zeros(2, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clash_loss_coincident_residues_have_finite_gradient(dtype: torch.dtype) -> None:
+    coords = torch.tensor(
+        [[[0.0, 0, 0], [3.8, 0, 0], [0.0, 0, 0], [1.0, 0, 0]]], dtype=dtype, requires_grad=True
+    )
+    chain_ids = ["A", "A", "B", "B"]
+    pairs = ClashNeighbourList(chain_ids).update(coords)
+    for loss in (clash_loss(coords, pairs), dense_clash_loss(coords, chain_ids)):
+        (gradient,) = torch.autograd.grad(loss.sum(), coords)
+        # pairs (0,2): d 0 -> 16; (0,3): d 1 -> 9; (1,2): d 3.8 -> 0.04; (1,3): d 2.8 -> 1.44; over 4 residues
+        torch.testing.assert_close(loss, torch.tensor([26.48 / 4], dtype=dtype))
+        assert torch.isfinite(gradient).all()
+
+
+def test_neighbour_list_has_every_close_pair_and_no_consecutive_pair() -> None:
+    coords = _random_coords(7, batch=1, n=len(TWO_CHAINS), box_A=25.0)
+    neighbours = ClashNeighbourList(TWO_CHAINS, cutoff_A=4.0, skin_A=3.0)
+    assert neighbours.pairs.shape == (0, 2)
+    pairs = neighbours.update(coords[0])  # (n, 3) input is accepted too
+    distances, mask = _non_consecutive_distances(coords[0].numpy(), TWO_CHAINS)
+    expected = {(int(i), int(j)) for i, j in zip(*np.nonzero(mask & (distances < 7.0)), strict=True)}
+    assert pairs.dtype == torch.int64 and torch.equal(neighbours.pairs, pairs)
+    assert {tuple(pair) for pair in pairs.tolist()} == expected
+    assert 5 < len(expected) < mask.sum()  # some pairs inside the radius, some outside
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    consecutive = {tuple(pair) for pair in consecutive_pairs(TWO_CHAINS).tolist()}
+    assert not consecutive & {tuple(pair) for pair in pairs.tolist()}
+    assert (11, 12) in expected or distances[11, 12] >= 7.0  # residues across the chain break are allowed
+
+
+def test_neighbour_list_is_the_union_over_the_batch() -> None:
+    chain_ids = ["A"] * 6
+    far_apart = torch.arange(6, dtype=torch.float64)[:, None] * torch.tensor([20.0, 0.0, 0.0])
+    folded = far_apart.clone()
+    folded[5] = torch.tensor([1.0, 2.0, 0.0])  # residue 5 clashes with residue 0 in this member only
+    pairs = ClashNeighbourList(chain_ids).update(torch.stack([far_apart, folded]))
+    assert pairs.tolist() == [[0, 5]]
+    loss = clash_loss(torch.stack([far_apart, folded]), pairs)
+    torch.testing.assert_close(loss, torch.tensor([0.0, (4.0 - np.sqrt(5.0)) ** 2 / 6], dtype=torch.float64))
+
+
+def test_neighbour_list_rejects_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        ClashNeighbourList(["A"] * 5).update(torch.zeros((2, 4, 3)))
+
+
+def test_real_adenylate_kinase_has_no_clashes(data_dir: Path) -> None:
+    structure = read_structure(data_dir / "adk_open.pdb")
+    coords = torch.from_numpy(structure.coords_A[:1])
+    pairs = ClashNeighbourList(structure.chain_ids).update(coords)
+    distances = (coords[0, pairs[:, 0]] - coords[0, pairs[:, 1]]).norm(dim=-1)
+    # 214 C-alpha atoms: the closest non-consecutive pair is 4.12 A apart, consecutive ones are 3.0-3.9 A
+    assert structure.n_residues == 214 and len(pairs) > 1000
+    assert distances.min().item() == pytest.approx(4.1225, abs=1e-3)
+    assert torch.equal(clash_loss(coords, pairs), torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(dense_clash_loss(coords, structure.chain_ids), torch.zeros(1, dtype=torch.float64))
+    consecutive = consecutive_pairs(structure.chain_ids)
+    reference = (coords[0, consecutive[:, 0]] - coords[0, consecutive[:, 1]]).norm(dim=-1)
+    assert continuity_loss(coords, consecutive, reference).item() == pytest.approx(0.0, abs=1e-20)

@@ -1,0 +1,134 @@
+"""Segmentation, deformation and networks of the cryoSPHERE model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from cryoflex.io.structure import read_structure
+from cryoflex.model.deformation import deform, rotate_by_vectors
+from cryoflex.model.networks import Decoder, Encoder
+from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
+
+
+def _segmentation(n: int = 60, segments: int = 3, seed: int = 0) -> Segmentation:
+    torch.manual_seed(seed)
+    return Segmentation(n, [SegmentedPart("all", np.arange(n), segments)])
+
+
+def test_assignment_rows_sum_to_one_and_eval_is_deterministic() -> None:
+    segmentation = _segmentation()
+    for sample in (True, False):
+        assignment = segmentation(sample)
+        assert assignment.shape == (60, 3)
+        torch.testing.assert_close(assignment.sum(1), torch.ones(60))
+    assert torch.equal(segmentation(False), segmentation(False))
+    assert not torch.equal(segmentation(True), segmentation(True))
+
+
+def test_initial_segments_are_contiguous_thirds() -> None:
+    labels = _segmentation()(False).argmax(1).numpy()
+    assert (labels[:20] == 0).all() and (labels[20:40] == 1).all() and (labels[40:] == 2).all()
+
+
+def test_extreme_parameters_stay_finite() -> None:
+    mixture = PartMixture(100, 4, tau=20.0)
+    with torch.no_grad():
+        mixture.s.mean.fill_(-1e4)  # ELU + 1 underflows to 0: the half-residue floor keeps the width positive
+        mixture.alpha.mean.copy_(torch.tensor([1e3, -1e3, 0.0, 0.0]))
+        mixture.mu.mean.fill_(50.0)
+    assignment = mixture(True)
+    assert torch.isfinite(assignment).all()
+    torch.testing.assert_close(assignment.sum(1), torch.ones(100))
+    loss = assignment.square().sum() + mixture.kl_divergence()
+    loss.backward()
+    for parameter in mixture.parameters():
+        assert torch.isfinite(parameter.grad).all()
+
+
+def test_kl_matches_torch_distributions() -> None:
+    mixture = PartMixture(30, 3, tau=20.0)
+    normal = torch.distributions.Normal
+    expected = sum(
+        torch.distributions.kl_divergence(
+            normal(p.mean, p.std), normal(torch.full_like(p.mean, p.prior_mean), p.prior_std)
+        ).sum()
+        for p in (mixture.mu, mixture.s, mixture.alpha)
+    )
+    torch.testing.assert_close(mixture.kl_divergence(), expected)
+
+
+def test_residues_outside_every_part_stay_fixed() -> None:
+    parts = [SegmentedPart("a", np.arange(10, 30), 2), SegmentedPart("b", np.arange(40, 50), 1)]
+    segmentation = Segmentation(60, parts)
+    assignment = segmentation(True)
+    assert assignment.shape == (60, 3)
+    outside = np.setdiff1d(np.arange(60), np.r_[10:30, 40:50])
+    assert torch.all(assignment[outside] == 0)
+    torch.testing.assert_close(assignment[10:30, :2].sum(1), torch.ones(20))
+    torch.testing.assert_close(assignment[40:50, 2], torch.ones(10))
+    coords = torch.randn(60, 3) * 10
+    moved = deform(coords, assignment, torch.randn(4, 3, 3), torch.randn(4, 3, 3))
+    torch.testing.assert_close(moved[:, outside], coords[outside].expand(4, -1, -1))
+
+
+def test_parse_parts(data_dir) -> None:
+    structure = read_structure(data_dir / "mmcif_1ake_chimerax.cif")
+    parts = parse_parts(["A:1-120:3", "B:2"], structure, default_segments=5)
+    assert [p.n_segments for p in parts] == [3, 2]
+    assert len(parts[0].residue_indices) == 120 and len(parts[1].residue_indices) == 214
+    assert parse_parts([], structure, default_segments=5)[0].n_segments == 5
+    with pytest.raises(ValueError, match="no chain 'C'"):
+        parse_parts(["C:2"], structure, default_segments=5)
+    with pytest.raises(ValueError, match="expected CHAIN"):
+        parse_parts(["A-3"], structure, default_segments=5)
+
+
+def test_rodrigues_matches_scipy_and_is_identity_at_zero() -> None:
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(50, 3, generator=generator, dtype=torch.float64)
+    vectors = torch.randn(50, 3, generator=generator, dtype=torch.float64)
+    vectors[:5] *= 1e-5  # the Taylor branch
+    expected = np.einsum("aij,aj->ai", Rotation.from_rotvec(vectors.numpy()).as_matrix(), points.numpy())
+    np.testing.assert_allclose(rotate_by_vectors(points, vectors).numpy(), expected, atol=1e-12)
+    assert torch.equal(rotate_by_vectors(points, torch.zeros_like(points)), points)
+
+
+def test_hard_assignment_moves_each_segment_rigidly() -> None:
+    generator = torch.Generator().manual_seed(2)
+    n, segments, batch = 90, 3, 4
+    coords = torch.randn(n, 3, generator=generator, dtype=torch.float64) * 15
+    labels = torch.arange(n) // 30
+    assignment = torch.nn.functional.one_hot(labels, segments).double()
+    vectors = torch.randn(batch, segments, 3, generator=generator, dtype=torch.float64)
+    translations = torch.randn(batch, segments, 3, generator=generator, dtype=torch.float64) * 5
+    moved = deform(coords, assignment, vectors, translations)
+    for b in range(batch):
+        for m in range(segments):
+            members = labels == m
+            before, after = coords[members].numpy(), moved[b, members].numpy()
+            centre = before.mean(0)
+            rotation = Rotation.from_rotvec(vectors[b, m].numpy()).as_matrix()
+            expected = (before - centre) @ rotation.T + centre + translations[b, m].numpy()
+            np.testing.assert_allclose(after, expected, atol=1e-10)
+
+
+def test_deformation_gradients_are_finite_at_identity() -> None:
+    segmentation = _segmentation()
+    coords = torch.randn(60, 3) * 10
+    vectors = torch.zeros(2, 3, 3, requires_grad=True)
+    translations = torch.zeros(2, 3, 3, requires_grad=True)
+    deform(coords, segmentation(True), vectors, translations).square().sum().backward()
+    assert torch.isfinite(vectors.grad).all() and torch.isfinite(translations.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in segmentation.parameters())
+
+
+def test_networks_shapes_and_identity_start() -> None:
+    encoder, decoder = Encoder(16, latent_dim=4, hidden=(32,)), Decoder(4, n_segments=3, hidden=(32,))
+    mean, std = encoder(torch.randn(5, 16, 16))
+    assert mean.shape == std.shape == (5, 4) and (std > 0).all()
+    vectors, translations = decoder(mean)
+    assert vectors.shape == translations.shape == (5, 3, 3)
+    assert torch.all(vectors == 0) and torch.all(translations == 0)
