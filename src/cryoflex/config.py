@@ -44,6 +44,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 3e-4
+    segmentation_learning_rate: float = 3e-3  # the mixture has a few dozen parameters on a [0, 1] scale
     seed: int = 0
     # loss weights; each ramps linearly from 0 over its warm-up (in epochs, fractional allowed; 0 = no ramp)
     latent_kl_weight: float = 1e-3
@@ -71,6 +72,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "train for at least 1 epoch"),
             ("batch_size", self.batch_size >= 1, "use a batch size of at least 1"),
             ("learning_rate", self.learning_rate > 0, "use a positive learning rate"),
+            ("segmentation_learning_rate", self.segmentation_learning_rate > 0, "use a positive learning rate"),
             ("sigma_A", self.sigma_A > 0, "use a positive Gaussian width"),
             ("tau", self.tau > 0, "use a positive temperature"),
             ("downsample", self.downsample is None or (self.downsample >= 8 and self.downsample % 2 == 0),

@@ -223,7 +223,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
     torch.manual_seed(config.seed)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
     model.network_bf16 = _network_bf16(config, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    networks = [p for name, p in model.named_parameters() if not name.startswith("segmentation.")]
+    optimizer = torch.optim.Adam([
+        {"params": networks, "lr": config.learning_rate},
+        {"params": list(model.segmentation.parameters()), "lr": config.segmentation_learning_rate},
+    ])  # fmt: skip
     start_epoch, step = 0, 0
     if resume:
         state = load_checkpoint(find_checkpoint(run_dir), device)
