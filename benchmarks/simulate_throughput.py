@@ -229,9 +229,7 @@ def main() -> None:
                 measured[row] = measure_in_subprocess(row, work)
             results.append(dict(measured[row], kind=kind))
             print_row(measured[row], kind)
-    scaling = sorted(
-        (result for result in measured.values() if result["box_px"] == scaling_box), key=lambda r: r["n_images"]
-    )
+    scaling = sorted((measured[row] for row in set(scaling_rows)), key=lambda result: result["n_images"])
     growth = {}
     if len(scaling) >= 2:
         low, high = scaling[0], scaling[-1]

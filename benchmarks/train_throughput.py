@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cryoflex.config import TrainConfig, load_config
+from cryoflex.config import load_config
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.structure import Structure, read_structure, write_structure
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.distributed import epoch_batches, resolve_device
-from cryoflex.train.loop import LossTerms, _network_bf16, _to_device
-from cryoflex.train.setup import build_model, prepare_inputs
+from cryoflex.train.loop import LossTerms, to_device, train_step
+from cryoflex.train.setup import build_model, build_optimizer, prepare_inputs, use_bf16_networks
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 ADK_RESIDUES = 214
@@ -235,15 +235,6 @@ class AnonymousPeak:
         self.peak_MB = max(self.peak_MB, self.current_MB())
 
 
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam with the networks' and the segmentation's learning rates, as cryoflex.train.loop builds it."""
-    networks = [p for name, p in model.named_parameters() if not name.startswith("segmentation.")]
-    return torch.optim.Adam([
-        {"params": networks, "lr": config.learning_rate},
-        {"params": list(model.segmentation.parameters()), "lr": config.segmentation_learning_rate},
-    ])  # fmt: skip
-
-
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,8 +252,8 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     dataset, structure = inputs.dataset, inputs.structure
     torch.manual_seed(config.seed)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
-    model.network_bf16 = _network_bf16(config, device)
-    optimizer = make_optimizer(config, model)
+    model.network_bf16 = use_bf16_networks(config, device)
+    optimizer = build_optimizer(config, model)
     losses = LossTerms(config, model, structure.chain_ids, len(dataset))
     batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[: WARMUP_STEPS + steps]
     if len(batches) < WARMUP_STEPS + steps or len(batches[-1]) != row.batch:
@@ -277,17 +268,14 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     synchronise(device)
     started = time.perf_counter()
     for k, batch in enumerate(loader):
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         synchronise(device)
         loaded = time.perf_counter()
-        output = model(batch)
-        terms = losses(output, batch["image"], k / len(batches), k % config.neighbour_list_every_steps == 0)
-        if not torch.isfinite(terms["total"]):
+        values, _ = train_step(
+            model, optimizer, losses, batch, k / len(batches), k % config.neighbour_list_every_steps == 0
+        )
+        if not math.isfinite(values["total"]):
             raise RuntimeError(f"non-finite loss at step {k + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
-        values = {name: float(value.detach()) for name, value in terms.items()}  # as the loop does every step
         synchronise(device)
         finished = time.perf_counter()
         step_s.append(finished - started)

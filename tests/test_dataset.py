@@ -279,5 +279,6 @@ def test_dataloader_workers_and_default_collate(simulated, tmp_path, use_cache):
     assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == list(range(16, 32))
     assert batch["image"].shape == (16, 16, 16) and batch["rotation"].shape == (16, 3, 3)
     assert batch["shifts_A"].shape == (16, 2) and batch["ctf"].shape == (16, 9)
-    np.testing.assert_array_equal(batch["image"][4].numpy(), dataset[20]["image"].numpy())
+    # batched and single-image float32 FFTs differ in the last bits (no cache: cropping happens per read)
+    np.testing.assert_allclose(batch["image"][4].numpy(), dataset[20]["image"].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(batch["ctf"][4].numpy(), dataset[20]["ctf"].numpy())

@@ -169,7 +169,7 @@ def test_continuity_loss_value_gradient_and_empty(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_clash_loss_with_neighbour_list_equals_dense(seed: int) -> None:
     coords = _random_coords(seed, batch=3, n=len(TWO_CHAINS), box_A=14.0)
-    pairs = ClashNeighbourList(TWO_CHAINS).update(coords)
+    pairs = ClashNeighbourList(TWO_CHAINS, skin_A=6.0).update(coords)
     sparse = clash_loss(coords, pairs)
     dense = dense_clash_loss(coords, TWO_CHAINS)
     distances, mask = _non_consecutive_distances(coords[0].numpy(), TWO_CHAINS)
@@ -189,7 +189,7 @@ def test_clash_loss_without_clashes_is_exactly_zero(dtype: torch.dtype) -> None:
         None
     ].repeat(2, 1, 1)
     coords.requires_grad_(True)
-    pairs = ClashNeighbourList(["A"] * 10).update(coords)
+    pairs = ClashNeighbourList(["A"] * 10, skin_A=6.0).update(coords)
     assert len(pairs) > 0  # pairs within the skin, none under the cutoff
     for loss in (clash_loss(coords, pairs), dense_clash_loss(coords, ["A"] * 10)):
         (gradient,) = torch.autograd.grad(loss.sum(), coords)
@@ -205,7 +205,7 @@ def test_clash_loss_coincident_residues_have_finite_gradient(dtype: torch.dtype)
         [[[0.0, 0, 0], [3.8, 0, 0], [0.0, 0, 0], [1.0, 0, 0]]], dtype=dtype, requires_grad=True
     )
     chain_ids = ["A", "A", "B", "B"]
-    pairs = ClashNeighbourList(chain_ids).update(coords)
+    pairs = ClashNeighbourList(chain_ids, skin_A=6.0).update(coords)
     for loss in (clash_loss(coords, pairs), dense_clash_loss(coords, chain_ids)):
         (gradient,) = torch.autograd.grad(loss.sum(), coords)
         # pairs (0,2): d 0 -> 16; (0,3): d 1 -> 9; (1,2): d 3.8 -> 0.04; (1,3): d 2.8 -> 1.44; over 4 residues
@@ -234,7 +234,7 @@ def test_neighbour_list_is_the_union_over_the_batch() -> None:
     far_apart = torch.arange(6, dtype=torch.float64)[:, None] * torch.tensor([20.0, 0.0, 0.0])
     folded = far_apart.clone()
     folded[5] = torch.tensor([1.0, 2.0, 0.0])  # residue 5 clashes with residue 0 in this member only
-    pairs = ClashNeighbourList(chain_ids).update(torch.stack([far_apart, folded]))
+    pairs = ClashNeighbourList(chain_ids, skin_A=6.0).update(torch.stack([far_apart, folded]))
     assert pairs.tolist() == [[0, 5]]
     loss = clash_loss(torch.stack([far_apart, folded]), pairs)
     torch.testing.assert_close(loss, torch.tensor([0.0, (4.0 - np.sqrt(5.0)) ** 2 / 6], dtype=torch.float64))
@@ -248,7 +248,7 @@ def test_neighbour_list_rejects_wrong_shape() -> None:
 def test_real_adenylate_kinase_has_no_clashes(data_dir: Path) -> None:
     structure = read_structure(data_dir / "adk_open.pdb")
     coords = torch.from_numpy(structure.coords_A[:1])
-    pairs = ClashNeighbourList(structure.chain_ids).update(coords)
+    pairs = ClashNeighbourList(structure.chain_ids, skin_A=6.0).update(coords)
     distances = (coords[0, pairs[:, 0]] - coords[0, pairs[:, 1]]).norm(dim=-1)
     # 214 C-alpha atoms: the closest non-consecutive pair is 4.12 A apart, consecutive ones are 3.0-3.9 A
     assert structure.n_residues == 214 and len(pairs) > 1000

@@ -110,7 +110,12 @@ def simulate_dataset(
             )
         return images.numpy()
 
-    signal_variance = float(clean_images(0, min(n, _N_PILOT_IMAGES)).var(axis=(1, 2)).mean())
+    n_pilot = min(n, _N_PILOT_IMAGES)
+    pilot_variances = [
+        clean_images(start, min(n_pilot, start + config.batch_size)).var(axis=(1, 2))
+        for start in range(0, n_pilot, config.batch_size)
+    ]  # in batches: memory stays that of one batch whatever the structure size
+    signal_variance = float(np.concatenate(pilot_variances).mean())
     noise_std = float(np.sqrt(signal_variance / config.snr))
     logger.info("signal variance %.4g, noise std %.4g for SNR %g", signal_variance, noise_std, config.snr)
 

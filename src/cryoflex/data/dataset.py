@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,21 +256,29 @@ class ParticleDataset(torch.utils.data.Dataset):
         return _DownsampledImages(self._stack, self._box_size_px)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        index = int(i)
-        if not -self.n <= index < self.n:
-            raise IndexError(f"particle {i} out of range for {self.n} particles")
-        index %= self.n
-        image = torch.from_numpy(np.array(self._images()[np.array([index])][0], dtype=np.float32))
-        image = (image - self._normalisation.mean) / self._normalisation.std
-        if self._invert_contrast:
-            image = -image
-        return {
-            "index": torch.tensor(index, dtype=torch.int64),
-            "image": image,
-            "rotation": torch.from_numpy(self._rotations[index].copy()),
-            "shifts_A": torch.from_numpy(self._shifts_A[index].copy()),
-            "ctf": torch.from_numpy(self._ctf[index].copy()),
-        }
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Items for many indices with one read of the image store (the DataLoader calls this for a whole batch)."""
+        positions = np.asarray(indices, dtype=np.int64)
+        if positions.size and not (-self.n <= positions.min() and positions.max() < self.n):
+            raise IndexError(f"particle index out of range for {self.n} particles")
+        positions %= max(self.n, 1)
+        order = np.argsort(positions, kind="stable")  # sorted reads are sequential on disk
+        images = np.empty((positions.size, self._box_size_px, self._box_size_px), dtype=np.float32)
+        images[order] = self._images()[positions[order]]
+        scale = (-1.0 if self._invert_contrast else 1.0) / self._normalisation.std
+        images = torch.from_numpy((images - self._normalisation.mean) * np.float32(scale))
+        return [
+            {
+                "index": torch.tensor(index, dtype=torch.int64),
+                "image": images[k],
+                "rotation": torch.from_numpy(self._rotations[index]),
+                "shifts_A": torch.from_numpy(self._shifts_A[index]),
+                "ctf": torch.from_numpy(self._ctf[index]),
+            }
+            for k, index in enumerate(positions.tolist())
+        ]
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the open memmap; each worker maps the cache itself."""

@@ -50,6 +50,8 @@ class _GaussianTable(torch.autograd.Function):
     """exp(-(c - g)^2 / (2 sigma^2)) built in place (one (B, n, N) buffer instead of four) with a matching backward.
 
     The backward needs only the table and the centres: d table / d c = -table * (c - g) / sigma^2.
+    Tables are float32 or float64; the backward's c * sum(W) - W g form loses no accuracy at the box sizes used
+    (|c|, |g| < a few hundred A).
     """
 
     @staticmethod
@@ -66,10 +68,10 @@ class _GaussianTable(torch.autograd.Function):
         centres_A, grid_A, table = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
+        # sum_p W_p (c - g_p) = c sum_p W_p - sum_p W_p g_p with W = grad * table: one (B, n, N) pass, no offsets
         weighted = grad_table * table
-        offsets = centres_A.unsqueeze(-1) - grid_A
-        grad_centres = torch.linalg.vecdot(weighted, offsets) * (-ctx.inverse_variance)
-        return grad_centres, None, None
+        grad_centres = centres_A * weighted.sum(-1) - weighted @ grid_A
+        return grad_centres * (-ctx.inverse_variance), None, None
 
 
 def _gaussian_table(centres_A: torch.Tensor, grid_A: torch.Tensor, sigma_A: float) -> torch.Tensor:

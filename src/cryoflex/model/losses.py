@@ -114,7 +114,7 @@ class ClashNeighbourList:
     (no grad), so clash memory is O(batch x pairs), never O(batch x n^2)."""
 
     def __init__(
-        self, chain_ids: Sequence[str] | np.ndarray, *, cutoff_A: float = 4.0, skin_A: float = 6.0
+        self, chain_ids: Sequence[str] | np.ndarray, *, cutoff_A: float = 4.0, skin_A: float = 2.0
     ) -> None:
         if cutoff_A <= 0 or skin_A < 0:
             raise ValueError(f"need cutoff_A > 0 and skin_A >= 0, got {cutoff_A} and {skin_A}")

@@ -44,7 +44,7 @@ from cryoflex.train.checkpoint import (
     save_checkpoint,
 )
 from cryoflex.train.distributed import ProcessContext, epoch_batches, start_processes, stop_processes
-from cryoflex.train.setup import build_model, prepare_inputs
+from cryoflex.train.setup import build_model, build_optimizer, prepare_inputs, use_bf16_networks
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,30 @@ class LossTerms:
         return terms
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _network_bf16(config: TrainConfig, device: torch.device) -> bool:
-    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+def train_step(
+    engine: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    losses: LossTerms,
+    batch: dict[str, torch.Tensor],
+    epoch_progress: float,
+    rebuild_neighbours: bool,
+) -> tuple[dict[str, float], ModelOutput]:
+    """One optimisation step on a batch already on the device; returns the loss terms (one device sync).
+
+    A non-finite loss returns before the backward pass, so the parameters are left untouched.
+    """
+    output = engine(batch)
+    terms = losses(output, batch["image"], epoch_progress, rebuild_neighbours)
+    values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist(), strict=True))
+    if math.isfinite(values["total"]):
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+    return values, output
 
 
 @torch.no_grad()
@@ -127,7 +145,7 @@ def contrast_report(model: CryoSphere, loader: DataLoader, device: torch.device)
     for k, batch in enumerate(loader):
         if k == _CONTRAST_CHECK_BATCHES:
             break
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         nominal = model.nominal_coords_A.expand(len(batch["image"]), -1, -1)
         predicted = model.render(nominal, batch["rotation"], batch["shifts_A"], batch["ctf"])
         values.append(1.0 - correlation_loss(predicted, batch["image"]))
@@ -222,12 +240,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
 
     torch.manual_seed(config.seed)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
-    model.network_bf16 = _network_bf16(config, device)
-    networks = [p for name, p in model.named_parameters() if not name.startswith("segmentation.")]
-    optimizer = torch.optim.Adam([
-        {"params": networks, "lr": config.learning_rate},
-        {"params": list(model.segmentation.parameters()), "lr": config.segmentation_learning_rate},
-    ])  # fmt: skip
+    model.network_bf16 = use_bf16_networks(config, device)
+    optimizer = build_optimizer(config, model)
     start_epoch, step = 0, 0
     if resume:
         state = load_checkpoint(find_checkpoint(run_dir), device)
@@ -266,23 +280,16 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=False)
         for k, batch in enumerate(bar):
-            batch = _to_device(batch, device)
-            output = engine(batch)
-            terms = losses(
-                output, batch["image"], epoch + k / len(loader), k % config.neighbour_list_every_steps == 0
+            batch = to_device(batch, device)
+            values, output = train_step(
+                engine, optimizer, losses, batch, epoch + k / len(loader), k % config.neighbour_list_every_steps == 0
             )
-            total = terms["total"]
-            if not torch.isfinite(total):
-                values = {name: float(value.detach()) for name, value in terms.items()}
+            if not math.isfinite(values["total"]):
                 raise TrainingDiverged(
                     f"non-finite loss at epoch {epoch + 1}, step {step + 1}: {values}. The last good checkpoint "
                     f"in {checkpoint_dir(run_dir)} is intact; lower --learning-rate and --resume, or check the inputs"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
             step += 1
-            values = {name: float(value.detach()) for name, value in terms.items()}
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
             if show_progress:

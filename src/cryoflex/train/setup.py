@@ -101,3 +101,17 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         decoder,
         GaussianProjector(box_size_px, pixel_size_A, config.sigma_A),
     )
+
+
+def build_optimizer(config: TrainConfig, model: CryoSphere) -> torch.optim.Optimizer:
+    """Adam with the networks at learning_rate and the segmentation mixture at segmentation_learning_rate."""
+    networks = [p for name, p in model.named_parameters() if not name.startswith("segmentation.")]
+    return torch.optim.Adam([
+        {"params": networks, "lr": config.learning_rate},
+        {"params": list(model.segmentation.parameters()), "lr": config.segmentation_learning_rate},
+    ])  # fmt: skip
+
+
+def use_bf16_networks(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the encoder and decoder run under bf16 autocast: asked for, or automatic on CUDA."""
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
