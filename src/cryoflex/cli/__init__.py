@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",
     "simulate": "cryoflex.cli.simulate",
     "train": "cryoflex.cli.train",
+    "analyze": "cryoflex.cli.analyze",
+    "eval": "cryoflex.cli.eval",
 }
 
 

@@ -1,0 +1,134 @@
+"""`cryoflex analyze` end to end: from a trained run to latent plots, traversals, segments, motions, exports, report.
+
+Output layout under OUT (default RUN/analysis):
+  latent/       latents.npy, pca.npy, kmeans_labels.npy, kmeans_centres.npy, latent_embedding.csv, PNG plots
+  traversals/   traversal_pcK.pdb (multi-model, B-factor = segment) + traversal_pcK.cxc; volumes/ with --volumes
+  segments/     segmentation.png, nominal_segments.pdb (B-factor = segment), segments.csv
+  motions/      segment_motions.csv and .png (rotation angle and translation per particle and segment)
+  per_particle_coords.npy (--per-particle), per_particle_subset.cif (--per-particle-cif K ...)
+  subsets/      STAR (and .cs for cryoSPARC input) of chosen clusters (--subset-clusters) or a PC box (--subset-region)
+  report.html   one offline page with every figure, the segment table, the training curves and the configuration
+Every numeric output is deterministic: the same run and options give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryoflex.analysis import export, latent, report, structures
+from cryoflex.analysis.predict import latent_means
+from cryoflex.analysis.run import TrainedRun
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalyzeOptions:
+    n_clusters: int = 6
+    umap: bool = False
+    n_components: int = 2
+    n_points: int = 10
+    volumes: bool = False
+    volume_voxel_A: float | None = None  # default: the run's pixel size
+    per_particle: bool = False
+    per_particle_cif: list[int] = field(default_factory=list)  # 0-based particle positions
+    subset_clusters: list[int] = field(default_factory=list)  # 1-based cluster numbers, as in the CSV
+    subset_region: tuple[float, float, float, float] | None = None  # pc1 min, pc1 max, pc2 min, pc2 max
+    seed: int = 0
+
+
+def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
+    """Maps along each traversal and at the k-means centres."""
+    voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
+    box_px = int(np.ceil(run.dataset.box_size_px * run.dataset.pixel_size_A / voxel_A / 2) * 2)
+    grid = dict(box_size_px=box_px, voxel_size_A=voxel_A, sigma_A=run.config.sigma_A)
+    paths = []
+    for component in range(1, min(options.n_components, embedding.n_components) + 1):
+        points = latent.traversal_latents(embedding, component, options.n_points)
+        names = [f"traversal_pc{component}_{k + 1:02d}" for k in range(len(points))]
+        paths += structures.write_volumes(run.model, points, names, out, **grid)
+    names = [f"cluster_{k + 1:02d}" for k in range(len(embedding.kmeans_centres))]
+    paths += structures.write_volumes(run.model, embedding.kmeans_centres, names, out, **grid)
+    return paths
+
+
+def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
+    paths: list[Path] = []
+    metadata = run.dataset.metadata
+    if options.subset_clusters:
+        chosen = [k - 1 for k in options.subset_clusters]
+        indices = export.select_by_clusters(embedding.kmeans_labels, chosen)
+        stem = "clusters_" + "_".join(str(k) for k in options.subset_clusters)
+        paths += export.write_subset(metadata, indices, out / stem)
+        logger.info("subset of clusters %s: %d particles", options.subset_clusters, len(indices))
+    if options.subset_region is not None:
+        x0, x1, y0, y1 = options.subset_region
+        indices = export.select_by_region(embedding.pca[:, :2], (x0, x1), (y0, y1))
+        paths += export.write_subset(metadata, indices, out / "region")
+        logger.info("subset of the PC region %s: %d particles", options.subset_region, len(indices))
+    return paths
+
+
+def analyze_run(run: TrainedRun, out_dir: Path, options: AnalyzeOptions) -> Path:
+    """Write every analysis output of `run` under out_dir; returns the report's path."""
+    out_dir = Path(out_dir)
+    names = run.dataset.metadata.names
+    model, structure = run.model, run.structure
+    logger.info("encoding %d particles", len(run.dataset))
+    latents = latent_means(model, run.dataset)
+    embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
+    files = latent.save_embedding(embedding, names, out_dir / "latent")
+    latent_figures = latent.plot_embedding(embedding, out_dir / "latent")
+    files += structures.write_traversals(
+        model, structure, embedding, out_dir / "traversals", n_components=options.n_components,
+        n_points=options.n_points,
+    )  # fmt: skip
+    if options.volumes:
+        files += _volumes(run, embedding, options, out_dir / "traversals" / "volumes")
+
+    assignment = structures.model_assignment(model)
+    segment_dir = out_dir / "segments"
+    segment_figure = structures.segmentation_figure(
+        assignment, structure.residue_numbers, structure.chain_ids, segment_dir / "segmentation.png"
+    )
+    files.append(structures.write_segmented_structure(structure, assignment, segment_dir / "nominal_segments.pdb"))
+    segment_rows = structures.segment_table(assignment, structure)
+    files.append(structures.write_segment_table(segment_rows, segment_dir / "segments.csv"))
+    motions = structures.segment_motions(model, latents)
+    motion_files = structures.write_segment_motions(motions, names, out_dir / "motions")
+    files += motion_files
+
+    if options.per_particle:
+        files.append(export.export_per_particle(model, latents, out_dir / export.PER_PARTICLE_NAME, progress=True))
+    if options.per_particle_cif:
+        files.append(export.export_structures_cif(
+            model, latents, options.per_particle_cif, structure, out_dir / "per_particle_subset.cif"
+        ))  # fmt: skip
+    files += _subsets(run, embedding, options, out_dir / "subsets")
+
+    sections = [
+        report.ReportSection("Latent space", [(p.stem.replace("_", " "), p) for p in latent_figures]),
+        report.ReportSection("Segmentation", [("segment probability per residue", segment_figure)]),
+        report.ReportSection("Motions per segment", [
+            (p.stem.replace("_", " "), p) for p in motion_files if p.suffix == ".png"
+        ]),  # fmt: skip
+    ]
+    if run.metrics_path.is_file():
+        curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
+        sections.append(report.ReportSection("Training", [("loss terms", curves)]))
+    tables = {
+        "Segments": [vars(row) for row in segment_rows],
+        "Clusters": [
+            {"cluster": k + 1, "particles": int(np.sum(embedding.kmeans_labels == k))}
+            for k in range(len(embedding.kmeans_centres))
+        ],
+    }
+    path = report.write_report(
+        out_dir / "report.html", title=f"cryoflex analysis of {run.run_dir.name} (epoch {run.epoch})",
+        sections=sections, config=run.config.to_dict(), tables=tables, files=files,
+    )  # fmt: skip
+    return path

@@ -1,0 +1,458 @@
+"""A trained run against the ground truth of a simulation: structure RMSD, distances, FSC of volumes, clashes.
+
+The truth is the truth.npz that `cryoflex simulate` writes: for every particle (matched by name, never by
+position) the index of its conformation, and the conformations in the model frame. Predicted structures decode
+the posterior mean latent of each image with the mean segmentation (deterministic).
+
+Baselines, so that a number means something: "nominal" predicts the run's nominal structure for every image;
+"best fixed" predicts, for every image, the one truth conformation whose median direct RMSD to all images is
+lowest (the best any single structure could do, chosen with the truth).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import cKDTree
+from scipy.stats import pearsonr, spearmanr
+
+from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
+from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rmsd_A
+from cryoflex.analysis.predict import decode_latents, latent_means
+from cryoflex.analysis.run import TrainedRun
+from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.volume import gaussian_volume
+from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.structure import Structure
+
+logger = logging.getLogger(__name__)
+
+EVAL_JSON = "eval.json"
+CLASH_CUTOFF_A = 4.0
+FSC_THRESHOLDS = (0.5, 0.143)
+_TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
+_GROUP_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<first>-?\d+)-(?P<last>-?\d+))?$")
+_FRAME_WARNING_RMSD_A = 1.0
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Ground truth of a simulation: conformation of each named particle, and the conformations (model frame)."""
+
+    path: Path
+    names: np.ndarray  # (n,) str
+    conformation_index: np.ndarray  # (n,) int
+    conformations_A: np.ndarray  # (k, n_residues, 3)
+    nominal_frame: int | None
+
+
+def read_truth(path: Path) -> Truth:
+    """Read truth.npz; CryoflexInputError naming the field when it is missing or inconsistent."""
+    path = Path(path)
+    fix = "give the truth.npz written by cryoflex simulate for these particles"
+    if not path.is_file():
+        raise CryoflexInputError(path, "no such file", fix=fix, field="--truth")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            fields = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as error:
+        raise CryoflexInputError(path, f"not a readable .npz file ({error})", fix=fix, field="--truth") from error
+    for name in _TRUTH_FIELDS:
+        if name not in fields:
+            raise CryoflexInputError(path, f"has no field {name!r}", fix=fix, field=name)
+    conformations = np.asarray(fields["conformations_A"], dtype=np.float64)
+    if conformations.ndim != 3 or conformations.shape[2] != 3:
+        raise CryoflexInputError(
+            path, f"must have shape (k, n_residues, 3), not {conformations.shape}", fix=fix, field="conformations_A"
+        )
+    names = np.asarray(fields["names"]).astype(str)
+    index = np.asarray(fields["conformation_index"]).astype(np.int64)
+    if index.shape != names.shape:
+        raise CryoflexInputError(
+            path, f"has {index.size} entries but names has {names.size}", fix=fix, field="conformation_index"
+        )
+    if index.size and (index.min() < 0 or index.max() >= len(conformations)):
+        raise CryoflexInputError(
+            path, f"points outside the {len(conformations)} conformations", fix=fix, field="conformation_index"
+        )
+    nominal_frame = int(fields["nominal_frame"]) if "nominal_frame" in fields else None
+    return Truth(path, names, index, conformations, nominal_frame)
+
+
+def truth_rows(particle_names: np.ndarray, truth: Truth) -> np.ndarray:
+    """Row of the truth for each particle, matched by name; CryoflexInputError when a particle is not there."""
+    truth_index = pd.Index(truth.names)
+    if not truth_index.is_unique:
+        raise CryoflexInputError(
+            truth.path, "particle names are not unique", fix="use the truth.npz of cryoflex simulate", field="names"
+        )
+    rows = truth_index.get_indexer(np.asarray(particle_names, dtype=str))
+    missing = np.flatnonzero(rows < 0)
+    if missing.size:
+        raise CryoflexInputError(
+            truth.path,
+            f"{missing.size} of {rows.size} particles of the run are not in the truth "
+            f"(first: {str(particle_names[missing[0]])!r})",
+            fix="evaluate against the truth.npz of the simulation these particles come from",
+            field="names",
+        )
+    return rows
+
+
+def parse_residue_group(spec: str, structure: Structure) -> np.ndarray:
+    """Residue indices of a group "A:122-159" (chain A, residue numbers 122..159) or "A" (whole chain)."""
+    match = _GROUP_PATTERN.match(spec.strip())
+    where = structure.source_path
+    if match is None:
+        raise CryoflexInputError(where, f"residue group {spec!r} is not CHAIN or CHAIN:FIRST-LAST",
+                                 fix="write e.g. A:122-159", field="--distance")  # fmt: skip
+    selected = structure.chain_ids == match["chain"]
+    if not selected.any():
+        raise CryoflexInputError(
+            where,
+            f"residue group {spec!r}: no chain {match['chain']!r}",
+            fix=f"chains are {sorted(set(structure.chain_ids.tolist()))}",
+            field="--distance",
+        )
+    if match["first"] is not None:
+        numbers = structure.residue_numbers
+        selected &= (numbers >= int(match["first"])) & (numbers <= int(match["last"]))
+    if not selected.any():
+        raise CryoflexInputError(
+            where,
+            f"residue group {spec!r} selects no residue",
+            fix="check the residue numbers of the structure",
+            field="--distance",
+        )
+    return np.flatnonzero(selected)
+
+
+def clash_count(coords_A: np.ndarray, chain_ids: np.ndarray, cutoff_A: float = CLASH_CUTOFF_A) -> int:
+    """Pairs of residues closer than cutoff_A, leaving out consecutive residues (i, i + 1 in the same chain)."""
+    pairs = cKDTree(coords_A).query_pairs(cutoff_A, output_type="ndarray")
+    if pairs.size == 0:
+        return 0
+    first, second = pairs.min(axis=1), pairs.max(axis=1)
+    close = np.linalg.norm(coords_A[first] - coords_A[second], axis=1) < cutoff_A
+    consecutive = (second == first + 1) & (chain_ids[first] == chain_ids[second])
+    return int(np.sum(close & ~consecutive))
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _stats(values: np.ndarray) -> dict[str, float | None]:
+    return {"median": _finite(float(np.median(values))), "mean": _finite(float(np.mean(values)))}
+
+
+def _correlations(predicted: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """Pearson and Spearman correlation; NaN when either side is constant."""
+    if np.ptp(predicted) == 0 or np.ptp(true) == 0:
+        return math.nan, math.nan
+    return float(pearsonr(predicted, true).statistic), float(spearmanr(predicted, true).statistic)
+
+
+@dataclass(frozen=True)
+class _VolumeGrid:
+    box_size_px: int
+    voxel_size_A: float
+    sigma_A: float
+    amplitudes: torch.Tensor
+    device: torch.device
+
+    def volume(self, coords_A: np.ndarray) -> np.ndarray:
+        """Float64 map: the Gaussian envelope cancels in the FSC, so its high shells are tiny numbers that matter."""
+        coords = torch.as_tensor(coords_A, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            volume = gaussian_volume(coords, self.amplitudes, self.box_size_px, self.voxel_size_A, self.sigma_A)
+        return volume.cpu().numpy()
+
+
+# Default FSC voxel: every residue has the same Gaussian width, so the Gaussian envelope cancels out of the FSC and
+# noise-free maps at a coarse pixel stay correlated up to Nyquist; at 1.5 A the curves resolve C-alpha placement.
+DEFAULT_FSC_VOXEL_A = 1.5
+
+
+def _volume_grid(run: TrainedRun, voxel_size_A: float | None) -> _VolumeGrid:
+    """The particle box (it holds the structure: training checks that) at voxel_size_A, default min(pixel, 1.5 A)."""
+    box_A = run.dataset.box_size_px * run.dataset.pixel_size_A
+    default_A = min(run.dataset.pixel_size_A, DEFAULT_FSC_VOXEL_A)
+    voxel = default_A if voxel_size_A is None else float(voxel_size_A)
+    box_px = int(math.ceil(box_A / voxel / 2) * 2)
+    amplitudes = torch.as_tensor(run.structure.amplitudes_e, dtype=torch.float64, device=run.device)
+    return _VolumeGrid(box_px, voxel, run.config.sigma_A, amplitudes, run.device)
+
+
+def _fsc_summary(
+    grid: _VolumeGrid, predicted_A: np.ndarray, truth_A: np.ndarray, nominal_A: np.ndarray
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Median resolutions and mean FSC curves of predicted and nominal volumes against the true ones."""
+    nominal_volume = grid.volume(nominal_A)
+    curves: dict[str, list[np.ndarray]] = {"prediction": [], "nominal": []}
+    frequency = np.zeros(0)
+    for predicted, truth in zip(predicted_A, truth_A, strict=True):
+        true_volume = grid.volume(truth)
+        frequency, fsc_prediction = fourier_shell_correlation(grid.volume(predicted), true_volume, grid.voxel_size_A)
+        curves["prediction"].append(fsc_prediction)
+        curves["nominal"].append(fourier_shell_correlation(nominal_volume, true_volume, grid.voxel_size_A)[1])
+    summary: dict[str, Any] = {
+        "n_samples": len(predicted_A), "box_size_px": grid.box_size_px, "voxel_size_A": grid.voxel_size_A,
+        "sigma_A": grid.sigma_A, "frequency_per_A": frequency.tolist(),
+        "note": "resolution at the first crossing below the threshold; null = below already at zero frequency; "
+                "a curve that never crosses counts as the Nyquist resolution (2 voxels)",
+    }  # fmt: skip
+    mean_curves = {}
+    for name, per_sample in curves.items():
+        entry: dict[str, Any] = {}
+        for threshold in FSC_THRESHOLDS:
+            resolutions = np.array([resolution_at(frequency, fsc, threshold) for fsc in per_sample])
+            entry[f"median_resolution_A_at_{threshold:g}"] = _finite(float(np.median(resolutions)))
+        mean_curves[name] = np.mean(per_sample, axis=0)
+        entry["mean_fsc"] = mean_curves[name].tolist()
+        summary[name] = entry
+    return summary, {"frequency_per_A": frequency, **mean_curves}
+
+
+@dataclass
+class _Decoded:
+    """Per-image scores of the predicted structures, and the structures of the sampled images."""
+
+    direct_rmsd_A: np.ndarray  # (n,)
+    superposed_rmsd_A: np.ndarray  # (n,)
+    distances_A: np.ndarray  # (n_group_pairs, n)
+    kept: dict[int, np.ndarray]  # image -> (n_residues, 3), for the sampled images only
+
+
+def _decode_and_score(
+    run: TrainedRun, true_A: Any, groups: list[tuple[np.ndarray, np.ndarray]], keep: np.ndarray, batch_size: int
+) -> _Decoded:
+    """Decode every image's mean latent chunk by chunk (memory of one chunk), scoring it against true_A(start, stop)."""
+    latents = latent_means(run.model, run.dataset, batch_size=batch_size)
+    n = len(latents)
+    decoded = _Decoded(np.empty(n), np.empty(n), np.empty((len(groups), n)), {})
+    start = 0
+    for chunk in decode_latents(run.model, latents, batch_size=batch_size):
+        stop = start + len(chunk)
+        chunk = chunk.astype(np.float64)
+        truth_chunk = true_A(start, stop)
+        decoded.direct_rmsd_A[start:stop] = rmsd_A(chunk, truth_chunk)
+        decoded.superposed_rmsd_A[start:stop] = superposed_rmsd_A(chunk, truth_chunk)
+        for g, (group_a, group_b) in enumerate(groups):
+            decoded.distances_A[g, start:stop] = centroid_distance_A(chunk, group_a, group_b)
+        for i in keep[(keep >= start) & (keep < stop)]:
+            decoded.kept[int(i)] = chunk[i - start]
+        start = stop
+    return decoded
+
+
+def _to_each(reference_A: np.ndarray, conformations_A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Direct and superposed RMSD of one structure (n_residues, 3) to each conformation: two (k,) arrays."""
+    repeated = np.broadcast_to(reference_A, conformations_A.shape)
+    return rmsd_A(repeated, conformations_A), superposed_rmsd_A(repeated, conformations_A)
+
+
+def _rmsd_section(
+    decoded: _Decoded, nominal_A: np.ndarray, conformations_A: np.ndarray, true_index: np.ndarray
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """RMSD statistics of the prediction and both baselines, and the per-image direct RMSDs for the histogram."""
+    nominal_direct, nominal_superposed = _to_each(nominal_A, conformations_A)
+    conformation_direct = np.stack([_to_each(c, conformations_A)[0] for c in conformations_A])
+    best = int(np.argmin(np.median(conformation_direct[:, true_index], axis=1)))
+    best_direct, best_superposed = _to_each(conformations_A[best], conformations_A)
+    section = {
+        "prediction": {"direct": _stats(decoded.direct_rmsd_A), "superposed": _stats(decoded.superposed_rmsd_A),
+                       "description": "decoded structure of each image's mean latent vs its true conformation"},
+        "nominal_baseline": {"direct": _stats(nominal_direct[true_index]),
+                             "superposed": _stats(nominal_superposed[true_index]),
+                             "description": "the run's nominal structure for every image"},
+        "best_fixed_baseline": {"direct": _stats(best_direct[true_index]),
+                                "superposed": _stats(best_superposed[true_index]), "conformation": best,
+                                "description": "the one truth conformation with the lowest median direct RMSD "
+                                               "to all images, for every image"},
+    }  # fmt: skip
+    per_image = {"prediction": decoded.direct_rmsd_A, "nominal": nominal_direct[true_index],
+                 "best fixed": best_direct[true_index]}  # fmt: skip
+    return section, per_image
+
+
+def _distance_section(
+    specs: Sequence[tuple[str, str]],
+    groups: list[tuple[np.ndarray, np.ndarray]],
+    decoded: _Decoded,
+    conformations_A: np.ndarray,
+    true_index: np.ndarray,
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Correlation of predicted and true centroid distances per group pair, and the true distances per image."""
+    entries, true_distances = [], []
+    for (spec_a, spec_b), (group_a, group_b), predicted in zip(specs, groups, decoded.distances_A, strict=True):
+        true = centroid_distance_A(conformations_A, group_a, group_b)[true_index]
+        true_distances.append(true)
+        pearson, spearman = _correlations(predicted, true)
+        entries.append({
+            "group_a": spec_a, "group_b": spec_b, "pearson": _finite(pearson), "spearman": _finite(spearman),
+            "predicted_range_A": [float(predicted.min()), float(predicted.max())],
+            "true_range_A": [float(true.min()), float(true.max())],
+        })  # fmt: skip
+    return entries, true_distances
+
+
+def _clash_section(
+    structure: Structure, decoded: _Decoded, picked: np.ndarray, conformations_A: np.ndarray, true_index: np.ndarray
+) -> dict[str, Any]:
+    chains = structure.chain_ids
+    conformation_clashes = np.array([clash_count(c, chains) for c in conformations_A])
+    return {
+        "cutoff_A": CLASH_CUTOFF_A, "n_structures": len(picked),
+        "prediction_mean": float(np.mean([clash_count(decoded.kept[int(i)], chains) for i in picked])),
+        "truth_mean": float(np.mean(conformation_clashes[true_index[picked]])),
+        "nominal": clash_count(structure.coords_A[0], chains),
+        "description": "mean number per structure of residue pairs closer than the cutoff, consecutive residues "
+                       "of a chain left out; on a seeded sample of images",
+    }  # fmt: skip
+
+
+def _frame_rmsd_A(nominal_A: np.ndarray, truth: Truth) -> float | None:
+    """Direct RMSD of the run's nominal structure to the truth's nominal conformation: ~0 when the frames agree."""
+    if truth.nominal_frame is None or not 0 <= truth.nominal_frame < len(truth.conformations_A):
+        return None
+    rmsd = float(rmsd_A(nominal_A[None], truth.conformations_A[truth.nominal_frame][None])[0])
+    if rmsd > _FRAME_WARNING_RMSD_A:
+        logger.warning(
+            "the run's nominal structure is %.2f A (direct RMSD) from the truth's nominal conformation: "
+            "if the frames differ, direct RMSDs and FSCs are meaningless",
+            rmsd,
+        )
+    return rmsd
+
+
+def evaluate(
+    run: TrainedRun,
+    truth_path: Path,
+    *,
+    distance_groups: Sequence[tuple[str, str]] = (),
+    fsc_samples: int = 50,
+    clash_samples: int = 1000,
+    seed: int = 0,
+    voxel_size_A: float | None = None,
+    out_dir: Path | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Evaluate `run` against truth.npz; writes OUT/eval.json and PNG plots (OUT default RUN/eval), returns the dict.
+
+    FSC uses a seeded sample of fsc_samples images, clash counts one of clash_samples images (all when fewer).
+    """
+    if fsc_samples < 1 or clash_samples < 1:
+        raise CryoflexInputError(
+            None,
+            f"need at least 1 sampled image, got {fsc_samples} for the FSC and {clash_samples} for clashes",
+            fix="give a positive number",
+            field="--fsc-samples",
+        )
+    if voxel_size_A is not None and not voxel_size_A > 0:
+        raise CryoflexInputError(
+            None, f"voxel size {voxel_size_A} A", fix="give a positive size", field="--voxel-size-A"
+        )
+    truth = read_truth(truth_path)
+    structure = run.structure
+    if truth.conformations_A.shape[1] != structure.n_residues:
+        raise CryoflexInputError(
+            truth.path,
+            f"conformations have {truth.conformations_A.shape[1]} residues, the run's structure "
+            f"{structure.source_path} has {structure.n_residues}",
+            fix="evaluate against the truth of the simulation made from this run's nominal structure",
+            field="conformations_A",
+        )
+    groups = [(parse_residue_group(a, structure), parse_residue_group(b, structure)) for a, b in distance_groups]
+    names = run.dataset.metadata.names
+    true_index = truth.conformation_index[truth_rows(names, truth)]
+    conformations, nominal = truth.conformations_A, structure.coords_A[0]
+    n = len(names)
+    rng = np.random.default_rng(seed)
+    fsc_pick = np.sort(rng.choice(n, size=min(fsc_samples, n), replace=False))
+    clash_pick = np.sort(rng.choice(n, size=min(clash_samples, n), replace=False))
+
+    logger.info("decoding %d images", n)
+    decoded = _decode_and_score(run, lambda start, stop: conformations[true_index[start:stop]], groups,
+                                np.union1d(fsc_pick, clash_pick), batch_size)  # fmt: skip
+    rmsd, rmsd_per_image = _rmsd_section(decoded, nominal, conformations, true_index)
+    distances, true_distances = _distance_section(distance_groups, groups, decoded, conformations, true_index)
+    grid = _volume_grid(run, voxel_size_A)
+    logger.info("FSC of %d images on a %d^3 grid at %.3g A", len(fsc_pick), grid.box_size_px, grid.voxel_size_A)
+    fsc, fsc_curves = _fsc_summary(grid, np.stack([decoded.kept[int(i)] for i in fsc_pick]),
+                                   conformations[true_index[fsc_pick]], nominal)  # fmt: skip
+    clashes = _clash_section(structure, decoded, clash_pick, conformations, true_index)
+
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _write_plots(out, rmsd_per_image, distances, decoded.distances_A, true_distances, fsc_curves)
+    result = {
+        "run": str(run.run_dir), "epoch": run.epoch, "truth": str(truth.path), "n_images": n, "seed": seed,
+        "nominal_vs_truth_nominal_rmsd_A": _frame_rmsd_A(nominal, truth), "rmsd_A": rmsd, "distances": distances,
+        "fsc": fsc, "clashes": clashes, "plots": plots,
+    }  # fmt: skip
+    write_text_atomic(out / EVAL_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def _write_plots(
+    out: Path,
+    rmsd_per_image: dict[str, np.ndarray],
+    distances: list[dict[str, Any]],
+    predicted_distances: np.ndarray,
+    true_distances: list[np.ndarray],
+    fsc_curves: dict[str, np.ndarray],
+) -> list[str]:
+    """RMSD histograms, predicted vs true distance per group pair, mean FSC curves; returns the PNG names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(np.concatenate(list(rmsd_per_image.values())), bins=40)
+    for label, values in rmsd_per_image.items():
+        ax.hist(values, bins=bins, histtype="step", label=f"{label} (median {np.median(values):.2f} A)")
+    ax.set(xlabel="C-alpha RMSD to the truth (A, direct)", ylabel="images")
+    ax.legend()
+    save(fig, "rmsd_histogram.png")
+
+    for g, (entry, predicted, true) in enumerate(zip(distances, predicted_distances, true_distances, strict=True)):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(true, predicted, s=4, alpha=0.5)
+        low, high = min(true.min(), predicted.min()), max(true.max(), predicted.max())
+        ax.plot([low, high], [low, high], color="grey", lw=1)
+        pearson = "n/a" if entry["pearson"] is None else f"{entry['pearson']:.3f}"
+        ax.set(xlabel="true distance (A)", ylabel="predicted distance (A)",
+               title=f"{entry['group_a']} to {entry['group_b']}: Pearson {pearson}")  # fmt: skip
+        save(fig, f"distance_{g + 1}.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    frequency = fsc_curves["frequency_per_A"]
+    ax.plot(frequency, fsc_curves["prediction"], label="prediction")
+    ax.plot(frequency, fsc_curves["nominal"], label="nominal")
+    for threshold in FSC_THRESHOLDS:
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="spatial frequency (1/A)", ylabel="mean FSC to the true volume", ylim=(-0.1, 1.05))
+    ax.legend()
+    save(fig, "fsc.png")
+    return written

@@ -1,0 +1,182 @@
+"""Exports for `cryoflex analyze`: every particle's structure, and particle subsets for re-refinement.
+
+Per-particle structures are streamed chunk by chunk into a .npy on disk, so a run of any size needs only one
+chunk of memory. Subsets keep every original column of the input (RELION STAR columns via write_relion_star;
+cryoSPARC rows copied verbatim from the input .cs), so RELION or cryoSPARC can pick the particles up directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from cryoflex.analysis.predict import decode_latents
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.atomic import atomic_path
+from cryoflex.io.metadata import ParticleMetadata, write_relion_star
+from cryoflex.io.structure import Structure, write_structure
+from cryoflex.model.cryosphere import CryoSphere
+
+logger = logging.getLogger(__name__)
+
+PER_PARTICLE_NAME = "per_particle_coords.npy"
+
+
+def _checked_latents(latents: np.ndarray) -> np.ndarray:
+    array = np.asarray(latents)
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise ValueError(f"latents must have shape (n_particles, latent_dim) with n_particles >= 1, got {array.shape}")
+    return array
+
+
+def export_per_particle(
+    model: CryoSphere, latents: np.ndarray, out_path: str | Path, *, chunk_size: int = 1024, progress: bool = False
+) -> Path:
+    """Write every particle's structure, float32 (n_particles, n_residues, 3) in A, model frame, input order.
+
+    Decoded chunk by chunk into a memory-mapped .npy under a temporary name, renamed to `out_path` when complete,
+    so memory stays at one chunk and a killed run leaves no partial file under the final name.
+    """
+    latents = _checked_latents(latents)
+    out_path = Path(out_path)
+    shape = (latents.shape[0], int(model.nominal_coords_A.shape[0]), 3)
+    chunks = decode_latents(model, latents, batch_size=chunk_size)
+    with atomic_path(out_path) as tmp:
+        coords = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        start = 0
+        with tqdm(total=shape[0], desc="per-particle structures", unit="particle", disable=not progress) as bar:
+            for chunk in chunks:
+                coords[start : start + len(chunk)] = chunk
+                start += len(chunk)
+                bar.update(len(chunk))
+        coords.flush()
+        del coords  # unmap before the rename
+    return out_path
+
+
+def export_structures_cif(
+    model: CryoSphere,
+    latents: np.ndarray,
+    indices: Sequence[int] | np.ndarray,
+    nominal: Structure,
+    out_path: str | Path,
+) -> Path:
+    """Write the structures of the particles at `indices` as one multi-model mmCIF (model k = indices[k])."""
+    latents = _checked_latents(latents)
+    index = _checked_indices(indices, latents.shape[0])
+    coords_A = np.concatenate(list(decode_latents(model, latents[index])))
+    write_structure(out_path, nominal.with_coords(coords_A))
+    return Path(out_path)
+
+
+# ------------------------------------------------------------ selections
+
+
+def _checked_indices(indices: Sequence[int] | np.ndarray, n_particles: int) -> np.ndarray:
+    """Distinct 0-based positions within range, as int64, in the given order; at least one."""
+    index = np.asarray(indices).reshape(-1)
+    if index.size == 0:
+        raise CryoflexInputError(None, "the selection holds no particles", fix="widen the selection")
+    if not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got dtype {index.dtype}")
+    index = index.astype(np.int64)
+    if index.min() < 0 or index.max() >= n_particles:
+        raise ValueError(f"indices must lie in 0..{n_particles - 1}, got {index.min()}..{index.max()}")
+    if not pd.Index(index).is_unique:
+        raise ValueError("indices must be distinct")
+    return index
+
+
+def select_by_clusters(labels: np.ndarray, clusters: Sequence[int]) -> np.ndarray:
+    """Positions (ascending) of the particles whose k-means label is one of `clusters`."""
+    labels = np.asarray(labels)
+    missing = sorted(set(int(c) for c in clusters) - set(np.unique(labels).tolist()))
+    if missing or not len(clusters):
+        raise CryoflexInputError(
+            None,
+            f"cluster(s) {missing} hold no particles" if missing else "no cluster was chosen",
+            fix=f"choose among clusters {np.unique(labels).tolist()}",
+            field="clusters",
+        )
+    return np.flatnonzero(np.isin(labels, np.asarray(clusters)))
+
+
+def select_by_region(pca_xy: np.ndarray, x_range: tuple[float, float], y_range: tuple[float, float]) -> np.ndarray:
+    """Positions (ascending) of the particles inside the closed box x_range x y_range of a 2-D embedding."""
+    points = np.asarray(pca_xy, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"pca_xy must have shape (n_particles, 2), got {points.shape}")
+    for name, (low, high) in (("x_range", x_range), ("y_range", y_range)):
+        if not low <= high:
+            raise CryoflexInputError(None, f"{name} {low}..{high} is empty", fix="give low <= high", field=name)
+    inside = (
+        (points[:, 0] >= x_range[0]) & (points[:, 0] <= x_range[1])
+        & (points[:, 1] >= y_range[0]) & (points[:, 1] <= y_range[1])
+    )  # fmt: skip
+    return np.flatnonzero(inside)
+
+
+def select_by_names(names: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
+    """Positions of the particles named `wanted` (e.g. rlnImageName or cryoSPARC uid), in the order given."""
+    positions = pd.Index(np.asarray(names, dtype=str)).get_indexer(np.asarray(wanted, dtype=str))
+    if (positions < 0).any():
+        unknown = [str(w) for w, p in zip(wanted, positions, strict=True) if p < 0]
+        raise CryoflexInputError(
+            None,
+            f"{len(unknown)} particle name(s) are not in the input, e.g. {unknown[:3]}",
+            fix="use names exactly as the particle file writes them (rlnImageName, or the cryoSPARC uid)",
+            field="names",
+        )
+    return positions.astype(np.int64)
+
+
+# ------------------------------------------------------------ subsets
+
+
+def _write_cs_subset(metadata: ParticleMetadata, index: np.ndarray, path: Path) -> None:
+    """Copy rows `index` of the input .cs (all fields, verbatim) into a new .cs (a numpy .npy record array)."""
+    table = np.load(metadata.source_path, allow_pickle=False)
+    uid = table["uid"].astype(str) if "uid" in table.dtype.names else np.arange(len(table)).astype(str)
+    if len(table) != metadata.n_particles or not np.array_equal(uid[index], metadata.names[index]):
+        raise CryoflexInputError(
+            metadata.source_path,
+            "the .cs file no longer holds the particles the run was trained on",
+            fix="restore the particle file the run was trained on",
+            field="uid",
+        )
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.save(handle, table[index], allow_pickle=False)
+
+
+def write_subset(metadata: ParticleMetadata, indices: Sequence[int] | np.ndarray, out_stem: str | Path) -> list[Path]:
+    """Write the particles at `indices` as OUT_STEM.star (RELION 3.1, all original columns) and, when the input
+    was a cryoSPARC .cs, OUT_STEM.cs (the input's rows verbatim); returns the files written."""
+    index = _checked_indices(indices, metadata.n_particles)
+    out_stem = Path(out_stem)
+    star_path = out_stem.with_name(out_stem.name + ".star")
+    write_relion_star(star_path, metadata.subset(index))
+    written = [star_path]
+    if metadata.format == "cryosparc":
+        cs_path = out_stem.with_name(out_stem.name + ".cs")
+        _write_cs_subset(metadata, index, cs_path)
+        written.append(cs_path)
+    else:
+        logger.info("the input is %s, not a cryoSPARC .cs: no .cs subset written", metadata.format)
+    return written
+
+
+__all__ = [
+    "PER_PARTICLE_NAME",
+    "export_per_particle",
+    "export_structures_cif",
+    "select_by_clusters",
+    "select_by_names",
+    "select_by_region",
+    "write_subset",
+]

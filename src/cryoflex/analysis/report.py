@@ -1,0 +1,212 @@
+"""report.html for `cryoflex analyze`: one self-contained page (figures as data URIs, inline CSS, no scripts).
+
+The page opens offline and can be mailed or archived as one file; links to the other outputs are relative, so
+they keep working when the output folder is moved as a whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# Keys of a metrics.jsonl line that are bookkeeping or timings, not loss terms.
+_NOT_LOSS_TERMS = frozenset({"kind", "epoch", "step", "seconds", "images_per_s"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; text-align: center; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+"""
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A heading and its figures, each (title, PNG path), shown in order."""
+
+    title: str
+    figures: Sequence[tuple[str, Path]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------ training curves
+
+
+def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, one dict per line (blank lines and a cut-off last line skipped)."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        raise CryoflexInputError(path, "file not found", fix="give the folder of a cryoflex train run")
+    records = []
+    lines = path.read_text().splitlines()
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == last:  # a run killed while writing its last line
+                logger.warning("%s: skipping the incomplete last line %d", path, number)
+                continue
+            raise CryoflexInputError(
+                path, f"line {number} is not JSON ({error})", fix="remove the damaged line", field=f"line {number}"
+            ) from None
+        if not isinstance(record, dict) or record.get("kind") not in ("step", "epoch") or "step" not in record:
+            raise CryoflexInputError(
+                path,
+                f"line {number} is not a metrics record ({{'kind': 'step'|'epoch', 'step': ..., ...}})",
+                fix="remove the damaged line",
+                field=f"line {number}",
+            )
+        records.append(record)
+    return records
+
+
+def _loss_terms(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Numeric loss terms in order of first appearance."""
+    terms: dict[str, None] = {}
+    for record in records:
+        for name, value in record.items():
+            if name not in _NOT_LOSS_TERMS and isinstance(value, int | float) and not isinstance(value, bool):
+                terms.setdefault(name)
+    return list(terms)
+
+
+def _series(records: Sequence[Mapping[str, Any]], kind: str, term: str) -> tuple[list[float], list[float]]:
+    points = [(float(r["step"]), float(r[term])) for r in records if r["kind"] == kind and term in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """Plot each loss term of RUN/metrics.jsonl against the step (logged steps as lines, epoch means as dots)."""
+    path = Path(metrics_path)
+    records = read_metrics(path)
+    terms = _loss_terms(records)
+    if not terms:
+        raise CryoflexInputError(path, "holds no loss values to plot", fix="train for at least one epoch first")
+    columns = min(3, len(terms))
+    rows = math.ceil(len(terms) / columns)
+    figure = Figure(figsize=(4.2 * columns, 2.8 * rows), layout="constrained")
+    for position, term in enumerate(terms):
+        axes = figure.add_subplot(rows, columns, position + 1)
+        steps, values = _series(records, "step", term)
+        axes.plot(steps, values, lw=1, color="tab:blue", label="step")
+        steps, values = _series(records, "epoch", term)
+        axes.plot(steps, values, "o", ms=4, color="tab:orange", label="epoch mean")
+        axes.set_title(term)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if position == 0:
+            axes.legend(fontsize="small")
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return out_png
+
+
+# ------------------------------------------------------------ HTML
+
+
+def _png_data_uri(title: str, path: Path) -> str:
+    data = Path(path).read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError(f"figure {title!r} ({path}) is not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as dotted keys, in order."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        rows.extend(_flatten(value, name + ".") if isinstance(value, Mapping) else [(name, value)])
+    return rows
+
+
+def _cell(value: Any) -> str:
+    """A table cell: numbers right-aligned (floats to 6 significant digits), None blank, lists as JSON."""
+    if isinstance(value, bool) or value is None:
+        return f"<td>{'' if value is None else html.escape(str(value).lower())}</td>"
+    if isinstance(value, int | float):
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        return f'<td class="num">{html.escape(text)}</td>'
+    text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return f"<td>{html.escape(text)}</td>"
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """An HTML table whose columns are the union of the rows' keys, in order of first appearance."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(_cell(row.get(c)) for c in columns) + "</tr>\n" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
+
+
+def _figures_html(section: ReportSection) -> str:
+    parts = [f"<h2>{html.escape(section.title)}</h2>\n"]
+    for title, path in section.figures:
+        parts.append(
+            f'<figure><img src="{_png_data_uri(title, path)}" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>\n"
+        )
+    return "".join(parts)
+
+
+def _links_html(out_html: Path, files: Sequence[Path]) -> str:
+    items = []
+    for path in files:
+        relative = Path(os.path.relpath(Path(path).resolve(), out_html.parent.resolve())).as_posix()
+        items.append(f'<li><a href="{html.escape(relative)}">{html.escape(relative)}</a></li>')
+    return "<h2>Files</h2>\n<ul>\n" + "\n".join(items) + "\n</ul>\n"
+
+
+def write_report(
+    out_html: str | Path,
+    *,
+    title: str,
+    sections: Sequence[ReportSection],
+    config: Mapping[str, Any],
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+    files: Sequence[Path] = (),
+) -> Path:
+    """Write the self-contained report page (figure sections, tables, configuration, file links), atomically."""
+    out_html = Path(out_html)
+    body = [f"<h1>{html.escape(title)}</h1>\n"]
+    body.extend(_figures_html(section) for section in sections)
+    for name, rows in tables.items():
+        body.append(f"<h2>{html.escape(name)}</h2>\n" + (_table(rows) if rows else "<p>(empty)</p>\n"))
+    config_rows = [{"setting": key, "value": value} for key, value in _flatten(config)]
+    body.append("<h2>Configuration</h2>\n" + _table(config_rows))
+    if files:
+        body.append(_links_html(out_html, files))
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "".join(body)
+        + "</body>\n</html>\n"
+    )
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out_html
+
+
+__all__ = ["ReportSection", "read_metrics", "training_curves_figure", "write_report"]

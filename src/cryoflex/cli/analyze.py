@@ -1,0 +1,57 @@
+"""Analyse a trained run: latent space, PC traversals, segments, per-segment motions, exports and an HTML report.
+
+Writes under --out (default RUN/analysis): latent/ (embedding arrays, CSV keyed by particle name, PCA and k-means
+plots), traversals/ (one multi-model PDB per principal component with a ChimeraX script that plays it; maps with
+--volumes), segments/ (figure, nominal structure with the segment in the B-factor column, boundary table), motions/
+(rotation angle and translation per particle and segment), optional per-particle structures and particle subsets for
+re-refinement, and report.html. The same run and options give byte-identical numeric outputs.
+
+examples:
+  cryoflex analyze run1
+  cryoflex analyze run1 --epoch 10 --clusters 8 --volumes --per-particle
+  cryoflex analyze run1 --subset-clusters 2 3          # RELION star (and .cs for cryoSPARC input) of clusters 2 and 3
+  cryoflex analyze run1 --subset-region -1 0.5 -2 2    # particles with -1 <= PC1 <= 0.5 and -2 <= PC2 <= 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", type=Path, help="run directory written by cryoflex train")
+    parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the last)")
+    parser.add_argument("--out", type=Path, help="output directory (default RUN/analysis)")
+    parser.add_argument("--clusters", type=int, default=6, help="k-means clusters (default 6)")
+    parser.add_argument("--umap", action="store_true", help="also a UMAP embedding (pip install umap-learn)")
+    parser.add_argument("--pcs", type=int, default=2, help="principal components to traverse (default 2)")
+    parser.add_argument("--points", type=int, default=10, help="structures per traversal, 5th-95th pct (default 10)")
+    parser.add_argument("--volumes", action="store_true", help="maps along the traversals and at the cluster centres")
+    parser.add_argument("--voxel-size-A", type=float, help="voxel of the maps (default: the run's pixel size)")
+    parser.add_argument("--per-particle", action="store_true",
+                        help="every particle's structure: per_particle_coords.npy, float32 (n, residues, 3) in A")
+    parser.add_argument("--per-particle-cif", type=int, nargs="+", default=[], metavar="K",
+                        help="also a multi-model mmCIF of these particles (0-based positions in the particle file)")
+    parser.add_argument("--subset-clusters", type=int, nargs="+", default=[], metavar="C",
+                        help="write the particles of these k-means clusters (1-based, as in the CSV)")
+    parser.add_argument("--subset-region", type=float, nargs=4, metavar=("PC1_MIN", "PC1_MAX", "PC2_MIN", "PC2_MAX"),
+                        help="write the particles inside this box of the PC1/PC2 plane")
+    parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cryoflex.analysis.analyze import AnalyzeOptions, analyze_run
+    from cryoflex.analysis.run import load_run
+
+    trained = load_run(args.run_dir, epoch=args.epoch, device=args.device)
+    options = AnalyzeOptions(
+        n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,
+        volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,
+        per_particle_cif=args.per_particle_cif, subset_clusters=args.subset_clusters,
+        subset_region=None if args.subset_region is None else tuple(args.subset_region), seed=args.seed,
+    )  # fmt: skip
+    report = analyze_run(trained, args.out or args.run_dir / "analysis", options)
+    print(f"analysis of {args.run_dir} (epoch {trained.epoch}): {report}")
+    return 0

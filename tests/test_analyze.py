@@ -1,0 +1,92 @@
+"""`cryoflex analyze` on a tiny trained run: every output exists and parses, numeric outputs are deterministic."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gemmi
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryoflex.cli import main as cli_main
+from cryoflex.io.metadata import read_metadata
+from cryoflex.io.trajectory import read_trajectory
+from cryoflex.simulate import SimulationConfig, simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
+    out = tmp_path_factory.mktemp("analyze")
+    star = simulate_dataset(
+        ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1.0, seed=5),
+        out / "data", progress=False,
+    )  # fmt: skip
+    config = out / "config.yaml"
+    config.write_text("encoder_hidden: [32]\ndecoder_hidden: [32]\nsigma_A: 4.0\nlearning_rate: 0.01\n")
+    run = out / "run"
+    args = ["train", "--particles", str(star), "--structure", str(out / "data" / "nominal.pdb"), "--out", str(run),
+            "--config", str(config), "--epochs", "2", "--segments", "3", "--latent-dim", "2", "--batch-size", "16",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == 0
+    return run
+
+
+def _analyze(run: Path, out: Path) -> None:
+    args = ["analyze", str(run), "--out", str(out), "--clusters", "3", "--points", "5", "--volumes",
+            "--per-particle", "--per-particle-cif", "0", "7", "--subset-clusters", "1", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+
+
+def test_outputs_exist_parse_and_are_deterministic(trained_run: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    _analyze(trained_run, first)
+    _analyze(trained_run, second)
+
+    numeric = sorted(p.relative_to(first) for p in first.rglob("*") if p.suffix in {".npy", ".csv", ".pdb", ".cif",
+                                                                                   ".mrc", ".star", ".cxc"})
+    assert len(numeric) > 20
+    for relative in numeric:
+        assert _content(first / relative) == _content(second / relative), relative
+
+    coords = np.load(first / "per_particle_coords.npy")
+    assert coords.dtype == np.float32 and coords.shape == (40, 214, 3)
+    embedding = pd.read_csv(first / "latent" / "latent_embedding.csv")
+    assert len(embedding) == 40 and {"particle", "z1", "z2", "pc1", "cluster"} <= set(embedding.columns)
+    traversal = gemmi.read_structure(str(first / "traversals" / "traversal_pc1.pdb"))
+    assert len(traversal) == 5 and traversal[0].count_atom_sites() == 214
+    assert "coordset" in (first / "traversals" / "traversal_pc1.cxc").read_text()
+    cif = gemmi.read_structure(str(first / "per_particle_subset.cif"))
+    assert len(cif) == 2
+    assert _first_x(cif[1]) == pytest.approx(float(coords[7, 0, 0]), abs=1e-3)
+    with mrcfile.open(first / "traversals" / "volumes" / "cluster_01.mrc", permissive=True) as volume:
+        assert volume.data.shape == (32, 32, 32) and float(volume.voxel_size.x) == pytest.approx(4.0)
+    segments = pd.read_csv(first / "segments" / "segments.csv")
+    assert segments["n_residues"].sum() == 214
+
+    subset = read_metadata(first / "subsets" / "clusters_1.star")
+    labels = np.load(first / "latent" / "kmeans_labels.npy")
+    original = read_metadata(Path(trained_run.parent / "data" / "particles.star"))
+    np.testing.assert_array_equal(subset.names, original.names[labels == 0])
+    np.testing.assert_allclose(subset.rotations, original.rotations[labels == 0], atol=1e-6)
+
+    html = (first / "report.html").read_text()
+    images = re.findall(r'<img[^>]+src="data:image/png;base64,', html)
+    assert len(images) >= 6  # latent plots, segmentation, motions, training curves
+    assert "Segments" in html and "learning_rate" in html
+
+
+def _content(path: Path) -> bytes:
+    """The file's bytes, without time stamps: the star writer's comment line, the MRC header's labels."""
+    if path.suffix == ".mrc":
+        with mrcfile.open(path, permissive=True) as volume:
+            return volume.data.tobytes() + volume.header.origin.tobytes() + volume.voxel_size.tobytes()
+    lines = path.read_bytes().splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.startswith(b"# Created by the starfile"))
+
+
+def _first_x(model: gemmi.Model) -> float:
+    return next(iter(next(iter(model))))[0].pos.x
