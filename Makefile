@@ -1,4 +1,4 @@
-# Set-up and tests on a fresh machine: `make test`.
+# On a fresh machine: `make demo` (set-up, then the demo) and `make test` (set-up, then the tests).
 # torch==2.13.0 is installed first, on its own: on this project's machines that exact version is a local CPU build,
 # while any looser spec would pull gigabytes of CUDA packages. pyproject keeps torch>=2.3 so GPU users bring their own.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint clean
+.PHONY: install test demo lint clean
 
 $(BIN)/cryoflex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(BIN)/cryoflex
 
 test: install
 	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/cryoflex demo --out cryoflex_demo --overwrite
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

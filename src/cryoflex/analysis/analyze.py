@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoflex.analysis import export, latent, report, structures
-from cryoflex.analysis.predict import latent_means
+from cryoflex.analysis import export, figures, latent, report, structures
+from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,31 @@ def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: Analyz
     return paths
 
 
-def analyze_run(run: TrainedRun, out_dir: Path, options: AnalyzeOptions) -> Path:
-    """Write every analysis output of `run` under out_dir; returns the report's path."""
+def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path,
+                       segment_ids: np.ndarray) -> list[tuple[str, Path]]:  # fmt: skip
+    shown = []
+    for component in range(1, min(options.n_components, embedding.n_components) + 1):
+        points = latent.traversal_latents(embedding, component, options.n_points)
+        frames = np.concatenate(list(decode_latents(run.model, points)))
+        path = figures.traversal_figure(
+            frames, segment_ids, run.structure.chain_ids, out / f"traversal_pc{component}.png"
+        )
+        shown.append((f"traversal along PC{component}", path))
+    return shown
+
+
+def analyze_run(
+    run: TrainedRun,
+    out_dir: Path,
+    options: AnalyzeOptions,
+    *,
+    extra_sections: list[report.ReportSection] | None = None,
+    extra_tables: dict[str, list[dict]] | None = None,
+) -> Path:
+    """Write every analysis output of `run` under out_dir; returns the report's path.
+
+    extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
+    """
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
@@ -96,6 +119,10 @@ def analyze_run(run: TrainedRun, out_dir: Path, options: AnalyzeOptions) -> Path
         assignment, structure.residue_numbers, structure.chain_ids, segment_dir / "segmentation.png"
     )
     files.append(structures.write_segmented_structure(structure, assignment, segment_dir / "nominal_segments.pdb"))
+    ids = structures.segment_ids(assignment)
+    on_structure = figures.segments_on_structure_figure(
+        structure.coords_A[0], ids, structure.chain_ids, segment_dir / "segments_on_structure.png"
+    )
     segment_rows = structures.segment_table(assignment, structure)
     files.append(structures.write_segment_table(segment_rows, segment_dir / "segments.csv"))
     motions = structures.segment_motions(model, latents)
@@ -110,13 +137,19 @@ def analyze_run(run: TrainedRun, out_dir: Path, options: AnalyzeOptions) -> Path
         ))  # fmt: skip
     files += _subsets(run, embedding, options, out_dir / "subsets")
 
+    particles = figures.particle_images_figure(run, out_dir / "particles.png")
     sections = [
+        report.ReportSection("Particles", [("particles and predictions", particles)]),
         report.ReportSection("Latent space", [(p.stem.replace("_", " "), p) for p in latent_figures]),
-        report.ReportSection("Segmentation", [("segment probability per residue", segment_figure)]),
+        report.ReportSection("Segmentation", [
+            ("segment probability per residue", segment_figure), ("segments on the nominal structure", on_structure),
+        ]),  # fmt: skip
+        report.ReportSection("Traversals", _traversal_figures(run, embedding, options, out_dir / "traversals", ids)),
         report.ReportSection("Motions per segment", [
             (p.stem.replace("_", " "), p) for p in motion_files if p.suffix == ".png"
         ]),  # fmt: skip
     ]
+    sections += extra_sections or []
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
         sections.append(report.ReportSection("Training", [("loss terms", curves)]))
@@ -126,6 +159,7 @@ def analyze_run(run: TrainedRun, out_dir: Path, options: AnalyzeOptions) -> Path
             {"cluster": k + 1, "particles": int(np.sum(embedding.kmeans_labels == k))}
             for k in range(len(embedding.kmeans_centres))
         ],
+        **(extra_tables or {}),
     }
     path = report.write_report(
         out_dir / "report.html", title=f"cryoflex analysis of {run.run_dir.name} (epoch {run.epoch})",

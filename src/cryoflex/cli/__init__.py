@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "cryoflex.cli.train",
     "analyze": "cryoflex.cli.analyze",
     "eval": "cryoflex.cli.eval",
+    "demo": "cryoflex.cli.demo",
 }
 
 

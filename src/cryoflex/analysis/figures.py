@@ -1,0 +1,80 @@
+"""Figures for the report: particle images beside the model's predictions, and C-alpha traces coloured by segment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoflex.analysis.latent import new_figure, save_figure
+from cryoflex.analysis.run import TrainedRun
+
+_SEGMENT_COLOURS = ("#6495ed", "#ffa500", "#3cb371", "#dc143c", "#9370db", "#a0522d", "#ff69b4", "#ffd700",
+                    "#40e0d0", "#6b8e23", "#6a5acd", "#fa8072")  # fmt: skip
+_VIEWS = (("x", "y", 0, 1), ("x", "z", 0, 2))
+
+
+def segment_colour(segment_id: int) -> str:
+    """Colour of segment 1, 2, ... (0 = in no segmented part: grey); the same palette as the ChimeraX scripts."""
+    return "#808080" if segment_id == 0 else _SEGMENT_COLOURS[(segment_id - 1) % len(_SEGMENT_COLOURS)]
+
+
+@torch.no_grad()
+def particle_images_figure(run: TrainedRun, path: Path, n_images: int = 6) -> Path:
+    """The first particles (normalised, as the model sees them) above the model's predicted images at their poses."""
+    count = min(n_images, len(run.dataset))
+    items = run.dataset.__getitems__(list(range(count)))
+    batch = {key: torch.stack([item[key] for item in items]).to(run.device) for key in items[0]}
+    predicted = run.model(batch).predicted_images.float().cpu().numpy()
+    observed = batch["image"].float().cpu().numpy()
+    figure = new_figure(1.6 * count, 3.4)
+    for k in range(count):
+        for row, (images, label) in enumerate(((observed, "particle"), (predicted, "prediction"))):
+            axes = figure.add_subplot(2, count, row * count + k + 1)
+            axes.imshow(images[k], cmap="gray", origin="lower")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if k == 0:
+                axes.set_ylabel(label)
+    figure.suptitle("particles (top) and the model's predictions at their poses, with CTF (bottom)")
+    return save_figure(figure, path)
+
+
+def _trace(axes, coords_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, i: int, j: int, **style) -> None:
+    """A C-alpha trace on axes i, j, one line piece per consecutive pair of the same chain, coloured by segment."""
+    for a in range(len(coords_A) - 1):
+        if chain_ids[a] == chain_ids[a + 1]:
+            axes.plot(coords_A[a : a + 2, i], coords_A[a : a + 2, j], color=segment_colour(int(segment_ids[a])),
+                      **style)  # fmt: skip
+
+
+def segments_on_structure_figure(
+    coords_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, path: Path
+) -> Path:
+    """The nominal C-alpha trace seen down z and down y, coloured by learned segment."""
+    figure = new_figure(8.0, 4.0)
+    for k, (x_name, y_name, i, j) in enumerate(_VIEWS):
+        axes = figure.add_subplot(1, 2, k + 1)
+        _trace(axes, coords_A, segment_ids, chain_ids, i, j, linewidth=2.0)
+        axes.set_aspect("equal")
+        axes.set_xlabel(f"{x_name} (A)")
+        axes.set_ylabel(f"{y_name} (A)")
+    present = sorted(set(int(s) for s in segment_ids))
+    handles = [figure.axes[0].plot([], [], color=segment_colour(s), label=f"segment {s}")[0] for s in present]
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(present), 6), frameon=False)
+    return save_figure(figure, path)
+
+
+def traversal_figure(frames_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, path: Path) -> Path:
+    """First (faint) and last (solid) structures of a traversal superposed, two views, coloured by segment."""
+    figure = new_figure(8.0, 4.0)
+    for k, (x_name, y_name, i, j) in enumerate(_VIEWS):
+        axes = figure.add_subplot(1, 2, k + 1)
+        _trace(axes, frames_A[0], segment_ids, chain_ids, i, j, linewidth=1.5, alpha=0.35)
+        _trace(axes, frames_A[-1], segment_ids, chain_ids, i, j, linewidth=2.0)
+        axes.set_aspect("equal")
+        axes.set_xlabel(f"{x_name} (A)")
+        axes.set_ylabel(f"{y_name} (A)")
+    figure.suptitle("traversal: 5th percentile (faint) and 95th percentile (solid)")
+    return save_figure(figure, path)
