@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryoflex.io.structure import read_structure
-from cryoflex.model.deformation import deform, rotate_by_vectors
+from cryoflex.model.deformation import deform
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
 
@@ -86,14 +86,21 @@ def test_parse_parts(data_dir) -> None:
         parse_parts(["A-3"], structure, default_segments=5)
 
 
-def test_rodrigues_matches_scipy_and_is_identity_at_zero() -> None:
+def test_soft_rotation_matches_scipy_and_is_identity_at_zero() -> None:
+    """One segment with G = 0.4 everywhere rotates every residue by 0.4 w about the centre (Taylor branch too)."""
     generator = torch.Generator().manual_seed(1)
     points = torch.randn(50, 3, generator=generator, dtype=torch.float64)
-    vectors = torch.randn(50, 3, generator=generator, dtype=torch.float64)
-    vectors[:5] *= 1e-5  # the Taylor branch
-    expected = np.einsum("aij,aj->ai", Rotation.from_rotvec(vectors.numpy()).as_matrix(), points.numpy())
-    np.testing.assert_allclose(rotate_by_vectors(points, vectors).numpy(), expected, atol=1e-12)
-    assert torch.equal(rotate_by_vectors(points, torch.zeros_like(points)), points)
+    assignment = torch.full((50, 1), 0.4, dtype=torch.float64)
+    for scale in (1.0, 1e-5):
+        vectors = torch.randn(3, 1, 3, generator=generator, dtype=torch.float64) * scale
+        moved = deform(points, assignment, vectors, torch.zeros_like(vectors))
+        centre = points.mean(0).numpy()
+        for b in range(3):
+            rotation = Rotation.from_rotvec(0.4 * vectors[b, 0].numpy()).as_matrix()
+            np.testing.assert_allclose(moved[b].numpy(), (points.numpy() - centre) @ rotation.T + centre, atol=1e-12)
+    zero = torch.zeros(2, 1, 3, dtype=torch.float64)
+    still = deform(points, assignment, zero, zero)
+    torch.testing.assert_close(still, points.expand(2, -1, -1), rtol=0, atol=1e-13)
 
 
 def test_hard_assignment_moves_each_segment_rigidly() -> None:

@@ -28,19 +28,18 @@ def _rodrigues_coefficients(angle_squared: torch.Tensor) -> tuple[torch.Tensor, 
     return cos_t, sinc_t, versine_t
 
 
-def rotate_by_vectors(points: torch.Tensor, rotation_vectors: torch.Tensor) -> torch.Tensor:
-    """Rotate points (..., 3) by rotation vectors (..., 3) (axis * angle in radians), elementwise (Rodrigues)."""
-    cos_t, sinc_t, versine_t = _rodrigues_coefficients(rotation_vectors.square().sum(-1, keepdim=True))
-    cross = torch.linalg.cross(rotation_vectors, points, dim=-1)
-    dot = (rotation_vectors * points).sum(-1, keepdim=True)
-    return points * cos_t + cross * sinc_t + rotation_vectors * (dot * versine_t)
-
-
 def segment_centres_A(coords_A: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
     """G-weighted centroids (M, 3) of the nominal coordinates (n, 3); an empty segment gets the origin."""
     mass = assignment.sum(0)
     weighted = assignment.transpose(0, 1) @ coords_A
     return weighted / mass.clamp_min(1e-6)[:, None]
+
+
+def _skew(vectors: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) matrices K with K p = v x p."""
+    x, y, z = vectors.unbind(-1)
+    zero = torch.zeros_like(x)
+    return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).unflatten(-1, (3, 3))
 
 
 def deform(
@@ -49,7 +48,13 @@ def deform(
     rotation_vectors: torch.Tensor,
     translations_A: torch.Tensor,
 ) -> torch.Tensor:
-    """Nominal coords (n, 3), G (n, M), per-image rotation vectors (B, M, 3) and translations (B, M, 3) -> (B, n, 3)."""
+    """Nominal coords (n, 3), G (n, M), per-image rotation vectors (B, M, 3) and translations (B, M, 3) -> (B, n, 3).
+
+    Rotating p by G_im w_m (Rodrigues, with t = G_im |w_m|):
+        p cos t + G_im sinc(t) (w_m x p) + G_im^2 (1 - cos t) / t^2 (w_m . p) w_m,
+    so the per-residue part is three scalars; w x p and (w . p) w are one small matmul per segment. All scalars for
+    all segments are computed at once, leaving a short loop of a few batched operations per segment.
+    """
     batch, n_segments = rotation_vectors.shape[:2]
     if assignment.shape[1] != n_segments or translations_A.shape != rotation_vectors.shape:
         raise ValueError(
@@ -57,8 +62,21 @@ def deform(
             f"translations {tuple(translations_A.shape)}"
         )
     centres_A = segment_centres_A(coords_A, assignment)
-    points = coords_A.expand(batch, -1, -1)
+    angle_squared = assignment.square() * rotation_vectors.square().sum(-1)[:, None, :]  # (B, n, M)
+    cos_t, sinc_t, versine_t = _rodrigues_coefficients(angle_squared)
+    cross_coefficient = assignment * sinc_t
+    outer_coefficient = assignment.square() * versine_t
+    # per segment: p @ [K^T | w w^T] gives (w x p, (w . p) w) side by side
+    operators = torch.cat(
+        [_skew(rotation_vectors).transpose(-1, -2), rotation_vectors[..., :, None] * rotation_vectors[..., None, :]],
+        dim=-1,
+    )  # (B, M, 3, 6)
+    # Work relative to the current segment's centre: going on to the next one is a single shift. steps_A[k] is
+    # c_k - c_(k-1) with c_(-1) = c_M = 0, so the loop starts relative to c_0 and ends back in absolute coordinates.
+    steps_A = torch.diff(centres_A, dim=0, prepend=centres_A.new_zeros(1, 3), append=centres_A.new_zeros(1, 3))
+    relative = coords_A.expand(batch, -1, -1) - steps_A[0]
     for m in range(n_segments):
-        vectors = assignment[:, m, None] * rotation_vectors[:, m, None, :]
-        points = centres_A[m] + rotate_by_vectors(points - centres_A[m], vectors)
-    return points + torch.einsum("nm,bmk->bnk", assignment, translations_A)
+        cross, outer = torch.bmm(relative, operators[:, m]).split(3, dim=-1)
+        rotated = torch.addcmul(relative * cos_t[..., m, None], cross, cross_coefficient[..., m, None])
+        relative = torch.addcmul(rotated, outer, outer_coefficient[..., m, None]) - steps_A[m + 1]
+    return relative + torch.einsum("nm,bmk->bnk", assignment, translations_A)
