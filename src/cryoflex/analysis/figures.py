@@ -62,7 +62,7 @@ def segments_on_structure_figure(
         axes.set_ylabel(f"{y_name} (A)")
     present = sorted(set(int(s) for s in segment_ids))
     handles = [figure.axes[0].plot([], [], color=segment_colour(s), label=f"segment {s}")[0] for s in present]
-    figure.legend(handles=handles, loc="upper center", ncol=min(len(present), 6), frameon=False)
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(present), 4), frameon=False, fontsize="small")
     return save_figure(figure, path)
 
 
