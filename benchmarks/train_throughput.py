@@ -240,12 +240,12 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str) -> dict:
+def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False) -> dict:
     """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name,
+        "device": device_name, "compile": compile_,
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -253,6 +253,8 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     torch.manual_seed(config.seed)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
     model.network_bf16 = use_bf16_networks(config, device)
+    if config.compile:
+        model.compile_deformation()  # compiled during the warm-up steps
     optimizer = build_optimizer(config, model)
     losses = LossTerms(config, model, structure.chain_ids, len(dataset))
     batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[: WARMUP_STEPS + steps]
@@ -308,7 +310,7 @@ def run_single_row(args: argparse.Namespace) -> None:
     """Child process: measure one row and print its figures as one JSON line."""
     baseline_MB = peak_rss_MB()
     with AnonymousPeak() as anonymous:
-        result = time_steps(args.single_row, args.data_dir, args.run_dir, args.steps, args.device)
+        result = time_steps(args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile)
     peak_MB = peak_rss_MB()
     result.update(
         baseline_rss_MB=baseline_MB, peak_rss_MB=peak_MB, rss_increase_MB=peak_MB - baseline_MB,
@@ -324,6 +326,7 @@ def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argpars
     command = [
         sys.executable, str(Path(__file__).resolve()), "--single-row", row.label, "--data-dir", str(data_dir),
         "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device,
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -384,6 +387,7 @@ def main() -> None:
     parser.add_argument(
         "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: grid + reference rows)"
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the deformation (config compile)")
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
     parser.add_argument("--work", type=Path, help="keep the simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cpu.json"))

@@ -139,3 +139,20 @@ def test_networks_shapes_and_identity_start() -> None:
     vectors, translations = decoder(mean)
     assert vectors.shape == translations.shape == (5, 3, 3)
     assert torch.all(vectors == 0) and torch.all(translations == 0)
+
+
+def test_compiled_deformation_matches_eager() -> None:
+    """`compile: true` runs the same deformation through torch.compile (about a minute to compile on this CPU)."""
+    from cryoflex.model.cryosphere import CryoSphere
+
+    torch.manual_seed(3)
+    segmentation = _segmentation(n=30, segments=3)
+    model = CryoSphere(torch.randn(30, 3) * 10, torch.ones(30), segmentation, Encoder(8, 2, (8,)),
+                       Decoder(2, 3, (8,)), projector=None)  # fmt: skip
+    torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
+    latent = torch.randn(4, 2)
+    eager, _ = model.decode(latent, sample_segmentation=False)
+    model.compile_deformation()
+    compiled, _ = model.decode(latent, sample_segmentation=False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(eager, model.nominal_coords_A.expand(4, -1, -1))  # the decoder really moves residues

@@ -58,6 +58,7 @@ class TrainConfig:
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 networks on CUDA) | fp32 | bf16
+    compile: bool = False  # torch.compile the deformation: faster steps for long runs, ~1 min to compile
     # logging
     log_images_every_epochs: int = 1
     progress: bool = True

@@ -26,7 +26,7 @@ from cryoflex.errors import CryoflexInputError
 logger = logging.getLogger(__name__)
 
 # flags that may change when a run is resumed (they do not change what is learned)
-_RESUMABLE = ("epochs", "device", "num_workers", "progress")
+_RESUMABLE = ("epochs", "device", "num_workers", "progress", "compile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 networks on CUDA")
+    run.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile the deformation (faster steps for long runs; ~1 min to compile)")
     run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
     run.add_argument("--seed", type=int, help="random seed (default 0)")
     run.add_argument("--no-cache", dest="cache", action="store_false", default=None,
@@ -70,7 +72,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "datadir", "amplitude_contrast", "consensus_map", "box_centre_A",
         "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size", "learning_rate",
-        "downsample", "invert_contrast", "device", "precision", "num_workers", "seed", "cache", "progress",
+        "downsample", "invert_contrast", "device", "precision", "compile", "num_workers", "seed", "cache", "progress",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

@@ -50,6 +50,12 @@ class CryoSphere(nn.Module):
         self.decoder = decoder
         self.projector = projector
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
+        self.deformation = deform
+
+    def compile_deformation(self) -> None:
+        """Compile the deformation with torch.compile: ~4x faster forward + backward where per-operation overhead
+        dominates (small structures, many segments), after a one-off compilation of about a minute on a CPU."""
+        self.deformation = torch.compile(deform, dynamic=True)
 
     def _network_precision(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.network_bf16)
@@ -59,7 +65,8 @@ class CryoSphere(nn.Module):
         assignment = self.segmentation(sample_segmentation)
         with self._network_precision(latent.device):
             rotation_vectors, translations_A = self.decoder(latent)
-        return deform(self.nominal_coords_A, assignment, rotation_vectors.float(), translations_A.float()), assignment
+        coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors.float(), translations_A.float())
+        return coords_A, assignment
 
     def render(self, coords_A: torch.Tensor, rotations: torch.Tensor, shifts_A: torch.Tensor, ctf: torch.Tensor):
         """Structures (B, n, 3) -> images (B, D, D) at the given poses, RELION origins (A) and CTF parameters (B, 9)."""

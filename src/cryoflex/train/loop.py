@@ -241,6 +241,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
     torch.manual_seed(config.seed)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
     model.network_bf16 = use_bf16_networks(config, device)
+    if config.compile:
+        model.compile_deformation()
     optimizer = build_optimizer(config, model)
     start_epoch, step = 0, 0
     if resume:
