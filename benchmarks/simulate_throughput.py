@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import AnonymousPeak, cpu_name, peak_rss_MB
 
 from cryoflex.cli import main as cryoflex_main
 from cryoflex.io.atomic import write_text_atomic
@@ -50,7 +48,6 @@ QUICK_N_IMAGES = (200, 100)
 QUICK_SCALING_BOX_PX = 32
 QUICK_SCALING_N_IMAGES = (600, 1200)  # both above the 512-image SNR pilot, as at full size
 RESULT_PREFIX = "RESULT "
-MEMORY_SAMPLE_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -70,43 +67,6 @@ class Row:
 
 
 # ---------------------------------------------------------------- one row, in its own process
-
-
-def peak_rss_MB() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class AnonymousPeak:
-    """Samples RssAnon (/proc/self/status) in a thread: the peak without file pages of memory-mapped files."""
-
-    def __init__(self) -> None:
-        self.peak_MB = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def current_MB() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return math.nan
-
-    def _run(self) -> None:
-        while not self._stop.wait(MEMORY_SAMPLE_S):
-            self.peak_MB = max(self.peak_MB, self.current_MB())
-
-    def __enter__(self) -> AnonymousPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_MB = max(self.peak_MB, self.current_MB())
 
 
 def directory_bytes(path: Path) -> int:
@@ -167,14 +127,6 @@ def first_frame_diameter_A() -> float:
     """Twice the largest distance from the centroid in the trajectory's first frame."""
     coords_A = read_trajectory(TOPOLOGY, TRAJECTORY).coords_A[0]
     return 2.0 * float(np.linalg.norm(coords_A - coords_A.mean(axis=0), axis=1).max())
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def print_row(row: dict, kind: str) -> None:

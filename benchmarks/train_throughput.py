@@ -25,17 +25,16 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import AnonymousPeak, cpu_name, peak_rss_MB
 from torch.utils.data import DataLoader
 
 from cryoflex.config import load_config
@@ -45,7 +44,7 @@ from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.distributed import epoch_batches, resolve_device
 from cryoflex.train.loop import LossTerms, to_device, train_step
-from cryoflex.train.setup import build_model, build_optimizer, prepare_inputs, use_bf16_networks
+from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 ADK_RESIDUES = 214
@@ -69,7 +68,6 @@ QUICK_STEPS = 2
 REFERENCE_MS = {"345:64:32:20": 100.0, "2750:64:32:20": 5000.0}
 REFERENCE_MB = {"2750:64:32:20": 5000.0}
 RESULT_PREFIX = "RESULT "
-MEMORY_SAMPLE_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -198,43 +196,6 @@ def simulate_particles(structure: Structure, box_px: int, n_images: int, out_dir
 # ---------------------------------------------------------------- one row, in its own process
 
 
-def peak_rss_MB() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class AnonymousPeak:
-    """Samples RssAnon (/proc/self/status) in a thread: the peak without file pages of memory-mapped files."""
-
-    def __init__(self) -> None:
-        self.peak_MB = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def current_MB() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return math.nan
-
-    def _run(self) -> None:
-        while not self._stop.wait(MEMORY_SAMPLE_S):
-            self.peak_MB = max(self.peak_MB, self.current_MB())
-
-    def __enter__(self) -> AnonymousPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_MB = max(self.peak_MB, self.current_MB())
-
-
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -250,11 +211,7 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
     dataset, structure = inputs.dataset, inputs.structure
-    torch.manual_seed(config.seed)
-    model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
-    model.network_bf16 = use_bf16_networks(config, device)
-    if config.compile:
-        model.compile_deformation()  # compiled during the warm-up steps
+    model = prepare_model(config, inputs, device)  # with compile: compiled during the warm-up steps
     optimizer = build_optimizer(config, model)
     losses = LossTerms(config, model, structure.chain_ids, len(dataset))
     batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[: WARMUP_STEPS + steps]
@@ -338,10 +295,7 @@ def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argpars
 def device_description(device_name: str) -> str:
     if device_name.startswith("cuda"):
         return torch.cuda.get_device_name(resolve_device(device_name))
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def print_row(row: dict) -> None:

@@ -13,22 +13,16 @@ import pytest
 
 from cryoflex.cli import main as cli_main
 from cryoflex.io.metadata import read_metadata
-from cryoflex.io.trajectory import read_trajectory
-from cryoflex.simulate import SimulationConfig, simulate_dataset
 
 
 @pytest.fixture(scope="module")
-def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
+def trained_run(tiny_adk_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("analyze")
-    star = simulate_dataset(
-        ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1.0, seed=5),
-        out / "data", progress=False,
-    )  # fmt: skip
+    star = tiny_adk_dataset / "particles.star"
     config = out / "config.yaml"
     config.write_text("encoder_hidden: [32]\ndecoder_hidden: [32]\nsigma_A: 4.0\nlearning_rate: 0.01\n")
     run = out / "run"
-    args = ["train", "--particles", str(star), "--structure", str(out / "data" / "nominal.pdb"), "--out", str(run),
+    args = ["train", "--particles", str(star), "--structure", str(tiny_adk_dataset / "nominal.pdb"), "--out", str(run),
             "--config", str(config), "--epochs", "2", "--segments", "3", "--latent-dim", "2", "--batch-size", "16",
             "--device", "cpu", "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
@@ -41,7 +35,7 @@ def _analyze(run: Path, out: Path) -> None:
     assert cli_main(args) == 0
 
 
-def test_outputs_exist_parse_and_are_deterministic(trained_run: Path, tmp_path: Path) -> None:
+def test_outputs_exist_parse_and_are_deterministic(trained_run: Path, tiny_adk_dataset: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     _analyze(trained_run, first)
     _analyze(trained_run, second)
@@ -69,7 +63,7 @@ def test_outputs_exist_parse_and_are_deterministic(trained_run: Path, tmp_path: 
 
     subset = read_metadata(first / "subsets" / "clusters_1.star")
     labels = np.load(first / "latent" / "kmeans_labels.npy")
-    original = read_metadata(Path(trained_run.parent / "data" / "particles.star"))
+    original = read_metadata(tiny_adk_dataset / "particles.star")
     np.testing.assert_array_equal(subset.names, original.names[labels == 0])
     np.testing.assert_allclose(subset.rotations, original.rotations[labels == 0], atol=1e-6)
 

@@ -15,21 +15,13 @@ from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.cli import main as cli_main
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.trajectory import read_trajectory
-from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def simulation(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 images, 32 px at 4 A/px, of 10 AdK trajectory frames."""
-    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
-    out = tmp_path_factory.mktemp("sim")
-    simulate_dataset(
-        ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1.0, seed=3),
-        out, progress=False,
-    )  # fmt: skip
-    return out
+def simulation(tiny_adk_dataset: Path) -> Path:
+    """40 images, 32 px at 4 A/px, of 10 AdK trajectory frames (conftest)."""
+    return tiny_adk_dataset
 
 
 @pytest.fixture(scope="module")

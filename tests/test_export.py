@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import tracemalloc
@@ -23,7 +24,7 @@ from cryoflex.analysis.export import (
 )
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.metadata import read_metadata
+from cryoflex.io.metadata import CTFParameters, read_metadata
 from cryoflex.io.structure import Structure, read_structure
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.train.setup import build_model
@@ -183,17 +184,7 @@ def _assert_same_particles(written, original) -> None:  # type: ignore[no-untype
     np.testing.assert_array_equal(written.image_indices, original.image_indices)
     np.testing.assert_array_equal(written.image_paths, original.image_paths)
     np.testing.assert_allclose(written.pixel_size_A, original.pixel_size_A, rtol=1e-6)
-    for name in (
-        "defocus_u_A",
-        "defocus_v_A",
-        "defocus_angle_deg",
-        "voltage_kV",
-        "cs_mm",
-        "amplitude_contrast",
-        "phase_shift_deg",
-        "bfactor_A2",
-        "scale",
-    ):
+    for name in (f.name for f in dataclasses.fields(CTFParameters)):
         np.testing.assert_allclose(getattr(written.ctf, name), getattr(original.ctf, name), rtol=1e-5, err_msg=name)
 
 

@@ -30,8 +30,6 @@ from cryoflex.analysis.structures import (
 from cryoflex.config import load_config
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.structure import Structure, read_structure
-from cryoflex.io.trajectory import read_trajectory
-from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
 
 
@@ -44,14 +42,9 @@ class Analysed:
 
 
 @pytest.fixture(scope="module")
-def analysed(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Analysed:
+def analysed(tiny_adk_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Analysed:
     """40 simulated AdK images (32 px, 4 A/px), trained 2 epochs with tiny networks, reopened for analysis."""
-    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
-    dataset = tmp_path_factory.mktemp("tiny")
-    simulate_dataset(
-        ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1.0, seed=3),
-        dataset, progress=False,
-    )  # fmt: skip
+    dataset = tiny_adk_dataset
     config = load_config(None, dict(
         particles=str(dataset / "particles.star"), structure=str(dataset / "nominal.pdb"), segments=3, latent_dim=2,
         epochs=2, batch_size=16, sigma_A=4.0, encoder_hidden=[32], decoder_hidden=[32], progress=False, device="cpu",

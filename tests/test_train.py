@@ -14,23 +14,15 @@ import torch.multiprocessing as mp
 from cryoflex.cli import main as cli_main
 from cryoflex.config import TrainConfig, load_config
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.trajectory import read_trajectory
-from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import epoch_batches
 from cryoflex.train.loop import TrainingDiverged, train
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 images, 32 px at 4 A/px, of 10 AdK trajectory frames; returns the dataset directory."""
-    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
-    out = tmp_path_factory.mktemp("tiny")
-    simulate_dataset(
-        ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1.0, seed=3),
-        out, progress=False,
-    )  # fmt: skip
-    return out
+def tiny_dataset(tiny_adk_dataset: Path) -> Path:
+    """40 images, 32 px at 4 A/px, of 10 AdK trajectory frames (conftest); returns the dataset directory."""
+    return tiny_adk_dataset
 
 
 def _config(dataset: Path, **changes: object) -> TrainConfig:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.collections import LineCollection
 
 from cryoflex.analysis.latent import new_figure, save_figure
 from cryoflex.analysis.run import TrainedRun
@@ -42,11 +43,13 @@ def particle_images_figure(run: TrainedRun, path: Path, n_images: int = 6) -> Pa
 
 
 def _trace(axes, coords_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, i: int, j: int, **style) -> None:
-    """A C-alpha trace on axes i, j, one line piece per consecutive pair of the same chain, coloured by segment."""
-    for a in range(len(coords_A) - 1):
-        if chain_ids[a] == chain_ids[a + 1]:
-            axes.plot(coords_A[a : a + 2, i], coords_A[a : a + 2, j], color=segment_colour(int(segment_ids[a])),
-                      **style)  # fmt: skip
+    """A C-alpha trace on axes i, j: one line piece per consecutive pair of the same chain, coloured by segment,
+    drawn as a single LineCollection (one artist, however many residues)."""
+    bonded = np.flatnonzero(chain_ids[:-1] == chain_ids[1:])
+    pieces = np.stack([coords_A[bonded][:, [i, j]], coords_A[bonded + 1][:, [i, j]]], axis=1)
+    colours = [segment_colour(int(segment_ids[a])) for a in bonded]
+    axes.add_collection(LineCollection(pieces, colors=colours, **style))
+    axes.autoscale_view()
 
 
 def segments_on_structure_figure(
@@ -56,7 +59,7 @@ def segments_on_structure_figure(
     figure = new_figure(8.0, 4.0)
     for k, (x_name, y_name, i, j) in enumerate(_VIEWS):
         axes = figure.add_subplot(1, 2, k + 1)
-        _trace(axes, coords_A, segment_ids, chain_ids, i, j, linewidth=2.0)
+        _trace(axes, coords_A, segment_ids, chain_ids, i, j, linewidths=2.0)
         axes.set_aspect("equal")
         axes.set_xlabel(f"{x_name} (A)")
         axes.set_ylabel(f"{y_name} (A)")
@@ -71,8 +74,8 @@ def traversal_figure(frames_A: np.ndarray, segment_ids: np.ndarray, chain_ids: n
     figure = new_figure(8.0, 4.0)
     for k, (x_name, y_name, i, j) in enumerate(_VIEWS):
         axes = figure.add_subplot(1, 2, k + 1)
-        _trace(axes, frames_A[0], segment_ids, chain_ids, i, j, linewidth=1.5, alpha=0.35)
-        _trace(axes, frames_A[-1], segment_ids, chain_ids, i, j, linewidth=2.0)
+        _trace(axes, frames_A[0], segment_ids, chain_ids, i, j, linewidths=1.5, alpha=0.35)
+        _trace(axes, frames_A[-1], segment_ids, chain_ids, i, j, linewidths=2.0)
         axes.set_aspect("equal")
         axes.set_xlabel(f"{x_name} (A)")
         axes.set_ylabel(f"{y_name} (A)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,11 @@ from tqdm import tqdm
 from cryoflex.data.downsample import check_box_out, downsampled_pixel_size_A, fourier_crop
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import atomic_path, write_text_atomic
-from cryoflex.io.metadata import ParticleMetadata
+from cryoflex.io.metadata import CTFParameters, ParticleMetadata
 from cryoflex.io.particles import ParticleStack, open_particle_images
 
-CTF_FIELDS = (
-    "defocus_u_A",
-    "defocus_v_A",
-    "defocus_angle_deg",
-    "voltage_kV",
-    "cs_mm",
-    "amplitude_contrast",
-    "phase_shift_deg",
-    "bfactor_A2",
-    "scale",
-)
+# The 9 CTF numbers of an item, in CTFParameters' field order, which is also ctf_rfft's argument order.
+CTF_FIELDS = tuple(f.name for f in fields(CTFParameters))
 CACHE_FORMAT_VERSION = 1
 CHUNK_IMAGES = 256
 PIXEL_SIZE_RTOL = 1e-4

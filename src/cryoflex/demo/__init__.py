@@ -117,8 +117,9 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0, device: str =
 
     run = load_run(out_dir / "run", device=device)
     result = evaluate(run, out_dir / "data" / "truth.npz", distance_groups=[(LID, NMP)], out_dir=out_dir / "eval")
-    rows = segment_table(model_assignment(run.model), run.structure)
-    ids = segment_ids(model_assignment(run.model))
+    assignment = model_assignment(run.model)
+    rows = segment_table(assignment, run.structure)
+    ids = segment_ids(assignment)
     numbers = run.structure.residue_numbers
     domains = np.where((numbers >= 122) & (numbers <= 159), 2, np.where((numbers >= 30) & (numbers <= 59), 1, 0))
     rmsd = result["rmsd_A"]

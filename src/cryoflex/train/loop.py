@@ -44,7 +44,7 @@ from cryoflex.train.checkpoint import (
     save_checkpoint,
 )
 from cryoflex.train.distributed import ProcessContext, epoch_batches, start_processes, stop_processes
-from cryoflex.train.setup import build_model, build_optimizer, prepare_inputs, use_bf16_networks
+from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -238,11 +238,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
         inputs = prepare_inputs(config, run_dir, progress=show_progress)
     dataset, structure = inputs.dataset, inputs.structure
 
-    torch.manual_seed(config.seed)
-    model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
-    model.network_bf16 = use_bf16_networks(config, device)
-    if config.compile:
-        model.compile_deformation()
+    model = prepare_model(config, inputs, device)
     optimizer = build_optimizer(config, model)
     start_epoch, step = 0, 0
     if resume:

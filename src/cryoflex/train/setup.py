@@ -103,6 +103,17 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
     )
 
 
+def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) -> CryoSphere:
+    """The seeded model for a training run, on `device`, with the run's precision and compilation settings."""
+    torch.manual_seed(config.seed)
+    dataset = inputs.dataset
+    model = build_model(config, inputs.structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
+    model.network_bf16 = use_bf16_networks(config, device)
+    if config.compile:
+        model.compile_deformation()  # compiled on the first step
+    return model
+
+
 def build_optimizer(config: TrainConfig, model: CryoSphere) -> torch.optim.Optimizer:
     """Adam with the networks at learning_rate and the segmentation mixture at segmentation_learning_rate.
 
