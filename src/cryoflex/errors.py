@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class CryoflexInputError(Exception):
-    """Bad input from the user: names the file, the field and the fix."""
+class CryoflexError(Exception):
+    """An error the user can act on: names the file, the field, the problem and the fix."""
 
     def __init__(self, path: str | Path | None, problem: str, fix: str | None = None, field: str | None = None):
         self.path = None if path is None else str(path)
@@ -20,3 +20,11 @@ class CryoflexInputError(Exception):
         if fix:
             message += f"\n  fix: {fix}"
         super().__init__(message)
+
+
+class CryoflexInputError(CryoflexError):
+    """Bad input from the user: names the file, the field and the fix (CLI exit code 2)."""
+
+
+class CryoflexOutputError(CryoflexError):
+    """An output that could not be written (e.g. the disk is full): names the file, the cause and the fix (exit 1)."""

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cryoflex import __version__
-from cryoflex.errors import CryoflexInputError
+from cryoflex.errors import CryoflexError, CryoflexInputError
 
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, str] = {
@@ -57,11 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return int(args.run(args) or 0)
-    except CryoflexInputError as error:
+    except CryoflexError as error:
         if args.verbose:
             raise
         print(f"cryoflex {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, CryoflexInputError) else 1
     except KeyboardInterrupt:
         print(f"cryoflex {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,12 +1,87 @@
-"""Atomic file writes: a crash or kill never leaves a half-written output in place of a good one."""
+"""Atomic file writes: a crash or kill never leaves a half-written output in place of a good one.
+
+The temporary file is `.{name}.{pid}.{token}.tmp` beside the target, created with mode 0666 so that the umask gives it
+(and so the renamed output) the mode a plain write would give. A write that starts removes the temporaries of the same
+target left by writers that were killed: those whose creator process is gone and that are older than this process.
+A write that fails for lack of space raises CryoflexOutputError saying so, where, and how much space is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from cryoflex.errors import CryoflexOutputError
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PROCESS_START_S = time.time()  # set at import: earlier than any write this process starts
+
+
+def _temporary_pattern(target: Path) -> re.Pattern[str]:
+    """Names of the temporaries of `target`, with the creator's pid as group 1."""
+    return re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporaries of `target` left by dead writers (creator gone, file older than this process)."""
+    pattern = _temporary_pattern(target)
+    removed = []
+    for candidate in target.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match is None or int(match.group(1)) in (0, os.getpid()) or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if candidate.stat().st_mtime < _PROCESS_START_S:
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:  # removed meanwhile by another writer
+            continue
+    return removed
+
+
+def _create_temporary(target: Path) -> Path:
+    """A new empty temporary beside `target`, mode 0666 less the umask (as a plain open() would create it)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def describe_write_failure(error: BaseException, directory: Path) -> str:
+    """The cause of a failed write ('the disk is full', ...) and the bytes free in `directory`."""
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC:
+        cause = "the disk is full"
+    elif code == errno.EDQUOT:
+        cause = "the disk quota is exceeded"
+    else:
+        cause = f"the write failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    try:
+        free = f"{shutil.disk_usage(directory).free:,} bytes free in {directory}"
+    except OSError:
+        free = f"free space in {directory} unknown"
+    return f"{cause}: {free}"
 
 
 @contextlib.contextmanager
@@ -14,12 +89,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_temporaries(target)
+    tmp = _create_temporary(target)
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno not in _DISK_FULL_ERRNOS:
+            raise
+        kept = f"the previous {target.name} is intact" if target.exists() else f"no {target.name} was written"
+        raise CryoflexOutputError(
+            target, describe_write_failure(error, target.parent), f"free space there and run again ({kept})"
+        ) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

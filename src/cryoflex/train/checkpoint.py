@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryoflex.errors import CryoflexInputError
-from cryoflex.io.atomic import atomic_path
+from cryoflex.errors import CryoflexInputError, CryoflexOutputError
+from cryoflex.io.atomic import atomic_path, describe_write_failure
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,13 +42,28 @@ def restore_random_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write epoch_NNNN.pt and last.pt atomically; returns the epoch file."""
+    """Write epoch_NNNN.pt and last.pt atomically; returns the epoch file.
+
+    A failed write (a full disk) raises CryoflexOutputError saying why, where, and that last.pt is still the previous
+    complete checkpoint; its temporary file is removed.
+    """
     directory = checkpoint_dir(run_dir)
     payload = {"format": CHECKPOINT_FORMAT, **state}
     epoch_path = directory / f"epoch_{state['epoch']:04d}.pt"
-    for path in (epoch_path, directory / "last.pt"):
+    last_path = directory / "last.pt"
+    kept = (
+        f"the last checkpoint, {last_path}, is intact: --resume continues from it"
+        if last_path.is_file()
+        else "no checkpoint of this run was written yet"
+    )
+    for path in (epoch_path, last_path):
         with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+            try:
+                with open(tmp, "wb") as handle:
+                    torch.save(payload, handle)
+            except (OSError, RuntimeError) as error:  # torch reports some failed writes as a RuntimeError
+                problem = f"could not write the checkpoint: {describe_write_failure(error, directory)}"
+                raise CryoflexOutputError(path, problem, f"free space there, then run again; {kept}") from error
     return epoch_path
 
 
