@@ -12,8 +12,10 @@ import pytest
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import (
+    MAX_AMINO_ACID_STEP_A,
     Structure,
     atomic_number,
+    chain_gaps,
     read_structure,
     residue_kind,
     structure_summary,
@@ -295,3 +297,68 @@ def test_written_c_alpha_model_reads_back_with_residue_amplitudes(data_dir: Path
     expected = full.amplitudes_e.copy()
     expected[-1] -= 8  # OXT
     np.testing.assert_array_equal(c_alpha.amplitudes_e, expected)
+
+
+def _without_residues(text: str, chain: str, numbers: range) -> str:
+    """PDB text without the ATOM records of residues `numbers` of `chain` (a chain break)."""
+    def kept(line: str) -> bool:
+        return not (line.startswith("ATOM") and line[21] == chain and int(line[22:26]) in numbers)
+
+    return "".join(line for line in text.splitlines(keepends=True) if kept(line))
+
+
+def test_chain_break_warning_names_the_residues(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gap.pdb"
+    path.write_text(_without_residues((data_dir / "pdb1ake.pdb").read_text(), "A", range(20, 25)))
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.structure"):
+        structure = read_structure(path)
+    assert structure.n_residues == 214 - 5  # the break is kept, not refused
+    gaps = chain_gaps(structure)
+    assert [(gap.chain_id, gap.before, gap.after) for gap in gaps] == [("A", "PHE 19", "GLY 25")]
+    assert gaps[0].distance_A > MAX_AMINO_ACID_STEP_A
+    assert "1 chain break(s)" in caplog.text and "chain A PHE 19 -> GLY 25" in caplog.text
+    assert str(path) in caplog.text
+
+
+def test_whole_chains_give_no_chain_break_warning(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.structure"):
+        structure = read_structure(data_dir / "mmcif_1ake_chimerax.cif")  # chains A and B: A -> B is no break
+    assert chain_gaps(structure) == []
+    assert "chain break" not in caplog.text
+
+
+BAD_STRUCTURE_FILES = {
+    "empty.pdb": (b"", "the file is empty"),
+    "empty.cif": (b"", "the file is empty"),
+    "binary.pdb": (bytes(range(256)) * 8, "binary content: not a PDB or mmCIF text file"),
+    "no_calpha.pdb": (
+        b"ATOM      1  N   ALA A   1       0.000   0.000   0.000  1.00  0.00           N\n"
+        b"ATOM      2  C   ALA A   1       1.000   0.000   0.000  1.00  0.00           C\n",
+        r"no amino-acid \(CA\) or nucleotide \(C1'\) residue found; only ALA without CA x 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STRUCTURE_FILES))
+def test_empty_binary_and_calpha_less_files_raise_clear_errors(tmp_path: Path, name: str) -> None:
+    content, problem = BAD_STRUCTURE_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CryoflexInputError, match=problem) as error:
+        read_structure(path)
+    assert error.value.path == str(path) and error.value.fix
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STRUCTURE_FILES))
+def test_info_on_bad_structure_exits_2_without_traceback(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryoflex.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(BAD_STRUCTURE_FILES[name][0])
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}" in err and "fix:" in err and "Traceback" not in err

@@ -59,6 +59,13 @@ _NAME_ELEMENTS = "CNOSPH"
 _PDB_SUFFIXES = {".pdb", ".ent"}
 _MMCIF_SUFFIXES = {".cif", ".mmcif"}
 _CHAIN_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_SNIFF_BYTES = 4096  # a NUL byte among the first 4 KiB marks a binary file
+_GZIP_MAGIC = b"\x1f\x8b"  # gemmi reads gzipped PDB/mmCIF files
+# Longest distance between the pseudo-atoms of consecutive residues bonded in a chain: C-alphas are 3.8 A apart
+# (2.9 A for a cis peptide), C1' atoms of stacked nucleotides ~5.5 A and of fully stretched ones under ~9 A.
+MAX_AMINO_ACID_STEP_A = 4.5
+MAX_NUCLEOTIDE_STEP_A = 9.0
+_GAPS_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -230,13 +237,20 @@ def _read_gemmi(path: Path) -> gemmi.Structure:
     """Parse a PDB or mmCIF file (format detected from its content); errors become CryoflexInputError."""
     if not path.is_file():
         raise CryoflexInputError(path, "file not found", "check the path")
+    fix = "give a PDB or mmCIF coordinate file (check that the download or the program that wrote it finished)"
+    if path.stat().st_size == 0:
+        raise CryoflexInputError(path, "the file is empty (0 bytes), not a PDB or mmCIF structure", fix)
+    with path.open("rb") as handle:
+        start = handle.read(_SNIFF_BYTES)
+    if b"\0" in start and not start.startswith(_GZIP_MAGIC):
+        raise CryoflexInputError(path, "binary content: not a PDB or mmCIF text file", fix)
     try:
         structure = gemmi.read_structure(str(path), format=gemmi.CoorFormat.Detect)
-    except (RuntimeError, ValueError, UnicodeDecodeError) as error:
-        raise CryoflexInputError(path, f"could not parse it as PDB or mmCIF: {error}",
-                                 "give a valid .pdb or .cif coordinate file") from error
+    except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise CryoflexInputError(path, f"could not parse it as PDB or mmCIF: {error}", fix) from error
     if len(structure) == 0 or structure[0].count_atom_sites() == 0:
-        raise CryoflexInputError(path, "no atom records found", "give a PDB or mmCIF file with atoms")
+        raise CryoflexInputError(path, "no atom records found: not a PDB or mmCIF structure, or one without atoms",
+                                 fix)
     structure.remove_alternative_conformations()
     return structure
 
@@ -263,7 +277,7 @@ def read_structure(path: str | Path) -> Structure:
         coords.append([s.atom.pos.tolist() for s in selected])
     kinds = [residue_kind(s.residue.name) for s in first]
     logger.info("read %d models x %d residues from %s", len(coords), len(first), path)
-    return Structure(
+    structure = Structure(
         coords_A=np.array(coords, dtype=np.float64),
         chain_ids=np.array(_name_blank_chains(first)),
         residue_numbers=np.array([s.residue.seqid.num for s in first], dtype=np.int64),
@@ -273,6 +287,56 @@ def read_structure(path: str | Path) -> Structure:
         amplitudes_e=np.array([residue_electrons(s.residue) for s in first], dtype=np.float64),
         source_path=str(path),
     )
+    warn_chain_gaps(structure, path)
+    return structure
+
+
+@dataclass(frozen=True)
+class ChainGap:
+    """Two consecutive residues of a chain farther apart than a bonded step spans (a chain break), in some model."""
+
+    chain_id: str
+    before: str  # 'LYS 12'
+    after: str  # 'GLY 17'
+    distance_A: float  # largest over the models
+    n_models: int  # models in which the step is too long
+
+    def __str__(self) -> str:
+        return f"chain {self.chain_id} {self.before} -> {self.after} {self.distance_A:.1f} A"
+
+
+def _residue_label(structure: Structure, i: int) -> str:
+    return f"{structure.residue_names[i]} {structure.residue_numbers[i]}{structure.insertion_codes[i]}"
+
+
+def chain_gaps(structure: Structure) -> list[ChainGap]:
+    """Consecutive residues of one chain farther apart than 4.5 A (C-alphas) or 9 A (C1') in any model."""
+    steps_A = np.linalg.norm(np.diff(structure.coords_A, axis=1), axis=2)  # (n_models, n_residues - 1)
+    nucleotide = structure.atom_names != AMINO_ACID_ATOM
+    limit_A = np.where(nucleotide[1:] | nucleotide[:-1], MAX_NUCLEOTIDE_STEP_A, MAX_AMINO_ACID_STEP_A)
+    same_chain = structure.chain_ids[1:] == structure.chain_ids[:-1]
+    too_long = (steps_A > limit_A) & same_chain
+    return [
+        ChainGap(str(structure.chain_ids[i]), _residue_label(structure, i), _residue_label(structure, i + 1),
+                 float(steps_A[:, i].max()), int(too_long[:, i].sum()))
+        for i in np.flatnonzero(too_long.any(axis=0))
+    ]  # fmt: skip
+
+
+def warn_chain_gaps(structure: Structure, source: str | Path) -> list[ChainGap]:
+    """Log a warning naming the chain breaks of a structure or trajectory (kept as they are); returns them."""
+    gaps = chain_gaps(structure)
+    if gaps:
+        listed = "; ".join(str(gap) for gap in gaps[:_GAPS_LISTED])
+        more = f"; and {len(gaps) - _GAPS_LISTED} more" if len(gaps) > _GAPS_LISTED else ""
+        models = f" (in up to {max(gap.n_models for gap in gaps)} of {structure.n_models} models)"
+        logger.warning(
+            "%s: %d chain break(s), consecutive residues farther apart than a bonded step (%.1f A between "
+            "C-alphas, %.1f A between C1')%s: %s%s. They are kept as they are: if residues are missing, the model "
+            "treats the pieces as one chain", source, len(gaps), MAX_AMINO_ACID_STEP_A, MAX_NUCLEOTIDE_STEP_A,
+            models if structure.n_models > 1 else "", listed, more,
+        )  # fmt: skip
+    return gaps
 
 
 def _chain_runs(chain_ids: np.ndarray) -> list[tuple[str, int, int]]:
