@@ -1,11 +1,19 @@
 """MD trajectories (PSF + DCD) read as structure ensembles, consistent with the PDB reader."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import read_structure
-from cryoflex.io.trajectory import atomic_numbers_from_masses, read_trajectory
+from cryoflex.io.trajectory import (
+    atomic_numbers_from_masses,
+    chain_ids_from_topology,
+    make_whole,
+    periodic_box,
+    read_trajectory,
+)
 
 
 def test_adk_trajectory_frames_and_residues(data_dir):
@@ -32,3 +40,98 @@ def test_atomic_numbers_from_masses():
 def test_missing_trajectory_names_file(data_dir, tmp_path):
     with pytest.raises(CryoflexInputError, match="nothing.dcd"):
         read_trajectory(data_dir / "adk.psf", tmp_path / "nothing.dcd")
+
+
+ORTHORHOMBIC_BOX = np.array([62.0, 58.0, 60.0, 90.0, 90.0, 90.0])
+TRICLINIC_BOX = np.array([62.0, 66.0, 70.0, 80.0, 85.0, 75.0])
+
+
+def _write_wrapped_trajectory(data_dir, path, box, n_frames=4):
+    """AdK frames moved across the box faces and wrapped into the unit cell (as GROMACS writes them), with or
+    without the unit cell in the file; returns the C-alpha positions before wrapping."""
+    import MDAnalysis as mda
+    from MDAnalysis.lib.distances import apply_PBC
+
+    universe = mda.Universe(str(data_dir / "adk.psf"), str(data_dir / "adk_dims.dcd"))
+    calphas = universe.select_atoms("name CA")
+    originals = []
+    with warnings.catch_warnings(), mda.Writer(str(path), n_atoms=universe.atoms.n_atoms) as writer:
+        warnings.simplefilter("ignore")  # DCD: "zeroed unitcell will be written" for frames without a cell
+        for timestep in universe.trajectory[:n_frames]:
+            originals.append(calphas.positions.astype(np.float64))
+            cell = TRICLINIC_BOX if box is None else box
+            universe.atoms.positions = apply_PBC(universe.atoms.positions + np.float32(55.0), cell)
+            timestep.dimensions = box
+            writer.write(universe.atoms)
+    return np.stack(originals)
+
+
+def _raw_calphas(data_dir, path):
+    """The C-alpha positions of every frame of a trajectory, as the file holds them."""
+    import MDAnalysis as mda
+
+    calphas = mda.Universe(str(data_dir / "adk.psf"), str(path)).select_atoms("name CA")
+    return np.stack([calphas.positions.astype(np.float64) for _ in calphas.universe.trajectory])
+
+
+def _radius_of_gyration_A(coords_A):
+    return float(np.sqrt(((coords_A - coords_A.mean(axis=0)) ** 2).sum(axis=1).mean()))
+
+
+def _max_step_A(coords_A):
+    return float(np.linalg.norm(np.diff(coords_A, axis=-2), axis=-1).max())
+
+
+@pytest.mark.parametrize("box", [ORTHORHOMBIC_BOX, TRICLINIC_BOX], ids=["orthorhombic", "triclinic"])
+def test_molecule_split_across_the_periodic_box_is_made_whole(data_dir, tmp_path, box):
+    path = tmp_path / "wrapped.dcd"
+    originals = _write_wrapped_trajectory(data_dir, path, box)
+    assert _max_step_A(_raw_calphas(data_dir, path)) > 40  # the file holds the molecule split across the box
+
+    ensemble = read_trajectory(data_dir / "adk.psf", path)
+
+    assert _max_step_A(ensemble.coords_A) < 4.5
+    for frame, original in zip(ensemble.coords_A, originals, strict=True):
+        assert _radius_of_gyration_A(frame) == pytest.approx(_radius_of_gyration_A(original), abs=1e-3)
+        assert _radius_of_gyration_A(frame) == pytest.approx(16.4, abs=0.2)
+        np.testing.assert_allclose(frame - frame.mean(axis=0), original - original.mean(axis=0), atol=1e-3)
+
+
+def test_wrapped_trajectory_without_unit_cell_warns_loudly(data_dir, tmp_path, caplog):
+    path = tmp_path / "wrapped_no_cell.dcd"
+    _write_wrapped_trajectory(data_dir, path, None, n_frames=2)
+    with caplog.at_level("WARNING", logger="cryoflex.io"):
+        ensemble = read_trajectory(data_dir / "adk.psf", path)
+    assert _max_step_A(ensemble.coords_A) > 10  # nothing to unwrap with: used as it is, but not silently
+    assert "split across the periodic box" in caplog.text and "no unit cell" in caplog.text
+    assert "chain A" in caplog.text  # the chain-break warning names the residues
+
+
+def test_chains_are_made_whole_and_placed_together(data_dir):
+    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=50)
+    original = ensemble.coords_A[0]
+    chain_ids = np.array(["A"] * 120 + ["B"] * 94)
+    from MDAnalysis.lib.distances import apply_PBC
+    from MDAnalysis.lib.mdamath import triclinic_vectors
+
+    wrapped = apply_PBC((original + 25.0).astype(np.float32), TRICLINIC_BOX).astype(np.float64)
+    wrapped[120:] += triclinic_vectors(TRICLINIC_BOX)[0]  # chain B in the next cell: one box vector away from A
+    whole = make_whole(wrapped, chain_ids, TRICLINIC_BOX)
+    assert _max_step_A(whole[:120]) < 4.5 and _max_step_A(whole[120:]) < 4.5
+    np.testing.assert_allclose(whole - whole.mean(axis=0), original - original.mean(axis=0), atol=1e-3)
+    centroid = whole.mean(axis=0)
+    np.testing.assert_allclose(apply_PBC(centroid[None].astype(np.float32), TRICLINIC_BOX)[0], centroid, atol=1e-3)
+
+
+def test_frames_without_unit_cell_are_unchanged(data_dir, caplog):
+    with caplog.at_level("WARNING", logger="cryoflex.io"):
+        ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd")
+    assert _max_step_A(ensemble.coords_A) < 4.5
+    assert "chain break" not in caplog.text
+    assert periodic_box(None) is None and periodic_box(np.zeros(6)) is None
+
+
+def test_chains_are_segments_and_residue_number_restarts():
+    segids = ["4AKE"] * 3 + ["SYSTEM"] * 4 + ["4AKE"]
+    resids = np.array([1, 2, 3, 1, 2, 1, 2, 5])  # a .gro file: two chains in one segment, numbering restarts
+    assert chain_ids_from_topology(segids, resids).tolist() == ["A", "A", "A", "B", "B", "C", "C", "D"]

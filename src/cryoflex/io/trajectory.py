@@ -3,6 +3,15 @@
 MDAnalysis is an optional dependency (`pip install cryoflex[md]`). One pseudo-atom per residue, as in io/structure.py:
 C-alpha for amino acids, C1' for nucleotides; residue amplitude = electrons of its heavy atoms, with each atom's element
 taken from its mass (topologies such as PSF carry masses but no elements).
+
+Periodic boxes: MD engines write molecules wrapped into the unit cell, split across its faces (GROMACS, NAMD). When a
+frame has unit-cell dimensions, each chain is made whole by continuity along the chain: every residue is placed at the
+minimum image of its step from the previous residue (steps are ~3.8 A, far below half a box). The other chains are
+then placed at the minimum image of their centroid from the first chain's centroid, and the whole molecule is moved by
+a box vector so that its centroid lies in the unit cell. Limitation: a complex whose chain centroids lie more than half
+a box apart along some axis is assembled wrongly (the chains stay whole); such systems should be made whole with the
+MD package (e.g. `gmx trjconv -pbc mol`) first. Chains: see chain_ids_from_topology. Chain breaks are logged (see
+io/structure.py); after unwrapping, steps over 10 A, impossible in an MD system, are logged as a likely split molecule.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.structure import Structure
+from cryoflex.io.structure import Structure, warn_chain_gaps
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +32,7 @@ _HEAVY_ELEMENTS = np.array(
     [(12.011, 6), (14.007, 7), (15.999, 8), (30.974, 15), (32.06, 16), (24.305, 12), (78.971, 34)]
 )
 _HYDROGEN_MAX_MASS_DA = 4.5  # H and D (hydrogen mass repartitioning can give ~3 Da)
+_SPLIT_STEP_A = 10.0  # a step between consecutive residues of an MD chain this long means a molecule split by the box
 
 
 def atomic_numbers_from_masses(masses_Da: np.ndarray) -> np.ndarray:
@@ -32,14 +42,63 @@ def atomic_numbers_from_masses(masses_Da: np.ndarray) -> np.ndarray:
     return np.where(masses_Da <= _HYDROGEN_MAX_MASS_DA, 1, _HEAVY_ELEMENTS[nearest, 1]).astype(np.int64)
 
 
-def _chain_ids_from_segments(segids: list[str]) -> np.ndarray:
-    """One-letter chain ids (A, B, ...) for MD segment names such as '4AKE', in order of appearance (PDB holds one)."""
+def chain_ids_from_topology(segids: list[str], resids: np.ndarray) -> np.ndarray:
+    """One-letter chain ids (A, B, ...; PDB holds one) in order of appearance: one per MD segment such as '4AKE', and a
+    new one where residue numbers restart inside a segment (GROMACS .gro files put every chain in one segment)."""
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    order: dict[str, str] = {}
-    for segid in segids:
-        if segid not in order:
-            order[segid] = letters[len(order) % len(letters)]
-    return np.array([order[s] for s in segids])
+    pieces = [0]
+    for i in range(1, len(segids)):
+        restart = segids[i] == segids[i - 1] and resids[i] <= resids[i - 1]
+        pieces.append(pieces[-1] + 1 if restart else pieces[-1])
+    keys = list(zip(segids, pieces, strict=True))
+    order: dict[tuple[str, int], str] = {}
+    for key in keys:
+        order.setdefault(key, letters[len(order) % len(letters)])
+    return np.array([order[key] for key in keys])
+
+
+def periodic_box(dimensions: np.ndarray | None) -> np.ndarray | None:
+    """A frame's unit cell [a, b, c (A), alpha, beta, gamma (deg)], or None if it has none (or a zero one)."""
+    if dimensions is None:
+        return None
+    box = np.asarray(dimensions, dtype=np.float64)
+    return box if box.shape == (6,) and np.isfinite(box).all() and (box > 0).all() else None
+
+
+def make_whole(positions_A: np.ndarray, chain_ids: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """One frame's pseudo-atoms (n, 3) made whole under a periodic box (see the module docstring for the method)."""
+    from MDAnalysis.lib.distances import apply_PBC, minimize_vectors
+
+    whole = np.asarray(positions_A, dtype=np.float64).copy()
+    chains = [np.flatnonzero(chain_ids == chain) for chain in dict.fromkeys(chain_ids.tolist())]
+    for index in (chain for chain in chains if len(chain) > 1):
+        steps = minimize_vectors(np.diff(whole[index], axis=0), box)
+        whole[index[1:]] = whole[index[0]] + np.cumsum(steps, axis=0)
+    first_centroid = whole[chains[0]].mean(axis=0)
+    for index in chains[1:]:
+        offset = whole[index].mean(axis=0) - first_centroid
+        whole[index] += minimize_vectors(offset[None], box)[0] - offset
+    centroid = whole.mean(axis=0)
+    return whole + (apply_PBC(centroid[None], box)[0] - centroid)
+
+
+def _warn_split_molecule(structure: Structure, source: str | Path, n_made_whole: int) -> None:
+    """Chain breaks by name; steps over 10 A loudly, since an MD system has no missing residues."""
+    split = [gap for gap in warn_chain_gaps(structure, source) if gap.distance_A > _SPLIT_STEP_A]
+    if not split:
+        return
+    largest = max(split, key=lambda gap: gap.distance_A)
+    cause = (
+        "the trajectory has no unit cell to make it whole with"
+        if n_made_whole == 0
+        else "making it whole by continuity along the chains did not join it"
+    )
+    logger.warning(
+        "%s: %d step(s) between consecutive residues longer than %.0f A (largest: %s): the molecule looks split "
+        "across the periodic box and %s. The frames are used as they are; make the molecule whole first "
+        "(e.g. gmx trjconv -pbc mol, or MDAnalysis transformations.unwrap) if this is not intended",
+        source, len(split), _SPLIT_STEP_A, largest, cause,
+    )  # fmt: skip
 
 
 def read_trajectory(topology_path: str | Path, trajectory_path: str | Path, *, stride: int = 1) -> Structure:
@@ -83,10 +142,20 @@ def read_trajectory(topology_path: str | Path, trajectory_path: str | Path, *, s
         [atomic_numbers[r.atoms.ix][atomic_numbers[r.atoms.ix] > 1].sum() for r in residues], dtype=np.float64
     )
 
-    frames = [pseudo_atoms.positions.astype(np.float64) for _ in universe.trajectory[::stride]]
+    chain_ids = chain_ids_from_topology([str(s) for s in residues.segids], residues.resids)
+    frames = []
+    n_made_whole = 0
+    for timestep in universe.trajectory[::stride]:
+        positions_A = pseudo_atoms.positions.astype(np.float64)
+        box = periodic_box(timestep.dimensions)
+        if box is not None:
+            positions_A = make_whole(positions_A, chain_ids, box)
+            n_made_whole += 1
+        frames.append(positions_A)
     logger.info("read %d frames x %d residues from %s", len(frames), len(residues), trajectory_path)
-    chain_ids = _chain_ids_from_segments([str(s) for s in residues.segids])
-    return Structure(
+    if n_made_whole:
+        logger.info("made the molecule whole under the periodic box in %d of %d frames", n_made_whole, len(frames))
+    structure = Structure(
         coords_A=np.stack(frames),
         chain_ids=chain_ids,
         residue_numbers=residues.resids.astype(np.int64),
@@ -96,3 +165,5 @@ def read_trajectory(topology_path: str | Path, trajectory_path: str | Path, *, s
         amplitudes_e=amplitudes_e,
         source_path=str(trajectory_path),
     )
+    _warn_split_molecule(structure, trajectory_path, n_made_whole)
+    return structure
