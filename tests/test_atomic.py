@@ -127,7 +127,7 @@ def test_disk_full_is_a_clear_error_and_leaves_the_previous_file(tmp_path: Path)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     message = str(caught.value)
-    assert "the disk is full" in message and "bytes free in" in message and str(tmp_path) in message
+    assert "the disk is full" in message and "bytes) free in" in message and str(tmp_path) in message
     assert "the previous cache.npy is intact" in message
     assert target.read_text() == "previous"
     assert not list(tmp_path.glob("*.tmp"))

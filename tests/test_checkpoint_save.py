@@ -45,7 +45,7 @@ def test_disk_full_says_so_and_keeps_the_last_checkpoint(tmp_path: Path, monkeyp
     message = str(caught.value)
     directory = checkpoint_dir(tmp_path)
     assert "the disk is full" in message
-    assert f"bytes free in {directory}" in message
+    assert f"bytes) free in {directory}" in message
     assert f"the last checkpoint, {directory / 'last.pt'}, is intact" in message
     assert "epoch_0002.pt" in message
     monkeypatch.undo()

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; user errors end with a message and exit code 2, not a traceback."""
+    """Entry point of the console script; user errors end with a message and exit code 2 (1 for an output that cannot
+    be written), not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -78,7 +78,8 @@ def describe_write_failure(error: BaseException, directory: Path) -> str:
     else:
         cause = f"the write failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
     try:
-        free = f"{shutil.disk_usage(directory).free:,} bytes free in {directory}"
+        free_bytes = shutil.disk_usage(directory).free
+        free = f"{free_bytes / 1e9:.2f} GB ({free_bytes:,} bytes) free in {directory}"
     except OSError:
         free = f"free space in {directory} unknown"
     return f"{cause}: {free}"

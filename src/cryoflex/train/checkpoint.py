@@ -51,10 +51,10 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, **state}
     epoch_path = directory / f"epoch_{state['epoch']:04d}.pt"
     last_path = directory / "last.pt"
-    kept = (
-        f"the last checkpoint, {last_path}, is intact: --resume continues from it"
+    then = (
+        f"continue with --resume: the last checkpoint, {last_path}, is intact"
         if last_path.is_file()
-        else "no checkpoint of this run was written yet"
+        else "start the run again: no checkpoint of it was written yet"
     )
     for path in (epoch_path, last_path):
         with atomic_path(path) as tmp:
@@ -63,7 +63,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
                     torch.save(payload, handle)
             except (OSError, RuntimeError) as error:  # torch reports some failed writes as a RuntimeError
                 problem = f"could not write the checkpoint: {describe_write_failure(error, directory)}"
-                raise CryoflexOutputError(path, problem, f"free space there, then run again; {kept}") from error
+                raise CryoflexOutputError(path, problem, f"free space there, then {then}") from error
     return epoch_path
 
 
