@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cryoflex.geometry.rotations import uniform_random_rotations
+from cryoflex.geometry.superposition import superpose_A
 from cryoflex.imaging.ctf import ctf_rfft
 from cryoflex.imaging.projector import GaussianProjector
 from cryoflex.io.atomic import atomic_path
@@ -52,16 +53,8 @@ class SimulationConfig:
 
 def centre_ensemble(ensemble: Structure, nominal_frame: int) -> Structure:
     """Kabsch-superpose every model onto the nominal one, then put the nominal centroid at the origin (model frame)."""
-    coords = ensemble.coords_A
-    reference = coords[nominal_frame] - coords[nominal_frame].mean(axis=0)
-    aligned = np.empty_like(coords)
-    for k, model in enumerate(coords):
-        centred = model - model.mean(axis=0)
-        u, _, vt = np.linalg.svd(centred.T @ reference)
-        d = np.sign(np.linalg.det(u @ vt))
-        rotation = u @ np.diag([1.0, 1.0, d]) @ vt
-        aligned[k] = centred @ rotation
-    return ensemble.with_coords(aligned)
+    reference = ensemble.coords_A[nominal_frame] - ensemble.coords_A[nominal_frame].mean(axis=0)
+    return ensemble.with_coords(superpose_A(ensemble.coords_A, reference))
 
 
 def simulate_dataset(
