@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.imaging.batches import PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.atomic import write_text_atomic
 
 RESIDUES = (214, 2750, 13941)
@@ -41,12 +42,12 @@ def matmul_rate_flops(device: str) -> float:
     return 2 * 64 * 256 * 2048 * 256 / seconds
 
 
-def measure(projector: GaussianProjector, coords, amplitudes, rotations, repeats: int) -> tuple[float, float]:
-    """Seconds per call of the forward pass (no grad) and of forward + backward."""
+def measure(formation: ImageFormation, coords, amplitudes, poses: PoseBatch, repeats: int) -> tuple[float, float]:
+    """Seconds per call of the forward pass (no grad) and of forward + backward, without CTF."""
     with torch.no_grad():
-        forward_s = _time(lambda: projector(coords, amplitudes, rotations), repeats)
-    target = torch.randn(coords.shape[0], projector.box_size_px, projector.box_size_px, device=coords.device)
-    backward_s = _time(lambda: (projector(coords, amplitudes, rotations) * target).sum().backward(), repeats)
+        forward_s = _time(lambda: formation.images(coords, amplitudes, poses, None), repeats)
+    target = torch.randn(coords.shape[0], formation.box_size_px, formation.box_size_px, device=coords.device)
+    backward_s = _time(lambda: (formation.images(coords, amplitudes, poses, None) * target).sum().backward(), repeats)
     return forward_s, backward_s
 
 
@@ -63,13 +64,14 @@ def main() -> None:
     print("residues  box batch  fwd img/s  fwd+bwd img/s  floor img/s  x floor")
     for n in RESIDUES:
         for box in BOXES_PX:
-            projector = GaussianProjector(box, pixel_size_A=256.0 / box * 1.5, sigma_A=2.0)
+            formation = ImageFormation(box, pixel_size_A=256.0 / box * 1.5, sigma_A=2.0)
             for batch in BATCHES:
                 coords = (torch.randn(batch, n, 3, device=args.device) * 20).requires_grad_(True)
                 amplitudes = torch.ones(n, device=args.device)
                 rotations = torch.eye(3, device=args.device).expand(batch, 3, 3).contiguous()
+                poses = PoseBatch(rotations, torch.zeros(batch, 2, device=args.device))
                 repeats = 3 if n * box * batch < 5e7 else 1
-                forward_s, backward_s = measure(projector, coords, amplitudes, rotations, repeats)
+                forward_s, backward_s = measure(formation, coords, amplitudes, poses, repeats)
                 floor_s = 2 * batch * box * box * n / rate
                 row = dict(
                     residues=n,

@@ -35,15 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from _measure import AnonymousPeak, cpu_name, peak_rss_MB
-from torch.utils.data import DataLoader
 
 from cryoflex.config import load_config
+from cryoflex.data.dataset import particle_loader
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.structure import Structure, read_structure, write_structure
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.distributed import epoch_batches, resolve_device
-from cryoflex.train.loop import LossTerms, to_device, train_step
+from cryoflex.train.loop import LossTerms, train_step
 from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -217,9 +217,7 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[: WARMUP_STEPS + steps]
     if len(batches) < WARMUP_STEPS + steps or len(batches[-1]) != row.batch:
         raise RuntimeError(f"{data_dir} holds {len(dataset)} particles: too few for {WARMUP_STEPS + steps} batches")
-    loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=device.type == "cuda"
-    )
+    loader = particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -227,7 +225,7 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
     synchronise(device)
     started = time.perf_counter()
     for k, batch in enumerate(loader):
-        batch = to_device(batch, device)
+        batch = batch.to(device, non_blocking=True)
         synchronise(device)
         loaded = time.perf_counter()
         values, _ = train_step(

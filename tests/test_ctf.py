@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cryoflex.imaging.batches import CTFBatch
 from cryoflex.imaging.ctf import (
     ctf_at_frequencies,
     ctf_full_grid,
@@ -143,23 +144,25 @@ class TestCistemReference:
             # The reference grid: x = rows (fftfreq), y = columns (rfftfreq).
             x, y = np.meshgrid(np.fft.fftfreq(n, pixel), np.fft.rfftfreq(n, pixel), indexing="ij")
             voltage = _voltage_kV_for_wavelength(_cistem_wavelength_A(kv))
-            ours = ctf_at_frequencies(torch.as_tensor(x), torch.as_tensor(y), df1, df2, angle, voltage, cs, w)
+            ours = ctf_at_frequencies(
+                torch.as_tensor(x), torch.as_tensor(y), CTFBatch.from_values(df1, df2, angle, voltage, cs, w, dtype=F64)
+            )
             np.testing.assert_allclose(ours.numpy(), -expected, rtol=0.0, atol=3e-4)
 
     def test_batched_rfft_with_cistem_wavelength(self, reference: dict[str, np.ndarray]) -> None:
         """All nine sets in one batch (mixed pixel sizes) on our grid, with our angle = 90 deg - theirs."""
         df1, df2, angle, kv, cs, w, pixel = torch.as_tensor(reference["parameters"]).T
         voltage = torch.as_tensor(_voltage_kV_for_wavelength(_cistem_wavelength_A(kv.numpy())))
-        ours = ctf_rfft(128, pixel, df1, df2, 90.0 - angle, voltage, cs, w)
+        ours = ctf_rfft(128, pixel, CTFBatch.from_values(df1, df2, 90.0 - angle, voltage, cs, w))
         np.testing.assert_allclose(ours.numpy(), -reference["ctf"], rtol=0.0, atol=3e-4)
         # The same angle without the transposition is far off for the astigmatic sets: the check has teeth.
-        wrong = ctf_rfft(128, pixel, df1, df2, angle, voltage, cs, w)
+        wrong = ctf_rfft(128, pixel, CTFBatch.from_values(df1, df2, angle, voltage, cs, w))
         assert np.abs(wrong.numpy()[3] + reference["ctf"][3]).max() > 1.0
 
     def test_batched_rfft_with_relion_wavelength(self, reference: dict[str, np.ndarray]) -> None:
         """With our own wavelength the 3.3e-5 relative difference moves values by up to ~2e-2 near Nyquist."""
         df1, df2, angle, kv, cs, w, pixel = torch.as_tensor(reference["parameters"]).T
-        ours = ctf_rfft(128, pixel, df1, df2, 90.0 - angle, kv, cs, w).numpy()
+        ours = ctf_rfft(128, pixel, CTFBatch.from_values(df1, df2, 90.0 - angle, kv, cs, w)).numpy()
         difference = np.abs(ours + reference["ctf"])
         assert difference.max() < 2.5e-2
         s = np.hypot(*_numpy_rfft_grid(128, 1.0))[None] / reference["parameters"][:, 6, None, None]
@@ -173,7 +176,7 @@ class TestCryodrgnFormula:
         rng = np.random.default_rng(0)
         params = _random_parameters(rng, 6)
         n, pixel = 64, 1.3
-        ours = ctf_rfft(n, pixel, **_torch_parameters(params, F64))
+        ours = ctf_rfft(n, pixel, CTFBatch.from_values(**_torch_parameters(params, F64)))
         assert ours.dtype == F64 and ours.shape == (6, n, n // 2 + 1)
         expected = -_cryodrgn_from_parameters(*_numpy_rfft_grid(n, pixel), params)
         np.testing.assert_allclose(ours.numpy(), expected, rtol=0.0, atol=1e-10)
@@ -183,7 +186,7 @@ class TestCryodrgnFormula:
         rng = np.random.default_rng(1)
         params = _random_parameters(rng, 6)
         n, pixel = 128, 1.0
-        ours = ctf_rfft(n, pixel, **_torch_parameters(params, torch.float32))
+        ours = ctf_rfft(n, pixel, CTFBatch.from_values(**_torch_parameters(params, torch.float32)))
         assert ours.dtype == torch.float32
         kx, ky = _numpy_rfft_grid(n, pixel)
         expected = -_cryodrgn_from_parameters(kx, ky, params)
@@ -198,7 +201,7 @@ class TestCryodrgnFormula:
         rng = np.random.default_rng(2)
         params = _random_parameters(rng, 3)
         n, pixel = 33, 2.1  # odd box: the centre is still (N//2, N//2)
-        ours = ctf_full_grid(n, pixel, **_torch_parameters(params, F64))
+        ours = ctf_full_grid(n, pixel, CTFBatch.from_values(**_torch_parameters(params, F64)))
         assert ours.shape == (3, n, n)
         k = np.fft.fftshift(np.fft.fftfreq(n, pixel))
         kx, ky = np.meshgrid(k, k, indexing="xy")
@@ -216,7 +219,8 @@ def _default_ctf(**overrides: float | torch.Tensor) -> torch.Tensor:
         "defocus_angle_deg": 25.0, "voltage_kV": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1,
     }  # fmt: skip
     params.update(overrides)
-    return ctf_rfft(64, **params)
+    pixel_size_A = params.pop("pixel_size_A")
+    return ctf_rfft(64, pixel_size_A, CTFBatch.from_values(**params))
 
 
 def test_phase_shift_90_without_amplitude_contrast_gives_cosine() -> None:
@@ -237,7 +241,7 @@ def test_bfactor_envelope_and_scale() -> None:
     kx, ky = rfft_frequencies_A(64, 1.5, dtype=F64)
     envelope = torch.exp(-80.0 * (kx.square() + ky.square()) / 4.0)
     torch.testing.assert_close(damped, plain * envelope * 2.5, rtol=1e-12, atol=1e-15)
-    # Python float B-factor 0 (skipped) and tensor 0 (applied) agree; at Nyquist the envelope is tiny, not 1.
+    # Python float and tensor B-factor 0 agree exactly; at Nyquist the envelope is tiny, not 1.
     torch.testing.assert_close(_default_ctf(bfactor_A2=torch.zeros(1, dtype=F64)), plain, rtol=0.0, atol=0.0)
     assert float(envelope[0, 32]) == pytest.approx(math.exp(-80.0 / (4.0 * 3.0**2)), rel=1e-12)
 
@@ -255,19 +259,21 @@ def test_mixed_pixel_sizes_in_one_batch_equal_separate_calls() -> None:
     rng = np.random.default_rng(3)
     params = _torch_parameters(_random_parameters(rng, 4), F64)
     pixel_sizes = torch.tensor([0.8, 1.0, 1.7, 3.2], dtype=F64)
-    batched = ctf_rfft(48, pixel_sizes, **params)
+    batched = ctf_rfft(48, pixel_sizes, CTFBatch.from_values(**params))
     for i in range(4):
         one = {key: value[i : i + 1] for key, value in params.items()}
-        single = ctf_rfft(48, float(pixel_sizes[i]), **one)
+        single = ctf_rfft(48, float(pixel_sizes[i]), CTFBatch.from_values(**one))
         torch.testing.assert_close(batched[i : i + 1], single, rtol=0.0, atol=1e-12)
 
 
 def test_dtypes_shapes_and_python_floats() -> None:
-    floats = ctf_rfft(16, 1.0, 10000.0, 9000.0, 10.0, 300.0, 2.7, 0.1)
+    floats = ctf_rfft(16, 1.0, CTFBatch.from_values(10000.0, 9000.0, 10.0, 300.0, 2.7, 0.1))
     assert floats.shape == (16, 9) and floats.dtype == torch.get_default_dtype()
-    f32 = ctf_rfft(16, 1.0, torch.tensor([10000.0, 20000.0]), 9000.0, 10.0, 300.0, 2.7, 0.1)
+    f32 = ctf_rfft(16, 1.0, CTFBatch.from_values(torch.tensor([10000.0, 20000.0]), 9000.0, 10.0, 300.0, 2.7, 0.1))
     assert f32.shape == (2, 16, 9) and f32.dtype == torch.float32
-    f64 = ctf_rfft(16, 1.0, torch.tensor([10000.0, 20000.0], dtype=F64), 9000.0, 10.0, 300.0, 2.7, 0.1)
+    f64 = ctf_rfft(
+        16, 1.0, CTFBatch.from_values(torch.tensor([10000.0, 20000.0], dtype=F64), 9000.0, 10.0, 300.0, 2.7, 0.1)
+    )
     assert f64.dtype == F64
     torch.testing.assert_close(f32, f64.float(), rtol=0.0, atol=2e-4)  # |chi| <= 310 rad: float32 rounding
     torch.testing.assert_close(floats, f32[:1].squeeze(0), rtol=0.0, atol=0.0)
@@ -275,17 +281,19 @@ def test_dtypes_shapes_and_python_floats() -> None:
 
 def test_gradient_wrt_defocus_is_finite_and_correct() -> None:
     defocus = torch.tensor([12000.0, 25000.0], dtype=F64, requires_grad=True)
-    ctf = ctf_rfft(16, 1.2, defocus, defocus.detach() - 500.0, 30.0, 300.0, 2.7, 0.07)
+    ctf = ctf_rfft(16, 1.2, CTFBatch.from_values(defocus, defocus.detach() - 500.0, 30.0, 300.0, 2.7, 0.07))
     (grad,) = torch.autograd.grad(ctf.square().sum(), defocus)
     assert torch.isfinite(grad).all() and (grad != 0).all()
     torch.autograd.gradcheck(
-        lambda df: ctf_rfft(8, 1.2, df, 11000.0, 30.0, 300.0, 2.7, 0.07, bfactor_A2=50.0), (defocus,)
+        lambda df: ctf_rfft(8, 1.2, CTFBatch.from_values(df, 11000.0, 30.0, 300.0, 2.7, 0.07, bfactor_A2=50.0)),
+        (defocus,),
     )
 
 
 def test_grid_cached_under_inference_mode_still_supports_autograd() -> None:
     with torch.inference_mode():
-        ctf_rfft(23, 1.0, torch.tensor([10000.0]), 9000.0, 10.0, 300.0, 2.7, 0.1)  # first use of N = 23
+        first_use_of_23 = CTFBatch.from_values(torch.tensor([10000.0]), 9000.0, 10.0, 300.0, 2.7, 0.1)
+        ctf_rfft(23, 1.0, first_use_of_23)
     defocus = torch.tensor([10000.0], requires_grad=True)
-    ctf_rfft(23, 1.0, defocus, 9000.0, 10.0, 300.0, 2.7, 0.1).sum().backward()
+    ctf_rfft(23, 1.0, CTFBatch.from_values(defocus, 9000.0, 10.0, 300.0, 2.7, 0.1)).sum().backward()
     assert defocus.grad is not None and torch.isfinite(defocus.grad).all()

@@ -4,7 +4,7 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import mrcfile
 import numpy as np
@@ -13,16 +13,31 @@ import starfile
 import torch
 
 import cryoflex.data.dataset as dataset_module
-from cryoflex.data.dataset import CTF_FIELDS, ImageNormalisation, ParticleDataset, estimate_normalisation
+from cryoflex.data.batch import ParticleBatch
+from cryoflex.data.dataset import ImageNormalisation, ParticleDataset, estimate_normalisation, particle_loader
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.metadata import read_metadata
+from cryoflex.io.metadata import CTFParameters, read_metadata
 from cryoflex.io.particles import open_particle_images, write_stack
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 
 N_IMAGES, BOX_PX, PIXEL_A = 40, 32, 2.5
 UNIT = ImageNormalisation(mean=0.0, std=1.0)
+CTF_FIELDS = tuple(f.name for f in fields(CTFParameters))
+
+
+def _as_dict(batch: ParticleBatch) -> dict[str, torch.Tensor]:
+    """A batch as per-field tensors (the CTF stacked in CTFParameters' field order), for the checks below."""
+    ctf = torch.stack([getattr(batch.ctf, name) for name in CTF_FIELDS], dim=1)
+    poses = batch.poses
+    return {"index": batch.indices, "image": batch.images, "rotation": poses.rotations, "shifts_A": poses.shifts_A,
+            "ctf": ctf}  # fmt: skip
+
+
+def _item(dataset: ParticleDataset, i: int) -> dict[str, torch.Tensor]:
+    """Particle i's fields, from dataset[i] (a batch of one)."""
+    return {key: value[0] for key, value in _as_dict(dataset[i]).items()}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +86,7 @@ def test_items_hold_downsampled_image_pose_and_ctf(simulated):
     assert dataset.original_pixel_size_A == pytest.approx(PIXEL_A)
     expected = (_downsampled(metadata, 16) - 0.5) / 2.0
     for i in (0, 17, N_IMAGES - 1):
-        item = dataset[i]
+        item = _item(dataset, i)
         assert item["index"].dtype == torch.int64 and item["index"].item() == i
         assert item["image"].dtype == torch.float32 and item["image"].shape == (16, 16)
         _assert_close_float32(item["image"].numpy(), expected[i])
@@ -83,20 +98,20 @@ def test_items_hold_downsampled_image_pose_and_ctf(simulated):
         # Column order spelled out: voltage, Cs, amplitude contrast, phase shift, B-factor, scale.
         np.testing.assert_allclose(ctf[3:], [300.0, 2.7, 0.1, 0.0, 0.0, 1.0], rtol=1e-6)
         assert 10000.0 <= ctf[0] <= 25000.0 and ctf[1] <= ctf[0]
-    assert dataset[-1]["index"].item() == N_IMAGES - 1
+    assert _item(dataset, -1)["index"].item() == N_IMAGES - 1
     with pytest.raises(IndexError):
         dataset[N_IMAGES]
 
 
 def test_estimated_normalisation_standardises_pixels(simulated):
     dataset = ParticleDataset(read_metadata(simulated), box_size_px=16)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).double()
+    images = torch.stack([_item(dataset, i)["image"] for i in range(len(dataset))]).double()
     assert abs(images.mean().item()) < 1e-5
     assert images.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
     inverted = ParticleDataset(
         read_metadata(simulated), box_size_px=16, invert_contrast=True, normalisation=dataset.normalisation
     )
-    np.testing.assert_array_equal(inverted[3]["image"].numpy(), -dataset[3]["image"].numpy())
+    np.testing.assert_array_equal(_item(inverted, 3)["image"].numpy(), -_item(dataset, 3)["image"].numpy())
 
 
 def test_real_images_are_resolved_through_image_names(data_dir):
@@ -109,7 +124,7 @@ def test_real_images_are_resolved_through_image_names(data_dir):
     assert dataset.normalisation.std == pytest.approx(raw.std(), rel=1e-6)
     for i in range(3):
         expected = (raw[i] - raw.mean()) / raw.std()
-        np.testing.assert_allclose(dataset[i]["image"].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(_item(dataset, i)["image"].numpy(), expected, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:.*:RuntimeWarning:mrcfile")  # relion31.mrcs has a zeroed MAP tag
@@ -122,7 +137,7 @@ def test_reordered_metadata_keeps_image_and_pose_together(data_dir):
     expected = fourier_crop(torch.from_numpy(raw), 64).numpy()
     assert dataset.pixel_size_A == pytest.approx(2.806 * 4)
     for position, original in enumerate(order):
-        item = dataset[position]
+        item = _item(dataset, position)
         assert item["index"].item() == position
         np.testing.assert_allclose(item["image"].numpy(), expected[original], atol=1e-5)
         np.testing.assert_allclose(item["rotation"].numpy(), metadata.rotations[original], atol=1e-7)
@@ -227,7 +242,7 @@ def test_cache_is_built_once_and_matches_direct_reading(simulated_copy, tmp_path
     assert sidecar["n_images"] == N_IMAGES and sidecar["box_size_px"] == 16
     assert sidecar["original_box_size_px"] == BOX_PX and sidecar["source_path"] == str(simulated_copy.resolve())
     for i in (0, 21, N_IMAGES - 1):
-        _assert_close_float32(cached[i]["image"].numpy(), direct[i]["image"].numpy())
+        _assert_close_float32(_item(cached, i)["image"].numpy(), _item(direct, i)["image"].numpy())
     assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
     def no_rebuild(*args, **kwargs):
@@ -244,7 +259,7 @@ def test_cache_is_built_once_and_matches_direct_reading(simulated_copy, tmp_path
     monkeypatch.setattr(dataset_module, "_write_cache", lambda *a: builds.append(a[2]) or real_write(*a))
     reversed_order = metadata.subset(np.arange(N_IMAGES)[::-1])
     flipped = ParticleDataset(reversed_order, box_size_px=16, cache_dir=cache_dir, normalisation=UNIT)
-    _assert_close_float32(flipped[0]["image"].numpy(), direct[N_IMAGES - 1]["image"].numpy())
+    _assert_close_float32(_item(flipped, 0)["image"].numpy(), _item(direct, N_IMAGES - 1)["image"].numpy())
     stat = simulated_copy.stat()
     os.utime(simulated_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     ParticleDataset(read_metadata(simulated_copy), box_size_px=16, cache_dir=cache_dir, normalisation=UNIT)
@@ -256,29 +271,31 @@ def test_cache_is_built_once_and_matches_direct_reading(simulated_copy, tmp_path
 def test_corrupt_cache_is_rebuilt(simulated_copy, tmp_path, capsys):
     metadata = read_metadata(simulated_copy)
     first = ParticleDataset(metadata, box_size_px=16, cache_dir=tmp_path, normalisation=UNIT)
-    expected = first[5]["image"].numpy()
+    expected = _item(first, 5)["image"].numpy()
     assert "cache images" not in capsys.readouterr().err
     first.cache_path.write_bytes(b"truncated")
     second = ParticleDataset(metadata, box_size_px=16, cache_dir=tmp_path, normalisation=UNIT, progress=True)
     assert f"{N_IMAGES}/{N_IMAGES}" in capsys.readouterr().err
-    np.testing.assert_array_equal(second[5]["image"].numpy(), expected)
+    np.testing.assert_array_equal(_item(second, 5)["image"].numpy(), expected)
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_dataloader_workers_and_default_collate(simulated, tmp_path, use_cache):
+def test_dataloader_workers_yield_whole_batches(simulated, tmp_path, use_cache):
     dataset = ParticleDataset(
         read_metadata(simulated), box_size_px=16, cache_dir=tmp_path if use_cache else None
     )
     dataset[0]  # opens the memmap / stack in this process: pickling must still work
     clone = pickle.loads(pickle.dumps(dataset))
-    np.testing.assert_array_equal(clone[7]["image"].numpy(), dataset[7]["image"].numpy())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2, shuffle=False)
-    batches = list(loader)
+    np.testing.assert_array_equal(_item(clone, 7)["image"].numpy(), _item(dataset, 7)["image"].numpy())
+    in_order = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), 16, drop_last=False)
+    loaded = list(particle_loader(dataset, in_order, num_workers=2))
+    assert all(isinstance(b, ParticleBatch) for b in loaded)
+    batches = [_as_dict(b) for b in loaded]
     assert [b["index"].shape[0] for b in batches] == [16, 16, 8]
     batch = batches[1]
     assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == list(range(16, 32))
     assert batch["image"].shape == (16, 16, 16) and batch["rotation"].shape == (16, 3, 3)
     assert batch["shifts_A"].shape == (16, 2) and batch["ctf"].shape == (16, 9)
     # batched and single-image float32 FFTs differ in the last bits (no cache: cropping happens per read)
-    np.testing.assert_allclose(batch["image"][4].numpy(), dataset[20]["image"].numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(batch["ctf"][4].numpy(), dataset[20]["ctf"].numpy())
+    np.testing.assert_allclose(batch["image"][4].numpy(), _item(dataset, 20)["image"].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(batch["ctf"][4].numpy(), _item(dataset, 20)["ctf"].numpy())

@@ -9,14 +9,22 @@ import pytest
 import torch
 
 from cryoflex.geometry.rotations import relion_euler_to_matrix, uniform_random_rotations
+from cryoflex.imaging.batches import PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.imaging.projector import (
-    GaussianProjector,
     fourier_shift_images,
     pixel_coordinates_A,
     project_gaussians,
 )
 
 F64 = torch.float64
+
+
+def _poses(rotations: torch.Tensor, shifts_A: torch.Tensor | None = None) -> PoseBatch:
+    """Poses with these rotations and shifts (default: none)."""
+    if shifts_A is None:
+        shifts_A = torch.zeros(len(rotations), 2, dtype=rotations.dtype)
+    return PoseBatch(rotations, shifts_A)
 
 
 def _molecule(rng: np.random.Generator, n: int, spread_A: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +104,15 @@ def test_class_matches_function_and_float32_is_accurate() -> None:
     coords, amplitudes = _molecule(rng, 9, 7.0)
     rotations = torch.as_tensor(uniform_random_rotations(4, rng), dtype=F64)
     shifts = torch.as_tensor(rng.uniform(-3, 3, size=(4, 2)), dtype=F64)
-    projector = GaussianProjector(24, 1.4, sigma_A=2.5)
+    formation = ImageFormation(24, 1.4, sigma_A=2.5)
     expected = project_gaussians(
         coords, amplitudes, rotations, box_size_px=24, pixel_size_A=1.4, sigma_A=2.5, shifts_A=shifts
     )
-    torch.testing.assert_close(projector(coords, amplitudes, rotations, shifts_A=shifts), expected)
-    single = projector(coords.float(), amplitudes.float(), rotations.float(), shifts_A=shifts.float())
+    torch.testing.assert_close(formation.images(coords, amplitudes, _poses(rotations, shifts), None), expected)
+    single = formation.images(coords.float(), amplitudes.float(), _poses(rotations.float(), shifts.float()), None)
     assert single.dtype == torch.float32
     assert (single.double() - expected).abs().max() < 1e-5 * expected.abs().max()
-    assert projector.pixel_grid_A(torch.device("cpu"), torch.float32).dtype == torch.float32
+    assert formation.pixel_grid_A(torch.device("cpu"), torch.float32).dtype == torch.float32
 
 
 def test_rejects_bad_shapes() -> None:
@@ -157,7 +165,7 @@ def test_euler_convention_matches_cistem_projections(data_dir) -> None:
     k, i, j = np.nonzero(volume > 1e-4 * volume.max())
     coords = torch.as_tensor(np.stack([j, i, k], axis=-1) - box // 2, dtype=F64) * voxel
     amplitudes = torch.as_tensor(volume[k, i, j], dtype=F64)
-    projector = GaussianProjector(box, voxel, sigma_A=0.5 * voxel)
+    formation = ImageFormation(box, voxel, sigma_A=0.5 * voxel)
     phi, theta, psi = angles.T
     conventions = {
         "relion": relion_euler_to_matrix(phi, theta, psi),
@@ -166,7 +174,7 @@ def test_euler_convention_matches_cistem_projections(data_dir) -> None:
     }
     correlations, lowpass_correlations = {}, {}
     for name, matrices in conventions.items():
-        images = projector(coords, amplitudes, torch.as_tensor(matrices)).numpy()
+        images = formation.images(coords, amplitudes, _poses(torch.as_tensor(matrices)), None).numpy()
         correlations[name] = _pearson(images, cistem)
         lowpass_correlations[name] = _pearson(_lowpass(images, 0.25), _lowpass(cistem, 0.25))
     assert correlations["relion"].min() > 0.985
@@ -188,9 +196,9 @@ def test_origin_shift_is_undone_by_fourier_shift_by_plus_origin() -> None:
     coords, amplitudes = _molecule(rng, 10, 6.0)
     rotations = torch.as_tensor(uniform_random_rotations(3, rng), dtype=F64)
     origins = torch.tensor([[3.3, -5.7], [-2.45, 1.1], [6.05, 4.4]], dtype=F64)
-    projector = GaussianProjector(48, 1.0, sigma_A=2.0)
-    centred = projector(coords, amplitudes, rotations)
-    observed = projector(coords, amplitudes, rotations, shifts_A=origins)
+    formation = ImageFormation(48, 1.0, sigma_A=2.0)
+    centred = formation.images(coords, amplitudes, _poses(rotations), None)
+    observed = formation.images(coords, amplitudes, _poses(rotations, origins), None)
     assert (observed - centred).abs().max() > 0.1 * centred.abs().max()
     recentred = fourier_shift_images(observed, origins, 1.0)
     assert (recentred - centred).abs().max() < 1e-6 * centred.abs().max()
@@ -248,7 +256,11 @@ def test_ctf_is_a_convolution_about_the_box_centre(box: int) -> None:
     coords, amplitudes = _molecule(rng, 8, 8.0)
     rotations = torch.as_tensor(uniform_random_rotations(2, rng), dtype=F64)
     apix = 1.5
-    projector = GaussianProjector(box, apix, sigma_A=2.0)
+
+    def projector(coords, amplitudes, rotations, ctf=None):
+        options = dict(box_size_px=box, pixel_size_A=apix, sigma_A=2.0)
+        return project_gaussians(coords, amplitudes, rotations, ctf=ctf, **options)
+
     clean = projector(coords, amplitudes, rotations)
     ones = torch.ones(2, box, box // 2 + 1, dtype=F64)
     torch.testing.assert_close(projector(coords, amplitudes, rotations, ctf=ones), clean, rtol=0, atol=1e-12)

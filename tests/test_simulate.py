@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from cryoflex.imaging.ctf import ctf_rfft
-from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.metadata import read_metadata
 from cryoflex.io.particles import ParticleStack, open_particle_images
 from cryoflex.io.trajectory import read_trajectory
@@ -41,9 +41,7 @@ def test_round_trip_rerenders_clean_images(data_dir, tmp_path):
     clean_dir_stack = [p.replace("stacks/", "clean/") for p in metadata.image_paths]
     clean = ParticleStack(clean_dir_stack, metadata.image_indices, base_dir=star.parent)
     ctf = metadata.ctf
-    ctf_grid = ctf_rfft(
-        48,
-        2.5,
+    ctf_batch = CTFBatch.from_values(
         tensor(ctf.defocus_u_A),
         tensor(ctf.defocus_v_A),
         tensor(ctf.defocus_angle_deg),
@@ -52,12 +50,11 @@ def test_round_trip_rerenders_clean_images(data_dir, tmp_path):
         tensor(ctf.amplitude_contrast),
     )
     coords = tensor(truth["conformations_A"])[truth["conformation_index"]]
-    rerendered = GaussianProjector(48, 2.5, 2.0)(
+    rerendered = ImageFormation(48, 2.5, 2.0).images(
         coords,
         tensor(truth["amplitudes_e"]),
-        tensor(metadata.rotations),
-        shifts_A=tensor(metadata.shifts_A),
-        ctf=ctf_grid,
+        PoseBatch(tensor(metadata.rotations), tensor(metadata.shifts_A)),
+        ctf_batch,
     ).numpy()
     written = clean[np.arange(24)]
     scale = np.abs(written).max()

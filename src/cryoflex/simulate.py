@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from cryoflex.geometry.rotations import uniform_random_rotations
-from cryoflex.imaging.ctf import ctf_rfft
-from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.geometry.superposition import superpose_A
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.atomic import atomic_path
 from cryoflex.io.metadata import CTFParameters, ParticleMetadata, write_relion_star
 from cryoflex.io.particles import StackWriter
@@ -52,16 +53,8 @@ class SimulationConfig:
 
 def centre_ensemble(ensemble: Structure, nominal_frame: int) -> Structure:
     """Kabsch-superpose every model onto the nominal one, then put the nominal centroid at the origin (model frame)."""
-    coords = ensemble.coords_A
-    reference = coords[nominal_frame] - coords[nominal_frame].mean(axis=0)
-    aligned = np.empty_like(coords)
-    for k, model in enumerate(coords):
-        centred = model - model.mean(axis=0)
-        u, _, vt = np.linalg.svd(centred.T @ reference)
-        d = np.sign(np.linalg.det(u @ vt))
-        rotation = u @ np.diag([1.0, 1.0, d]) @ vt
-        aligned[k] = centred @ rotation
-    return ensemble.with_coords(aligned)
+    reference = ensemble.coords_A[nominal_frame] - ensemble.coords_A[nominal_frame].mean(axis=0)
+    return ensemble.with_coords(superpose_A(ensemble.coords_A, reference))
 
 
 def simulate_dataset(
@@ -84,29 +77,28 @@ def simulate_dataset(
     defocus_u_A = rng.uniform(config.defocus_min_A, config.defocus_max_A, size=n)
     defocus_v_A = defocus_u_A - rng.uniform(0.0, config.astigmatism_max_A, size=n)
     defocus_angle_deg = rng.uniform(0.0, 180.0, size=n)
+    ctf = CTFParameters(
+        defocus_u_A=defocus_u_A,
+        defocus_v_A=defocus_v_A,
+        defocus_angle_deg=defocus_angle_deg,
+        voltage_kV=np.full(n, config.voltage_kV),
+        cs_mm=np.full(n, config.cs_mm),
+        amplitude_contrast=np.full(n, config.amplitude_contrast),
+        phase_shift_deg=np.zeros(n),
+        bfactor_A2=np.zeros(n),
+        scale=np.ones(n),
+    )
 
-    projector = GaussianProjector(config.box_size_px, config.pixel_size_A, config.sigma_A)
+    formation = ImageFormation(config.box_size_px, config.pixel_size_A, config.sigma_A)
     coords = torch.as_tensor(ensemble.coords_A, dtype=torch.float32)
     amplitudes = torch.as_tensor(ensemble.amplitudes_e, dtype=torch.float32)
+    poses = PoseBatch(torch.as_tensor(rotations, dtype=torch.float32), torch.as_tensor(shifts_A, dtype=torch.float32))
+    ctf_batch = CTFBatch.from_record(ctf, dtype=torch.float32)
 
     def clean_images(start: int, stop: int) -> np.ndarray:
-        ctf = ctf_rfft(
-            config.box_size_px,
-            config.pixel_size_A,
-            torch.as_tensor(defocus_u_A[start:stop], dtype=torch.float32),
-            torch.as_tensor(defocus_v_A[start:stop], dtype=torch.float32),
-            torch.as_tensor(defocus_angle_deg[start:stop], dtype=torch.float32),
-            config.voltage_kV,
-            config.cs_mm,
-            config.amplitude_contrast,
-        )
         with torch.no_grad():
-            images = projector(
-                coords[conformation[start:stop]],
-                amplitudes,
-                torch.as_tensor(rotations[start:stop], dtype=torch.float32),
-                shifts_A=torch.as_tensor(shifts_A[start:stop], dtype=torch.float32),
-                ctf=ctf,
+            images = formation.images(
+                coords[conformation[start:stop]], amplitudes, poses[start:stop], ctf_batch[start:stop]
             )
         return images.numpy()
 
@@ -153,17 +145,7 @@ def simulate_dataset(
         optics_group=np.ones(n, int),
         rotations=rotations,
         shifts_A=shifts_A,
-        ctf=CTFParameters(
-            defocus_u_A=defocus_u_A,
-            defocus_v_A=defocus_v_A,
-            defocus_angle_deg=defocus_angle_deg,
-            voltage_kV=np.full(n, config.voltage_kV),
-            cs_mm=np.full(n, config.cs_mm),
-            amplitude_contrast=np.full(n, config.amplitude_contrast),
-            phase_shift_deg=np.zeros(n),
-            bfactor_A2=np.zeros(n),
-            scale=np.ones(n),
-        ),
+        ctf=ctf,
         image_paths=np.array(image_paths),
         image_indices=np.array(image_indices),
         particles_table=None,

@@ -25,10 +25,9 @@ def segment_colour(segment_id: int) -> str:
 def particle_images_figure(run: TrainedRun, path: Path, n_images: int = 6) -> Path:
     """The first particles (normalised, as the model sees them) above the model's predicted images at their poses."""
     count = min(n_images, len(run.dataset))
-    items = run.dataset.__getitems__(list(range(count)))
-    batch = {key: torch.stack([item[key] for item in items]).to(run.device) for key in items[0]}
+    batch = run.dataset.__getitems__(list(range(count))).to(run.device)
     predicted = run.model(batch).predicted_images.float().cpu().numpy()
-    observed = batch["image"].float().cpu().numpy()
+    observed = batch.images.float().cpu().numpy()
     figure = new_figure(1.6 * count, 3.4)
     for k in range(count):
         for row, (images, label) in enumerate(((observed, "particle"), (predicted, "prediction"))):

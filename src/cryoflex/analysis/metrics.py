@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryoflex.geometry.superposition import superpose_A
+
 
 def rmsd_A(predicted_A: np.ndarray, truth_A: np.ndarray) -> np.ndarray:
     """Direct C-alpha RMSD (no superposition) per structure: (k, n, 3) x (k, n, 3) -> (k,)."""
@@ -12,13 +14,7 @@ def rmsd_A(predicted_A: np.ndarray, truth_A: np.ndarray) -> np.ndarray:
 
 def superposed_rmsd_A(predicted_A: np.ndarray, truth_A: np.ndarray) -> np.ndarray:
     """C-alpha RMSD per structure after optimal rigid superposition (Kabsch): (k, n, 3) x (k, n, 3) -> (k,)."""
-    p = predicted_A - predicted_A.mean(1, keepdims=True)
-    t = truth_A - truth_A.mean(1, keepdims=True)
-    u, singular, vt = np.linalg.svd(np.einsum("kni,knj->kij", p, t))
-    sign = np.sign(np.linalg.det(np.einsum("kij,kjl->kil", u, vt)))
-    singular[:, -1] *= sign
-    squared = (np.square(p).sum((1, 2)) + np.square(t).sum((1, 2)) - 2 * singular.sum(1)) / p.shape[1]
-    return np.sqrt(np.clip(squared, 0.0, None))
+    return rmsd_A(superpose_A(predicted_A, truth_A), truth_A)
 
 
 def centroid_distance_A(coords_A: np.ndarray, group_a: np.ndarray, group_b: np.ndarray) -> np.ndarray:

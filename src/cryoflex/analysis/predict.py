@@ -10,25 +10,29 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, SequentialSampler
 
+from cryoflex.data.batch import ParticleBatch
+from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.model.cryosphere import CryoSphere
 
 
-def _batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def _batches(dataset: ParticleDataset, batch_size: int, num_workers: int) -> Iterator[ParticleBatch]:
+    """The dataset in order, in batches of at most batch_size particles."""
+    chunks = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+    yield from particle_loader(dataset, chunks, num_workers=num_workers)
 
 
 @torch.no_grad()
 def latent_means(
-    model: CryoSphere, dataset: Dataset, *, batch_size: int = 256, num_workers: int = 0
+    model: CryoSphere, dataset: ParticleDataset, *, batch_size: int = 256, num_workers: int = 0
 ) -> np.ndarray:
     """(n_particles, L) float32 means of q(z | image), in dataset order."""
     model.eval()
     device = model.nominal_coords_A.device
     out = []
     for batch in _batches(dataset, batch_size, num_workers):
-        mean, _ = model.encoder(batch["image"].to(device))
+        mean, _ = model.encoder(batch.images.to(device))
         out.append(mean.float().cpu().numpy())
     return np.concatenate(out)
 

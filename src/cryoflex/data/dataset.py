@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.downsample import check_box_out, downsampled_pixel_size_A, fourier_crop
 from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.io.atomic import atomic_path, write_text_atomic
-from cryoflex.io.metadata import CTFParameters, ParticleMetadata
+from cryoflex.io.metadata import ParticleMetadata
 from cryoflex.io.particles import ParticleStack, open_particle_images
 
-# The 9 CTF numbers of an item, in CTFParameters' field order, which is also ctf_rfft's argument order.
-CTF_FIELDS = tuple(f.name for f in fields(CTFParameters))
 CACHE_FORMAT_VERSION = 1
 CHUNK_IMAGES = 256
 PIXEL_SIZE_RTOL = 1e-4
@@ -152,7 +152,7 @@ def _image_refs_digest(metadata: ParticleMetadata) -> str:
 
 
 class ParticleDataset(torch.utils.data.Dataset):
-    """Item i: the i-th particle of the metadata as {"index", "image" (D, D), "rotation", "shifts_A", "ctf"}.
+    """Particles of the metadata as whole batches: dataset[indices] -> one ParticleBatch (dataset[i]: a batch of one).
 
     Images are downsampled to box_size_px (None: original box), normalised (image - mean) / std and negated when
     invert_contrast. Pixel size after downsampling: original * N / D; shifts stay in A.
@@ -182,9 +182,9 @@ class ParticleDataset(torch.utils.data.Dataset):
                 metadata.source_path, str(err), fix="choose another box size", field="box_size_px"
             ) from err
         self._invert_contrast = invert_contrast
-        self._rotations = metadata.rotations.astype(np.float32)
-        self._shifts_A = metadata.shifts_A.astype(np.float32)
-        self._ctf = np.stack([getattr(metadata.ctf, name) for name in CTF_FIELDS], axis=1).astype(np.float32)
+        rotations, shifts_A = metadata.rotations.astype(np.float32), metadata.shifts_A.astype(np.float32)
+        self._poses = PoseBatch(torch.from_numpy(rotations), torch.from_numpy(shifts_A))
+        self._ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
         self._stack: ParticleStack | None = stack
         self._cache_path: Path | None = None
         self._cache: np.ndarray | None = None
@@ -246,11 +246,12 @@ class ParticleDataset(torch.utils.data.Dataset):
             return self._cache
         return _DownsampledImages(self._stack, self._box_size_px)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
+    def __getitem__(self, i: int) -> ParticleBatch:
+        """Particle i as a batch of one."""
+        return self.__getitems__([i])
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Items for many indices with one read of the image store (the DataLoader calls this for a whole batch)."""
+    def __getitems__(self, indices: Sequence[int]) -> ParticleBatch:
+        """The batch of these particles with one read of the image store (the DataLoader calls this per batch)."""
         positions = np.asarray(indices, dtype=np.int64)
         if positions.size and not (-self.n <= positions.min() and positions.max() < self.n):
             raise IndexError(f"particle index out of range for {self.n} particles")
@@ -260,16 +261,8 @@ class ParticleDataset(torch.utils.data.Dataset):
         images[order] = self._images()[positions[order]]
         scale = (-1.0 if self._invert_contrast else 1.0) / self._normalisation.std
         images = torch.from_numpy((images - self._normalisation.mean) * np.float32(scale))
-        return [
-            {
-                "index": torch.tensor(index, dtype=torch.int64),
-                "image": images[k],
-                "rotation": torch.from_numpy(self._rotations[index]),
-                "shifts_A": torch.from_numpy(self._shifts_A[index]),
-                "ctf": torch.from_numpy(self._ctf[index]),
-            }
-            for k, index in enumerate(positions.tolist())
-        ]
+        rows = torch.from_numpy(positions)
+        return ParticleBatch(images, self._poses[rows], self._ctf[rows], rows)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the open memmap; each worker maps the cache itself."""
@@ -320,6 +313,20 @@ class ParticleDataset(torch.utils.data.Dataset):
         _write_cache(npy_path, self.n, self._box_size_px, images, progress)
         write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
         return npy_path
+
+
+def _whole_batch(batch: ParticleBatch) -> ParticleBatch:
+    """The DataLoader's collate step: __getitems__ already returns the whole batch."""
+    return batch
+
+
+def particle_loader(
+    dataset: ParticleDataset, batches: Iterable[Sequence[int]], *, num_workers: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding one ParticleBatch per list of indices in `batches` (read in one go, never re-stacked)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers, pin_memory=pin_memory
+    )
 
 
 def _cache_is_valid(npy_path: Path, sidecar: Path, description: dict[str, Any]) -> bool:

@@ -1,1 +1,2 @@
-"""Image formation: CTF, Gaussian projector, volumes. Pure physics, no neural networks."""
+"""Image formation: typed CTF and pose batches, the CTF, the Gaussian projector, their composition (formation) and
+volumes. Pure physics, no neural networks."""

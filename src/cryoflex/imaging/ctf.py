@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from cryoflex.imaging.batches import CTFBatch
+
 Scalar = float | torch.Tensor
 
 _RELATIVISTIC_PER_V = 0.978466e-6
@@ -102,33 +104,11 @@ def _cached_grid_terms(box_size_px: int, full: bool, dtype: torch.dtype, device:
         return _grid_terms(*make(box_size_px, dtype, device))
 
 
-def _dtype_and_device(defocus_u_A: Scalar, *others: Scalar) -> tuple[torch.dtype, torch.device]:
-    """dtype of the defocus tensor (else the default dtype); device of the first tensor given (else CPU)."""
-    dtype = torch.get_default_dtype()
-    if isinstance(defocus_u_A, torch.Tensor) and defocus_u_A.is_floating_point():
-        dtype = defocus_u_A.dtype
-    tensors = [v for v in (defocus_u_A, *others) if isinstance(v, torch.Tensor)]
-    return dtype, tensors[0].device if tensors else torch.device("cpu")
-
-
-def _ctf_on_grid(
-    terms: _GridTerms,
-    dtype: torch.dtype,
-    device: torch.device,
-    pixel_size_A: Scalar,
-    defocus_u_A: Scalar,
-    defocus_v_A: Scalar,
-    defocus_angle_deg: Scalar,
-    voltage_kV: Scalar,
-    cs_mm: Scalar,
-    amplitude_contrast: Scalar,
-    phase_shift_deg: Scalar,
-    bfactor_A2: Scalar,
-    scale: Scalar,
-) -> torch.Tensor:
-    """CTF on grid terms in cycles per pixel_size_A; parameters broadcast to shape P -> P + grid shape."""
-    values = (pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm)
-    values += (amplitude_contrast, phase_shift_deg, scale)
+def _ctf_on_grid(terms: _GridTerms, pixel_size_A: Scalar, ctf: CTFBatch) -> torch.Tensor:
+    """CTF on grid terms in cycles per pixel_size_A; parameters of shape P (broadcast with pixel_size_A) -> P + grid."""
+    dtype, device = ctf.defocus_u_A.dtype, ctf.defocus_u_A.device
+    values = (pixel_size_A, ctf.defocus_u_A, ctf.defocus_v_A, ctf.defocus_angle_deg, ctf.voltage_kV, ctf.cs_mm)
+    values += (ctf.amplitude_contrast, ctf.phase_shift_deg, ctf.scale)
     params = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=dtype, device=device) for v in values))
     apix, df_u, df_v, angle_deg, kv, cs, w, phase_deg, scale_t = (p[..., None, None] for p in params)
     wavelength = electron_wavelength_A(kv)
@@ -143,80 +123,30 @@ def _ctf_on_grid(
         - ((0.5e7 * math.pi) * cs * wavelength**3 * inv_apix2.square()) * terms.s4
         + (torch.deg2rad(phase_deg) + torch.asin(w))
     )
-    ctf = torch.sin(chi)
-    if not (isinstance(bfactor_A2, (int, float)) and bfactor_A2 == 0):
-        bfactor = torch.as_tensor(bfactor_A2, dtype=dtype, device=device)[..., None, None]
-        ctf = ctf * torch.exp((-0.25 * bfactor * inv_apix2) * terms.s2)
-    return ctf * scale_t
+    bfactor = ctf.bfactor_A2[..., None, None]
+    return torch.sin(chi) * torch.exp((-0.25 * bfactor * inv_apix2) * terms.s2) * scale_t
 
 
-def ctf_rfft(
-    box_size_px: int,
-    pixel_size_A: Scalar,
-    defocus_u_A: Scalar,
-    defocus_v_A: Scalar,
-    defocus_angle_deg: Scalar,
-    voltage_kV: Scalar,
-    cs_mm: Scalar,
-    amplitude_contrast: Scalar,
-    phase_shift_deg: Scalar = 0.0,
-    bfactor_A2: Scalar = 0.0,
-    scale: Scalar = 1.0,
-) -> torch.Tensor:
-    """CTF on the torch.fft.rfft2 grid: parameters (B,) tensors or floats -> (B, N, N//2+1).
+def ctf_rfft(box_size_px: int, pixel_size_A: Scalar, ctf: CTFBatch) -> torch.Tensor:
+    """CTF on the torch.fft.rfft2 grid: a batch of shape (B,) -> (B, N, N//2+1) (shape P -> P + grid).
 
-    dtype follows defocus_u_A (float32 or float64); device follows the tensor arguments. Parameters broadcast
-    together (all floats -> (N, N//2+1)). Differentiable in every tensor argument.
+    dtype and device follow the batch; pixel_size_A is a float or a tensor broadcasting with it. Differentiable in
+    every tensor.
     """
-    dtype, device = _dtype_and_device(defocus_u_A, pixel_size_A, voltage_kV, scale)
-    terms = _cached_grid_terms(box_size_px, False, dtype, device)
-    return _ctf_on_grid(
-        terms, dtype, device, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg,
-        voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
-    )  # fmt: skip
+    terms = _cached_grid_terms(box_size_px, False, ctf.defocus_u_A.dtype, ctf.defocus_u_A.device)
+    return _ctf_on_grid(terms, pixel_size_A, ctf)
 
 
-def ctf_full_grid(
-    box_size_px: int,
-    pixel_size_A: Scalar,
-    defocus_u_A: Scalar,
-    defocus_v_A: Scalar,
-    defocus_angle_deg: Scalar,
-    voltage_kV: Scalar,
-    cs_mm: Scalar,
-    amplitude_contrast: Scalar,
-    phase_shift_deg: Scalar = 0.0,
-    bfactor_A2: Scalar = 0.0,
-    scale: Scalar = 1.0,
-) -> torch.Tensor:
+def ctf_full_grid(box_size_px: int, pixel_size_A: Scalar, ctf: CTFBatch) -> torch.Tensor:
     """As ctf_rfft, on the fftshifted full grid (zero frequency at (N//2, N//2)), for plots: -> (B, N, N)."""
-    dtype, device = _dtype_and_device(defocus_u_A, pixel_size_A, voltage_kV, scale)
-    terms = _cached_grid_terms(box_size_px, True, dtype, device)
-    return _ctf_on_grid(
-        terms, dtype, device, pixel_size_A, defocus_u_A, defocus_v_A, defocus_angle_deg,
-        voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
-    )  # fmt: skip
+    terms = _cached_grid_terms(box_size_px, True, ctf.defocus_u_A.dtype, ctf.defocus_u_A.device)
+    return _ctf_on_grid(terms, pixel_size_A, ctf)
 
 
-def ctf_at_frequencies(
-    kx_per_A: torch.Tensor,
-    ky_per_A: torch.Tensor,
-    defocus_u_A: Scalar,
-    defocus_v_A: Scalar,
-    defocus_angle_deg: Scalar,
-    voltage_kV: Scalar,
-    cs_mm: Scalar,
-    amplitude_contrast: Scalar,
-    phase_shift_deg: Scalar = 0.0,
-    bfactor_A2: Scalar = 0.0,
-    scale: Scalar = 1.0,
-) -> torch.Tensor:
-    """CTF at arbitrary frequencies kx, ky in 1/A of 2-D shape G: parameters of shape P -> P + G.
+def ctf_at_frequencies(kx_per_A: torch.Tensor, ky_per_A: torch.Tensor, ctf: CTFBatch) -> torch.Tensor:
+    """CTF at arbitrary frequencies kx, ky in 1/A of 2-D shape G: a batch of shape P -> P + G.
 
     The astigmatism angle is measured from the kx axis towards ky (theta = atan2(ky, kx)); dtype and device
     follow kx_per_A.
     """
-    return _ctf_on_grid(
-        _grid_terms(kx_per_A, ky_per_A), kx_per_A.dtype, kx_per_A.device, 1.0, defocus_u_A, defocus_v_A,
-        defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg, bfactor_A2, scale,
-    )  # fmt: skip
+    return _ctf_on_grid(_grid_terms(kx_per_A, ky_per_A), 1.0, ctf.to(kx_per_A.device, dtype=kx_per_A.dtype))

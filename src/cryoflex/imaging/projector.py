@@ -94,7 +94,7 @@ def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft2(torch.fft.rfft2(images) * ctf, s=size)
 
 
-def _project(
+def project_on_grid(
     coords_A: torch.Tensor,
     amplitudes: torch.Tensor,
     rotations: torch.Tensor,
@@ -103,7 +103,7 @@ def _project(
     shifts_A: torch.Tensor | None,
     ctf: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Shared body of project_gaussians and GaussianProjector; grid_A is the (N,) pixel-centre grid."""
+    """project_gaussians on a given (N,) pixel-centre grid in A (ImageFormation keeps that grid built once)."""
     if rotations.ndim != 3 or rotations.shape[-2:] != (3, 3):
         raise ValueError(f"rotations must have shape (B, 3, 3), got {tuple(rotations.shape)}")
     if coords_A.shape[-1] != 3 or coords_A.ndim not in (2, 3):
@@ -140,44 +140,7 @@ def project_gaussians(
     (originX, originY) in A; ctf (B, N, N//2+1) on the torch.fft.rfft2 grid. Differentiable in all tensors.
     """
     grid_A = pixel_coordinates_A(box_size_px, pixel_size_A, device=coords_A.device, dtype=coords_A.dtype)
-    return _project(coords_A, amplitudes, rotations, grid_A, sigma_A, shifts_A, ctf)
-
-
-class GaussianProjector:
-    """project_gaussians with fixed box, pixel size and sigma; caches the pixel grid per device and dtype."""
-
-    def __init__(self, box_size_px: int, pixel_size_A: float, sigma_A: float = 2.0):
-        if box_size_px < 1 or not pixel_size_A > 0 or not sigma_A > 0:
-            raise ValueError(
-                "need box_size_px >= 1, pixel_size_A > 0, sigma_A > 0; "
-                f"got {box_size_px}, {pixel_size_A}, {sigma_A}"
-            )
-        self.box_size_px = box_size_px
-        self.pixel_size_A = pixel_size_A
-        self.sigma_A = sigma_A
-        self._grids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def pixel_grid_A(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The (N,) pixel-centre coordinates in A on `device` with `dtype`, built once."""
-        key = (device, dtype)
-        if key not in self._grids:
-            self._grids[key] = pixel_coordinates_A(
-                self.box_size_px, self.pixel_size_A, device=device, dtype=dtype
-            )
-        return self._grids[key]
-
-    def __call__(
-        self,
-        coords_A: torch.Tensor,
-        amplitudes: torch.Tensor,
-        rotations: torch.Tensor,
-        *,
-        shifts_A: torch.Tensor | None = None,
-        ctf: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Images (B, N, N); arguments as in project_gaussians."""
-        grid_A = self.pixel_grid_A(coords_A.device, coords_A.dtype)
-        return _project(coords_A, amplitudes, rotations, grid_A, self.sigma_A, shifts_A, ctf)
+    return project_on_grid(coords_A, amplitudes, rotations, grid_A, sigma_A, shifts_A, ctf)
 
 
 def fourier_shift_images(images: torch.Tensor, shifts_A: torch.Tensor, pixel_size_A: float) -> torch.Tensor:

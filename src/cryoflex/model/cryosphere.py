@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cryoflex.imaging.ctf import ctf_rfft
-from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.data.batch import ParticleBatch
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.model.deformation import deform
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import Segmentation
@@ -31,7 +32,7 @@ class ModelOutput:
 
 
 class CryoSphere(nn.Module):
-    """Nominal structure + segmentation + encoder/decoder + Gaussian projector with CTF."""
+    """Nominal structure + segmentation + encoder/decoder + the image formation (Gaussian projector with CTF)."""
 
     def __init__(
         self,
@@ -40,7 +41,7 @@ class CryoSphere(nn.Module):
         segmentation: Segmentation,
         encoder: Encoder,
         decoder: Decoder,
-        projector: GaussianProjector,
+        formation: ImageFormation,
     ):
         super().__init__()
         self.register_buffer("nominal_coords_A", nominal_coords_A.float())
@@ -48,7 +49,7 @@ class CryoSphere(nn.Module):
         self.segmentation = segmentation
         self.encoder = encoder
         self.decoder = decoder
-        self.projector = projector
+        self.formation = formation
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
         self.deformation = deform
 
@@ -68,24 +69,21 @@ class CryoSphere(nn.Module):
         coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors.float(), translations_A.float())
         return coords_A, assignment
 
-    def render(self, coords_A: torch.Tensor, rotations: torch.Tensor, shifts_A: torch.Tensor, ctf: torch.Tensor):
-        """Structures (B, n, 3) -> images (B, D, D) at the given poses, RELION origins (A) and CTF parameters (B, 9)."""
-        transfer = ctf_rfft(
-            self.projector.box_size_px, self.projector.pixel_size_A, *ctf.to(coords_A.dtype).unbind(1)
-        )
-        return self.projector(coords_A, self.amplitudes_e, rotations, shifts_A=shifts_A, ctf=transfer)
+    def render(self, coords_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
+        """Structures (B, n, 3) with this model's amplitudes -> images (B, D, D) at these poses, with this CTF."""
+        return self.formation.images(coords_A, self.amplitudes_e, poses, ctf)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+    def forward(self, batch: ParticleBatch) -> ModelOutput:
         """Training mode samples z and the segmentation; evaluation mode uses the posterior means."""
-        with self._network_precision(batch["image"].device):
-            latent_mean, latent_std = self.encoder(batch["image"])
+        with self._network_precision(batch.images.device):
+            latent_mean, latent_std = self.encoder(batch.images)
         latent_mean, latent_std = latent_mean.float(), latent_std.float()
         if self.training:
             latent = latent_mean + latent_std * torch.randn_like(latent_mean)
         else:
             latent = latent_mean
         coords_A, assignment = self.decode(latent, sample_segmentation=self.training)
-        images = self.render(coords_A, batch["rotation"].float(), batch["shifts_A"].float(), batch["ctf"])
+        images = self.render(coords_A, batch.poses, batch.ctf)
         return ModelOutput(
             predicted_images=images,
             coords_A=coords_A,

@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cryoflex.config import TrainConfig
+from cryoflex.data.batch import ParticleBatch
+from cryoflex.data.dataset import particle_loader
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
@@ -112,15 +114,11 @@ class LossTerms:
         return terms
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
 def train_step(
     engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     losses: LossTerms,
-    batch: dict[str, torch.Tensor],
+    batch: ParticleBatch,
     epoch_progress: float,
     rebuild_neighbours: bool,
 ) -> tuple[dict[str, float], ModelOutput]:
@@ -129,7 +127,7 @@ def train_step(
     A non-finite loss returns before the backward pass, so the parameters are left untouched.
     """
     output = engine(batch)
-    terms = losses(output, batch["image"], epoch_progress, rebuild_neighbours)
+    terms = losses(output, batch.images, epoch_progress, rebuild_neighbours)
     values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist(), strict=True))
     if math.isfinite(values["total"]):
         optimizer.zero_grad(set_to_none=True)
@@ -145,10 +143,10 @@ def contrast_report(model: CryoSphere, loader: DataLoader, device: torch.device)
     for k, batch in enumerate(loader):
         if k == _CONTRAST_CHECK_BATCHES:
             break
-        batch = to_device(batch, device)
-        nominal = model.nominal_coords_A.expand(len(batch["image"]), -1, -1)
-        predicted = model.render(nominal, batch["rotation"], batch["shifts_A"], batch["ctf"])
-        values.append(1.0 - correlation_loss(predicted, batch["image"]))
+        batch = batch.to(device, non_blocking=True)
+        nominal = model.nominal_coords_A.expand(len(batch), -1, -1)
+        predicted = model.render(nominal, batch.poses, batch.ctf)
+        values.append(1.0 - correlation_loss(predicted, batch.images))
     return float(torch.cat(values).mean())
 
 
@@ -255,9 +253,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
     def loader_for(epoch: int) -> DataLoader:
         """This rank's loader for `epoch` (the same batches after a resume)."""
         batches = epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
-        return DataLoader(
-            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=device.type == "cuda"
-        )
+        return particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
 
     logs = _Logs(run_dir) if context.is_main else None
     if context.is_main:
@@ -278,7 +274,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=False)
         for k, batch in enumerate(bar):
-            batch = to_device(batch, device)
+            batch = batch.to(device, non_blocking=True)
             values, output = train_step(
                 engine, optimizer, losses, batch, epoch + k / len(loader), k % config.neighbour_list_every_steps == 0
             )
@@ -301,7 +297,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, context: ProcessCon
             assert logs is not None
             logs.record("epoch", epoch + 1, step, metrics)
             if config.log_images_every_epochs and (epoch + 1) % config.log_images_every_epochs == 0:
-                logs.figures(model, output, batch["image"], step)
+                logs.figures(model, output, batch.images, step)
             save_checkpoint(run_dir, {
                 "epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "random": random_states(), "config": config.to_dict(), "metrics": metrics,

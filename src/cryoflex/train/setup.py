@@ -16,7 +16,7 @@ from cryoflex.config import TrainConfig
 from cryoflex.data.dataset import ParticleDataset
 from cryoflex.data.placement import box_centre_from_map_A, place_structure_A
 from cryoflex.errors import CryoflexInputError
-from cryoflex.imaging.projector import GaussianProjector
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
 from cryoflex.io.structure import Structure, read_structure
 from cryoflex.model.cryosphere import CryoSphere
@@ -99,7 +99,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         segmentation,
         encoder,
         decoder,
-        GaussianProjector(box_size_px, pixel_size_A, config.sigma_A),
+        ImageFormation(box_size_px, pixel_size_A, config.sigma_A),
     )
 
 

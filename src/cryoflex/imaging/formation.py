@@ -1,0 +1,61 @@
+"""The one image-formation model: structures + poses + CTF -> images, for training, simulation and checks.
+
+ImageFormation owns one image geometry (box, pixel size, Gaussian width): the pixel grid, the Gaussian projector
+(cryoflex.imaging.projector) and the CTF on the torch.fft.rfft2 grid (cryoflex.imaging.ctf). The model's render, the
+simulator's clean images, the training loop's contrast check and the figures all call images(); code that works
+in Fourier space on the same grid (e.g. back-projection for a reconstruction) takes the CTF from ctf_rfft().
+Images are noise-free; the simulator adds its noise itself.
+
+The physics runs in the structures' dtype: poses and CTF parameters are cast to it (a no-op for the float32 batches
+of the dataset).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.ctf import ctf_rfft
+from cryoflex.imaging.projector import pixel_coordinates_A, project_on_grid
+
+
+class ImageFormation:
+    """Gaussian pseudo-atoms projected along z at given poses, convolved with each particle's CTF; N x N images."""
+
+    def __init__(self, box_size_px: int, pixel_size_A: float, sigma_A: float = 2.0):
+        if box_size_px < 1 or not pixel_size_A > 0 or not sigma_A > 0:
+            raise ValueError(
+                "need box_size_px >= 1, pixel_size_A > 0, sigma_A > 0; "
+                f"got {box_size_px}, {pixel_size_A}, {sigma_A}"
+            )
+        self.box_size_px = box_size_px
+        self.pixel_size_A = pixel_size_A
+        self.sigma_A = sigma_A
+        self._grids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def pixel_grid_A(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (N,) pixel-centre coordinates (index - N//2) * pixel_size_A on `device` with `dtype`, built once."""
+        key = (device, dtype)
+        if key not in self._grids:
+            self._grids[key] = pixel_coordinates_A(self.box_size_px, self.pixel_size_A, device=device, dtype=dtype)
+        return self._grids[key]
+
+    def ctf_rfft(self, ctf: CTFBatch) -> torch.Tensor:
+        """The CTF of this batch on the torch.fft.rfft2 grid of these images: (B, N, N//2+1), RELION's sign."""
+        return ctf_rfft(self.box_size_px, self.pixel_size_A, ctf)
+
+    def images(
+        self, coords_A: torch.Tensor, amplitudes: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None
+    ) -> torch.Tensor:
+        """Noise-free images (B, N, N) of structures (n, 3) or (B, n, 3) in A with amplitudes (n,) or (B, n).
+
+        poses: rotations x' = R x and RELION origins; ctf None leaves the projections unfiltered. Differentiable in
+        coordinates, amplitudes, poses and CTF parameters.
+        """
+        dtype, device = coords_A.dtype, coords_A.device
+        poses = poses.to(device, dtype=dtype)
+        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        grid_A = self.pixel_grid_A(device, dtype)
+        return project_on_grid(
+            coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A, poses.shifts_A, transfer
+        )
