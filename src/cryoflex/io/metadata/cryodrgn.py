@@ -40,6 +40,19 @@ _CRYODRGN_CTF_SOURCES = {
     "bfactor_A2": "bfactor",
     "scale": "scale",
 }
+# The only globals a pickle of numpy arrays, numbers and containers refers to (numpy 1 and 2 module names;
+# _codecs.encode carries bytes in protocol 2); the cryoDRGN reader refuses a pickle that names anything else.
+_PICKLE_GLOBALS = frozenset(
+    {
+        *((module, "_reconstruct") for module in ("numpy.core.multiarray", "numpy._core.multiarray")),
+        *((module, "scalar") for module in ("numpy.core.multiarray", "numpy._core.multiarray")),
+        *((module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        *(("builtins", name) for name in ("tuple", "list", "dict", "int", "float", "complex", "bytes", "bytearray")),
+    }
+)
 # Where cryoDRGN files keep what training needs, to name the missing field in errors.
 TRAINING_FIELD_NAMES = {"rotations": "poses.pkl rotations", "shifts_A": "poses.pkl translations", "ctf": "ctf.pkl"}
 
@@ -47,12 +60,32 @@ TRAINING_FIELD_NAMES = {"rotations": "poses.pkl rotations", "shifts_A": "poses.p
 # ------------------------------------------------------------ reading
 
 
+class _NotAnArray(pickle.UnpicklingError):
+    """A pickle refers to something other than numpy arrays, numbers and containers."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, tuples, lists and dicts only: nothing else is built, so no code runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module.replace("__builtin__", "builtins"), name) not in _PICKLE_GLOBALS:
+            raise _NotAnArray(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> Any:
-    """Unpickle a cryoDRGN file (pickle can run code: only read files you trust, as with cryoDRGN itself)."""
+    """Unpickle a cryoDRGN file with _ArrayUnpickler; a pickle of anything but arrays is refused unread."""
     _require_file(path)
     try:
         with path.open("rb") as handle:
-            return pickle.load(handle)
+            return _ArrayUnpickler(handle).load()
+    except _NotAnArray as error:
+        raise CryoflexInputError(
+            path,
+            f"the pickle contains objects other than arrays (it refers to {error}); cryoflex refuses to load it, "
+            "since unpickling such objects can run any code",
+            fix="give the poses.pkl and ctf.pkl that cryoDRGN wrote (numpy arrays only), from a source you trust",
+        ) from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as error:
         raise CryoflexInputError(
             path, f"not a readable cryoDRGN pickle ({error})", fix="give a cryoDRGN poses.pkl or ctf.pkl"
