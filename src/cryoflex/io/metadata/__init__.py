@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.metadata import cryodrgn, cryosparc, relion
@@ -24,7 +25,7 @@ from cryoflex.io.metadata.record import (
     _require_file,
     _settle_box,
 )
-from cryoflex.io.metadata.relion import RELION_WRITE_VERSION, write_relion_star
+from cryoflex.io.metadata.relion import DUPLICATE_IMAGES, RELION_WRITE_VERSION, write_relion_star
 from cryoflex.io.particles import ParticleStack
 
 
@@ -36,14 +37,19 @@ def read_metadata(
     box_size_px: int | None = None,
     pixel_size_A: float | None = None,
     amplitude_contrast: float | None = None,
+    duplicate_images: str = "refuse",
 ) -> ParticleMetadata:
     """Read particle metadata (.star, .cs, or cryoDRGN .pkl) into one record; CryoflexInputError on bad input.
 
     ctf_path: the cryoDRGN ctf.pkl that goes with a poses .pkl. stack_path: the particles are images 0..N-1 of
     this stack (cryoDRGN's convention; replaces image references in the file). box_size_px, pixel_size_A,
     amplitude_contrast: for files that do not state them (e.g. RELION 3.0 files without rlnAmplitudeContrast;
-    cryoDRGN assumes 0.1 there). A value that contradicts the file raises.
+    cryoDRGN assumes 0.1 there). A value that contradicts the file raises. duplicate_images: RELION rows that
+    share an rlnImageName (symmetry expansion) are refused ("refuse", with the choices), read as the first row of
+    each image ("first") or as distinct particles named 'rlnImageName#rowK' ("distinct").
     """
+    if duplicate_images not in DUPLICATE_IMAGES:
+        raise ValueError(f"duplicate_images must be one of {DUPLICATE_IMAGES}, got {duplicate_images!r}")
     path = Path(path)
     _require_file(path)
     suffix = path.suffix.lower()
@@ -61,7 +67,7 @@ def read_metadata(
         box_source = stack[0]
     overrides = _Overrides(box_size_px, box_source, pixel_size_A, amplitude_contrast)
     if suffix == ".star":
-        metadata = relion.read_star(path, overrides)
+        metadata = relion.read_star(path, overrides, duplicate_images)
     elif suffix == ".cs":
         metadata = cryosparc.read_cs(path, overrides)
     elif suffix == ".pkl":
@@ -112,6 +118,15 @@ def _one_or_list(values: np.ndarray) -> float | list[float]:
     return float(unique[0]) if unique.size == 1 else [float(v) for v in unique]
 
 
+def _shared_images(metadata: ParticleMetadata) -> dict[str, int]:
+    """How many rows (particles) share an image with another (symmetry expansion) and how many images they share."""
+    if metadata.image_paths is None or metadata.image_indices is None:
+        return {"n_rows_sharing_an_image": 0, "n_shared_images": 0}
+    references = pd.MultiIndex.from_arrays([metadata.image_paths, metadata.image_indices])
+    shared = references.duplicated(keep=False)
+    return {"n_rows_sharing_an_image": int(shared.sum()), "n_shared_images": int(references[shared].nunique())}
+
+
 def metadata_summary(metadata: ParticleMetadata) -> dict[str, Any]:
     """JSON-serialisable overview for `cryoflex info`: counts, box, pixel sizes, optics groups, CTF, poses."""
     ctf = metadata.ctf
@@ -141,6 +156,7 @@ def metadata_summary(metadata: ParticleMetadata) -> dict[str, Any]:
         "has_shifts": metadata.shifts_A is not None,
         "has_ctf": ctf is not None,
         "n_image_stacks": 0 if metadata.image_paths is None else int(np.unique(metadata.image_paths).size),
+        **_shared_images(metadata),
     }
     if ctf is not None:
         defocus = np.concatenate([ctf.defocus_u_A, ctf.defocus_v_A])
@@ -151,6 +167,7 @@ def metadata_summary(metadata: ParticleMetadata) -> dict[str, Any]:
 
 __all__ = [
     "FORMATS",
+    "DUPLICATE_IMAGES",
     "RELION_WRITE_VERSION",
     "CTFParameters",
     "ParticleMetadata",

@@ -71,6 +71,8 @@ _PARTICLE_STAR_HINT = (
     "give a RELION particle STAR file (e.g. Refine3D/jobNNN/run_data.star or Extract/jobNNN/particles.star): "
     "a table with rlnImageName ('k@stack.mrcs'), rlnDefocusU/V/Angle and poses, and data_optics (3.1+)"
 )
+# What to do with rows that share an rlnImageName: refuse, keep the first row of each image, keep every row.
+DUPLICATE_IMAGES = ("refuse", "first", "distinct")
 # Where a RELION file keeps what training needs, to name the missing field in errors.
 TRAINING_FIELD_NAMES = {
     "rotations": "rlnAngleRot/rlnAngleTilt/rlnAnglePsi",
@@ -262,33 +264,63 @@ def _parse_image_names(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return paths, indices, valid
 
 
-def _star_image_refs(path: Path, tables: _StarTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Particle names (rlnImageName, unique) and their stack paths and 0-based indices."""
-    column = tables.particles["rlnImageName"]
+def _image_names(path: Path, particles: pd.DataFrame, block: str) -> np.ndarray:
+    """rlnImageName of every row as plain strings; raise naming the first empty one."""
+    column = particles["rlnImageName"]
     if column.isna().any():
         row = int(np.argmax(column.isna().to_numpy()))
-        raise _first_bad_row(path, "rlnImageName", f"data_{tables.particle_block}", column.iloc[row], row)
-    names = column.astype(str).to_numpy(dtype=str)
-    duplicated = pd.Index(names).duplicated()
-    if duplicated.any():
-        row = int(np.argmax(duplicated))
-        first = int(np.argmax(names == names[row]))
-        raise CryoflexInputError(
-            path,
-            f"rlnImageName {names[row]!r} appears at rows {first + 1} and {row + 1}; each particle must "
-            "name its own image (symmetry-expanded or duplicated particles are not supported)",
-            fix="remove the duplicates (e.g. relion_star_handler --remove_duplicates)",
-            field="rlnImageName",
-        )
+        raise _first_bad_row(path, "rlnImageName", f"data_{block}", column.iloc[row], row)
+    return column.astype(str).to_numpy(dtype=str)
+
+
+def _rows_per_image(path: Path, particles: pd.DataFrame, block: str, duplicate_images: str) -> pd.DataFrame:
+    """The rows to read when several share an rlnImageName (e.g. symmetry expansion), as `duplicate_images` says:
+    refuse with the choices, keep the first row of each image, or keep every row ("distinct")."""
+    names = _image_names(path, particles, block)
+    shared = pd.Index(names).duplicated(keep=False)
+    if not shared.any() or duplicate_images == "distinct":
+        return particles
+    n_rows, n_images = int(shared.sum()), int(np.unique(names[shared]).size)
+    later = pd.Index(names).duplicated()
+    if duplicate_images == "first":
+        logger.warning(
+            "%s: %d rows share %d images (e.g. symmetry expansion); kept the first row of each image, dropped %d rows",
+            path, n_rows, n_images, int(later.sum()),
+        )  # fmt: skip
+        return particles[~later].reset_index(drop=True)
+    row = int(np.argmax(later))
+    first = int(np.argmax(names == names[row]))
+    raise CryoflexInputError(
+        path,
+        f"{n_rows} rows share {n_images} image(s): rlnImageName '{names[row]}' appears at rows {first + 1} and "
+        f"{row + 1} (symmetry expansion or duplicated particles give one image several rows)",
+        fix="choose how to read them: --duplicate-images first keeps the first row of each image, "
+        "--duplicate-images distinct treats every row as its own particle (read_metadata's duplicate_images); "
+        "or remove the duplicates (relion_star_handler --remove_duplicates)",
+        field="rlnImageName",
+    )
+
+
+def _star_image_refs(path: Path, tables: _StarTables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Particle names and their stack paths and 0-based indices.
+
+    Names are rlnImageName; rows that share an image (kept as distinct particles) get '#rowK' appended, K the
+    1-based row, so that every particle has its own name.
+    """
+    names = _image_names(path, tables.particles, tables.particle_block)
     paths, indices, valid = _parse_image_names(names)
     if not valid.all():
         row = int(np.argmin(valid))
         raise CryoflexInputError(
             path,
-            f"rlnImageName {names[row]!r} at row {row + 1} is not 'k@stack' with a 1-based image number k",
+            f"rlnImageName '{names[row]}' at row {row + 1} is not 'k@stack' with a 1-based image number k",
             fix="write image names as e.g. 000001@Extract/job007/particles.mrcs",
             field="rlnImageName",
         )
+    shared = pd.Index(names).duplicated(keep=False)
+    if shared.any():
+        rows = np.arange(1, names.size + 1).astype(str)
+        names = np.where(shared, np.char.add(np.char.add(names, "#row"), rows), names)
     return names, paths, indices
 
 
@@ -372,10 +404,14 @@ def _star_ctf(tables: _StarTables, overrides: _Overrides) -> CTFParameters:
     return _assemble_ctf(tables.path, values, _STAR_CTF_COLUMNS, n, fix)
 
 
-def read_star(path: Path, overrides: _Overrides) -> ParticleMetadata:
-    """A RELION 3.0, 3.1 or 5 particle STAR file as one record (names: rlnImageName)."""
+def read_star(path: Path, overrides: _Overrides, duplicate_images: str) -> ParticleMetadata:
+    """A RELION 3.0, 3.1 or 5 particle STAR file as one record (names: rlnImageName).
+
+    duplicate_images: what to do with rows that share an image (one of DUPLICATE_IMAGES).
+    """
     blocks = _parse_star(path)
     particle_block, particles = _particle_block(path, blocks)
+    particles = _rows_per_image(path, particles, particle_block, duplicate_images)
     optics_block, optics = _optics_block(blocks, particle_block)
     tables = _star_tables(path, particles, particle_block, optics, optics_block)
     names, image_paths, image_indices = _star_image_refs(path, tables)
