@@ -62,9 +62,14 @@ def _load_cs(path: Path) -> np.ndarray:
     return table
 
 
+def _field_names(table: np.ndarray) -> tuple[str, ...]:
+    """The field names of a structured array (none for a plain one)."""
+    return table.dtype.names or ()
+
+
 def _cs_field(path: Path, table: np.ndarray, name: str) -> np.ndarray | None:
     """A numeric .cs field as float64 (None if absent), checked finite, naming the first bad row."""
-    if name not in table.dtype.names:
+    if name not in _field_names(table):
         return None
     values = np.asarray(table[name], dtype=np.float64)
     finite = np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
@@ -76,12 +81,12 @@ def _cs_field(path: Path, table: np.ndarray, name: str) -> np.ndarray | None:
 
 def _cs_names(table: np.ndarray) -> np.ndarray:
     """Particle names: the uids as strings, else the row numbers (0-based)."""
-    return table["uid"].astype(str) if "uid" in table.dtype.names else np.arange(len(table)).astype(str)
+    return table["uid"].astype(str) if "uid" in _field_names(table) else np.arange(len(table)).astype(str)
 
 
 def _cs_image_refs(path: Path, table: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """blob/path (bytes; a leading '>' marks imported paths and is dropped) and blob/idx (0-based)."""
-    names = table.dtype.names
+    names = _field_names(table)
     if "blob/path" not in names or "blob/idx" not in names:
         return None, None
     raw = table["blob/path"]
@@ -115,7 +120,7 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
     """
     table = _load_cs(path)
     n = len(table)
-    field_names = set(table.dtype.names)
+    field_names = set(_field_names(table))
     blob_pixel = _cs_field(path, table, "blob/psize_A")
     prefix = next((p for p in ("alignments3D", "alignments_class_0") if f"{p}/pose" in field_names), None)
     alignment_pixel = None if prefix is None else _cs_field(path, table, f"{prefix}/psize_A")
@@ -129,14 +134,15 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
     pixel = _checked_pixel_size(path, "blob/psize_A", pixel, "use a .cs file with blob/ fields or pass pixel_size_A")
     rotations = shifts_A = None
     if prefix is not None:
-        rotations = cryosparc_rotvec_to_matrix(_cs_field(path, table, f"{prefix}/pose"))
+        rotations = cryosparc_rotvec_to_matrix(np.asarray(_cs_field(path, table, f"{prefix}/pose")))
         shift_px = _cs_field(path, table, f"{prefix}/shift")
         if shift_px is not None:
             shifts_A = shift_px * (alignment_pixel if alignment_pixel is not None else pixel)[:, None]
     values = {name: _cs_field(path, table, field) for name, field in _CS_CTF_FIELDS.items()}
     for name in _CS_RADIAN_FIELDS:
-        if values[name] is not None:
-            values[name] = np.degrees(values[name])
+        radians = values[name]
+        if radians is not None:
+            values[name] = np.degrees(radians)
     values["amplitude_contrast"] = _fill(
         path, "ctf/amp_contrast", values["amplitude_contrast"], overrides.amplitude_contrast, n
     )

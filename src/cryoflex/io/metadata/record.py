@@ -7,7 +7,7 @@ degrees. Optional CTF fields (phase shift, B-factor, scale) default to 0, 0, 1; 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,7 +218,7 @@ def _first_bad_row(path: Path, field: str, where: str, raw: Any, row: int) -> Cr
 
 
 def _assemble_ctf(
-    path: Path, values: dict[str, np.ndarray | None], sources: dict[str, str], n: int, fix: str
+    path: Path, values: Mapping[str, np.ndarray | None], sources: Mapping[str, str], n: int, fix: str
 ) -> CTFParameters:
     """CTF parameters from the fields found; missing optional fields get 0 / 0 / 1, missing required raise."""
     missing = [sources[name] for name in _REQUIRED_CTF if values.get(name) is None]
@@ -231,7 +231,9 @@ def _assemble_ctf(
             fix=fix,
             field=", ".join(missing),
         )
-    complete = {name: values[name] for name in _REQUIRED_CTF}
+    complete: dict[str, np.ndarray] = {}
+    for name in _REQUIRED_CTF:
+        complete[name] = np.asarray(values[name])
     for name, default in _OPTIONAL_CTF_DEFAULTS.items():
         value = values.get(name)
         complete[name] = np.full(n, default) if value is None else value

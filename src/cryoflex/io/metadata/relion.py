@@ -107,6 +107,13 @@ class _StarTables:
             return _finite_column(self.path, self.optics, column, str(self.optics_block))[self.optics_row]
         return None
 
+    def present(self, column: str) -> np.ndarray:
+        """values() of a column the caller has checked is present."""
+        values = self.values(column)
+        if values is None:
+            raise KeyError(column)
+        return values
+
 
 def _finite_column(path: Path, table: pd.DataFrame, column: str, block: str) -> np.ndarray:
     """A numeric column as float64; raise naming the column and the first row that is not a finite number."""
@@ -328,7 +335,7 @@ def _star_pixel_size(tables: _StarTables, overrides: _Overrides) -> np.ndarray:
     """rlnImagePixelSize, else RELION 3.0 rlnDetectorPixelSize (um) * 1e4 / rlnMagnification, or override."""
     pixel = tables.values("rlnImagePixelSize")
     if pixel is None and tables.has("rlnDetectorPixelSize") and tables.has("rlnMagnification"):
-        detector_um, magnification = tables.values("rlnDetectorPixelSize"), tables.values("rlnMagnification")
+        detector_um, magnification = tables.present("rlnDetectorPixelSize"), tables.present("rlnMagnification")
         _check_values(tables.path, "rlnMagnification", magnification, magnification > 0, "positive")
         pixel = detector_um * 1e4 / magnification
     pixel = _fill(tables.path, "rlnImagePixelSize", pixel, overrides.pixel_size_A, len(tables.particles))
@@ -366,7 +373,7 @@ def _star_rotations(tables: _StarTables) -> np.ndarray | None:
     """Poses from rlnAngleRot/Tilt/Psi; None unless all three are present (2-D classes have psi only)."""
     if not all(tables.has(column) for column in _ANGLE_COLUMNS):
         return None
-    rot, tilt, psi = (tables.values(column) for column in _ANGLE_COLUMNS)
+    rot, tilt, psi = (tables.present(column) for column in _ANGLE_COLUMNS)
     return relion_euler_to_matrix(rot, tilt, psi)
 
 
@@ -378,7 +385,7 @@ def _star_shifts(tables: _StarTables, pixel_size_A: np.ndarray) -> np.ndarray | 
     ):
         present = [tables.has(x_column), tables.has(y_column)]
         if all(present):
-            return np.stack([tables.values(x_column), tables.values(y_column)], axis=1) * np.reshape(scale, (-1, 1))
+            return np.stack([tables.present(x_column), tables.present(y_column)], axis=1) * np.reshape(scale, (-1, 1))
         if any(present):
             missing = y_column if present[0] else x_column
             raise CryoflexInputError(
