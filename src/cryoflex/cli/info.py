@@ -65,8 +65,9 @@ def _summarise_metadata(
     from cryoflex.io.metadata import metadata_summary, read_metadata
     from cryoflex.io.particles import open_particle_images
 
-    options = {k: v for k, v in reader_options.items() if v is not None}
-    metadata = read_metadata(path, duplicate_images="distinct", **options)  # the summary counts rows sharing images
+    # Rows sharing an image are read as distinct particles: the summary counts them instead of refusing the file.
+    options = {"duplicate_images": "distinct", **{k: v for k, v in reader_options.items() if v is not None}}
+    metadata = read_metadata(path, **options)
     summary: dict[str, Any] = {"kind": "particles", "path": str(path), **metadata_summary(metadata)}
     if check_images and metadata.image_paths is not None:
         try:
