@@ -3,10 +3,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import mrcfile
+import numpy as np
+import pandas as pd
 import pytest
+import starfile
 
 from cryoflex.cli import build_parser, main
+from cryoflex.io.metadata import read_metadata, write_cryodrgn_pkl
 
 
 def test_help_lists_subcommands(capsys):
@@ -72,7 +78,7 @@ def test_info_structure_chains(data_dir, capsys):
 
 def test_info_relion30_with_amplitude_contrast_option(data_dir, capsys):
     path = data_dir / "FinalRefinement-OriginalParticles-PfCRT.star"
-    assert main(["info", str(path), "--amplitude-contrast", "0.1", "--box-size", "300", "--no-images"]) == 0
+    assert main(["info", str(path), "--amplitude-contrast", "0.1", "--box-size-px", "300", "--no-images"]) == 0
     assert "relion3.0" in capsys.readouterr().out
 
 
@@ -86,3 +92,51 @@ def test_info_user_error_has_no_traceback(data_dir, capsys):
 def test_info_missing_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing.star")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_info_truncated_stack_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "five.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.ones((5, 8, 8), dtype=np.float32))
+    with path.open("r+b") as handle:
+        handle.truncate(1024 + 5 * 8 * 8 * 4 // 2)  # 2.5 images
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "truncated" in err and "re-extract or re-copy" in err
+    assert f"({1024 + 5 * 8 * 8 * 4} bytes)" in err and f"{1024 + 640} bytes" in err
+
+
+def test_info_particles_option_is_a_particle_file_and_stack_goes_with_stack(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", "--particles", str(data_dir / "relion31.star"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_particles"] == 5
+    write_cryodrgn_pkl(tmp_path / "poses.pkl", tmp_path / "ctf.pkl", read_metadata(data_dir / "relion31.star"))
+    stack = data_dir / "relion31.mrcs"
+    command = ["info", "--particles", str(tmp_path / "poses.pkl"), "--ctf", str(tmp_path / "ctf.pkl")]
+    assert main([*command, "--stack", str(stack), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "cryodrgn" and summary["images"]["found"] and summary["has_shifts"]
+    assert main(["info", "--particles", str(stack)]) == 2
+    assert "--stack" in capsys.readouterr().err
+    assert main(["info", str(stack), "--particles", str(data_dir / "relion31.star")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_info_box_and_pixel_size_options(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options = ["--pixel-size-A", "1.035", "--box-size-px", "300", "--json"]
+    assert main(["info", str(data_dir / "pose.star.pkl"), *options]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["box_size_px"] == 300 and summary["pixel_size_A"] == 1.035 and summary["has_shifts"]
+
+
+def test_info_summarises_rows_sharing_an_image(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = starfile.read(data_dir / "relion31.star", always_dict=True)
+    blocks["particles"] = pd.concat([blocks["particles"], blocks["particles"].iloc[[0, 0, 2]]], ignore_index=True)
+    path = tmp_path / "expanded.star"
+    starfile.write(blocks, path)
+    assert main(["info", str(path), "--no-images"]) == 0
+    out = capsys.readouterr().out
+    assert "n particles: 8" in out and "n rows sharing an image: 5" in out and "n shared images: 2" in out

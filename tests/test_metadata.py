@@ -486,3 +486,56 @@ def test_stack_must_match_box_and_count(data_dir: Path, tmp_path: Path) -> None:
 
 def test_ctf_path_only_with_pkl(data_dir: Path) -> None:
     assert _error(data_dir / "relion31.star", ctf_path=data_dir / "ctf1.pkl").field == "ctf_path"
+
+
+# ------------------------------------------------------------------------------------------- rows sharing an image
+
+
+def _symmetry_expanded(data_dir: Path, tmp_path: Path) -> Path:
+    """relion31.star plus copies of rows 1, 1 and 3 with other angles: 5 rows share 2 images, 8 rows in all."""
+    blocks = _relion31_blocks(data_dir)
+    particles = blocks["particles"]
+    copies = particles.iloc[[0, 0, 2]].copy()
+    copies["rlnAngleRot"] = copies["rlnAngleRot"].to_numpy() + np.array([120.0, 240.0, 180.0])
+    blocks["particles"] = pd.concat([particles, copies], ignore_index=True)
+    return _write_star(tmp_path / "expanded.star", blocks)
+
+
+def test_rows_sharing_an_image_are_refused_with_the_choices(data_dir: Path, tmp_path: Path) -> None:
+    error = _error(_symmetry_expanded(data_dir, tmp_path))
+    message = str(error)
+    assert error.field == "rlnImageName" and "5 rows share 2 image(s)" in message and "rows 1 and 6" in message
+    assert "symmetry expansion" in message and "np.str_" not in message
+    assert "--duplicate-images first" in error.fix and "--duplicate-images distinct" in error.fix
+
+
+def test_rows_sharing_an_image_first_row_kept(data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    original = read_metadata(data_dir / "relion31.star")
+    with caplog.at_level("WARNING"):
+        md = read_metadata(_symmetry_expanded(data_dir, tmp_path), duplicate_images="first")
+    _assert_same_particles(md, original, atol=0.0)
+    assert "dropped 3 rows" in caplog.text
+
+
+def test_rows_sharing_an_image_as_distinct_particles(data_dir: Path, tmp_path: Path) -> None:
+    original = read_metadata(data_dir / "relion31.star")
+    md = read_metadata(_symmetry_expanded(data_dir, tmp_path), duplicate_images="distinct")
+    assert md.n_particles == 8
+    np.testing.assert_array_equal(md.image_indices, [0, 1, 2, 3, 4, 0, 0, 2])
+    assert md.names[5] == f"{original.names[0]}#row6" and md.names[1] == original.names[1]
+    np.testing.assert_array_equal(md.rotations[:5], original.rotations)
+    assert not np.allclose(md.rotations[5], md.rotations[0])  # each row keeps its own pose
+    summary = metadata_summary(md)
+    assert summary["n_rows_sharing_an_image"] == 5 and summary["n_shared_images"] == 2
+    assert metadata_summary(original)["n_rows_sharing_an_image"] == 0
+    write_relion_star(tmp_path / "out.star", md)
+    back = read_metadata(tmp_path / "out.star", duplicate_images="distinct")
+    np.testing.assert_array_equal(back.names, md.names)
+    np.testing.assert_allclose(back.rotations, md.rotations, atol=1e-6)
+
+
+def test_malformed_image_name_is_printed_plainly(data_dir: Path, tmp_path: Path) -> None:
+    blocks = _relion31_blocks(data_dir)
+    blocks["particles"].loc[1, "rlnImageName"] = "first@relion31.mrcs"
+    message = str(_error(_write_star(tmp_path / "bad_name.star", blocks)))
+    assert "'first@relion31.mrcs'" in message and "np.str_" not in message

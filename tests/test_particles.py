@@ -308,3 +308,10 @@ def test_many_references_open_without_reading_images(tmp_path: Path, monkeypatch
     assert peak_bytes < stack_bytes / 8
     assert stack[np.array([0, 199_999])].shape == (2, box, box)
     assert calls["mmap"] == 2
+
+
+def test_missing_image_references_point_to_the_stack_option(tmp_path: Path) -> None:
+    metadata = SimpleNamespace(source_path=tmp_path / "poses.pkl", image_paths=None, image_indices=None)
+    with pytest.raises(CryoflexInputError) as info:
+        open_particle_images(metadata)
+    assert "--stack STACK.mrcs" in info.value.fix and "--particles" not in info.value.fix

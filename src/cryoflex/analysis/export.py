@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cryoflex.analysis.predict import decode_latents
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import atomic_path
-from cryoflex.io.metadata import ParticleMetadata, write_relion_star
+from cryoflex.io.metadata import ParticleMetadata, write_cryosparc_subset, write_relion_star
 from cryoflex.io.structure import Structure, write_structure
 from cryoflex.model.cryosphere import CryoSphere
 
@@ -139,21 +139,6 @@ def select_by_names(names: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
 # ------------------------------------------------------------ subsets
 
 
-def _write_cs_subset(metadata: ParticleMetadata, index: np.ndarray, path: Path) -> None:
-    """Copy rows `index` of the input .cs (all fields, verbatim) into a new .cs (a numpy .npy record array)."""
-    table = np.load(metadata.source_path, allow_pickle=False)
-    uid = table["uid"].astype(str) if "uid" in table.dtype.names else np.arange(len(table)).astype(str)
-    if len(table) != metadata.n_particles or not np.array_equal(uid[index], metadata.names[index]):
-        raise CryoflexInputError(
-            metadata.source_path,
-            "the .cs file no longer holds the particles the run was trained on",
-            fix="restore the particle file the run was trained on",
-            field="uid",
-        )
-    with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        np.save(handle, table[index], allow_pickle=False)
-
-
 def write_subset(metadata: ParticleMetadata, indices: Sequence[int] | np.ndarray, out_stem: str | Path) -> list[Path]:
     """Write the particles at `indices` as OUT_STEM.star (RELION 3.1, all original columns) and, when the input
     was a cryoSPARC .cs, OUT_STEM.cs (the input's rows verbatim); returns the files written."""
@@ -164,7 +149,7 @@ def write_subset(metadata: ParticleMetadata, indices: Sequence[int] | np.ndarray
     written = [star_path]
     if metadata.format == "cryosparc":
         cs_path = out_stem.with_name(out_stem.name + ".cs")
-        _write_cs_subset(metadata, index, cs_path)
+        write_cryosparc_subset(cs_path, metadata, index)
         written.append(cs_path)
     else:
         logger.info("the input is %s, not a cryoSPARC .cs: no .cs subset written", metadata.format)

@@ -1,11 +1,13 @@
 """Summarise a cryo-EM file: particles (.star, .cs, .pkl), structures (.pdb, .cif) or image stacks (.mrcs, .mrc).
 
-Prints counts, box and pixel size, optics groups, defocus range, voltage, whether poses and shifts are present, or a
-structure's chains and residue counts. With --json the same summary is printed as JSON for scripts.
+Prints counts, box and pixel size, optics groups, defocus range, voltage, whether poses and shifts are present and
+how many rows share an image (symmetry expansion), or a structure's chains and residue counts. A stack shorter than
+its header says is an error. With --json the same summary is printed as JSON for scripts.
 
 examples:
   cryoflex info Refine3D/job042/run_data.star
   cryoflex info P12_J24_particles.cs --json
+  cryoflex info --particles poses.pkl --ctf ctf.pkl --stack particles.mrcs
   cryoflex info model.cif
 """
 
@@ -24,13 +26,14 @@ STACK_SUFFIXES = {".mrcs", ".mrc", ".map"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", type=Path, help="a .star, .cs, .pkl, .pdb, .cif, .mrcs or .mrc file")
+    parser.add_argument("path", type=Path, nargs="?", help="a .star, .cs, .pkl, .pdb, .cif, .mrcs or .mrc file")
+    parser.add_argument("--particles", type=Path, help="particle file (.star, .cs, .pkl) as for train")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--ctf", type=Path, help="cryoDRGN ctf.pkl to go with a poses .pkl")
-    parser.add_argument("--particles", type=Path, help="image stack (.mrcs) to go with cryoDRGN .pkl files")
+    parser.add_argument("--stack", type=Path, help="image stack (.mrcs) of the particles in order (cryoDRGN .pkl)")
     parser.add_argument("--amplitude-contrast", type=float, help="for files that do not state it (RELION 3.0)")
-    parser.add_argument("--box-size", type=int, help="box size in pixels, for files that do not state it")
-    parser.add_argument("--pixel-size", type=float, help="pixel size in A, for files that do not state it")
+    parser.add_argument("--box-size-px", type=int, help="box size in pixels, for files that do not state it")
+    parser.add_argument("--pixel-size-A", type=float, help="pixel size in A, for files that do not state it")
     parser.add_argument("--datadir", type=Path, help="directory to resolve the particle stacks against")
     parser.add_argument("--no-images", action="store_true", help="do not check that the referenced image stacks exist")
 
@@ -62,7 +65,9 @@ def _summarise_metadata(
     from cryoflex.io.metadata import metadata_summary, read_metadata
     from cryoflex.io.particles import open_particle_images
 
-    metadata = read_metadata(path, **{k: v for k, v in reader_options.items() if v is not None})
+    # Rows sharing an image are read as distinct particles: the summary counts them instead of refusing the file.
+    options = {"duplicate_images": "distinct", **{k: v for k, v in reader_options.items() if v is not None}}
+    metadata = read_metadata(path, **options)
     summary: dict[str, Any] = {"kind": "particles", "path": str(path), **metadata_summary(metadata)}
     if check_images and metadata.image_paths is not None:
         try:
@@ -78,6 +83,8 @@ def _summarise_stack(path: Path) -> dict[str, Any]:
 
     import mrcfile
 
+    from cryoflex.io.particles import count_images
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -91,6 +98,7 @@ def _summarise_stack(path: Path) -> dict[str, Any]:
         raise CryoflexInputError(
             path, f"not a readable MRC file: {error}", "check that the file is an MRC stack or map"
         ) from error
+    count_images(path)  # raises when the file is shorter than its header says (truncated)
     stack = path.suffix.lower() == ".mrcs"
     summary: dict[str, Any] = {"kind": "stack" if stack else "map", "path": str(path)}
     if stack:
@@ -129,16 +137,34 @@ def format_summary(summary: dict[str, Any], indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _file_to_summarise(args: argparse.Namespace) -> Path:
+    """PATH, or the particle file given with --particles (one of the two)."""
+    if (args.path is None) == (args.particles is None):
+        raise CryoflexInputError(
+            None,
+            "give one file to summarise" if args.path is None else "give either PATH or --particles, not both",
+            "cryoflex info FILE, or cryoflex info --particles PARTICLES.star (an image stack goes with --stack)",
+        )
+    if args.particles is not None and args.particles.suffix.lower() not in METADATA_SUFFIXES:
+        raise CryoflexInputError(
+            args.particles,
+            "--particles takes a particle file (.star, .cs or cryoDRGN poses .pkl), as in cryoflex train",
+            "give an image stack with --stack (with a cryoDRGN .pkl) or as PATH (cryoflex info STACK.mrcs)",
+            field="--particles",
+        )
+    return args.path if args.path is not None else args.particles
+
+
 def run(args: argparse.Namespace) -> int:
     summary = summarise(
-        args.path,
+        _file_to_summarise(args),
         datadir=args.datadir,
         check_images=not args.no_images,
         ctf_path=args.ctf,
-        stack_path=args.particles,
+        stack_path=args.stack,
         amplitude_contrast=args.amplitude_contrast,
-        box_size_px=args.box_size,
-        pixel_size_A=args.pixel_size,
+        box_size_px=args.box_size_px,
+        pixel_size_A=args.pixel_size_A,
     )
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

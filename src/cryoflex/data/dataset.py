@@ -24,7 +24,7 @@ from cryoflex.data.downsample import check_box_out, downsampled_pixel_size_A, fo
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.io.atomic import atomic_path, write_text_atomic
-from cryoflex.io.metadata import ParticleMetadata
+from cryoflex.io.metadata import ParticleMetadata, training_field_name
 from cryoflex.io.particles import ParticleStack, open_particle_images
 
 CACHE_FORMAT_VERSION = 1
@@ -35,16 +35,6 @@ _REFINEMENT_FIX = (
     "run a consensus refinement first (RELION Refine3D or cryoSPARC homogeneous refinement) and give its "
     "particle file (e.g. Refine3D/jobNNN/run_data.star)"
 )
-# Where each format keeps what the dataset needs, to name the missing field in errors.
-_FIELD_NAMES = {
-    "cryosparc": {"rotations": "alignments3D/pose", "shifts_A": "alignments3D/shift", "ctf": "ctf/*"},
-    "cryodrgn": {"rotations": "poses.pkl rotations", "shifts_A": "poses.pkl translations", "ctf": "ctf.pkl"},
-}
-_STAR_FIELD_NAMES = {
-    "rotations": "rlnAngleRot/rlnAngleTilt/rlnAnglePsi",
-    "shifts_A": "rlnOriginXAngst/rlnOriginYAngst",
-    "ctf": "rlnDefocusU/rlnDefocusV/rlnDefocusAngle",
-}
 
 
 @dataclass(frozen=True)
@@ -99,10 +89,6 @@ class _DownsampledImages:
         return fourier_crop(images, self.box_size_px).numpy()
 
 
-def _field_name(metadata: ParticleMetadata, what: str) -> str:
-    return _FIELD_NAMES.get(metadata.format, _STAR_FIELD_NAMES)[what]
-
-
 def _check_training_fields(metadata: ParticleMetadata) -> None:
     """Raise naming the file and field when poses or CTF are missing."""
     needs = (
@@ -121,7 +107,7 @@ def _check_training_fields(metadata: ParticleMetadata) -> None:
                 metadata.source_path,
                 f"the particle file {problem}; training needs poses and CTF for every particle",
                 fix=fix,
-                field=_field_name(metadata, what),
+                field=training_field_name(metadata.format, what),
             )
 
 

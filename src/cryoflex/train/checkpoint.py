@@ -6,7 +6,9 @@ leaves the last complete epoch intact and `--resume` continues from it with the 
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,36 @@ def find_checkpoint(run_dir: Path, epoch: int | None = None) -> Path:
     return path
 
 
+def _numpy_globals() -> list[Any]:
+    """numpy's array and scalar reconstructors and a few numeric dtypes: all a checkpoint holds besides torch's own
+    types and plain Python values (numpy's random state is a uint32 array; metrics may be numpy numbers)."""
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy._core.multiarray._reconstruct, whatever numpy calls it
+    scalar = np.float64(0).__reduce__()[0]
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
+    return [np.ndarray, np.dtype, reconstruct, scalar, *dtypes]
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CryoflexInputError(path, f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}",
+    """Read a checkpoint without running code: tensors, numbers, containers and numpy arrays only (weights_only)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, EOFError) as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:
+            raise CryoflexInputError(
+                path,
+                "not a readable checkpoint (damaged or incomplete)",
+                "use another of the run's checkpoints (copy RUN/checkpoints/epoch_NNNN.pt to last.pt to resume)",
+            ) from error
+        raise CryoflexInputError(
+            path,
+            f"the checkpoint contains objects other than tensors, arrays and numbers (it refers to "
+            f"{found.group(1).rstrip('.,:')}); cryoflex refuses to load it, since unpickling them can run any code",
+            "use a checkpoint written by cryoflex train, from a source you trust",
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found_format = state.get("format") if isinstance(state, dict) else None
+        raise CryoflexInputError(path, f"checkpoint format {found_format} is not {CHECKPOINT_FORMAT}",
                                  "use the cryoflex version that wrote it")
     return state
