@@ -1,6 +1,6 @@
 # On a fresh machine: `make demo` (set-up, then the demo) and `make test` (set-up, then the tests).
 # torch==2.13.0 is installed first, on its own: on this project's machines that exact version is a local CPU build,
-# while any looser spec would pull gigabytes of CUDA packages. pyproject keeps torch>=2.3 so GPU users bring their own.
+# while any looser spec would pull gigabytes of CUDA packages. pyproject keeps torch>=2.5 so GPU users bring their own.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
