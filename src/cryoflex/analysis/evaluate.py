@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ EVAL_JSON = "eval.json"
 CLASH_CUTOFF_A = 4.0
 FSC_THRESHOLDS = (0.5, 0.143)
 _TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
-_GROUP_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<first>-?\d+)-(?P<last>-?\d+))?$")
 _FRAME_WARNING_RMSD_A = 1.0
 
 
@@ -111,30 +110,15 @@ def truth_rows(particle_names: np.ndarray, truth: Truth) -> np.ndarray:
 
 def parse_residue_group(spec: str, structure: Structure) -> np.ndarray:
     """Residue indices of a group "A:122-159" (chain A, residue numbers 122..159) or "A" (whole chain)."""
-    match = _GROUP_PATTERN.match(spec.strip())
-    where = structure.source_path
-    if match is None:
-        raise CryoflexInputError(where, f"residue group {spec!r} is not CHAIN or CHAIN:FIRST-LAST",
-                                 fix="write e.g. A:122-159", field="--distance")  # fmt: skip
-    selected = structure.chain_ids == match["chain"]
-    if not selected.any():
+    try:
+        return select_residues(spec, structure)
+    except ValueError as error:
         raise CryoflexInputError(
-            where,
-            f"residue group {spec!r}: no chain {match['chain']!r}",
-            fix=f"chains are {sorted(set(structure.chain_ids.tolist()))}",
+            structure.source_path,
+            f"residue group {spec!r}: {error}",
+            fix="write CHAIN or CHAIN:FIRST-LAST, e.g. A:122-159",
             field="--distance",
-        )
-    if match["first"] is not None:
-        numbers = structure.residue_numbers
-        selected &= (numbers >= int(match["first"])) & (numbers <= int(match["last"]))
-    if not selected.any():
-        raise CryoflexInputError(
-            where,
-            f"residue group {spec!r} selects no residue",
-            fix="check the residue numbers of the structure",
-            field="--distance",
-        )
-    return np.flatnonzero(selected)
+        ) from None
 
 
 def clash_count(coords_A: np.ndarray, chain_ids: np.ndarray, cutoff_A: float = CLASH_CUTOFF_A) -> int:
