@@ -84,3 +84,22 @@ def _content(path: Path) -> bytes:
 
 def _first_x(model: gemmi.Model) -> float:
     return next(iter(next(iter(model))))[0].pos.x
+
+
+def test_subset_clusters_are_numbered_from_one(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """Cluster 0 (or K + 1) is refused before any work, and the advice names valid 1-based numbers."""
+    for wrong in ("0", "4"):
+        out = tmp_path / f"wrong_{wrong}"
+        args = ["analyze", str(trained_run), "--out", str(out), "--clusters", "3", "--subset-clusters", "2", wrong,
+                "--device", "cpu"]  # fmt: skip
+        assert cli_main(args) == 2
+        message = capsys.readouterr().err
+        assert f"no cluster {wrong}: the 3 clusters are numbered 1..3" in message
+        assert "choose among 1..3" in message and "-1" not in message
+        assert not out.exists()
+    args = ["analyze", str(trained_run), "--out", str(tmp_path / "ok"), "--clusters", "3", "--points", "2",
+            "--subset-clusters", "3", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    labels = np.load(tmp_path / "ok" / "latent" / "kmeans_labels.npy")
+    subset = read_metadata(tmp_path / "ok" / "subsets" / "clusters_3.star")
+    assert subset.n_particles == int(np.sum(labels == 2)) > 0

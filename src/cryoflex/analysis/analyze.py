@@ -14,6 +14,7 @@ Every numeric output is deterministic: the same run and options give byte-identi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from cryoflex.analysis import export, figures, latent, report, structures
 from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
+from cryoflex.errors import CryoflexInputError
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +58,27 @@ def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: Analyz
     return paths
 
 
+def check_subset_clusters(chosen: Sequence[int], n_clusters: int) -> None:
+    """Refuse cluster numbers outside 1..n_clusters: users count clusters from 1, as the CSV and the report do."""
+    if n_clusters < 1:
+        raise CryoflexInputError(
+            None, f"{n_clusters} k-means clusters", fix="give --clusters 1 or more", field="--clusters"
+        )
+    wrong = sorted({int(k) for k in chosen if not 1 <= k <= n_clusters})
+    if wrong:
+        raise CryoflexInputError(
+            None,
+            f"no cluster {', '.join(str(k) for k in wrong)}: the {n_clusters} clusters are numbered 1..{n_clusters}",
+            fix=f"choose among 1..{n_clusters} (the cluster column of latent/latent_embedding.csv)",
+            field="--subset-clusters",
+        )
+
+
 def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
     paths: list[Path] = []
     metadata = run.dataset.metadata
     if options.subset_clusters:
+        check_subset_clusters(options.subset_clusters, len(embedding.kmeans_centres))  # fewer when latents repeat
         chosen = [k - 1 for k in options.subset_clusters]
         indices = export.select_by_clusters(embedding.kmeans_labels, chosen)
         stem = "clusters_" + "_".join(str(k) for k in options.subset_clusters)
@@ -98,6 +117,7 @@ def analyze_run(
 
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
+    check_subset_clusters(options.subset_clusters, options.n_clusters)  # before minutes of encoding
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
