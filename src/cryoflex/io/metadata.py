@@ -1,10 +1,11 @@
 """Particle metadata: RELION 3.0/3.1/5 STAR, cryoSPARC .cs and cryoDRGN .pkl -> one ParticleMetadata record.
 
-Conventions (DESIGN.md): rotations R map centred model coordinates to x' = R x, projected along z; shifts_A
+Conventions (docs/conventions.md): rotations R map centred model coordinates to x' = R x, projected along z; shifts_A
 are RELION origins (ox, oy) in Angstrom, observed(x) = centred_projection(x + origin); angles in degrees.
 cryoDRGN poses.pkl stores t = origin_px / D with the same sign (checked against its golden pose.star.pkl
 and pose.cs.pkl). Optional CTF fields (phase shift, B-factor, scale) default to 0, 0, 1; every value read
-is checked to be finite.
+is checked to be finite. Sections of docs/conventions.md: "Rotations and projection", "Origins (particle shifts)",
+"Pixel size", "Image references", "Missing CTF values", "cryoSPARC poses and shifts", "cryoDRGN files".
 """
 
 from __future__ import annotations
