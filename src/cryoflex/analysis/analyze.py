@@ -117,7 +117,7 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
         caption = (
             f"PC{component} traversal: structures decoded at the 5th (faint) and 95th (solid) percentile of "
             f"PC{component}, the other components at their mean; C-alpha traces coloured by segment, seen down z "
-            f"(left) and down y (right). All {options.n_points} structures: traversal_pc{component}.pdb"
+            f"(left) and down y (right); all {options.n_points} structures are in traversal_pc{component}.pdb"
         )
         shown.append((caption, path))
     return shown
