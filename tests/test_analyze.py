@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import gemmi
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cryoflex.analysis import figures
 from cryoflex.cli import main as cli_main
 from cryoflex.io.metadata import read_metadata
 
@@ -84,3 +86,65 @@ def _content(path: Path) -> bytes:
 
 def _first_x(model: gemmi.Model) -> float:
     return next(iter(next(iter(model))))[0].pos.x
+
+
+@pytest.fixture(scope="module")
+def small_analysis(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small_analysis")
+    args = ["analyze", str(trained_run), "--out", str(out), "--clusters", "3", "--points", "2",
+            "--subset-clusters", "3", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    return out
+
+
+def test_subset_clusters_are_numbered_from_one(
+    trained_run: Path, small_analysis: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cluster 0 (or K + 1) is refused before any work, and the advice names valid 1-based numbers."""
+    for wrong in ("0", "4"):
+        out = tmp_path / f"wrong_{wrong}"
+        args = ["analyze", str(trained_run), "--out", str(out), "--clusters", "3", "--subset-clusters", "2", wrong,
+                "--device", "cpu"]  # fmt: skip
+        assert cli_main(args) == 2
+        message = capsys.readouterr().err
+        assert f"no cluster {wrong}: the 3 clusters are numbered 1..3" in message
+        assert "choose among 1..3" in message and "-1" not in message
+        assert not out.exists()
+    labels = np.load(small_analysis / "latent" / "kmeans_labels.npy")
+    subset = read_metadata(small_analysis / "subsets" / "clusters_3.star")
+    assert subset.n_particles == int(np.sum(labels == 2)) > 0
+
+
+class _Captions(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = False
+        self.captions: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.inside = tag == "figcaption"
+
+    def handle_data(self, data: str) -> None:
+        if self.inside:
+            self.captions.append(data)
+            self.inside = False
+
+
+def test_report_captions_say_what_each_figure_shows(small_analysis: Path) -> None:
+    parser = _Captions()
+    parser.feed((small_analysis / "report.html").read_text(encoding="utf-8"))
+    captions = parser.captions
+    assert len(captions) == len(set(captions)) >= 9  # particles, 3 latent, 2 segmentation, 2 traversals, motions, ...
+    assert all(len(caption.split()) >= 8 for caption in captions), captions  # sentences, not bare file names
+    assert sum(caption.startswith("PC1 traversal") for caption in captions) == 1
+    assert sum(caption.startswith("PC2 traversal") for caption in captions) == 1
+    assert any("1 - correlation" in caption for caption in captions)
+
+
+def test_traversal_figures_carry_their_component_in_the_title(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    titles = []
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path: titles.append(figure.get_suptitle()) or path)
+    frames = np.random.default_rng(0).normal(size=(3, 5, 3)) * 10
+    for component in (1, 2):
+        figures.traversal_figure(frames, np.ones(5, dtype=int), np.array(["A"] * 5), component, tmp_path / "t.png")
+    assert titles[0].startswith("PC1 traversal") and titles[1].startswith("PC2 traversal")

@@ -89,7 +89,7 @@ def test_wavelength_known_values() -> None:
     volts = torch.tensor([120.0, 200.0, 300.0], dtype=F64)
     expected = torch.tensor([electron_wavelength_A(float(v)) for v in volts], dtype=F64)
     torch.testing.assert_close(electron_wavelength_A(volts), expected, rtol=1e-15, atol=0.0)
-    # RELION's and cisTEM's constants differ by 3.3e-5 relative (DESIGN.md).
+    # RELION's and cisTEM's constants differ by 3.3e-5 relative (docs/conventions.md, "CTF").
     relative = electron_wavelength_A(300.0) / _cistem_wavelength_A(300.0) - 1.0
     assert relative == pytest.approx(3.28e-5, abs=1e-6)
 

@@ -8,7 +8,7 @@ from cryoflex.data.downsample import downsampled_pixel_size_A, fourier_crop
 
 
 def _grid_A(box_px: int, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) in A of every pixel, DESIGN.md convention: pixel (i, j) at ((j - N//2) a, (i - N//2) a)."""
+    """(x, y) in A of every pixel: (i, j) at ((j - N//2) a, (i - N//2) a) (docs/conventions.md, "Image pixel grid")."""
     axis = (np.arange(box_px) - box_px // 2) * pixel_size_A
     return np.meshgrid(axis, axis, indexing="xy")
 

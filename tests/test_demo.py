@@ -42,6 +42,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[str,
     return runs
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_the_summary_and_writes_the_report(quick_runs: dict[int, tuple[str, Path]]) -> None:
     text, out = quick_runs[0]
     print(text)
@@ -53,6 +54,7 @@ def test_quick_demo_prints_the_summary_and_writes_the_report(quick_runs: dict[in
     assert "Comparison with the truth" in html and html.count("data:image/png;base64,") >= 10
 
 
+@pytest.mark.slow
 def test_figures_are_computed_not_written_in(quick_runs: dict[int, tuple[str, Path]]) -> None:
     first, second = quick_runs[0][0], quick_runs[1][0]
     assert _numbers(first) != _numbers(second)

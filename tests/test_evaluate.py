@@ -10,7 +10,15 @@ import pytest
 from scipy.spatial.distance import pdist, squareform
 from scipy.spatial.transform import Rotation
 
-from cryoflex.analysis.evaluate import clash_count, evaluate, parse_residue_group, read_truth, truth_rows
+from cryoflex.analysis.evaluate import (
+    clash_count,
+    evaluate,
+    figure_captions,
+    fsc_figure,
+    parse_residue_group,
+    read_truth,
+    truth_rows,
+)
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.cli import main as cli_main
 from cryoflex.config import load_config
@@ -164,3 +172,28 @@ def test_residue_groups(trained: TrainedRun) -> None:
                           ("A:300-310", "selects no residue")):  # fmt: skip
         with pytest.raises(CryoflexInputError, match=message):
             parse_residue_group(spec, trained.structure)
+
+
+def test_fsc_plot_gives_thresholds_and_resolutions_in_its_legend() -> None:
+    frequency = np.arange(11) / (20 * 1.5)  # Nyquist 1/3 per A
+    curves = {"prediction": np.linspace(1.0, 0.0, 11), "nominal": np.ones(11)}
+    figure = fsc_figure(frequency, curves, n_images=4)
+    axes = figure.axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    # prediction falls below 0.5 half-way to Nyquist (6 A) and below 0.143 at 0.857 of it (3.5 A)
+    assert legend == ["prediction (0.5: 6.0 A, 0.143: 3.5 A)",
+                      "nominal (0.5: beyond Nyquist 3.0 A, 0.143: beyond Nyquist 3.0 A)",
+                      "FSC = 0.5", "FSC = 0.143"]  # fmt: skip
+    assert "4 images" in axes.get_title()
+
+
+def test_evaluation_figures_have_captions() -> None:
+    result = {
+        "plots": ["rmsd_histogram.png", "distance_1.png", "fsc.png"],
+        "distances": [{"group_a": "A:122-159", "group_b": "A:30-59"}],
+        "fsc": {"n_samples": 50, "voxel_size_A": 1.5},
+    }
+    captions = figure_captions(result)
+    assert [name for name, _ in captions] == result["plots"]
+    assert "residues A:122-159 and A:30-59" in captions[1][1]
+    assert "50 sampled images" in captions[2][1] and "0.143" in captions[2][1]

@@ -141,6 +141,7 @@ def test_networks_shapes_and_identity_start() -> None:
     assert torch.all(vectors == 0) and torch.all(translations == 0)
 
 
+@pytest.mark.slow
 def test_compiled_deformation_matches_eager() -> None:
     """`compile: true` runs the same deformation through torch.compile (about a minute to compile on this CPU)."""
     from cryoflex.model.cryosphere import CryoSphere

@@ -21,6 +21,8 @@ from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
 from cryoflex.train.setup import prepare_inputs
 
+pytestmark = pytest.mark.slow  # trains a model end to end: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def recovered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from cryoflex.analysis.report import ReportSection, read_metrics, training_curves_figure, write_report
+from cryoflex.analysis.report import (
+    ReportSection,
+    read_metrics,
+    training_curves,
+    training_curves_figure,
+    write_report,
+)
 from cryoflex.errors import CryoflexInputError
 
 _PNG = b"\x89PNG\r\n\x1a\n"
-_TERMS = ("total", "correlation", "latent_kl", "segmentation_kl", "continuity", "clash")
+_TERMS = ("total", "one_minus_correlation", "latent_kl", "segmentation_kl", "continuity", "clash")
 
 
 class _Page(HTMLParser):
@@ -51,14 +57,14 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])  # IHDR width, height
 
 
-def _metrics(path: Path) -> Path:
+def _metrics(path: Path, terms: tuple[str, ...] = _TERMS) -> Path:
     """Two epochs of 3 steps, logged at steps 2 and 3 and per epoch, with timings that are not loss terms."""
     lines = []
     for epoch in (1, 2):
         for step in (3 * epoch - 1, 3 * epoch):
-            values = {term: 1.0 / (step + k) for k, term in enumerate(_TERMS)}
+            values = {term: 1.0 / (step + k) for k, term in enumerate(terms)}
             lines.append({"kind": "step", "epoch": epoch, "step": step, **values})
-        values = {term: 1.0 / (3 * epoch + k + 0.5) for k, term in enumerate(_TERMS)}
+        values = {term: 1.0 / (3 * epoch + k + 0.5) for k, term in enumerate(terms)}
         lines.append(
             {"kind": "epoch", "epoch": epoch, "step": 3 * epoch, **values, "seconds": 4.2, "images_per_s": 9.5}
         )
@@ -73,6 +79,17 @@ def test_training_curves_plot_one_panel_per_loss_term(tmp_path: Path) -> None:
     # 6 terms -> 3 x 2 panels of 4.2 x 2.8 in at 100 dpi; counting seconds and images_per_s would give 3 rows.
     assert _png_size(png) == (1260, 560)
     assert [p.name for p in png.parent.iterdir()] == ["training_curves.png"]
+
+
+def test_runs_that_logged_correlation_plot_as_one_minus_correlation(tmp_path: Path) -> None:
+    """Older runs wrote 1 - correlation under the key "correlation": it reads and plots as the current term."""
+    legacy_terms = tuple("correlation" if term == "one_minus_correlation" else term for term in _TERMS)
+    legacy, current = _metrics(tmp_path / "legacy.jsonl", legacy_terms), _metrics(tmp_path / "current.jsonl")
+    assert read_metrics(legacy) == read_metrics(current)
+    assert all("correlation" not in record for record in read_metrics(legacy))
+    for path in (legacy, current):
+        titles = [axes.get_title() for axes in training_curves(read_metrics(path)).axes]
+        assert titles == ["total", "1 - correlation", "latent_kl", "segmentation_kl", "continuity", "clash"]
 
 
 def test_damaged_metrics_are_reported_with_their_line(tmp_path: Path) -> None:
@@ -146,11 +163,26 @@ def test_report_is_one_offline_page_with_everything(tmp_path: Path) -> None:
         "Segments",
         "A:121",
         "Evaluation <summary>",
-        "1.23457",
+        "1.23",
     ):
         assert expected in text, expected
     assert page.links == ["per_particle_coords.npy", "subsets/cluster_1.star"]
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html"]  # no temporary file left
+
+
+def test_table_numbers_are_rounded_per_column_and_the_configuration_is_exact(tmp_path: Path) -> None:
+    tables = {
+        "Against the truth": [
+            {"median RMSD (A)": 1.4904712, "correlation": 0.95012, "images": 40, "tiny": 1.234e-5, "none": None},
+            {"median RMSD (A)": 12.3, "correlation": -0.1234, "images": 7, "tiny": 2.0, "none": float("nan")},
+        ]
+    }
+    config = {"learning_rate": 0.0003, "sigma_A": 1.4904712}
+    page = _parse(write_report(tmp_path / "report.html", title="t", sections=[], config=config, tables=tables))
+    text = [chunk.strip() for chunk in page.text if chunk.strip()]
+    for expected in ("1.49", "12.30", "0.950", "-0.123", "40", "1.23e-05", "2", "nan", "0.0003", "1.4904712"):
+        assert expected in text, expected
+    assert "1.49047" not in text and "0.95012" not in text
 
 
 def test_report_refuses_a_figure_that_is_not_png(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ Every numeric output is deterministic: the same run and options give byte-identi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,22 @@ import numpy as np
 from cryoflex.analysis import export, figures, latent, report, structures
 from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
+from cryoflex.errors import CryoflexInputError
 
 logger = logging.getLogger(__name__)
+
+_PARTICLES_CAPTION = (
+    "The first particles as the model sees them (downsampled and normalised, top) and the images the model predicts "
+    "for them at their poses, with their CTF (bottom)"
+)
+_SEGMENTS_CAPTION = (
+    "Probability of each segment along the chain (posterior-mean mixture); dashed lines mark chain boundaries"
+)
+_TRACE_CAPTION = "The nominal C-alpha trace coloured by most probable segment, seen down z (left) and down y (right)"
+_TRAINING_CAPTION = (
+    "Loss terms against the training step: logged steps (line) and epoch means (dots); 1 - correlation is the "
+    "image term, 0 for a perfect prediction"
+)
 
 
 @dataclass
@@ -56,10 +71,27 @@ def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: Analyz
     return paths
 
 
+def check_subset_clusters(chosen: Sequence[int], n_clusters: int) -> None:
+    """Refuse cluster numbers outside 1..n_clusters: users count clusters from 1, as the CSV and the report do."""
+    if n_clusters < 1:
+        raise CryoflexInputError(
+            None, f"{n_clusters} k-means clusters", fix="give --clusters 1 or more", field="--clusters"
+        )
+    wrong = sorted({int(k) for k in chosen if not 1 <= k <= n_clusters})
+    if wrong:
+        raise CryoflexInputError(
+            None,
+            f"no cluster {', '.join(str(k) for k in wrong)}: the {n_clusters} clusters are numbered 1..{n_clusters}",
+            fix=f"choose among 1..{n_clusters} (the cluster column of latent/latent_embedding.csv)",
+            field="--subset-clusters",
+        )
+
+
 def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
     paths: list[Path] = []
     metadata = run.dataset.metadata
     if options.subset_clusters:
+        check_subset_clusters(options.subset_clusters, len(embedding.kmeans_centres))  # fewer when latents repeat
         chosen = [k - 1 for k in options.subset_clusters]
         indices = export.select_by_clusters(embedding.kmeans_labels, chosen)
         stem = "clusters_" + "_".join(str(k) for k in options.subset_clusters)
@@ -80,9 +112,14 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
         points = latent.traversal_latents(embedding, component, options.n_points)
         frames = np.concatenate(list(decode_latents(run.model, points)))
         path = figures.traversal_figure(
-            frames, segment_ids, run.structure.chain_ids, out / f"traversal_pc{component}.png"
+            frames, segment_ids, run.structure.chain_ids, component, out / f"traversal_pc{component}.png"
         )
-        shown.append((f"traversal along PC{component}", path))
+        caption = (
+            f"PC{component} traversal: structures decoded at the 5th (faint) and 95th (solid) percentile of "
+            f"PC{component}, the other components at their mean; C-alpha traces coloured by segment, seen down z "
+            f"(left) and down y (right); all {options.n_points} structures are in traversal_pc{component}.pdb"
+        )
+        shown.append((caption, path))
     return shown
 
 
@@ -98,6 +135,7 @@ def analyze_run(
 
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
+    check_subset_clusters(options.subset_clusters, options.n_clusters)  # before minutes of encoding
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
@@ -139,20 +177,18 @@ def analyze_run(
 
     particles = figures.particle_images_figure(run, out_dir / "particles.png")
     sections = [
-        report.ReportSection("Particles", [("particles and predictions", particles)]),
-        report.ReportSection("Latent space", [(p.stem.replace("_", " "), p) for p in latent_figures]),
-        report.ReportSection("Segmentation", [
-            ("segment probability per residue", segment_figure), ("segments on the nominal structure", on_structure),
-        ]),  # fmt: skip
+        report.ReportSection("Particles", [(_PARTICLES_CAPTION, particles)]),
+        report.ReportSection("Latent space", [(latent.FIGURE_CAPTIONS[p.stem], p) for p in latent_figures]),
+        report.ReportSection("Segmentation", [(_SEGMENTS_CAPTION, segment_figure), (_TRACE_CAPTION, on_structure)]),
         report.ReportSection("Traversals", _traversal_figures(run, embedding, options, out_dir / "traversals", ids)),
         report.ReportSection("Motions per segment", [
-            (p.stem.replace("_", " "), p) for p in motion_files if p.suffix == ".png"
+            (structures.MOTIONS_CAPTION, p) for p in motion_files if p.suffix == ".png"
         ]),  # fmt: skip
     ]
     sections += extra_sections or []
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
-        sections.append(report.ReportSection("Training", [("loss terms", curves)]))
+        sections.append(report.ReportSection("Training", [(_TRAINING_CAPTION, curves)]))
     tables = {
         "Segments": [vars(row) for row in segment_rows],
         "Clusters": [

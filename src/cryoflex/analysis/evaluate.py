@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +22,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
 from scipy.stats import pearsonr, spearmanr
 
 from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
+from cryoflex.analysis.latent import new_figure, save_figure
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rmsd_A
 from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ EVAL_JSON = "eval.json"
 CLASH_CUTOFF_A = 4.0
 FSC_THRESHOLDS = (0.5, 0.143)
 _TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
-_GROUP_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<first>-?\d+)-(?P<last>-?\d+))?$")
 _FRAME_WARNING_RMSD_A = 1.0
 
 
@@ -111,30 +112,15 @@ def truth_rows(particle_names: np.ndarray, truth: Truth) -> np.ndarray:
 
 def parse_residue_group(spec: str, structure: Structure) -> np.ndarray:
     """Residue indices of a group "A:122-159" (chain A, residue numbers 122..159) or "A" (whole chain)."""
-    match = _GROUP_PATTERN.match(spec.strip())
-    where = structure.source_path
-    if match is None:
-        raise CryoflexInputError(where, f"residue group {spec!r} is not CHAIN or CHAIN:FIRST-LAST",
-                                 fix="write e.g. A:122-159", field="--distance")  # fmt: skip
-    selected = structure.chain_ids == match["chain"]
-    if not selected.any():
+    try:
+        return select_residues(spec, structure)
+    except ValueError as error:
         raise CryoflexInputError(
-            where,
-            f"residue group {spec!r}: no chain {match['chain']!r}",
-            fix=f"chains are {sorted(set(structure.chain_ids.tolist()))}",
+            structure.source_path,
+            f"residue group {spec!r}: {error}",
+            fix="write CHAIN or CHAIN:FIRST-LAST, e.g. A:122-159",
             field="--distance",
-        )
-    if match["first"] is not None:
-        numbers = structure.residue_numbers
-        selected &= (numbers >= int(match["first"])) & (numbers <= int(match["last"]))
-    if not selected.any():
-        raise CryoflexInputError(
-            where,
-            f"residue group {spec!r} selects no residue",
-            fix="check the residue numbers of the structure",
-            field="--distance",
-        )
-    return np.flatnonzero(selected)
+        ) from None
 
 
 def clash_count(coords_A: np.ndarray, chain_ids: np.ndarray, cutoff_A: float = CLASH_CUTOFF_A) -> int:
@@ -396,7 +382,7 @@ def evaluate(
 
     out = Path(out_dir) if out_dir is not None else run.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    plots = _write_plots(out, rmsd_per_image, distances, decoded.distances_A, true_distances, fsc_curves)
+    plots = _write_plots(out, rmsd_per_image, distances, decoded.distances_A, true_distances, fsc_curves, len(fsc_pick))
     result = {
         "run": str(run.run_dir), "epoch": run.epoch, "truth": str(truth.path), "n_images": n, "seed": seed,
         "nominal_vs_truth_nominal_rmsd_A": _frame_rmsd_A(nominal, truth), "rmsd_A": rmsd, "distances": distances,
@@ -406,6 +392,51 @@ def evaluate(
     return result
 
 
+def _crossing_text(frequency_per_A: np.ndarray, fsc: np.ndarray, threshold: float) -> str:
+    """Where a curve falls below `threshold`, for a legend: the resolution in A, or why there is none."""
+    resolution_A = resolution_at(frequency_per_A, fsc, threshold)
+    if not math.isfinite(resolution_A):
+        return "below from the start"
+    if bool(np.all(np.asarray(fsc) >= threshold)):
+        return f"beyond Nyquist {resolution_A:.1f} A"
+    return f"{resolution_A:.1f} A"
+
+
+def fsc_figure(frequency_per_A: np.ndarray, curves: dict[str, np.ndarray], n_images: int) -> Figure:
+    """FSC curves against the true maps, the 0.5 (dashed) and 0.143 (dotted) thresholds in the legend, and in each
+    curve's legend entry the resolution where it falls below each threshold."""
+    figure = new_figure(6.5, 4.5)
+    axes = figure.add_subplot()
+    for name, fsc in curves.items():
+        crossings = ", ".join(f"{t:g}: {_crossing_text(frequency_per_A, fsc, t)}" for t in FSC_THRESHOLDS)
+        axes.plot(frequency_per_A, fsc, label=f"{name} ({crossings})")
+    for threshold, style in zip(FSC_THRESHOLDS, ("--", ":"), strict=True):
+        axes.axhline(threshold, color="grey", lw=0.8, ls=style, label=f"FSC = {threshold:g}")
+    axes.set(xlabel="spatial frequency (1/A)", ylabel="mean FSC to the true volume", ylim=(-0.1, 1.05),
+             title=f"FSC against the true maps, mean of {n_images} images")  # fmt: skip
+    axes.legend(fontsize="small", loc="upper right")
+    return figure
+
+
+def figure_captions(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(plot file name, report caption) for each plot of an evaluate() result, in its order."""
+    fsc = result["fsc"]
+    captions = {
+        "rmsd_histogram.png": "Per-image C-alpha RMSD to the true structure (A, without superposition): the "
+        "prediction, the nominal structure for every image, and the best single true conformation for every image; "
+        "medians in the legend",
+        "fsc.png": f"Mean Fourier shell correlation of the predicted and of the nominal maps against the true maps "
+        f"over {fsc['n_samples']} sampled images ({fsc['voxel_size_A']:g} A voxels); the legend gives where each "
+        "curve falls below 0.5 (dashed) and 0.143 (dotted)",
+    }
+    for g, entry in enumerate(result["distances"]):
+        captions[f"distance_{g + 1}.png"] = (
+            f"Distance between the centroids of residues {entry['group_a']} and {entry['group_b']}, predicted "
+            "against true, one dot per image (grey line: equal); Pearson correlation in the title"
+        )
+    return [(name, captions[name]) for name in result["plots"]]
+
+
 def _write_plots(
     out: Path,
     rmsd_per_image: dict[str, np.ndarray],
@@ -413,6 +444,7 @@ def _write_plots(
     predicted_distances: np.ndarray,
     true_distances: list[np.ndarray],
     fsc_curves: dict[str, np.ndarray],
+    n_fsc_images: int,
 ) -> list[str]:
     """RMSD histograms, predicted vs true distance per group pair, mean FSC curves; returns the PNG names."""
     import matplotlib
@@ -446,13 +478,8 @@ def _write_plots(
                title=f"{entry['group_a']} to {entry['group_b']}: Pearson {pearson}")  # fmt: skip
         save(fig, f"distance_{g + 1}.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     frequency = fsc_curves["frequency_per_A"]
-    ax.plot(frequency, fsc_curves["prediction"], label="prediction")
-    ax.plot(frequency, fsc_curves["nominal"], label="nominal")
-    for threshold in FSC_THRESHOLDS:
-        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="spatial frequency (1/A)", ylabel="mean FSC to the true volume", ylim=(-0.1, 1.05))
-    ax.legend()
-    save(fig, "fsc.png")
+    curves = {name: fsc_curves[name] for name in ("prediction", "nominal")}
+    save_figure(fsc_figure(frequency, curves, n_fsc_images), out / "fsc.png")
+    written.append("fsc.png")
     return written

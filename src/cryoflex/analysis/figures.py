@@ -68,8 +68,11 @@ def segments_on_structure_figure(
     return save_figure(figure, path)
 
 
-def traversal_figure(frames_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, path: Path) -> Path:
-    """First (faint) and last (solid) structures of a traversal superposed, two views, coloured by segment."""
+def traversal_figure(
+    frames_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.ndarray, component: int, path: Path
+) -> Path:
+    """First (faint) and last (solid) structures of the traversal along PC `component` superposed, two views,
+    coloured by segment."""
     figure = new_figure(8.0, 4.0)
     for k, (x_name, y_name, i, j) in enumerate(_VIEWS):
         axes = figure.add_subplot(1, 2, k + 1)
@@ -78,5 +81,5 @@ def traversal_figure(frames_A: np.ndarray, segment_ids: np.ndarray, chain_ids: n
         axes.set_aspect("equal")
         axes.set_xlabel(f"{x_name} (A)")
         axes.set_ylabel(f"{y_name} (A)")
-    figure.suptitle("traversal: 5th percentile (faint) and 95th percentile (solid)")
+    figure.suptitle(f"PC{component} traversal: 5th percentile of PC{component} (faint) and 95th percentile (solid)")
     return save_figure(figure, path)

@@ -268,6 +268,17 @@ def plot_umap_clusters(embedding: LatentEmbedding, path: Path) -> Path:
     return save_figure(figure, path)
 
 
+# Report captions of the figures of plot_embedding, by file stem.
+FIGURE_CAPTIONS = {
+    "pca_density": "Density of the particles' latent means on the first two principal components (log colour "
+    "scale; a histogram of PC1 when the latent space has one dimension)",
+    "pca_clusters": "The particles on PC1 and PC2 coloured by k-means cluster (clustered in the full latent space); "
+    "crosses mark the cluster centres, numbered as in the Clusters table and latent_embedding.csv",
+    "explained_variance": "Share of the variance of the latent means along each principal component",
+    "umap_clusters": "UMAP of the latent means, coloured by k-means cluster",
+}
+
+
 def plot_embedding(embedding: LatentEmbedding, out_dir: Path) -> list[Path]:
     """All latent-space figures: pca_density.png, pca_clusters.png, explained_variance.png[, umap_clusters.png]."""
     out_dir = Path(out_dir)

@@ -26,13 +26,19 @@ logger = logging.getLogger(__name__)
 
 # Keys of a metrics.jsonl line that are bookkeeping or timings, not loss terms.
 _NOT_LOSS_TERMS = frozenset({"kind", "epoch", "step", "seconds", "images_per_s"})
+# Loss terms renamed since older runs were written: old key -> current key (same values).
+_RENAMED_TERMS = {"correlation": "one_minus_correlation"}
+# Panel titles of terms whose key is not a readable name.
+_TERM_LABELS = {"one_minus_correlation": "1 - correlation"}
+# Table cells show floats to this many significant figures (the configuration table shows them exactly).
+_SIGNIFICANT_DIGITS = 3
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 0.9em; color: #555; text-align: center; }
+figcaption { font-size: 0.9em; color: #555; max-width: 50em; padding-top: 0.3em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -51,7 +57,11 @@ class ReportSection:
 
 
 def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, one dict per line (blank lines and a cut-off last line skipped)."""
+    """The records of a run's metrics.jsonl, one dict per line (blank lines and a cut-off last line skipped).
+
+    Terms of older runs come back under their current names ("correlation" as "one_minus_correlation": the value
+    was always 1 - correlation), so old and new runs plot alike.
+    """
     path = Path(metrics_path)
     if not path.is_file():
         raise CryoflexInputError(path, "file not found", fix="give the folder of a cryoflex train run")
@@ -77,8 +87,14 @@ def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
                 fix="remove the damaged line",
                 field=f"line {number}",
             )
-        records.append(record)
+        records.append({_current_name(key, record): value for key, value in record.items()})
     return records
+
+
+def _current_name(key: str, record: Mapping[str, Any]) -> str:
+    """The current name of a term of an older run (unless the record already holds the current one)."""
+    new = _RENAMED_TERMS.get(key)
+    return key if new is None or new in record else new
 
 
 def _loss_terms(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -96,13 +112,9 @@ def _series(records: Sequence[Mapping[str, Any]], kind: str, term: str) -> tuple
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Path:
-    """Plot each loss term of RUN/metrics.jsonl against the step (logged steps as lines, epoch means as dots)."""
-    path = Path(metrics_path)
-    records = read_metrics(path)
+def training_curves(records: Sequence[Mapping[str, Any]]) -> Figure:
+    """One panel per loss term against the step (logged steps as lines, epoch means as dots)."""
     terms = _loss_terms(records)
-    if not terms:
-        raise CryoflexInputError(path, "holds no loss values to plot", fix="train for at least one epoch first")
     columns = min(3, len(terms))
     rows = math.ceil(len(terms) / columns)
     figure = Figure(figsize=(4.2 * columns, 2.8 * rows), layout="constrained")
@@ -112,11 +124,21 @@ def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Pat
         axes.plot(steps, values, lw=1, color="tab:blue", label="step")
         steps, values = _series(records, "epoch", term)
         axes.plot(steps, values, "o", ms=4, color="tab:orange", label="epoch mean")
-        axes.set_title(term)
+        axes.set_title(_TERM_LABELS.get(term, term))
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
         if position == 0:
             axes.legend(fontsize="small")
+    return figure
+
+
+def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """Plot each loss term of RUN/metrics.jsonl against the step into out_png (see training_curves)."""
+    path = Path(metrics_path)
+    records = read_metrics(path)
+    if not _loss_terms(records):
+        raise CryoflexInputError(path, "holds no loss values to plot", fix="train for at least one epoch first")
+    figure = training_curves(records)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
@@ -142,22 +164,40 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
     return rows
 
 
-def _cell(value: Any) -> str:
-    """A table cell: numbers right-aligned (floats to 6 significant digits), None blank, lists as JSON."""
+def _float_format(values: Sequence[Any]) -> str:
+    """Format of a column's floats: fixed decimals that give its smallest non-zero magnitude 3 significant figures
+    (so the column lines up: 1.49, 12.30, 0.950), or 3 significant figures each when it spans tiny or huge values."""
+    magnitudes = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v) and v != 0.0]
+    if not magnitudes:
+        return ".0f"
+    if min(magnitudes) < 1e-3 or max(magnitudes) >= 1e6:
+        return f".{_SIGNIFICANT_DIGITS}g"
+    return f".{max(0, _SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(min(magnitudes))))}f"
+
+
+def _cell(value: Any, float_format: str | None) -> str:
+    """A table cell: numbers right-aligned (floats in float_format, None: exactly), None blank, lists as JSON."""
     if isinstance(value, bool) or value is None:
         return f"<td>{'' if value is None else html.escape(str(value).lower())}</td>"
     if isinstance(value, int | float):
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            text = repr(value) if float_format is None or not math.isfinite(value) else format(value, float_format)
+        else:
+            text = str(value)
         return f'<td class="num">{html.escape(text)}</td>'
     text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
     return f"<td>{html.escape(text)}</td>"
 
 
-def _table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """An HTML table whose columns are the union of the rows' keys, in order of first appearance."""
+def _table(rows: Sequence[Mapping[str, Any]], *, exact: bool = False) -> str:
+    """An HTML table whose columns are the union of the rows' keys, in order of first appearance.
+
+    Floats are rounded per column to 3 significant figures, or shown exactly (shortest round-trip) when `exact`.
+    """
     columns = list(dict.fromkeys(key for row in rows for key in row))
+    formats = {c: None if exact else _float_format([row.get(c) for row in rows]) for c in columns}
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(_cell(row.get(c)) for c in columns) + "</tr>\n" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(row.get(c), formats[c]) for c in columns) + "</tr>\n" for row in rows)
     return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
 
 
@@ -195,7 +235,7 @@ def write_report(
     for name, rows in tables.items():
         body.append(f"<h2>{html.escape(name)}</h2>\n" + (_table(rows) if rows else "<p>(empty)</p>\n"))
     config_rows = [{"setting": key, "value": value} for key, value in _flatten(config)]
-    body.append("<h2>Configuration</h2>\n" + _table(config_rows))
+    body.append("<h2>Configuration</h2>\n" + _table(config_rows, exact=True))
     if files:
         body.append(_links_html(out_html, files))
     page = (
@@ -209,4 +249,4 @@ def write_report(
     return out_html
 
 
-__all__ = ["ReportSection", "read_metrics", "training_curves_figure", "write_report"]
+__all__ = ["ReportSection", "read_metrics", "training_curves", "training_curves_figure", "write_report"]

@@ -251,6 +251,12 @@ def segment_motions_figure(motions: SegmentMotions, path: Path) -> Path:
     return save_figure(figure, path)
 
 
+MOTIONS_CAPTION = (
+    "Rigid motion of each segment over the particles, relative to the nominal structure: rotation angle (degrees, "
+    "left) and translation length (A, right); boxes span the quartiles, whiskers 1.5 interquartile ranges"
+)
+
+
 def write_segment_motions(motions: SegmentMotions, names: Sequence[str], out_dir: Path) -> list[Path]:
     """segment_motions.csv and segment_motions.png."""
     out_dir = Path(out_dir)

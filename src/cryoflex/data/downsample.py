@@ -2,7 +2,7 @@
 
 Cropping an N x N image to its central D x D Fourier components resamples the same band-limited function on a
 coarser grid: pixel size becomes pixel_size_A * N / D, and pixel D//2 of the output sits at the same physical
-point as pixel N//2 of the input (DESIGN.md: pixel (i, j) is at ((j - N//2) a, (i - N//2) a)). Values are scaled
+point as pixel N//2 of the input (docs/conventions.md, "Image pixel grid"). Values are scaled
 by (D / N)^2 so that a smooth image keeps its pixel values. The two input frequencies +-D/2, which both alias to
 the output Nyquist row/column, are averaged (the Hermitian-symmetric part), so the output is real.
 """

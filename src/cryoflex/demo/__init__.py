@@ -90,7 +90,7 @@ class DemoSummary:
 def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0, device: str = "auto") -> DemoSummary:
     """Simulate, train, analyse and evaluate under out_dir; returns the summary."""
     from cryoflex.analysis.analyze import AnalyzeOptions, analyze_run
-    from cryoflex.analysis.evaluate import evaluate
+    from cryoflex.analysis.evaluate import evaluate, figure_captions
     from cryoflex.analysis.metrics import domain_f1
     from cryoflex.analysis.report import ReportSection
     from cryoflex.analysis.run import load_run
@@ -132,7 +132,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0, device: str =
         "LID F1": domain_f1(ids, domains, 2),
     }
     truth_section = ReportSection("Comparison with the truth", [
-        (Path(name).stem.replace("_", " "), out_dir / "eval" / name) for name in result["plots"]
+        (caption, out_dir / "eval" / name) for name, caption in figure_captions(result)
     ])  # fmt: skip
     report_path = analyze_run(
         run, out_dir / "analysis", AnalyzeOptions(seed=seed),

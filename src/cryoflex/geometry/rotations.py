@@ -1,7 +1,8 @@
 """Rotation conventions of the file formats, as matrices R with x' = R x (model frame -> projection frame).
 
-RELION: R = (Rz(rot) Ry(tilt) Rz(psi))^T, angles in degrees (DESIGN.md; matches cryoDRGN's golden files).
+RELION: R = (Rz(rot) Ry(tilt) Rz(psi))^T, angles in degrees; matches cryoDRGN's golden files.
 cryoSPARC: R = from_rotvec(pose)^T.
+See docs/conventions.md, "RELION Euler angles" and "cryoSPARC poses and shifts".
 """
 
 from __future__ import annotations

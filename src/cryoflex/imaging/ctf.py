@@ -1,11 +1,11 @@
-"""Contrast transfer function (CTF) in torch, batched over particles, RELION sign (DESIGN.md).
+"""Contrast transfer function (CTF) in torch, batched over particles, RELION sign (docs/conventions.md, "CTF").
 
     lambda_A = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)),  V in volts
     df(theta) = 0.5 (dfU + dfV + (dfU - dfV) cos 2(theta - angle_ast)),  theta = atan2(ky, kx)
     chi = pi lambda df s^2 - (pi/2) Cs lambda^3 s^4 + phase_shift + asin(w),  s = |k| in 1/A, Cs in A
     CTF = sin(chi) exp(-B s^2 / 4) scale
 
-asin(w) equals DESIGN's atan(w / sqrt(1 - w^2)). This CTF is exactly minus cryoDRGN's and cisTEM's.
+asin(w) equals atan(w / sqrt(1 - w^2)). This CTF is exactly minus cryoDRGN's and cisTEM's.
 
 Speed: the CTF runs once per image per training step. Using cos 2(theta - a) s^2 = (kx^2 - ky^2) cos 2a +
 2 kx ky sin 2a, chi is a sum of four fixed per-pixel grid terms (frequencies in cycles per pixel, cached per

@@ -1,6 +1,6 @@
 """Pseudo-atom Gaussians -> 2-D projection images (cryoSPHERE's forward model), with origin shift and CTF.
 
-Conventions (DESIGN.md):
+Conventions (docs/conventions.md: "Image pixel grid", "Rotations and projection", "Origins (particle shifts)"):
 - Image N x N, row = y, column = x; pixel (i, j) sits at ((j - N//2) * apix, (i - N//2) * apix).
 - Model coordinates x (A, centred on the box centre) go to x' = R x and are projected along z.
 - Each residue a is a 3-D Gaussian A_a exp(-|r - x_a|^2 / (2 sigma^2)). Its z line integral is analytic,

@@ -66,21 +66,6 @@ def standard_normal_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean * mean + std * std - 1.0 - 2.0 * _safe_log(std)).sum(dim=-1)
 
 
-def normal_kl(
-    mean: torch.Tensor, std: torch.Tensor, prior_mean: torch.Tensor | float, prior_std: torch.Tensor | float
-) -> torch.Tensor:
-    """Scalar: sum of elementwise KL(N(mean, std^2) || N(prior_mean, prior_std^2)), with broadcasting.
-
-    Used for the variational posteriors of the segmentation's GMM parameters against their priors.
-    """
-    prior_mean = torch.as_tensor(prior_mean, dtype=mean.dtype, device=mean.device)
-    prior_std = torch.as_tensor(prior_std, dtype=mean.dtype, device=mean.device)
-    variance_ratio = (std / prior_std) ** 2
-    mean_term = ((mean - prior_mean) / prior_std) ** 2
-    kl = _safe_log(prior_std) - _safe_log(std) + 0.5 * (variance_ratio + mean_term - 1.0)
-    return kl.sum()
-
-
 def consecutive_pairs(chain_ids: Sequence[str] | np.ndarray) -> torch.Tensor:
     """(P, 2) int64 pairs (i, i + 1) of residues that follow each other in file order in the same chain."""
     same_chain_next = _same_chain_next(chain_ids)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 
 _MIN_POSTERIOR_STD = 1e-6
@@ -149,7 +150,7 @@ def _pad_columns(block: torch.Tensor, first_column: int, n_columns: int) -> torc
     return F.pad(block, (first_column, n_columns - first_column - block.shape[1]))
 
 
-_PART_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<start>-?\d+)-(?P<end>-?\d+))?:(?P<segments>\d+)$")
+_PART_PATTERN = re.compile(r"^(?P<group>.+):(?P<segments>\d+)$")
 
 
 def parse_parts(specs: Sequence[str], structure: Structure, default_segments: int) -> list[SegmentedPart]:
@@ -159,8 +160,6 @@ def parse_parts(specs: Sequence[str], structure: Structure, default_segments: in
     """
     if not specs:
         return [SegmentedPart("all", np.arange(structure.n_residues), default_segments)]
-    chain_ids = np.asarray(structure.chain_ids)
-    numbers = np.asarray(structure.residue_numbers)
     parts = []
     for spec in specs:
         match = _PART_PATTERN.match(spec.strip())
@@ -168,14 +167,9 @@ def parse_parts(specs: Sequence[str], structure: Structure, default_segments: in
             raise ValueError(
                 f"segment part {spec!r}: expected CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS, e.g. A:1-120:3"
             )
-        chain = match["chain"]
-        selected = chain_ids == chain
-        if not selected.any():
-            raise ValueError(f"segment part {spec!r}: no chain {chain!r}; chains are {sorted(set(chain_ids))}")
-        if match["start"] is not None:
-            selected &= (numbers >= int(match["start"])) & (numbers <= int(match["end"]))
-        indices = np.flatnonzero(selected)
-        if indices.size == 0:
-            raise ValueError(f"segment part {spec!r} selects no residue")
+        try:
+            indices = select_residues(match["group"], structure)
+        except ValueError as error:
+            raise ValueError(f"segment part {spec!r}: {error}") from None
         parts.append(SegmentedPart(spec.strip(), indices, int(match["segments"])))
     return parts
