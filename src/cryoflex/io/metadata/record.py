@@ -1,8 +1,9 @@
 """The particle record every reader fills and every writer takes, and the checks the readers share.
 
-Conventions (docs/conventions.md, pinned by tests/test_metadata.py): rotations R map centred model coordinates to x' = R x, projected
-along z; shifts_A are RELION origins (ox, oy) in Angstrom, observed(x) = centred_projection(x + origin); angles in
-degrees. Optional CTF fields (phase shift, B-factor, scale) default to 0, 0, 1; every value read is checked finite.
+Conventions (docs/conventions.md, pinned by tests/test_metadata.py): rotations R map centred model coordinates
+to x' = R x, projected along z; shifts_A are RELION origins (ox, oy) in Angstrom, observed(x) =
+centred_projection(x + origin); angles in degrees. Optional CTF fields (phase shift, B-factor, scale) default to
+0, 0, 1; every value read is checked finite.
 Sections of docs/conventions.md: "Rotations and projection", "Origins (particle shifts)", "Pixel size",
 "Image references", "Missing CTF values", "cryoSPARC poses and shifts", "cryoDRGN files".
 """
