@@ -67,9 +67,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 ) -> None:
     train(_config(tiny_dataset, epochs=1), tmp_path / "run")
     before = load_checkpoint(find_checkpoint(tmp_path / "run"))
-    import cryoflex.train.loop as loop
+    import cryoflex.train.objective as objective
 
-    monkeypatch.setattr(loop, "correlation_loss", lambda predicted, observed: predicted.sum((1, 2)) * float("nan"))
+    monkeypatch.setattr(objective, "correlation_loss", lambda predicted, observed: predicted.sum((1, 2)) * float("nan"))
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 2"):
         train(_config(tiny_dataset, epochs=2), tmp_path / "run", resume=True)
     after = load_checkpoint(find_checkpoint(tmp_path / "run"))

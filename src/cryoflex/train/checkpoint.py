@@ -15,12 +15,13 @@ import torch
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import atomic_path
+from cryoflex.run_dir import RunDir
 
 CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def random_states() -> dict[str, Any]:
@@ -43,10 +44,10 @@ def restore_random_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write epoch_NNNN.pt and last.pt atomically; returns the epoch file."""
-    directory = checkpoint_dir(run_dir)
+    run = RunDir(run_dir)
     payload = {"format": CHECKPOINT_FORMAT, **state}
-    epoch_path = directory / f"epoch_{state['epoch']:04d}.pt"
-    for path in (epoch_path, directory / "last.pt"):
+    epoch_path = run.checkpoint(state["epoch"])
+    for path in (epoch_path, run.last_checkpoint):
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
     return epoch_path
@@ -54,8 +55,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
 
 def find_checkpoint(run_dir: Path, epoch: int | None = None) -> Path:
     """The checkpoint of `epoch` (1-based, completed epochs), or the last one."""
-    directory = checkpoint_dir(run_dir)
-    path = directory / ("last.pt" if epoch is None else f"epoch_{epoch:04d}.pt")
+    directory = RunDir(run_dir).checkpoints
+    path = RunDir(run_dir).checkpoint(epoch)
     if not path.is_file():
         available = sorted(p.name for p in directory.glob("epoch_*.pt")) if directory.is_dir() else []
         raise CryoflexInputError(
