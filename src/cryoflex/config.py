@@ -155,26 +155,34 @@ def coerce_setting(value: Any, hint: Any, name: str, source: Path | None) -> Any
 
     Raises CryoflexInputError naming the setting, the file and the expected type.
     """
+    try:
+        return _coerced(value, hint)
+    except (TypeError, ValueError):
+        raise CryoflexInputError(
+            source, f"{value!r} is not {_describe(hint)}", f"give {name} as {_describe(hint)}", field=name
+        ) from None
+
+
+def _coerced(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`; TypeError or ValueError when it is not one."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return coerce_setting(value, next(a for a in args if a is not type(None)), name, source)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        return origin(coerce_setting(item, args[0], name, source) for item in value)
-    if hint is bool and isinstance(value, bool):
+        return _coerced(value, next(a for a in args if a is not type(None)))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{value!r} is not a list")
+        return origin(_coerced(item, args[0]) for item in value)
+    if hint in (bool, str):
+        if not isinstance(value, hint):
+            raise TypeError(f"{value!r} is not {hint.__name__}")
         return value
-    if hint is str and isinstance(value, str):
-        return value
-    if hint in (int, float) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
-        try:
-            number = float(value) if hint is float or not isinstance(value, int) else value
-        except ValueError:
-            number = None
-        if hint is float and number is not None:
-            return number
-        if hint is int and number is not None and float(number).is_integer():
-            return int(number)
-    raise CryoflexInputError(
-        source, f"{value!r} is not {_describe(hint)}", f"give {name} as {_describe(hint)}", field=name
-    )
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{value!r} is not a number")
+    if hint is float:
+        return float(value)
+    number = value if isinstance(value, int) else float(value)
+    if not float(number).is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    return int(number)

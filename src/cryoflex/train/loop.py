@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +116,11 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, resume: bool, context: Pro
             "pass --resume to continue it, or choose another --out"
         )
     checked = check_inputs(config)
-    show_progress = config.progress and context.is_main
     if context.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         config.save(run.config)
-        dataset = particle_dataset(config, checked.metadata, run, progress=show_progress)
+        cache_bar = config.progress and sys.stderr.isatty()  # tqdm's redraws would flood a log file
+        dataset = particle_dataset(config, checked.metadata, run, progress=cache_bar)
     if context.distributed:
         torch.distributed.barrier()
     if not context.is_main:
