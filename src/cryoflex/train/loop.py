@@ -105,16 +105,11 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainR
         stop_processes(context)
 
 
-def _prepare_inputs(config: TrainConfig, run: RunDir, resume: bool, context: ProcessContext) -> RunInputs:
+def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -> RunInputs:
     """Check every input, then (rank 0) create the run directory and save the config, then build the dataset.
 
     Nothing is written before the inputs pass their checks; rank 0 builds the image cache once for all ranks.
     """
-    if run.last_checkpoint.exists() and not resume:
-        raise FileExistsError(
-            f"{run.root} already holds a run (checkpoints/last.pt): "
-            "pass --resume to continue it, or choose another --out"
-        )
     checked = check_inputs(config)
     if context.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -129,23 +124,26 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, resume: bool, context: Pro
 
 
 def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessContext) -> TrainResult:
-    inputs = _prepare_inputs(config, run, resume, context)
+    if run.last_checkpoint.exists() and not resume:
+        raise FileExistsError(
+            f"{run.root} already holds a run (checkpoints/last.pt): "
+            "pass --resume to continue it, or choose another --out"
+        )
+    checkpoint = find_checkpoint(run.root) if resume else None  # a missing checkpoint is reported before any work
+    inputs = _prepare_inputs(config, run, context)
     device = context.device
     dataset, structure = inputs.dataset, inputs.structure
     model = prepare_model(config, inputs, device)
     optimizer = build_optimizer(config, model)
     start_epoch, step = 0, 0
-    if resume:
-        state = load_checkpoint(find_checkpoint(run.root), device)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
         restore_random_states(state["random"])
         if start_epoch >= config.epochs:
-            logger.warning(
-                "%s is already at %d epochs (asked for %d): nothing to do; to train it further, pass --resume "
-                "--epochs M with M > %d", run.root, start_epoch, config.epochs, start_epoch,
-            )  # fmt: skip
+            logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
             return TrainResult(run.root, start_epoch, step, {}, model)
         logger.info("resuming %s after epoch %d (step %d)", run.root, start_epoch, step)
     engine: torch.nn.Module = model
