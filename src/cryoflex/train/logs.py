@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +20,9 @@ from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.run_dir import RunDir
 from cryoflex.train.objective import IMAGE_TERM
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class RunLogs:
 
     def __init__(self, run: RunDir, resume_step: int | None = None):
         self.metrics_path = run.metrics
+        self.tensorboard: SummaryWriter | None = None
         if resume_step is not None:
             drop_metrics_after(run, resume_step)
         try:
@@ -49,7 +53,6 @@ class RunLogs:
             self.tensorboard = SummaryWriter(str(run.tensorboard))
         except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
             logger.warning("tensorboard is not importable: no TensorBoard logs (metrics.jsonl is still written)")
-            self.tensorboard = None
 
     def record(self, kind: str, epoch: int, step: int, values: dict[str, float]) -> None:
         with self.metrics_path.open("a") as stream:

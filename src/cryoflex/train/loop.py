@@ -170,7 +170,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                 "use the full particle set for results", len(dataset), FEW_PARTICLES,
             )  # fmt: skip
         if start_epoch == 0:
-            first_images = [i for batch in loader_for(0).batch_sampler[:_CONTRAST_CHECK_BATCHES] for i in batch]
+            first_batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[:_CONTRAST_CHECK_BATCHES]
+            first_images = [i for batch in first_batches for i in batch]
             _log_contrast(image_correlations(model, dataset, first_images, device), config.invert_contrast)
 
     losses = LossTerms(config, model, structure.chain_ids, len(dataset))
