@@ -43,7 +43,8 @@ from cryoflex.io.structure import Structure, read_structure, write_structure
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.distributed import epoch_batches, resolve_device
-from cryoflex.train.loop import LossTerms, train_step
+from cryoflex.train.loop import train_step
+from cryoflex.train.objective import LossTerms
 from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"

@@ -140,3 +140,40 @@ def test_info_summarises_rows_sharing_an_image(
     assert main(["info", str(path), "--no-images"]) == 0
     out = capsys.readouterr().out
     assert "n particles: 8" in out and "n rows sharing an image: 5" in out and "n shared images: 2" in out
+
+
+def test_building_the_parser_does_not_import_torch():
+    """`cryoflex --help` should not wait seconds for torch: command modules import it when they run."""
+    code = "import sys; from cryoflex.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_simulate_flags_cover_the_simulation_config():
+    """Every SimulationConfig field has its flag, and the help states SimulationConfig's default."""
+    import re
+    from dataclasses import fields
+
+    from cryoflex.cli.simulate import _SIMULATION_FLAGS
+    from cryoflex.simulate import SimulationConfig
+
+    assert set(_SIMULATION_FLAGS) | {"n_images", "save_clean"} == {f.name for f in fields(SimulationConfig)}
+    defaults = SimulationConfig(n_images=1)
+    for name, (kind, help_text) in _SIMULATION_FLAGS.items():
+        stated = re.search(r"\(default ([^)]+)\)", help_text)
+        assert stated is not None and kind(stated.group(1)) == getattr(defaults, name), name
+    args = build_parser().parse_args(["simulate", "--out", "x", "--n-images", "3", "--box-size-px", "48"])
+    assert args.box_size_px == 48 and args.pixel_size_A is None
+
+
+def test_commands_share_flag_names():
+    """--particles is a metadata file and --stack an image stack; every computing command describes --device alike."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    train = {flag for action in commands["train"]._actions for flag in action.option_strings}
+    assert {"--particles", "--stack", "--ctf", "--duplicate-images"} <= train
+    helps = {
+        name: next(a.help for a in commands[name]._actions if "--device" in a.option_strings)
+        for name in ("train", "analyze", "eval", "demo")
+    }
+    assert len(set(helps.values())) == 1, helps

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -67,9 +70,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 ) -> None:
     train(_config(tiny_dataset, epochs=1), tmp_path / "run")
     before = load_checkpoint(find_checkpoint(tmp_path / "run"))
-    import cryoflex.train.loop as loop
+    import cryoflex.train.objective as objective
 
-    monkeypatch.setattr(loop, "correlation_loss", lambda predicted, observed: predicted.sum((1, 2)) * float("nan"))
+    monkeypatch.setattr(objective, "correlation_loss", lambda predicted, observed: predicted.sum((1, 2)) * float("nan"))
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 2"):
         train(_config(tiny_dataset, epochs=2), tmp_path / "run", resume=True)
     after = load_checkpoint(find_checkpoint(tmp_path / "run"))
@@ -134,3 +137,146 @@ def test_two_processes_hold_identical_parameters(tiny_dataset: Path, tmp_path: P
     weight = "decoder.net.2.weight"
     assert not torch.equal(rank0[weight], single.model.state_dict()[weight])  # really trained on shards
     assert rank0[weight].abs().sum() > 0
+
+
+def test_segments_above_the_residues_are_refused_before_any_output(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13.3: 1000 segments on 214 residues is an error naming the setting and the limit; many segments warn."""
+    with pytest.raises(CryoflexInputError, match="at most 214 segments") as caught:
+        train(_config(tiny_dataset, segments=1000), tmp_path / "run")
+    assert caught.value.field == "segments"
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CryoflexInputError, match="only 100 residues") as caught:
+        train(_config(tiny_dataset, parts=["A:1-100:101"]), tmp_path / "run")
+    assert caught.value.field == "parts"
+    from cryoflex.train.setup import check_inputs
+
+    with caplog.at_level(logging.WARNING):
+        check_inputs(_config(tiny_dataset, segments=80))
+    assert "more than a third" in caplog.text
+
+
+def test_inputs_are_checked_before_the_cache_and_the_run_directory(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Issue 13.4: a bad structure is reported before any cache is built, and leaves nothing that blocks a rerun."""
+    bad = tmp_path / "bad.pdb"
+    bad.write_text("hello\nworld\n")
+    run = tmp_path / "run"
+    with pytest.raises(CryoflexInputError, match="bad.pdb"):
+        train(_config(tiny_dataset, structure=str(bad), cache=True), run)
+    assert not run.exists()
+    run.mkdir()  # a directory left by a run that stopped before its first checkpoint
+    (run / "config.yaml").write_text("stale: true\n")
+    (run / "cache").mkdir()
+    assert train(_config(tiny_dataset, epochs=1), run).epochs_done == 1
+
+
+def test_cuda_without_a_gpu_is_a_clear_input_error(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13.7: --device cuda without a visible GPU says so and what to do, without a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inputs = ["--particles", str(tiny_dataset / "particles.star"), "--structure", str(tiny_dataset / "nominal.pdb")]
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--device", "cuda", *inputs]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is visible" in err and "--device cpu" in err and "CUDA_VISIBLE_DEVICES" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_cryodrgn_input_trains_with_stack(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13.12: poses.pkl + ctf.pkl + --stack trains; --duplicate-images reaches the metadata reader."""
+    from cryoflex.io.metadata import read_metadata, write_cryodrgn_pkl
+
+    write_cryodrgn_pkl(tmp_path / "poses.pkl", tmp_path / "ctf.pkl", read_metadata(tiny_dataset / "particles.star"))
+    stacks = sorted((tiny_dataset / "stacks").glob("*.mrcs"))
+    assert len(stacks) == 1
+    run = tmp_path / "run"
+    args = [
+        "train", "--out", str(run), "--no-progress", "--device", "cpu", "--epochs", "1", "--segments", "2",
+        "--particles", str(tmp_path / "poses.pkl"), "--ctf", str(tmp_path / "ctf.pkl"), "--stack", str(stacks[0]),
+        "--structure", str(tiny_dataset / "nominal.pdb"), "--sigma-A", "4", "--config", str(_small_networks(tmp_path)),
+    ]  # fmt: skip
+    assert cli_main(args) == 0
+    assert load_config(run / "config.yaml").stack == str(stacks[0])
+    import cryoflex.train.setup as setup
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(setup, "read_metadata", lambda path, **options: seen.update(options))
+    setup.read_particles(_config(tiny_dataset, duplicate_images="first"))
+    assert seen["duplicate_images"] == "first"
+
+
+def _small_networks(tmp_path: Path) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text("encoder_hidden: [16]\ndecoder_hidden: [16]\n")
+    return path
+
+
+def test_metrics_name_the_image_term_and_resume_drops_logged_steps_after_the_checkpoint(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The image term is logged as one_minus_correlation; a resumed run rewrites metrics.jsonl without repeats."""
+    run = tmp_path / "run"
+    train(_config(tiny_dataset, epochs=1), run)
+    metrics = run / "metrics.jsonl"
+    first = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all("one_minus_correlation" in line and "correlation" not in line for line in first)
+    # what a run killed during epoch 2 leaves: a step logged after the checkpoint and a cut-off line
+    with metrics.open("a") as stream:
+        stream.write(json.dumps({**first[0], "epoch": 2, "step": 6}) + '\n{"kind": "st')
+    train(_config(tiny_dataset, epochs=2), run, resume=True)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    keys = [(line["kind"], line["step"]) for line in lines]
+    assert keys == [("step", 3), ("epoch", 3), ("step", 6), ("epoch", 6)]
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    train(_config(tiny_dataset, epochs=1), run)
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already at 1 epochs" in out and "--resume --epochs" in out
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No tqdm redraws in a log file; a handful of particles warns."""
+    with caplog.at_level(logging.WARNING):
+        train(_config(tiny_dataset, epochs=1, progress=True), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err
+    assert "only 40 particles" in caplog.text
+
+
+def test_epoch_progress_lines_and_short_terms() -> None:
+    from cryoflex.train.logs import EpochProgress, format_terms
+
+    values = {"total": 0.95, "one_minus_correlation": 0.94, "latent_kl": 1.5, "segmentation_kl": 0.01,
+              "continuity": 0.001, "clash": 0.0}  # fmt: skip
+    terms = format_terms(values)
+    assert terms.startswith("loss 0.9500 1-corr 0.9400 kl 1.5000 seg") and len(terms) < 80
+    stream, now = io.StringIO(), [0.0]
+    with EpochProgress("epoch 1/2", 100, enabled=True, stream=stream, clock=lambda: now[0]) as progress:
+        for _ in range(100):
+            now[0] += 1.0
+            progress.update(values)
+    lines = stream.getvalue().splitlines()
+    assert lines == [f"epoch 1/2: step {k}/100, {terms}" for k in (30, 60, 90)]
+
+
+def test_contrast_verdict_says_when_the_sign_is_not_significant() -> None:
+    from cryoflex.train.loop import contrast_verdict
+
+    generator = np.random.default_rng(0)
+    weak = 0.0008 + 0.01 * generator.standard_normal(5)
+    line, warn = contrast_verdict(weak, inverted=False)
+    assert "not significant" in line and "fits better" not in line and not warn
+    line, warn = contrast_verdict(0.05 + 0.01 * generator.standard_normal(64), inverted=False)
+    assert "as used fits better" in line and not warn
+    line, warn = contrast_verdict(-0.05 + 0.01 * generator.standard_normal(64), inverted=True)
+    assert "the opposite sign fits better" in line and warn
+    assert "not significant" in contrast_verdict(np.array([0.3]), inverted=False)[0]

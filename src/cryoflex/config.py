@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import write_text_atomic
+
+DUPLICATE_IMAGES = ("refuse", "first", "distinct")
 
 
 @dataclass
@@ -21,6 +25,8 @@ class TrainConfig:
     particles: str = ""
     structure: str = ""
     ctf: str | None = None  # cryoDRGN ctf.pkl, when particles is a poses .pkl
+    stack: str | None = None  # the image stack, when particles names no images (cryoDRGN): particle i = image i
+    duplicate_images: str = "refuse"  # rows naming the same image: refuse | first (keep the first) | distinct
     datadir: str | None = None  # where the stacks named in the particle file live, if not next to it
     consensus_map: str | None = None  # map the structure is fitted into: its centre voxel is the box centre
     box_centre_A: list[float] | None = None  # or the box centre in the structure's frame
@@ -64,7 +70,10 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self, source: Path | None = None) -> None:
-        """Raise CryoflexInputError for values that cannot work, naming the field and the fix."""
+        """Coerce every field to its annotated type, then raise CryoflexInputError for values that cannot work."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            setattr(self, f.name, coerce_setting(getattr(self, f.name), hints[f.name], f.name, source))
         checks = [
             ("particles", bool(self.particles), "give the particle file (--particles)"),
             ("structure", bool(self.structure), "give the nominal structure (--structure)"),
@@ -82,6 +91,8 @@ class TrainConfig:
             ("precision", self.precision in ("auto", "fp32", "bf16"), "use auto, fp32 or bf16"),
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
+            ("duplicate_images", self.duplicate_images in DUPLICATE_IMAGES,
+             f"use one of {', '.join(DUPLICATE_IMAGES)}"),
         ]  # fmt: skip
         for name, ok, fix in checks:
             if not ok:
@@ -102,7 +113,7 @@ class TrainConfig:
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file at `path`, then `overrides` (None values ignored); validated."""
-    values: dict[str, Any] = {}
+    loaded: Any = None
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
@@ -110,15 +121,68 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise CryoflexInputError(path, f"cannot read the configuration: {error}", "check the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise CryoflexInputError(path, "the configuration must be a mapping of name: value", "see docs")
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CryoflexInputError(
-            path, f"unknown setting(s) {', '.join(unknown)}", f"valid settings: {', '.join(sorted(known))}",
-            field=unknown[0],
-        )  # fmt: skip
+    values = _coerce_settings(loaded or {}, path)
+    values.update(_coerce_settings({k: v for k, v in (overrides or {}).items() if v is not None}, None))
     config = TrainConfig(**values)
     config.validate(path)
     return config
+
+
+def _coerce_settings(values: dict[str, Any], source: Path | None) -> dict[str, Any]:
+    """Refuse unknown names, and coerce each value to its field's type (source: the file they came from)."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise CryoflexInputError(
+            source, f"unknown setting(s) {', '.join(unknown)}", f"valid settings: {', '.join(sorted(hints))}",
+            field=unknown[0],
+        )  # fmt: skip
+    return {name: coerce_setting(value, hints[name], name, source) for name, value in values.items()}
+
+
+def _describe(hint: Any) -> str:
+    """How a type reads in an error message."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return f"{_describe(args[0])} or null"
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list (each {_describe(args[0])})"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[hint]
+
+
+def coerce_setting(value: Any, hint: Any, name: str, source: Path | None) -> Any:
+    """`value` as the annotated type `hint` (YAML 1.1 reads 3e-4 as text: numbers in text are accepted), else raise.
+
+    Raises CryoflexInputError naming the setting, the file and the expected type.
+    """
+    try:
+        return _coerced(value, hint)
+    except (TypeError, ValueError):
+        raise CryoflexInputError(
+            source, f"{value!r} is not {_describe(hint)}", f"give {name} as {_describe(hint)}", field=name
+        ) from None
+
+
+def _coerced(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`; TypeError or ValueError when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerced(value, next(a for a in args if a is not type(None)))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{value!r} is not a list")
+        return origin(_coerced(item, args[0]) for item in value)
+    if hint in (bool, str):
+        if not isinstance(value, hint):
+            raise TypeError(f"{value!r} is not {hint.__name__}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{value!r} is not a number")
+    if hint is float:
+        return float(value)
+    number = value if isinstance(value, int) else float(value)
+    if not float(number).is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    return int(number)

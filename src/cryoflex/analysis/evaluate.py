@@ -380,7 +380,7 @@ def evaluate(
                                    conformations[true_index[fsc_pick]], nominal)  # fmt: skip
     clashes = _clash_section(structure, decoded, clash_pick, conformations, true_index)
 
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval"
+    out = Path(out_dir) if out_dir is not None else run.paths.eval
     out.mkdir(parents=True, exist_ok=True)
     plots = _write_plots(out, rmsd_per_image, distances, decoded.distances_A, true_distances, fsc_curves, len(fsc_pick))
     result = {

@@ -15,10 +15,10 @@ from cryoflex.data.dataset import ImageNormalisation, ParticleDataset
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import Structure
 from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.run_dir import RunDir
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import resolve_device
-from cryoflex.train.loop import CONFIG_NAME, METRICS_NAME
-from cryoflex.train.setup import build_model, placed_structure, read_particles
+from cryoflex.train.setup import build_model, particle_dataset, placed_structure, read_particles
 
 
 @dataclass
@@ -32,29 +32,26 @@ class TrainedRun:
     metrics_path: Path
 
     @property
+    def paths(self) -> RunDir:
+        """The run directory's layout (default output folders of analyze and eval)."""
+        return RunDir(self.run_dir)
+
+    @property
     def device(self) -> torch.device:
         return self.model.nominal_coords_A.device
 
 
 def load_run(run_dir: Path, *, epoch: int | None = None, device: str = "auto") -> TrainedRun:
     """Reopen RUN at `epoch` (default: the last checkpoint); the dataset uses the run's cache when present."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise CryoflexInputError(config_path, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
-    config = load_config(config_path)
-    state = load_checkpoint(find_checkpoint(run_dir, epoch), "cpu")
-    metadata = read_particles(config)
-    dataset = ParticleDataset(
-        metadata,
-        box_size_px=config.downsample,
-        datadir=None if config.datadir is None else Path(config.datadir),
-        cache_dir=run_dir / "cache" if config.cache else None,
-        invert_contrast=config.invert_contrast,
-        normalisation=ImageNormalisation(**state["normalisation"]),
-    )
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise CryoflexInputError(run.config, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
+    config = load_config(run.config)
+    state = load_checkpoint(find_checkpoint(run.root, epoch), "cpu")
+    normalisation = ImageNormalisation(**state["normalisation"])
+    dataset = particle_dataset(config, read_particles(config), run, normalisation=normalisation)
     structure = placed_structure(config, dataset.box_size_px * dataset.pixel_size_A)
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A)
     model.load_state_dict(state["model"])
     model = model.to(resolve_device(device)).eval()
-    return TrainedRun(run_dir, config, int(state["epoch"]), model, structure, dataset, run_dir / METRICS_NAME)
+    return TrainedRun(run.root, config, int(state["epoch"]), model, structure, dataset, run.metrics)

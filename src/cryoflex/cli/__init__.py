@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from cryoflex import __version__
 from cryoflex.errors import CryoflexError, CryoflexInputError
 
+# The --device help of every command that computes.
+DEVICE_HELP = "auto (default: the GPU when there is one), cpu, cuda or cuda:N"
+
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",

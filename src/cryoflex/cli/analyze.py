@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryoflex.cli import DEVICE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN", type=Path, help="run directory written by cryoflex train")
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-region", type=float, nargs=4, metavar=("PC1_MIN", "PC1_MAX", "PC2_MIN", "PC2_MAX"),
                         help="write the particles inside this box of the PC1/PC2 plane")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
         per_particle_cif=args.per_particle_cif, subset_clusters=args.subset_clusters,
         subset_region=None if args.subset_region is None else tuple(args.subset_region), seed=args.seed,
     )  # fmt: skip
-    report = analyze_run(trained, args.out or args.run_dir / "analysis", options)
+    report = analyze_run(trained, args.out or trained.paths.analysis, options)
     print(f"analysis of {args.run_dir} (epoch {trained.epoch}): {report}")
     return 0

@@ -14,12 +14,14 @@ import argparse
 import shutil
 from pathlib import Path
 
+from cryoflex.cli import DEVICE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("cryoflex_demo"), help="output directory")
     parser.add_argument("--quick", action="store_true", help="a smaller dataset and shorter training (< 1 minute)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation and the training (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu or cuda")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 

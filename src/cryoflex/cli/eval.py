@@ -18,8 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cryoflex.analysis.evaluate import EVAL_JSON, evaluate
-from cryoflex.analysis.run import load_run
+from cryoflex.cli import DEVICE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--voxel-size-A", type=float, help="voxel of the FSC volumes (default: the run's pixel size, at most 1.5 A)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -69,8 +68,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryoflex.analysis.evaluate import EVAL_JSON, evaluate
+    from cryoflex.analysis.run import load_run
+
     trained = load_run(args.run_dir, epoch=args.epoch, device=args.device)
-    out = args.out if args.out is not None else args.run_dir / "eval"
+    out = args.out if args.out is not None else trained.paths.eval
     result = evaluate(
         trained, args.truth, distance_groups=[tuple(pair) for pair in args.distance], fsc_samples=args.fsc_samples,
         seed=args.seed, voxel_size_A=args.voxel_size_A, out_dir=out,

@@ -12,13 +12,29 @@ examples:
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
-
 from cryoflex.errors import CryoflexInputError
-from cryoflex.simulate import SimulationConfig, simulate_dataset
+
+# Flags of SimulationConfig's fields: (type, help). Defaults stay in SimulationConfig (cryoflex.simulate imports torch,
+# which `cryoflex --help` should not wait for); a flag left out keeps SimulationConfig's default.
+_SIMULATION_FLAGS: dict[str, tuple[type, str]] = {
+    "box_size_px": (int, "image box in pixels (default 64)"),
+    "pixel_size_A": (float, "pixel size in A (default 2.0)"),
+    "snr": (float, "signal variance / noise variance (default 0.1)"),
+    "sigma_A": (float, "Gaussian width of a residue in A (default 2.0)"),
+    "defocus_min_A": (float, "smallest defocus in A (default 10000)"),
+    "defocus_max_A": (float, "largest defocus in A (default 25000)"),
+    "astigmatism_max_A": (float, "largest defocus U - V in A (default 0)"),
+    "voltage_kV": (float, "acceleration voltage in kV (default 300)"),
+    "cs_mm": (float, "spherical aberration in mm (default 2.7)"),
+    "amplitude_contrast": (float, "amplitude contrast fraction (default 0.1)"),
+    "shift_std_A": (float, "standard deviation of the particle shifts in A (default 0)"),
+    "images_per_file": (int, "images per .mrcs stack (default 10000)"),
+    "batch_size": (int, "images projected at once (default 256)"),
+    "nominal_frame": (int, "model of the ensemble written as nominal.pdb, 0-based (default 0)"),
+    "seed": (int, "random seed (default 0)"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,21 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--topology", type=Path, help="MD topology (with --trajectory)")
     source.add_argument("--trajectory", type=Path, help="MD trajectory (with --topology)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--n-images", type=int, required=True, help="number of images")
     parser.add_argument("--weights", type=Path, help="text file of one weight per conformation (default: uniform)")
-    defaults = SimulationConfig(n_images=1)
-    for field in fields(SimulationConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=f"(default: {default})")
-        elif field.name == "n_images":
-            parser.add_argument(flag, type=int, required=True, help="number of images")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+    for name, (kind, help_text) in _SIMULATION_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+    parser.add_argument("--save-clean", action="store_true", help="also write the noiseless images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cryoflex.simulate import SimulationConfig, simulate_dataset
+
     if args.structure is not None:
         from cryoflex.io.structure import read_structure
 
@@ -52,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         ensemble = read_trajectory(args.topology, args.trajectory)
     else:
         raise CryoflexInputError(None, "no ensemble given", "pass --structure FILE or --topology T --trajectory X")
-    config = SimulationConfig(**{f.name: getattr(args, f.name) for f in fields(SimulationConfig)})
+    given = {name: getattr(args, name) for name in _SIMULATION_FLAGS if getattr(args, name) is not None}
+    config = SimulationConfig(n_images=args.n_images, save_clean=args.save_clean, **given)
     if not 0 <= config.nominal_frame < ensemble.n_models:
         raise CryoflexInputError(
             args.structure or args.trajectory,

@@ -1,8 +1,9 @@
 """Train cryoSPHERE: learn segments of the structure and one rigid motion per segment for every particle image.
 
-Inputs: particles with poses and CTF (RELION .star, cryoSPARC .cs, or cryoDRGN poses .pkl with --ctf) and the nominal
-structure (PDB/mmCIF) in the particles' frame: give the consensus map it is fitted into (--consensus-map), or the box
-centre in its coordinates (--box-centre-A), or --centre-structure when the particles are centred on its centroid.
+Inputs: particles with poses and CTF (RELION .star, cryoSPARC .cs, or cryoDRGN poses .pkl with --ctf and --stack) and
+the nominal structure (PDB/mmCIF) in the particles' frame: give the consensus map it is fitted into (--consensus-map),
+or the box centre in its coordinates (--box-centre-A), or --centre-structure when the particles are centred on its
+centroid.
 Settings: defaults < --config YAML < flags; the full configuration is saved as RUN/config.yaml. Every epoch writes an
 atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly. Logs: RUN/metrics.jsonl and
 TensorBoard (tensorboard --logdir RUN/tensorboard). Several GPUs (or CPU processes):
@@ -11,6 +12,8 @@ TensorBoard (tensorboard --logdir RUN/tensorboard). Several GPUs (or CPU process
 examples:
   cryoflex train --particles particles.star --structure model.pdb --consensus-map consensus.mrc --out run1
   cryoflex train --particles sim/particles.star --structure sim/nominal.pdb --out run1 --segments 4 --epochs 30
+  cryoflex train --particles poses.pkl --ctf ctf.pkl --stack particles.mrcs --structure model.pdb --centre-structure \
+      --out run2
   cryoflex train --out run1 --resume --epochs 40
 """
 
@@ -20,8 +23,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from cryoflex.config import TrainConfig, load_config
+from cryoflex.cli import DEVICE_HELP
+from cryoflex.config import DUPLICATE_IMAGES, TrainConfig, load_config
 from cryoflex.errors import CryoflexInputError
+from cryoflex.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--particles", help="particle file: .star, .cs, or cryoDRGN poses .pkl")
     inputs.add_argument("--structure", help="nominal structure: PDB or mmCIF")
     inputs.add_argument("--ctf", help="cryoDRGN ctf.pkl (with a poses .pkl)")
+    inputs.add_argument("--stack", help="image stack (.mrcs) when the particle file names no images (cryoDRGN .pkl)")
+    inputs.add_argument("--duplicate-images", choices=DUPLICATE_IMAGES,
+                        help="rows naming the same image (symmetry expansion): refuse (default), keep the first "
+                             "row per image, or train on every row as a distinct particle")
     inputs.add_argument("--datadir", help="directory of the particle stacks, if not where the particle file says")
     inputs.add_argument("--amplitude-contrast", type=float, help="for RELION 3.0 files without rlnAmplitudeContrast")
     placement = inputs.add_mutually_exclusive_group()
@@ -57,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
-    run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--device", help=DEVICE_HELP)
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 networks on CUDA")
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the deformation (faster steps for long runs; ~1 min to compile)")
@@ -70,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
-        "particles", "structure", "ctf", "datadir", "amplitude_contrast", "consensus_map", "box_centre_A",
-        "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size", "learning_rate",
-        "downsample", "invert_contrast", "device", "precision", "compile", "num_workers", "seed", "cache", "progress",
+        "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
+        "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size",
+        "learning_rate", "downsample", "invert_contrast", "device", "precision", "compile", "num_workers", "seed",
+        "cache", "progress",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
@@ -82,7 +92,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     overrides = _overrides(args)
     if not args.resume:
         return load_config(args.config, overrides)
-    saved = args.out / "config.yaml"
+    saved = RunDir(args.out).config
     if not saved.is_file():
         raise CryoflexInputError(
             saved, "no saved configuration to resume from", "check --out, or train without --resume"
@@ -109,4 +119,10 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if result.last_metrics:
         print(f"trained {result.epochs_done} epochs ({result.steps_done} steps): {args.out}")
+    else:
+        print(
+            f"{args.out} is already at {result.epochs_done} epochs: nothing to do. To train it further: "
+            f"cryoflex train --out {args.out} --resume --epochs {result.epochs_done + 10} (any number above "
+            f"{result.epochs_done})"
+        )
     return 0

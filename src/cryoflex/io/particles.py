@@ -290,7 +290,7 @@ def open_particle_images(metadata: Any, datadir: Path | None = None) -> Particle
         raise CryoflexInputError(
             source,
             "the metadata file references no images",
-            fix="pass the stack with --stack STACK.mrcs (or use a metadata file that names the images)",
+            fix="pass the image stack with --stack STACK.mrcs (or use a metadata file that names the images)",
         )
     stack = ParticleStack(
         metadata.image_paths, metadata.image_indices, base_dir=source.parent, datadir=datadir

@@ -17,12 +17,13 @@ import torch
 
 from cryoflex.errors import CryoflexInputError, CryoflexOutputError
 from cryoflex.io.atomic import atomic_path, describe_write_failure
+from cryoflex.run_dir import RunDir
 
 CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def random_states() -> dict[str, Any]:
@@ -49,10 +50,10 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     A failed write (a full disk) raises CryoflexOutputError saying why, where, and that last.pt is still the previous
     complete checkpoint; its temporary file is removed.
     """
-    directory = checkpoint_dir(run_dir)
+    run = RunDir(run_dir)
     payload = {"format": CHECKPOINT_FORMAT, **state}
-    epoch_path = directory / f"epoch_{state['epoch']:04d}.pt"
-    last_path = directory / "last.pt"
+    epoch_path = run.checkpoint(state["epoch"])
+    last_path = run.last_checkpoint
     then = (
         f"continue with --resume: the last checkpoint, {last_path}, is intact"
         if last_path.is_file()
@@ -64,15 +65,15 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
                 with open(tmp, "wb") as handle:
                     torch.save(payload, handle)
             except (OSError, RuntimeError) as error:  # torch reports some failed writes as a RuntimeError
-                problem = f"could not write the checkpoint: {describe_write_failure(error, directory)}"
+                problem = f"could not write the checkpoint: {describe_write_failure(error, run.checkpoints)}"
                 raise CryoflexOutputError(path, problem, f"free space there, then {then}") from error
     return epoch_path
 
 
 def find_checkpoint(run_dir: Path, epoch: int | None = None) -> Path:
     """The checkpoint of `epoch` (1-based, completed epochs), or the last one."""
-    directory = checkpoint_dir(run_dir)
-    path = directory / ("last.pt" if epoch is None else f"epoch_{epoch:04d}.pt")
+    directory = RunDir(run_dir).checkpoints
+    path = RunDir(run_dir).checkpoint(epoch)
     if not path.is_file():
         available = sorted(p.name for p in directory.glob("epoch_*.pt")) if directory.is_dir() else []
         raise CryoflexInputError(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cryoflex.errors import CryoflexInputError
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -35,7 +37,14 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise CryoflexInputError(
+                None, f"--device {requested} was asked for, but no CUDA device is visible to torch "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+                f"CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)})",
+                "use --device cpu (or auto); for a GPU, check nvidia-smi, CUDA_VISIBLE_DEVICES and that torch was "
+                "installed with CUDA support", field="device",
+            )  # fmt: skip
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     return torch.device(requested)
 

@@ -1,6 +1,7 @@
 """From a TrainConfig to the objects a run needs: particles, the nominal structure in the particles' frame, the model.
 
-Analysis rebuilds the same model from a run's saved configuration and checkpoint with build_model.
+check_inputs reads and checks every input before a run writes anything; particle_dataset is the one dataset set-up
+(training and analysis); analysis rebuilds the same model from a run's saved configuration with build_model.
 """
 
 from __future__ import annotations
@@ -13,17 +14,28 @@ import numpy as np
 import torch
 
 from cryoflex.config import TrainConfig
-from cryoflex.data.dataset import ParticleDataset
+from cryoflex.data.dataset import ImageNormalisation, ParticleDataset
+from cryoflex.data.downsample import downsampled_pixel_size_A
 from cryoflex.data.placement import box_centre_from_map_A, place_structure_A
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
+from cryoflex.io.particles import open_particle_images
 from cryoflex.io.structure import Structure, read_structure
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.networks import Decoder, Encoder
-from cryoflex.model.segmentation import Segmentation, parse_parts
+from cryoflex.model.segmentation import Segmentation, SegmentedPart, parse_parts
+from cryoflex.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckedInputs:
+    """Inputs read and checked before anything is written (metadata, stacks, structure, parts)."""
+
+    metadata: ParticleMetadata
+    structure: Structure  # first model, coordinates in the particles' frame (A, origin at the box centre)
 
 
 @dataclass
@@ -34,10 +46,13 @@ class RunInputs:
 
 
 def read_particles(config: TrainConfig) -> ParticleMetadata:
+    """The particle metadata the config names (with the cryoDRGN CTF file and image stack when given)."""
     return read_metadata(
         config.particles,
         ctf_path=config.ctf,
+        stack_path=config.stack,
         amplitude_contrast=config.amplitude_contrast,
+        duplicate_images=config.duplicate_images,
     )
 
 
@@ -61,34 +76,77 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
     return structure.with_coords(coords_A[None])
 
 
-def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> RunInputs:
-    """Read the particles, build the dataset (with its on-disk cache under RUN/cache) and place the structure."""
-    metadata = read_particles(config)
-    dataset = ParticleDataset(
-        metadata,
-        box_size_px=config.downsample,
-        datadir=None if config.datadir is None else Path(config.datadir),
-        cache_dir=Path(run_dir) / "cache" if config.cache else None,
-        invert_contrast=config.invert_contrast,
-        progress=progress,
-    )
-    box_size_A = dataset.box_size_px * dataset.pixel_size_A
-    structure = placed_structure(config, box_size_A)
-    if config.sigma_A < 0.5 * dataset.pixel_size_A:
-        logger.warning(
-            "sigma_A %.2f A is under half the pixel size %.2f A: Gaussians are under-sampled; raise sigma_A",
-            config.sigma_A, dataset.pixel_size_A,
-        )  # fmt: skip
-    return RunInputs(metadata, structure, dataset)
-
-
-def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
-    """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
+def segmented_parts(config: TrainConfig, structure: Structure, *, warn: bool = False) -> list[SegmentedPart]:
+    """The parts to segment; refuses more segments than residues in a part (and with warn, warns above a third)."""
     try:
         parts = parse_parts(config.parts, structure, config.segments)
     except ValueError as error:
         raise CryoflexInputError(config.structure, str(error), "fix the parts setting", field="parts") from None
-    segmentation = Segmentation(structure.n_residues, parts, tau=config.tau)
+    field = "parts" if config.parts else "segments"
+    for part in parts:
+        n_residues = len(part.residue_indices)
+        where = f"part {part.label}" if config.parts else "the structure"
+        if part.n_segments > n_residues:
+            raise CryoflexInputError(
+                config.structure, f"{part.n_segments} segments for {where}, which has only {n_residues} residues",
+                f"use at most {n_residues} segments (a few per domain is typical)", field=field,
+            )  # fmt: skip
+        if warn and part.n_segments > n_residues / 3:
+            logger.warning(
+                "%d segments for %s of %d residues: more than a third of its residues; segments this short are "
+                "rarely meaningful and make every step slower", part.n_segments, where, n_residues,
+            )  # fmt: skip
+    return parts
+
+
+def check_inputs(config: TrainConfig) -> CheckedInputs:
+    """Read and check every input before any work or output: particles, stacks, structure placement, parts.
+
+    The image stacks are opened (they exist and agree on the box) but not read; nothing is written.
+    """
+    metadata = read_particles(config)
+    stack = open_particle_images(metadata, None if config.datadir is None else Path(config.datadir))
+    box_size_px = stack.box_size_px
+    stack.close()
+    pixel_size_A = float(metadata.pixel_size_A[0])  # the dataset checks that all particles share it
+    structure = placed_structure(config, box_size_px * pixel_size_A)
+    segmented_parts(config, structure, warn=True)
+    if config.downsample is not None and config.downsample < box_size_px:
+        pixel_size_A = downsampled_pixel_size_A(pixel_size_A, box_size_px, config.downsample)
+    if config.sigma_A < 0.5 * pixel_size_A:
+        logger.warning(
+            "sigma_A %.2f A is under half the pixel size %.2f A: Gaussians are under-sampled; raise sigma_A",
+            config.sigma_A, pixel_size_A,
+        )  # fmt: skip
+    return CheckedInputs(metadata, structure)
+
+
+def particle_dataset(
+    config: TrainConfig, metadata: ParticleMetadata, run: RunDir, *,
+    normalisation: ImageNormalisation | None = None, progress: bool = False,
+) -> ParticleDataset:  # fmt: skip
+    """The run's dataset (training and analysis alike), with its image cache under RUN/cache when the config says so."""
+    return ParticleDataset(
+        metadata,
+        box_size_px=config.downsample,
+        datadir=None if config.datadir is None else Path(config.datadir),
+        cache_dir=run.cache if config.cache else None,
+        invert_contrast=config.invert_contrast,
+        normalisation=normalisation,
+        progress=progress,
+    )
+
+
+def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> RunInputs:
+    """Check the inputs, then build the dataset (with its on-disk cache under RUN/cache)."""
+    checked = check_inputs(config)
+    dataset = particle_dataset(config, checked.metadata, RunDir(run_dir), progress=progress)
+    return RunInputs(checked.metadata, checked.structure, dataset)
+
+
+def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
+    """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
+    segmentation = Segmentation(structure.n_residues, segmented_parts(config, structure), tau=config.tau)
     encoder = Encoder(box_size_px, config.latent_dim, config.encoder_hidden)
     decoder = Decoder(
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A

@@ -1,0 +1,64 @@
+"""The layout of a run directory, in one place: what `cryoflex train` writes and analyze, eval and reconstruct read.
+
+RUN/config.yaml             the full training configuration
+RUN/checkpoints/            epoch_NNNN.pt after every epoch, and last.pt (the newest)
+RUN/metrics.jsonl           loss terms every few steps and per epoch
+RUN/tensorboard/            the same scalars and figures for TensorBoard
+RUN/cache/                  the preprocessed (downsampled) image cache
+RUN/analysis/, RUN/eval/, RUN/reconstruct/   default outputs of analyze, eval and reconstruct
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (nothing is created or read here)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, epoch: int | None = None) -> Path:
+        """The checkpoint after `epoch` (1-based, completed epochs), or last.pt when epoch is None."""
+        return self.checkpoints / ("last.pt" if epoch is None else f"epoch_{epoch:04d}.pt")
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint(None)
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def reconstruct(self) -> Path:
+        return self.root / "reconstruct"

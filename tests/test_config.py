@@ -1,0 +1,62 @@
+"""Training configuration: every field coerced to its annotated type, with errors naming field, file and type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cryoflex.config import TrainConfig, load_config
+from cryoflex.errors import CryoflexInputError
+
+_INPUTS = "particles: p.star\nstructure: s.pdb\n"
+
+
+def test_yaml_1_1_exponent_numbers_load_as_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads 3e-4 (no dot) as text: it must still be a learning rate, not a TypeError in validate."""
+    path = tmp_path / "c.yaml"
+    path.write_text(_INPUTS + "learning_rate: 3e-4\nlatent_kl_weight: 1e-3\nepochs: 1e1\nencoder_hidden: ['64', 32]\n")
+    config = load_config(path)
+    assert config.learning_rate == pytest.approx(3e-4) and isinstance(config.learning_rate, float)
+    assert config.latent_kl_weight == pytest.approx(1e-3)
+    assert config.epochs == 10 and isinstance(config.epochs, int)
+    assert config.encoder_hidden == [64, 32]
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "expected"),
+    [
+        ("epochs: 2.5", "epochs", "an integer"),
+        ("learning_rate: fast", "learning_rate", "a number"),
+        ("progress: 1", "progress", "true or false"),
+        ("parts: A:3", "parts", "a list"),
+        ("downsample: [64]", "downsample", "an integer or null"),
+        ("box_centre_A: [1, two, 3]", "box_centre_A", "a number"),
+        ("segments: true", "segments", "an integer"),
+    ],
+)
+def test_wrong_types_name_the_field_the_file_and_the_type(tmp_path: Path, line: str, field: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(_INPUTS + line + "\n")
+    with pytest.raises(CryoflexInputError, match=expected) as caught:
+        load_config(path)
+    assert caught.value.field == field and caught.value.path == str(path)
+
+
+def test_directly_built_config_is_checked_too() -> None:
+    config = TrainConfig(particles="p.star", structure="s.pdb", learning_rate="3e-4")  # type: ignore[arg-type]
+    config.validate()
+    assert config.learning_rate == pytest.approx(3e-4)
+    with pytest.raises(CryoflexInputError, match="sigma_A"):
+        TrainConfig(particles="p.star", structure="s.pdb", sigma_A="wide").validate()  # type: ignore[arg-type]
+
+
+def test_stack_and_duplicate_images_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("particles: poses.pkl\nctf: ctf.pkl\nstack: particles.mrcs\nstructure: s.pdb\n")
+    config = load_config(path, {"duplicate_images": "first"})
+    assert config.stack == "particles.mrcs" and config.duplicate_images == "first"
+    assert load_config(path).duplicate_images == "refuse"
+    with pytest.raises(CryoflexInputError, match="refuse, first, distinct") as caught:
+        load_config(path, {"duplicate_images": "merge"})
+    assert caught.value.field == "duplicate_images"
