@@ -229,6 +229,14 @@ def test_ligand_only_file_raises_clear_error(tmp_path: Path) -> None:
     assert str(path) in str(error.value)
 
 
+def test_residue_without_number_raises_naming_the_residue(tmp_path: Path) -> None:
+    path = tmp_path / "unnumbered.pdb"
+    path.write_text("ATOM      1  CA  ALA A       1.000   2.000   3.000  1.00  0.00           C\n")
+    with pytest.raises(CryoflexInputError, match="chain 'A' residue ALA has no residue number") as error:
+        read_structure(path)
+    assert str(path) in str(error.value)
+
+
 def test_missing_file_raises_naming_the_path(tmp_path: Path) -> None:
     path = tmp_path / "absent.pdb"
     with pytest.raises(CryoflexInputError, match="file not found") as error:

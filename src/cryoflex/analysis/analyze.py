@@ -60,14 +60,16 @@ def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: Analyz
     """Maps along each traversal and at the k-means centres."""
     voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
     box_px = int(np.ceil(run.dataset.box_size_px * run.dataset.pixel_size_A / voxel_A / 2) * 2)
-    grid = dict(box_size_px=box_px, voxel_size_A=voxel_A, sigma_A=run.config.sigma_A)
+    sigma_A = run.config.sigma_A
     paths = []
     for component in range(1, min(options.n_components, embedding.n_components) + 1):
         points = latent.traversal_latents(embedding, component, options.n_points)
         names = [f"traversal_pc{component}_{k + 1:02d}" for k in range(len(points))]
-        paths += structures.write_volumes(run.model, points, names, out, **grid)
+        paths += structures.write_volumes(run.model, points, names, out, box_size_px=box_px, voxel_size_A=voxel_A,
+                                          sigma_A=sigma_A)
     names = [f"cluster_{k + 1:02d}" for k in range(len(embedding.kmeans_centres))]
-    paths += structures.write_volumes(run.model, embedding.kmeans_centres, names, out, **grid)
+    paths += structures.write_volumes(run.model, embedding.kmeans_centres, names, out, box_size_px=box_px,
+                                      voxel_size_A=voxel_A, sigma_A=sigma_A)
     return paths
 
 

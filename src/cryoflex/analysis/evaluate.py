@@ -461,7 +461,7 @@ def _write_plots(
         written.append(name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(np.concatenate(list(rmsd_per_image.values())), bins=40)
+    bins = np.histogram_bin_edges(np.concatenate(list(rmsd_per_image.values())), bins=40).tolist()
     for label, values in rmsd_per_image.items():
         ax.hist(values, bins=bins, histtype="step", label=f"{label} (median {np.median(values):.2f} A)")
     ax.set(xlabel="C-alpha RMSD to the truth (A, direct)", ylabel="images")

@@ -47,7 +47,7 @@ def _trace(axes, coords_A: np.ndarray, segment_ids: np.ndarray, chain_ids: np.nd
     bonded = np.flatnonzero(chain_ids[:-1] == chain_ids[1:])
     pieces = np.stack([coords_A[bonded][:, [i, j]], coords_A[bonded + 1][:, [i, j]]], axis=1)
     colours = [segment_colour(int(segment_ids[a])) for a in bonded]
-    axes.add_collection(LineCollection(pieces, colors=colours, **style))
+    axes.add_collection(LineCollection(list(pieces), colors=colours, **style))
     axes.autoscale_view()
 
 

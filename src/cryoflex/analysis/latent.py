@@ -137,7 +137,7 @@ def _save_npy(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def embedding_table(embedding: LatentEmbedding, names: Sequence[str]) -> pd.DataFrame:
+def embedding_table(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray) -> pd.DataFrame:
     """One row per particle: particle name, z1..zL, pc1[, pc2], cluster (1-based)[, umap1, umap2]."""
     if len(names) != embedding.latents.shape[0]:
         raise ValueError(f"{len(names)} names for {embedding.latents.shape[0]} latents")
@@ -152,7 +152,7 @@ def embedding_table(embedding: LatentEmbedding, names: Sequence[str]) -> pd.Data
     return pd.DataFrame(columns)
 
 
-def save_embedding(embedding: LatentEmbedding, names: Sequence[str], out_dir: Path) -> list[Path]:
+def save_embedding(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray, out_dir: Path) -> list[Path]:
     """latents.npy, pca.npy, kmeans_labels.npy, kmeans_centres.npy, [umap.npy], latent_embedding.csv."""
     out_dir = Path(out_dir)
     table = embedding_table(embedding, names)
@@ -236,7 +236,8 @@ def plot_pca_clusters(embedding: LatentEmbedding, path: Path) -> Path:
     if y is None:
         colours = cluster_colours(int(labels.max()) + 1)
         groups = [x[labels == c] for c in range(len(colours))]
-        axes.hist(groups, bins=50, stacked=True, color=colours, label=[str(c + 1) for c in range(len(colours))])
+        cluster_names = [str(c + 1) for c in range(len(colours))]
+        axes.hist(groups, bins=50, stacked=True, color=colours.tolist(), label=cluster_names)
         axes.legend(title="cluster", fontsize=8, loc="upper right")
     else:
         centres = (embedding.kmeans_centres - embedding.latent_mean) @ embedding.principal_axes[:2].T

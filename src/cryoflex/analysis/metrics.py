@@ -47,7 +47,7 @@ def recovery_summary(
     nominal_A: np.ndarray,
     group_a: np.ndarray,
     group_b: np.ndarray,
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     """How well per-image structures (k, n, 3) recover the truth, against predicting the nominal (n, 3) for all.
 
     Median direct RMSD (model frame) of prediction and baseline, and the Pearson correlation between predicted and

@@ -57,7 +57,7 @@ def _decode(model: CryoSphere, latents: np.ndarray) -> np.ndarray:
     return np.concatenate(list(decode_latents(model, np.asarray(latents, dtype=np.float32))))
 
 
-def chimerax_traversal_script(pdb_name: str, n_frames: int, segment_ids_present: Sequence[int]) -> str:
+def chimerax_traversal_script(pdb_name: str, n_frames: int, segment_ids_present: Sequence[int] | np.ndarray) -> str:
     """A .cxc that opens the multi-model PDB as one trajectory, colours segments by B-factor, and plays it."""
     lines = [
         f"# cryoflex traversal: {n_frames} structures; B-factor = segment id (0: residue in no segment).",
@@ -223,7 +223,7 @@ def segment_motions(model: CryoSphere, latents: np.ndarray, *, batch_size: int =
     return SegmentMotions(np.concatenate(angles), np.concatenate(lengths))
 
 
-def segment_motions_table(motions: SegmentMotions, names: Sequence[str]) -> pd.DataFrame:
+def segment_motions_table(motions: SegmentMotions, names: Sequence[str] | np.ndarray) -> pd.DataFrame:
     """Long format, particle order then segment (1-based): particle, segment, angle_deg, translation_A."""
     n, n_segments = motions.angle_deg.shape
     if len(names) != n:
@@ -257,7 +257,7 @@ MOTIONS_CAPTION = (
 )
 
 
-def write_segment_motions(motions: SegmentMotions, names: Sequence[str], out_dir: Path) -> list[Path]:
+def write_segment_motions(motions: SegmentMotions, names: Sequence[str] | np.ndarray, out_dir: Path) -> list[Path]:
     """segment_motions.csv and segment_motions.png."""
     out_dir = Path(out_dir)
     csv_path = out_dir / "segment_motions.csv"

@@ -24,8 +24,8 @@ class ParticleBatch:
 
     def __getitem__(self, index: int | slice | torch.Tensor | np.ndarray) -> ParticleBatch:
         """The particles at `index` (kept as a batch: an integer index is taken as [index])."""
-        index = [index] if isinstance(index, int) else index
-        return ParticleBatch(self.images[index], self.poses[index], self.ctf[index], self.indices[index])
+        rows = [index] if isinstance(index, int) else index
+        return ParticleBatch(self.images[rows], self.poses[index], self.ctf[index], self.indices[rows])
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> ParticleBatch:
         return ParticleBatch(

@@ -131,6 +131,7 @@ def _single_pixel_size_A(metadata: ParticleMetadata) -> float:
 
 def _image_refs_digest(metadata: ParticleMetadata) -> str:
     """SHA-256 of the image references in order: a subset or reordering of the same file gets another cache."""
+    assert metadata.image_paths is not None and metadata.image_indices is not None, "the dataset opened these images"
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(metadata.image_indices, dtype=np.int64).tobytes())
     digest.update("\0".join(metadata.image_paths.tolist()).encode())
@@ -168,6 +169,7 @@ class ParticleDataset(torch.utils.data.Dataset):
                 metadata.source_path, str(err), fix="choose another box size", field="box_size_px"
             ) from err
         self._invert_contrast = invert_contrast
+        assert metadata.rotations is not None and metadata.shifts_A is not None, "_check_training_fields passed"
         rotations, shifts_A = metadata.rotations.astype(np.float32), metadata.shifts_A.astype(np.float32)
         self._poses = PoseBatch(torch.from_numpy(rotations), torch.from_numpy(shifts_A))
         self._ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
@@ -175,7 +177,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         self._cache_path: Path | None = None
         self._cache: np.ndarray | None = None
         if cache_dir is not None:
-            self._cache_path = self._ensure_cache(Path(cache_dir), progress)
+            self._cache_path = self._ensure_cache(stack, Path(cache_dir), progress)
             stack.close()
             self._stack = None
         if normalisation is None:
@@ -230,6 +232,7 @@ class ParticleDataset(torch.utils.data.Dataset):
             if self._cache is None:
                 self._cache = np.load(self._cache_path, mmap_mode="r")
             return self._cache
+        assert self._stack is not None, "the stack is closed only when the images are cached"
         return _DownsampledImages(self._stack, self._box_size_px)
 
     def __getitem__(self, i: int) -> ParticleBatch:
@@ -246,9 +249,9 @@ class ParticleDataset(torch.utils.data.Dataset):
         images = np.empty((positions.size, self._box_size_px, self._box_size_px), dtype=np.float32)
         images[order] = self._images()[positions[order]]
         scale = (-1.0 if self._invert_contrast else 1.0) / self._normalisation.std
-        images = torch.from_numpy((images - self._normalisation.mean) * np.float32(scale))
+        normalised = torch.from_numpy((images - self._normalisation.mean) * np.float32(scale))
         rows = torch.from_numpy(positions)
-        return ParticleBatch(images, self._poses[rows], self._ctf[rows], rows)
+        return ParticleBatch(normalised, self._poses[rows], self._ctf[rows], rows)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the open memmap; each worker maps the cache itself."""
@@ -285,8 +288,8 @@ class ParticleDataset(torch.utils.data.Dataset):
             "original_pixel_size_A": self._original_pixel_size_A,
         }
 
-    def _ensure_cache(self, cache_dir: Path, progress: bool) -> Path:
-        """Path of an up-to-date .npy cache in cache_dir, building it when missing or stale."""
+    def _ensure_cache(self, stack: ParticleStack, cache_dir: Path, progress: bool) -> Path:
+        """Path of an up-to-date .npy cache in cache_dir, building it from `stack` when missing or stale."""
         description = self._cache_description()
         source = self._metadata.source_path
         key = hashlib.sha256(description["source_path"].encode()).hexdigest()[:10]
@@ -295,7 +298,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         if _cache_is_valid(npy_path, sidecar, description):
             return npy_path
         sidecar.unlink(missing_ok=True)  # the sidecar marks a complete cache: remove it before rebuilding
-        images = _DownsampledImages(self._stack, self._box_size_px)
+        images = _DownsampledImages(stack, self._box_size_px)
         _write_cache(npy_path, self.n, self._box_size_px, images, progress)
         write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
         return npy_path
@@ -307,11 +310,15 @@ def _whole_batch(batch: ParticleBatch) -> ParticleBatch:
 
 
 def particle_loader(
-    dataset: ParticleDataset, batches: Iterable[Sequence[int]], *, num_workers: int = 0, pin_memory: bool = False
+    dataset: ParticleDataset, batches: Iterable[list[int]], *, num_workers: int = 0, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding one ParticleBatch per list of indices in `batches` (read in one go, never re-stacked)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=num_workers, pin_memory=pin_memory
+        dataset,
+        batch_sampler=batches,
+        collate_fn=_whole_batch,  # type: ignore[arg-type]  # torch types it list -> batch; __getitems__ gives a batch
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
 
 

@@ -51,11 +51,13 @@ class CTFBatch:
         dtype defaults to that of a floating-point defocus_u_A tensor, else torch's default dtype; device to that
         of the first tensor given, else the CPU.
         """
-        values = (defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast)
-        values += (phase_shift_deg, bfactor_A2, scale)
+        values: tuple[Scalar, ...] = (defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm,
+                                      amplitude_contrast, phase_shift_deg, bfactor_A2, scale)
         if dtype is None:
-            floating = isinstance(defocus_u_A, torch.Tensor) and defocus_u_A.is_floating_point()
-            dtype = defocus_u_A.dtype if floating else torch.get_default_dtype()
+            if isinstance(defocus_u_A, torch.Tensor) and defocus_u_A.is_floating_point():
+                dtype = defocus_u_A.dtype
+            else:
+                dtype = torch.get_default_dtype()
         if device is None:
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             device = tensors[0].device if tensors else torch.device("cpu")
@@ -72,8 +74,8 @@ class CTFBatch:
 
     def __getitem__(self, index: int | slice | torch.Tensor | np.ndarray) -> CTFBatch:
         """The particles at `index` (kept as a batch: an integer index is taken as [index])."""
-        index = [index] if isinstance(index, int) else index
-        return CTFBatch(*(getattr(self, f.name)[index] for f in fields(self)))
+        rows = [index] if isinstance(index, int) else index
+        return CTFBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     def to(
         self, device: torch.device | str | None = None, *, dtype: torch.dtype | None = None, non_blocking: bool = False
@@ -98,8 +100,8 @@ class PoseBatch:
 
     def __getitem__(self, index: int | slice | torch.Tensor | np.ndarray) -> PoseBatch:
         """The particles at `index` (kept as a batch: an integer index is taken as [index])."""
-        index = [index] if isinstance(index, int) else index
-        return PoseBatch(self.rotations[index], self.shifts_A[index])
+        rows = [index] if isinstance(index, int) else index
+        return PoseBatch(self.rotations[rows], self.shifts_A[rows])
 
     def to(
         self, device: torch.device | str | None = None, *, dtype: torch.dtype | None = None, non_blocking: bool = False

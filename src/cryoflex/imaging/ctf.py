@@ -107,8 +107,8 @@ def _cached_grid_terms(box_size_px: int, full: bool, dtype: torch.dtype, device:
 def _ctf_on_grid(terms: _GridTerms, pixel_size_A: Scalar, ctf: CTFBatch) -> torch.Tensor:
     """CTF on grid terms in cycles per pixel_size_A; parameters of shape P (broadcast with pixel_size_A) -> P + grid."""
     dtype, device = ctf.defocus_u_A.dtype, ctf.defocus_u_A.device
-    values = (pixel_size_A, ctf.defocus_u_A, ctf.defocus_v_A, ctf.defocus_angle_deg, ctf.voltage_kV, ctf.cs_mm)
-    values += (ctf.amplitude_contrast, ctf.phase_shift_deg, ctf.scale)
+    values: tuple[Scalar, ...] = (pixel_size_A, ctf.defocus_u_A, ctf.defocus_v_A, ctf.defocus_angle_deg, ctf.voltage_kV,
+                                  ctf.cs_mm, ctf.amplitude_contrast, ctf.phase_shift_deg, ctf.scale)
     params = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=dtype, device=device) for v in values))
     apix, df_u, df_v, angle_deg, kv, cs, w, phase_deg, scale_t = (p[..., None, None] for p in params)
     wavelength = electron_wavelength_A(kv)

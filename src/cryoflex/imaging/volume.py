@@ -13,6 +13,7 @@ cryoflex.io.maps.write_mrc sets the origin and writes N*START = 0, so both readi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -43,6 +44,26 @@ def _gaussian_volume_torch(
         for start in range(0, box_size_px, slab)
     ]
     return torch.cat(slabs, dim=0)
+
+
+@overload
+def gaussian_volume(
+    coords_A: torch.Tensor,
+    amplitudes: np.ndarray | torch.Tensor,
+    box_size_px: int,
+    voxel_size_A: float,
+    sigma_A: float = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def gaussian_volume(
+    coords_A: np.ndarray,
+    amplitudes: np.ndarray | torch.Tensor,
+    box_size_px: int,
+    voxel_size_A: float,
+    sigma_A: float = ...,
+) -> np.ndarray: ...
 
 
 def gaussian_volume(

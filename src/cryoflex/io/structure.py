@@ -128,11 +128,12 @@ class _Selected:
     chain_id: str
     segment: str
     residue: gemmi.Residue
+    number: int  # the residue's sequence number (gemmi leaves it None when the column is blank)
     atom: gemmi.Atom
 
     @property
     def key(self) -> tuple[str, int, str, str]:
-        return (self.chain_id, self.residue.seqid.num, self.residue.seqid.icode.strip(), self.residue.name)
+        return (self.chain_id, self.number, self.residue.seqid.icode.strip(), self.residue.name)
 
 
 def residue_kind(name: str) -> str | None:
@@ -194,7 +195,7 @@ def _pseudo_atom(residue: gemmi.Residue, kind: str) -> gemmi.Atom | None:
     return None
 
 
-def _select_residues(model: gemmi.Model, warn: bool) -> tuple[list[_Selected], Counter[str]]:
+def _select_residues(model: gemmi.Model, path: Path, warn: bool) -> tuple[list[_Selected], Counter[str]]:
     """The model's polymer residues with their pseudo-atom, and a count of the other residues."""
     selected: list[_Selected] = []
     others: Counter[str] = Counter()
@@ -212,7 +213,10 @@ def _select_residues(model: gemmi.Model, warn: bool) -> tuple[list[_Selected], C
                     logger.warning("chain '%s' residue %s %s has no %s atom; skipped",
                                    chain.name, residue.name, residue.seqid, wanted)
                 continue
-            selected.append(_Selected(chain.name.strip(), residue.segment.strip(), residue, atom))
+            if residue.seqid.num is None:
+                raise CryoflexInputError(path, f"chain '{chain.name}' residue {residue.name} has no residue number",
+                                         "give every residue a number (PDB columns 23-26, mmCIF auth_seq_id)")
+            selected.append(_Selected(chain.name.strip(), residue.segment.strip(), residue, residue.seqid.num, atom))
     return selected, others
 
 
@@ -259,7 +263,7 @@ def read_structure(path: str | Path) -> Structure:
     """Read a PDB or mmCIF file as one CA/C1' pseudo-atom per residue; several models give an ensemble."""
     path = Path(path)
     gemmi_structure = _read_gemmi(path)
-    first, others = _select_residues(gemmi_structure[0], warn=True)
+    first, others = _select_residues(gemmi_structure[0], path, warn=True)
     if not first:
         found = _describe_others(others)
         raise CryoflexInputError(path, f"no amino-acid (CA) or nucleotide (C1') residue found; only {found}",
@@ -267,7 +271,7 @@ def read_structure(path: str | Path) -> Structure:
     first_keys = [s.key for s in first]
     coords = [[s.atom.pos.tolist() for s in first]]
     for model in list(gemmi_structure)[1:]:
-        selected, _ = _select_residues(model, warn=False)
+        selected, _ = _select_residues(model, path, warn=False)
         keys = [s.key for s in selected]
         if keys != first_keys:
             difference = next((f"{a} vs {b}" for a, b in zip(first_keys, keys, strict=False) if a != b),
@@ -280,7 +284,7 @@ def read_structure(path: str | Path) -> Structure:
     structure = Structure(
         coords_A=np.array(coords, dtype=np.float64),
         chain_ids=np.array(_name_blank_chains(first)),
-        residue_numbers=np.array([s.residue.seqid.num for s in first], dtype=np.int64),
+        residue_numbers=np.array([s.number for s in first], dtype=np.int64),
         insertion_codes=np.array([s.residue.seqid.icode.strip() for s in first]),
         residue_names=np.array([s.residue.name for s in first]),
         atom_names=np.array([AMINO_ACID_ATOM if kind == "amino acid" else NUCLEOTIDE_ATOM for kind in kinds]),
@@ -319,7 +323,7 @@ def chain_gaps(structure: Structure) -> list[ChainGap]:
     return [
         ChainGap(str(structure.chain_ids[i]), _residue_label(structure, i), _residue_label(structure, i + 1),
                  float(steps_A[:, i].max()), int(too_long[:, i].sum()))
-        for i in np.flatnonzero(too_long.any(axis=0))
+        for i in np.flatnonzero(too_long.any(axis=0)).tolist()
     ]  # fmt: skip
 
 

@@ -34,6 +34,9 @@ class ModelOutput:
 class CryoSphere(nn.Module):
     """Nominal structure + segmentation + encoder/decoder + the image formation (Gaussian projector with CTF)."""
 
+    nominal_coords_A: torch.Tensor  # buffer (n, 3)
+    amplitudes_e: torch.Tensor  # buffer (n,)
+
     def __init__(
         self,
         nominal_coords_A: torch.Tensor,

@@ -52,6 +52,7 @@ class Decoder(nn.Module):
         self.translation_scale_A = translation_scale_A
         self.net = mlp([latent_dim, *hidden, 6 * n_segments])
         output = self.net[-1]
+        assert isinstance(output, nn.Linear), "mlp() ends with a Linear layer"
         nn.init.zeros_(output.weight)
         nn.init.zeros_(output.bias)
 

@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ class VariationalParameter(nn.Module):
 class PartMixture(nn.Module):
     """The variational mixture of one part: -> G_part (n_part, M)."""
 
+    positions: torch.Tensor  # buffer (n_part,): residue positions scaled to [0, 1]
+
     def __init__(self, n_residues: int, n_segments: int, *, tau: float):
         super().__init__()
         if n_segments < 1 or n_residues < 1:
@@ -132,18 +135,22 @@ class Segmentation(nn.Module):
     def n_segments(self) -> int:
         return sum(self.segments_per_part)
 
+    def part_mixtures(self) -> list[PartMixture]:
+        """The parts' mixtures in order, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return [cast(PartMixture, mixture) for mixture in self.mixtures]
+
     def forward(self, sample: bool) -> torch.Tensor:
-        first = self.mixtures[0].positions
-        assignment = first.new_zeros(self.n_residues, self.n_segments)
+        mixtures = self.part_mixtures()
+        assignment = mixtures[0].positions.new_zeros(self.n_residues, self.n_segments)
         column = 0
-        for k, mixture in enumerate(self.mixtures):
+        for k, mixture in enumerate(mixtures):
             rows = getattr(self, f"indices_{k}")
             assignment = assignment.index_put((rows,), _pad_columns(mixture(sample), column, self.n_segments))
             column += mixture.n_segments
         return assignment
 
     def kl_divergence(self) -> torch.Tensor:
-        return torch.stack([mixture.kl_divergence() for mixture in self.mixtures]).sum()
+        return torch.stack([mixture.kl_divergence() for mixture in self.part_mixtures()]).sum()
 
 
 def _pad_columns(block: torch.Tensor, first_column: int, n_columns: int) -> torch.Tensor:
