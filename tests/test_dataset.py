@@ -299,3 +299,15 @@ def test_dataloader_workers_yield_whole_batches(simulated, tmp_path, use_cache):
     # batched and single-image float32 FFTs differ in the last bits (no cache: cropping happens per read)
     np.testing.assert_allclose(batch["image"][4].numpy(), _item(dataset, 20)["image"].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(batch["ctf"][4].numpy(), _item(dataset, 20)["ctf"].numpy())
+
+
+def test_iterating_a_loader_leaves_the_global_random_stream_alone(simulated):
+    """Training samples latents from torch's global generator: starting a loader (or a progress bar) must not draw."""
+    dataset = ParticleDataset(read_metadata(simulated), box_size_px=16)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    loader = particle_loader(dataset, [[0, 1], [2]])
+    for _ in range(3):
+        assert [len(batch) for batch in loader] == [2, 1]
+    assert torch.equal(torch.rand(4), expected)

@@ -312,13 +312,18 @@ def _whole_batch(batch: ParticleBatch) -> ParticleBatch:
 def particle_loader(
     dataset: ParticleDataset, batches: Iterable[list[int]], *, num_workers: int = 0, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding one ParticleBatch per list of indices in `batches` (read in one go, never re-stacked)."""
+    """A DataLoader yielding one ParticleBatch per list of indices in `batches` (read in one go, never re-stacked).
+
+    It has its own generator: starting an iteration then never draws from torch's global generator, which samples
+    the latents and segmentations, so training's random stream does not depend on how often a loader is iterated.
+    """
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
         collate_fn=_whole_batch,  # type: ignore[arg-type]  # torch types it list -> batch; __getitems__ gives a batch
         num_workers=num_workers,
         pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

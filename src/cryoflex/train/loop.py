@@ -150,10 +150,9 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def loader_for(epoch: int) -> DataLoader:
-        """This rank's loader for `epoch` (the same batches after a resume)."""
-        batches = epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
-        return particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    def batches_for(epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch` (the same batches after a resume)."""
+        return epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
 
     logs = RunLogs(run, resume_step=step) if context.is_main else None
     if context.is_main:
@@ -176,7 +175,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
         engine.train()
-        loader = loader_for(epoch)
+        batches = batches_for(epoch)
+        loader = particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
         sums: dict[str, float] = {}
         started = time.perf_counter()
         description = f"epoch {epoch + 1}/{config.epochs}"
@@ -200,7 +200,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                     logs.record("step", epoch + 1, step, values)
         metrics = {name: value / max(len(loader), 1) for name, value in sums.items()}
         metrics["seconds"] = time.perf_counter() - started
-        metrics["images_per_s"] = sum(map(len, loader.batch_sampler)) / metrics["seconds"]
+        metrics["images_per_s"] = sum(map(len, batches)) / metrics["seconds"]
         if context.is_main:
             assert logs is not None
             logs.record("epoch", epoch + 1, step, metrics)
