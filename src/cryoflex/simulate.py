@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.geometry.superposition import superpose_A
@@ -23,6 +22,7 @@ from cryoflex.io.atomic import atomic_path
 from cryoflex.io.metadata import CTFParameters, ParticleMetadata, write_relion_star
 from cryoflex.io.particles import StackWriter
 from cryoflex.io.structure import Structure, write_structure
+from cryoflex.progress import Progress
 
 logger = logging.getLogger(__name__)
 _N_PILOT_IMAGES = 512
@@ -113,7 +113,7 @@ def simulate_dataset(
 
     stack_dir = out_dir / "stacks"
     image_paths, image_indices = [], []
-    bar = tqdm(total=n, unit="img", desc="simulate", disable=not progress)
+    bar = Progress(n, "simulate", unit="img", enabled=progress)
     for file_start in range(0, n, config.images_per_file):
         file_stop = min(n, file_start + config.images_per_file)
         name = f"particles_{file_start // config.images_per_file:05d}.mrcs"

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
-from tqdm import tqdm
 
 from cryoflex.analysis.predict import decode_latents
 from cryoflex.errors import CryoflexInputError
@@ -22,6 +21,7 @@ from cryoflex.io.atomic import atomic_path
 from cryoflex.io.metadata import ParticleMetadata, write_cryosparc_subset, write_relion_star
 from cryoflex.io.structure import Structure, write_structure
 from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def export_per_particle(
     with atomic_path(out_path) as tmp:
         coords = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         start = 0
-        with tqdm(total=shape[0], desc="per-particle structures", unit="particle", disable=not progress) as bar:
+        with Progress(shape[0], "per-particle structures", unit="particle", enabled=progress) as bar:
             for chunk in chunks:
                 coords[start : start + len(chunk)] = chunk
                 start += len(chunk)

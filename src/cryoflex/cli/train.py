@@ -12,8 +12,7 @@ TensorBoard (tensorboard --logdir RUN/tensorboard). Several GPUs (or CPU process
 examples:
   cryoflex train --particles particles.star --structure model.pdb --consensus-map consensus.mrc --out run1
   cryoflex train --particles sim/particles.star --structure sim/nominal.pdb --out run1 --segments 4 --epochs 30
-  cryoflex train --particles poses.pkl --ctf ctf.pkl --stack particles.mrcs --structure model.pdb --centre-structure \
-      --out run2
+  cryoflex train --particles poses.pkl --ctf ctf.pkl --stack stack.mrcs --structure m.pdb --centre-structure --out run2
   cryoflex train --out run1 --resume --epochs 40
 """
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
+from cryoflex.progress import PLAIN_INTERVAL_S
 from cryoflex.run_dir import RunDir
 from cryoflex.train.objective import IMAGE_TERM
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLAIN_INTERVAL_S = 30.0
 # Short names of the loss terms for the progress display and log lines.
 SHORT_NAMES = {
     "total": "loss", IMAGE_TERM: "1-corr", "latent_kl": "kl", "segmentation_kl": "seg", "continuity": "cont",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +113,7 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -
     if context.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         config.save(run.config)
-        cache_bar = config.progress and sys.stderr.isatty()  # tqdm's redraws would flood a log file
-        dataset = particle_dataset(config, checked.metadata, run, progress=cache_bar)
+        dataset = particle_dataset(config, checked.metadata, run, progress=config.progress)
     if context.distributed:
         torch.distributed.barrier()
     if not context.is_main:
