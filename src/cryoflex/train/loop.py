@@ -148,10 +148,6 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def batches_for(epoch: int) -> list[list[int]]:
-        """This rank's batches of `epoch` (the same batches after a resume)."""
-        return epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
-
     logs = RunLogs(run, resume_step=step) if context.is_main else None
     if context.is_main:
         logger.info(
@@ -173,7 +169,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, config.epochs):
         engine.train()
-        batches = batches_for(epoch)
+        # this rank's batches of the epoch: the same after a resume
+        batches = epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
         loader = particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
         sums: dict[str, float] = {}
         started = time.perf_counter()
