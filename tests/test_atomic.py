@@ -131,3 +131,22 @@ def test_disk_full_is_a_clear_error_and_leaves_the_previous_file(tmp_path: Path)
     assert "the previous cache.npy is intact" in message
     assert target.read_text() == "previous"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="posix_fallocate is not available on this system")
+def test_memory_mapped_outputs_reserve_their_space_so_a_full_disk_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a memory map, a full disk would be a SIGBUS at some later write; reserved blocks make it an error now."""
+    with StackWriter(tmp_path / "stack.mrcs", 64, 32, 1.0) as writer:
+        reserved = next(tmp_path.glob(".stack.mrcs.*.tmp")).stat()
+        writer.write(0, np.zeros((64, 32, 32), np.float32))
+    assert reserved.st_blocks * 512 >= reserved.st_size >= 64 * 32 * 32 * 4  # allocated, not sparse
+
+    def full_disk(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(CryoflexOutputError, match="the disk is full"), StackWriter(tmp_path / "b.mrcs", 4, 8, 1.0):
+        pass
+    assert not list(tmp_path.glob("*.tmp"))

@@ -17,7 +17,7 @@ from numpy.lib.format import open_memmap
 
 from cryoflex.analysis.predict import decode_latents
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.atomic import atomic_path
+from cryoflex.io.atomic import atomic_path, reserve_space
 from cryoflex.io.metadata import ParticleMetadata, write_cryosparc_subset, write_relion_star
 from cryoflex.io.structure import Structure, write_structure
 from cryoflex.model.cryosphere import CryoSphere
@@ -49,6 +49,7 @@ def export_per_particle(
     chunks = decode_latents(model, latents, batch_size=chunk_size)
     with atomic_path(out_path) as tmp:
         coords = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        reserve_space(tmp)
         start = 0
         with Progress(shape[0], "per-particle structures", unit="particle", enabled=progress) as bar:
             for chunk in chunks:

@@ -22,7 +22,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.downsample import check_box_out, downsampled_pixel_size_A, fourier_crop
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
-from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.atomic import atomic_path, reserve_space, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, training_field_name
 from cryoflex.io.particles import ParticleStack, open_particle_images
 from cryoflex.progress import Progress
@@ -343,6 +343,7 @@ def _write_cache(npy_path: Path, n: int, box_size_px: int, images: _DownsampledI
     """Stream all n downsampled images in chunks into one float32 .npy (n, D, D), written atomically."""
     with atomic_path(npy_path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, box_size_px, box_size_px))
+        reserve_space(tmp)
         with Progress(n, "cache images", unit="img", enabled=progress) as bar:
             for start in range(0, n, CHUNK_IMAGES):
                 stop = min(n, start + CHUNK_IMAGES)

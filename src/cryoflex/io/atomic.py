@@ -108,6 +108,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def reserve_space(path: Path) -> None:
+    """Allocate the blocks of a file just sized for a memory map: a full disk is then an OSError (ENOSPC) here, which
+    atomic_path reports, rather than a SIGBUS at some later write through the map."""
+    if hasattr(os, "posix_fallocate"):  # not on macOS: there the map's first write to a missing block fails instead
+        with path.open("r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

@@ -21,7 +21,7 @@ import mrcfile.utils
 import numpy as np
 
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.atomic import atomic_path
+from cryoflex.io.atomic import atomic_path, reserve_space
 
 DEFAULT_MAX_OPEN_FILES = 64
 PARENT_LEVELS_SEARCHED = 3
@@ -352,6 +352,7 @@ class StackWriter:
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
             self._mrc = stack.enter_context(mrcfile.new_mmap(tmp, shape=shape, mrc_mode=2, overwrite=True))
+            reserve_space(tmp)
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.pixel_size_A
             self._resources = stack.pop_all()
