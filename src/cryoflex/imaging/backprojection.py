@@ -1,6 +1,6 @@
 """Direct Fourier inversion: particle images -> 3-D map by the central-slice theorem, CTF-weighted, Wiener-regularised.
 
-Physics (docs/conventions.md, "Image pixel grid", "Rotations and projection", "Origins", "CTF"):
+Physics (docs/conventions.md, "Image pixel grid", "Rotations and projection", "Origins (particle shifts)", "CTF"):
 - The projection along z of the rotated structure V(R^T x') has the 2-D transform V^(R^T (kx, ky, 0)): each image's
   transform is the central slice of the map's transform at the 3-D frequencies q = R^T k, i.e.
   q = kx R[0, :] + ky R[1, :] (the rows of R), with rotations x' = R x.
