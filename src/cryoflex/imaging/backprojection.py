@@ -23,11 +23,12 @@ Physics (docs/conventions.md, "Image pixel grid", "Rotations and projection", "O
   is a line integral of that density). The map is on gaussian_volume's grid: voxel (k, i, j) at
   ((j - D//2) a, (i - D//2) a, (k - D//2) a), so it overlays the structures and the model maps.
 
-Memory per accumulator: one float32 grid (N, N, N//2 + 1, 3) (numerator real and imaginary part, weights), i.e.
+Memory per accumulator: one float32 grid (3, N, N, N//2 + 1) (numerator real and imaginary part, weights), i.e.
 12 N^2 (N/2 + 1) bytes with N = padding * D: 0.81 GB at 256 px with padding 2 (N = 512), 0.10 GB at 256 px with
-padding 1 or at 128 px with padding 2, 0.013 GB at 64 px with padding 2. volume() needs about 3 times that again
-while it runs (the complex quotient and the inverse FFT). insert() holds O(B N^2) temporaries (about 60 MB for a
-batch of 64 at N = 512 per corner pass).
+padding 1 or at 128 px with padding 2, 0.013 GB at 64 px with padding 2. volume() needs about twice that again
+while it runs (the complex quotient and the inverse FFT; benchmarks/reconstruct.py measures the peak). insert()
+holds the batch's padded spectra (8 B N (N/2 + 1) bytes, 67 MB for 64 images at N = 512) and scatters 2^16 slice
+pixels at a time on a CPU (temporaries that stay in cache), 2^22 on a GPU (about 0.5 GB of temporaries).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from cryoflex.imaging.ctf import ctf_rfft
 
 DEFAULT_WIENER = 1e-3  # relative regularisation (1/SNR) of volume(): enough to tame sparsely sampled voxels
 _Z_CHUNK = 32  # z planes of the padded grid processed at once in volume()
+# slice pixels scattered at once: on a CPU small temporaries stay in cache; a GPU wants large launches
+_CHUNK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 22}
 
 
 class FourierAccumulator:
@@ -61,8 +64,9 @@ class FourierAccumulator:
         self.n_images = 0
         n = padding * box_size_px
         self.padded_size_px = n
-        # numerator real, numerator imaginary, weights
-        self._grid = torch.zeros(n, n, n // 2 + 1, 3, dtype=torch.float32, device=self.device)
+        # channels: numerator real part, numerator imaginary part, weights (channel-major: scatter_add_ on one
+        # contiguous channel is several times faster than index_add_ of rows of 3)
+        self._grid = torch.zeros(3, n, n, n // 2 + 1, dtype=torch.float32, device=self.device)
         self._setup_pixels()
 
     def _setup_pixels(self) -> None:
@@ -103,39 +107,40 @@ class FourierAccumulator:
             transfer = transfer.reshape(batch, -1)[:, self._pixels]
             values = values * (transfer * self._multiplicity)
             ctf_squared = transfer.square() * self._multiplicity
-        rotations = poses.rotations
-        q = self._kx[None, :, None] * rotations[:, None, 0, :] + self._ky[None, :, None] * rotations[:, None, 1, :]
-        flip = q[..., 0] < 0
-        q = torch.where(flip[..., None], -q, q)
-        values = torch.where(flip, values.conj(), values)
-        source = torch.stack([values.real, values.imag, ctf_squared], dim=-1)
-        self._scatter_trilinear(q, source)
+        rows = max(1, _CHUNK_ELEMENTS.get(self.device.type, 1 << 22) // len(self._pixels))
+        for first in range(0, batch, rows):
+            chunk = slice(first, first + rows)
+            self._insert_slices(poses.rotations[chunk], values[chunk], ctf_squared[chunk])
         self.n_images += batch
 
-    def _scatter_trilinear(self, q: torch.Tensor, source: torch.Tensor) -> None:
-        """Add source (B, P, 3) at half-grid frequencies q (B, P, 3) = (x >= 0, y, z) to the 8 surrounding voxels."""
+    def _insert_slices(self, rotations: torch.Tensor, values: torch.Tensor, ctf_squared: torch.Tensor) -> None:
+        """Scatter CTF-weighted slice values (B, P) and CTF^2 (B, P) at q = R^T k, trilinearly, on the kx >= 0 side."""
         n = self.padded_size_px
         n_x = n // 2 + 1
-        flat = self._grid.view(-1, 3)
-        position = q.clone()
-        position[..., 1:] += n // 2
-        lower = position.floor()
-        fraction = position - lower
-        lower = lower.long()
-        x_index = (lower[..., 0], lower[..., 0] + 1)
-        y_index = (lower[..., 1] * n_x, ((lower[..., 1] + 1) % n) * n_x)
-        z_index = (lower[..., 2] * (n * n_x), ((lower[..., 2] + 1) % n) * (n * n_x))
-        x_weight = (1.0 - fraction[..., 0], fraction[..., 0])
-        y_weight = (1.0 - fraction[..., 1], fraction[..., 1])
-        z_weight = (1.0 - fraction[..., 2], fraction[..., 2])
+        kx, ky = self._kx[None, :], self._ky[None, :]
+        qx, qy, qz = (kx * rotations[:, 0, axis, None] + ky * rotations[:, 1, axis, None] for axis in range(3))
+        # Friedel mate on the kx >= 0 side: q -> -q and F -> conj(F) (the CTF is even)
+        sign = torch.where(qx < 0, -1.0, 1.0)
+        sources = (values.real, values.imag * sign, ctf_squared)
+        qx, qy, qz = qx * sign, qy * sign + n // 2, qz * sign + n // 2
+        x0, y0, z0 = qx.floor(), qy.floor(), qz.floor()
+        x_weight = (x0 + 1.0 - qx, qx - x0)
+        y_weight = (y0 + 1.0 - qy, qy - y0)
+        z_weight = (z0 + 1.0 - qz, qz - z0)
+        x_lower, y_lower, z_lower = x0.long(), y0.long(), z0.long()
+        x_index = (x_lower, x_lower + 1)
+        y_index = (y_lower * n_x, ((y_lower + 1) % n) * n_x)
+        z_index = (z_lower * (n * n_x), ((z_lower + 1) % n) * (n * n_x))
+        flat = self._grid.view(3, -1)
         for dz in (0, 1):
             for dy in (0, 1):
                 zy_index = z_index[dz] + y_index[dy]
                 zy_weight = z_weight[dz] * y_weight[dy]
                 for dx in (0, 1):
                     index = (zy_index + x_index[dx]).flatten()
-                    weight = (zy_weight * x_weight[dx]).unsqueeze(-1)
-                    flat.index_add_(0, index, (source * weight).reshape(-1, 3))
+                    weight = zy_weight * x_weight[dx]
+                    for channel, source in enumerate(sources):
+                        flat[channel].scatter_add_(0, index, (source * weight).flatten())
 
     def add(self, other: FourierAccumulator) -> None:
         """Add another accumulator of the same geometry (e.g. a group's halves or batches done elsewhere)."""
@@ -160,8 +165,8 @@ class FourierAccumulator:
         table = torch.as_tensor(wiener, dtype=torch.float32, device=self.device).reshape(-1)
         if table.numel() not in (1, d // 2 + 1) or not bool(torch.all(table >= 0)):
             raise ValueError(f"wiener must be one value or {d // 2 + 1} values (shells 0..{d // 2}), all >= 0")
-        numerator = torch.complex(self._grid[..., 0], self._grid[..., 1])
-        weights = self._grid[..., 2].clone()
+        numerator = torch.complex(self._grid[0], self._grid[1])
+        weights = self._grid[2].clone()
         _symmetrise_plane(numerator[..., 0], weights[..., 0])
         radii = _HalfGridRadii(n, self.device)
         mean_weight = _shell_means(weights, radii)
