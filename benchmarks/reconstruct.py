@@ -5,14 +5,16 @@ Run: .venv/bin/python benchmarks/reconstruct.py [--device cpu|cuda] [--boxes 64 
 Each row: one box size and padding, batches of 64 random images with random poses, origins and a CTF. The floor is
 the time of the per-image FFTs alone (torch.fft.rfft2 of the zero-padded batch), so "x floor" = insert time / FFT
 time says what the CTF, the phase ramp and the trilinear scatter cost on top of the transform every method needs.
-"peak MB" is the growth of the process's anonymous memory (CPU) or the peak allocated device memory (CUDA) while
-the row ran: the accumulator's grid plus insert's and volume()'s temporaries.
+"peak MB" is the growth of the anonymous memory of a fresh process per row (CPU) or the peak allocated device memory
+(CUDA) while the row ran: the accumulator's grid plus insert's and volume()'s temporaries.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,14 +37,16 @@ def _synchronise(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Seconds per call, after one warm-up call."""
+    """Seconds of the fastest of `repeats` calls after one warm-up call (the least disturbed by other processes)."""
     fn()
-    _synchronise(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        _synchronise(device)
+        start = time.perf_counter()
         fn()
-    _synchronise(device)
-    return (time.perf_counter() - start) / repeats
+        _synchronise(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _batch(box_px: int, device: torch.device, seed: int) -> tuple[torch.Tensor, PoseBatch, CTFBatch]:
@@ -61,7 +65,7 @@ def measure(box_px: int, padding: int, device: torch.device) -> dict:
     pixel_size_A = 1.0
     images, poses, ctf = _batch(box_px, device, seed=box_px + padding)
     padded_px = padding * box_px
-    repeats = 3 if box_px * padding <= 256 else 1
+    repeats = 3 if box_px * padding <= 256 else 2
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with AnonymousPeak() as anonymous:
@@ -92,20 +96,31 @@ def measure(box_px: int, padding: int, device: torch.device) -> dict:
     )
 
 
+def _row_in_fresh_process(box_px: int, padding: int, device: str) -> dict:
+    """measure() in a new interpreter, so that memory freed by earlier rows cannot hide this row's peak."""
+    command = [sys.executable, __file__, "--device", device, "--row", str(box_px), str(padding)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reconstruct_cpu.json"))
+    parser.add_argument("--row", type=int, nargs=2, metavar=("BOX", "PADDING"), help="measure one row, print its JSON")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.row:
+        print(json.dumps(measure(args.row[0], args.row[1], device)))
+        return
     threads = torch.get_num_threads()
     print(f"device {device}, torch {torch.__version__}, {threads} threads, batch {BATCH}")
     print("box padding  insert part/s  FFT floor part/s  x floor  volume s  grid MB  peak MB")
     rows = []
     for box_px in args.boxes:
         for padding in PADDINGS:
-            row = measure(box_px, padding, device)
+            row = _row_in_fresh_process(box_px, padding, args.device)
             rows.append(row)
             print(
                 f"{box_px:>3} {padding:>7} {row['insert_particles_per_s']:>14.1f} "
