@@ -224,7 +224,7 @@ def _shell_means(weights: torch.Tensor, radii: _HalfGridRadii) -> torch.Tensor:
 def lowpass(
     volume: torch.Tensor, pixel_size_A: float, resolution_A: float, *, edge_width_shells: float = 2.0
 ) -> torch.Tensor:
-    """volume (N, N, N) low-passed at 1 / resolution_A with a raised-cosine edge edge_width_shells Fourier voxels wide.
+    """Maps (..., N, N, N) low-passed at 1 / resolution_A with a raised-cosine edge edge_width_shells voxels wide.
 
     The gain is 1/2 at the cutoff, 1 below cutoff - width/2, 0 above cutoff + width/2 (a soft edge rings less).
     """
@@ -237,7 +237,8 @@ def lowpass(
     radius = torch.sqrt(k.square()[:, None, None] + k.square()[None, :, None] + kx.square()[None, None, :])
     ramp = ((radius - (cutoff - 0.5 * edge_width_shells)) / edge_width_shells).clamp(0.0, 1.0)
     gain = 0.5 * (1.0 + torch.cos(math.pi * ramp))
-    return torch.fft.irfftn(torch.fft.rfftn(volume) * gain.to(volume.dtype), s=volume.shape[-3:])
+    spectrum = torch.fft.rfftn(volume, dim=(-3, -2, -1)) * gain.to(volume.dtype)
+    return torch.fft.irfftn(spectrum, s=volume.shape[-3:], dim=(-3, -2, -1))
 
 
 def wiener_from_fsc(fsc: np.ndarray, *, min_fsc: float = 1e-3, max_fsc: float = 0.999) -> torch.Tensor:
