@@ -25,8 +25,9 @@ Physics (docs/conventions.md, "Image pixel grid", "Rotations and projection", "O
 
 Memory per accumulator: one float32 grid (3, N, N, N//2 + 1) (numerator real and imaginary part, weights), i.e.
 12 N^2 (N/2 + 1) bytes with N = padding * D: 0.81 GB at 256 px with padding 2 (N = 512), 0.10 GB at 256 px with
-padding 1 or at 128 px with padding 2, 0.013 GB at 64 px with padding 2. volume() needs about twice that again
-while it runs (the complex quotient and the inverse FFT; benchmarks/reconstruct.py measures the peak). insert()
+padding 1 or at 128 px with padding 2, 0.013 GB at 64 px with padding 2. volume() needs about 2.5 times that again
+while it runs (the complex quotient, its shifted copy and the inverse FFT: a peak of 2.6 GB at 256 px, padding 2, in
+benchmarks/reconstruct.py). insert()
 holds the batch's padded spectra (8 B N (N/2 + 1) bytes, 67 MB for 64 images at N = 512) and scatters 2^16 slice
 pixels at a time on a CPU (temporaries that stay in cache), 2^22 on a GPU (about 0.5 GB of temporaries).
 """
