@@ -312,13 +312,17 @@ def reconstruct_groups(
 
 @torch.no_grad()
 def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_size_A: float) -> torch.Tensor:
-    """(D, D, D) mean Gaussian map of the structures decoded from `latents` (the model's amplitudes and width)."""
+    """(D, D, D) mean Gaussian map of the structures decoded from `latents` (the model's amplitudes and width).
+
+    A map of Gaussians is linear in them, so each chunk of structures is rendered as one set of pseudo-atoms.
+    """
     device = run.device
     amplitudes = run.model.amplitudes_e.to(device)
     total = torch.zeros((box_size_px,) * 3, dtype=torch.float32, device=device)
     for chunk in decode_latents(run.model, latents):
-        for coords_A in torch.as_tensor(chunk, device=device):
-            total += gaussian_volume(coords_A, amplitudes, box_size_px, voxel_size_A, run.config.sigma_A)
+        coords_A = torch.as_tensor(chunk, device=device).reshape(-1, 3)
+        total += gaussian_volume(coords_A, amplitudes.repeat(len(chunk)), box_size_px, voxel_size_A,
+                                 run.config.sigma_A)  # fmt: skip
     return (total / max(len(latents), 1)).cpu()
 
 
@@ -534,17 +538,6 @@ def reconstruction_dataset(run: TrainedRun, box_size_px: int | None) -> Particle
     )  # fmt: skip
 
 
-def _run_latents(run: TrainedRun, analysis_dir: Path) -> np.ndarray:
-    """Every particle's latent mean: analyze's latents.npy when it matches the run, else encoded now."""
-    path = analysis_dir / "latent" / "latents.npy"
-    if path.is_file():
-        latents = np.load(path, allow_pickle=False)
-        if latents.shape == (len(run.dataset), run.config.latent_dim):
-            return latents
-    logger.info("encoding %d particles", len(run.dataset))
-    return latent_means(run.model, run.dataset)
-
-
 def _deformed(run: TrainedRun, consensus: GroupMaps, in_half_a: np.ndarray, options: ReconstructOptions,
               voxel_size_A: float, out_dir: Path) -> list[Path]:  # fmt: skip
     """The motion-corrected consensus (analysis/deformed.py) and its comparison with the plain consensus."""
@@ -564,7 +557,10 @@ def _deformed(run: TrainedRun, consensus: GroupMaps, in_half_a: np.ndarray, opti
 def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions) -> Path:
     """Every output of `cryoflex reconstruct` under out_dir; returns the path of its report.html."""
     out_dir = Path(out_dir)
-    analysis_dir = Path(options.analysis_dir or run.paths.analysis)
+    for flag, value in (("--padding", options.padding), ("--batch-size", options.batch_size),
+                        ("--max-structures", options.max_structures), ("--bins", options.bins)):  # fmt: skip
+        if value < 1:
+            raise CryoflexInputError(None, f"{flag} {value}", fix=f"give {flag} 1 or more", field=flag)
     groups = select_groups(run, options)
     source = run.dataset.metadata.source_path
     in_half_a = stored_half_split(run.paths.reconstruct / HALF_SPLIT_NAME, len(run.dataset), options.seed)
@@ -581,7 +577,8 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
         files += write_group_maps(group, voxel_size_A, out_dir)
     files += write_fsc(maps, in_half_a, voxel_size_A, out_dir)
 
-    latents = _run_latents(run, analysis_dir)
+    logger.info("encoding %d particles for the structures of the model-bias check", len(run.dataset))
+    latents = latent_means(run.model, run.dataset, batch_size=options.batch_size)
     rng = np.random.default_rng(options.seed)
     structure_maps = {}
     for name, indices in groups.items():
