@@ -55,8 +55,6 @@ CONSENSUS = "consensus"
 HALF_SPLIT_NAME = "half_split.npy"
 MIN_PARTICLES_PER_HALF = 10
 FSC_THRESHOLDS = (0.5, 0.143)
-# Bytes per voxel of the padded Fourier grid of one accumulator (complex numerator + real weights, with headroom).
-_ACCUMULATOR_BYTES_PER_VOXEL = 16
 _CHIMERAX_COLOURS = (
     "cornflowerblue", "orange", "mediumseagreen", "crimson", "mediumpurple", "sienna", "hotpink", "gold",
     "turquoise", "olivedrab", "slateblue", "salmon",
@@ -235,8 +233,9 @@ def check_groups(groups: dict[str, np.ndarray], in_half_a: np.ndarray, source: P
 
 
 def accumulator_bytes(box_size_px: int, padding: int) -> int:
-    """Memory of one half accumulator: its padded Fourier grid."""
-    return (padding * box_size_px) ** 3 * _ACCUMULATOR_BYTES_PER_VOXEL
+    """Memory of one half accumulator: its padded half-spectrum grid, float32 (N, N, N//2 + 1, 3), N = padding * D."""
+    n = padding * box_size_px
+    return 12 * n * n * (n // 2 + 1)
 
 
 def group_passes(names: Sequence[str], box_size_px: int, padding: int, memory_budget_bytes: int) -> list[list[str]]:
@@ -538,19 +537,29 @@ def reconstruction_dataset(run: TrainedRun, box_size_px: int | None) -> Particle
     )  # fmt: skip
 
 
-def _deformed(run: TrainedRun, consensus: GroupMaps, in_half_a: np.ndarray, options: ReconstructOptions,
-              voxel_size_A: float, out_dir: Path) -> list[Path]:  # fmt: skip
-    """The motion-corrected consensus (analysis/deformed.py) and its comparison with the plain consensus."""
+def _json_ready(value: Any) -> Any:
+    """Nested dicts and lists with every non-finite float as None (JSON has no infinity)."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, float | np.floating):
+        return _finite(float(value))
+    return value
+
+
+def _deformed(run: TrainedRun, dataset: ParticleDataset, consensus: GroupMaps, in_half_a: np.ndarray,
+              options: ReconstructOptions, out_dir: Path) -> list[Path]:  # fmt: skip
+    """The motion-corrected consensus (analysis/deformed.py), its maps and its comparison with the plain consensus."""
     from cryoflex.analysis.deformed import compare_deformed, deformed_reconstruction
 
     deformed = deformed_reconstruction(run, consensus.particle_indices, in_half_a, padding=options.padding,
-                                       batch_size=options.batch_size, device=run.device,
-                                       progress=options.progress)  # fmt: skip
+                                       batch_size=options.batch_size, device=run.device, progress=options.progress,
+                                       dataset=dataset)  # fmt: skip
     deformed.name = f"{CONSENSUS}_deformed"
-    paths = write_group_maps(deformed, voxel_size_A, out_dir)
-    comparison = compare_deformed(consensus, deformed, run)
-    path = out_dir / "deformed.json"
-    write_text_atomic(path, json.dumps(comparison, indent=1, default=float) + "\n")
+    paths = write_group_maps(deformed, dataset.pixel_size_A, out_dir)
+    path = out_dir / report.RECONSTRUCT_DEFORMED_JSON
+    write_text_atomic(path, json.dumps(_json_ready(compare_deformed(consensus, deformed, run)), indent=1) + "\n")
     return [*paths, path]
 
 
@@ -595,7 +604,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     write_text_atomic(script, chimerax_script(list(maps)))
     files.append(script)
     if options.deformed:
-        files += _deformed(run, maps[CONSENSUS], in_half_a, options, voxel_size_A, out_dir)
+        files += _deformed(run, dataset, maps[CONSENSUS], in_half_a, options, out_dir)
 
     sections, tables = report.reconstruction_content(out_dir)
     return report.write_report(

@@ -40,6 +40,7 @@ RECONSTRUCT_FSC_PNG = "fsc.png"
 RECONSTRUCT_BIAS_CSV = "model_bias.csv"
 RECONSTRUCT_BIAS_JSON = "model_bias.json"
 RECONSTRUCT_BIAS_PNG = "model_bias.png"
+RECONSTRUCT_DEFORMED_JSON = "deformed.json"
 _FSC_CAPTION = (
     "Gold-standard FSC between the two half-maps of each group (a fixed random half split of the particles), with "
     "the resolutions where it falls below 0.143 and 0.5; maps reconstructed from the particle images"
@@ -188,6 +189,15 @@ def reconstruction_content(directory: str | Path) -> tuple[list[ReportSection], 
             {"map": row_name, **dict(zip(bias["groups"], row, strict=True))}
             for row_name, row in zip(bias["groups"], bias["mean_fsc"], strict=True)
         ]
+    deformed_json = directory / RECONSTRUCT_DEFORMED_JSON
+    if deformed_json.is_file():
+        regions = json.loads(deformed_json.read_text())
+        title = "Deformed backprojection (half-map FSC 0.143 resolution of the consensus, plain and motion-corrected)"
+        tables[title] = [
+            {"region": region, "plain_resolution_A": values["plain_resolution_A"],
+             "deformed_resolution_A": values["deformed_resolution_A"]}
+            for region, values in regions.items()
+        ]  # fmt: skip
     return [ReportSection("Density from the particles", figures)], tables
 
 
