@@ -214,6 +214,21 @@ def test_outputs_exist_parse_and_overlay_the_structures(trained_run: Path, fake_
     assert "Density from the particles" in page and "Model-bias check" in page
 
 
+def test_another_box_from_the_stacks_and_consensus_only_without_analysis(trained_run: Path, tmp_path: Path) -> None:
+    """--box-size-px reads the original stacks at a smaller box (voxel 8 A here); with no analysis the default is
+    the consensus alone."""
+    out = tmp_path / "small_box"
+    assert _reconstruct(trained_run, out, "--box-size-px", "16") == 0
+    assert sorted(p.name for p in out.glob("*.mrc")) == sorted(
+        f"consensus{suffix}.mrc" for suffix in ("", "_filtered", "_half_a", "_half_b", "_structures")
+    )
+    for path in out.glob("*.mrc"):
+        with mrcfile.open(path, permissive=True) as volume:
+            assert volume.data.shape == (16, 16, 16) and float(volume.voxel_size.x) == pytest.approx(8.0)
+            assert float(volume.header.origin.x) == pytest.approx(-64.0)
+    assert json.loads((out / "fsc.json").read_text())["voxel_size_A"] == pytest.approx(8.0)
+
+
 def test_report_section_shows_fsc_and_model_bias(tmp_path: Path) -> None:
     assert report.reconstruction_content(tmp_path / "nothing") == ([], {})
     from cryoflex.analysis import reconstruct as module

@@ -55,6 +55,7 @@ CONSENSUS = "consensus"
 HALF_SPLIT_NAME = "half_split.npy"
 MIN_PARTICLES_PER_HALF = 10
 FSC_THRESHOLDS = (0.5, 0.143)
+_STRUCTURES_PER_RENDER = 32  # decoded structures rendered as one set of pseudo-atoms (bounds the Gaussian tables)
 _CHIMERAX_COLOURS = (
     "cornflowerblue", "orange", "mediumseagreen", "crimson", "mediumpurple", "sienna", "hotpink", "gold",
     "turquoise", "olivedrab", "slateblue", "salmon",
@@ -318,7 +319,7 @@ def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_
     device = run.device
     amplitudes = run.model.amplitudes_e.to(device)
     total = torch.zeros((box_size_px,) * 3, dtype=torch.float32, device=device)
-    for chunk in decode_latents(run.model, latents):
+    for chunk in decode_latents(run.model, latents, batch_size=_STRUCTURES_PER_RENDER):
         coords_A = torch.as_tensor(chunk, device=device).reshape(-1, 3)
         total += gaussian_volume(coords_A, amplitudes.repeat(len(chunk)), box_size_px, voxel_size_A,
                                  run.config.sigma_A)  # fmt: skip
