@@ -292,3 +292,16 @@ def test_deformed_consensus_is_written_and_compared(trained_run: Path, tmp_path:
     comparison = json.loads((out / "deformed.json").read_text())
     assert {"plain_resolution_A", "deformed_resolution_A"} <= set(comparison["global"])
     assert "Deformed backprojection" in (out / "report.html").read_text()
+
+
+def test_analyze_report_shows_the_reconstruction(trained_run: Path, tmp_path: Path) -> None:
+    """Once RUN/reconstruct holds results, `cryoflex analyze` puts the FSC, resolutions and model bias in its report."""
+    run_out = trained_run / "reconstruct"
+    assert cli_main(["reconstruct", str(trained_run), "--all", "--device", "cpu", "--no-progress",
+                     "--max-structures", "10"]) == 0  # fmt: skip
+    assert (run_out / "consensus.mrc").is_file() and (run_out / "fsc.json").is_file()
+    analysis = tmp_path / "analysis"
+    assert cli_main(["analyze", str(trained_run), "--out", str(analysis), "--clusters", "2", "--points", "2",
+                     "--device", "cpu"]) == 0  # fmt: skip
+    page = (analysis / "report.html").read_text()
+    assert "Density from the particles" in page and "Model-bias check" in page and "resolution_0.143_A" in page
