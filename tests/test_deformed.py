@@ -3,12 +3,23 @@ continuous motion whose motion-corrected map beats the plain consensus."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
 
-from cryoflex.analysis.deformed import RigidMotions, body_weights, segment_poses
+from cryoflex.analysis.deformed import (
+    DeformedAccumulators,
+    DeformedMaps,
+    RigidMotions,
+    body_weights,
+    compare_fsc,
+    segment_poses,
+)
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
+from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.model.deformation import deform, rotation_matrices, segment_centres_A
 
 
@@ -116,3 +127,95 @@ def test_body_weights_sum_to_one_and_follow_the_assignment() -> None:
     assert at(coords_A[20])[0] > 0.7  # inside segment 1
     assert at(torch.tensor([0.0, 0.0, -28.0], dtype=torch.float64))[2] > 0.99  # far from the structure: consensus
     assert at(coords_A[2])[2] > 0.3  # next to residues in no segment: mostly the consensus
+
+
+# ------------------------------------------------------------ a simulated continuous hinge motion
+
+BOX_PX, PIXEL_A, SIGMA_A = 32, 2.0, 1.5
+HINGE_A = (1.0, -6.0, 0.0)  # between the two domains, off the box centre (so the origin shift matters)
+MAX_ANGLE_DEG = 30.0
+NOISE = 4.0  # noise std / clean image std
+
+
+@dataclass
+class Hinge:
+    coords_A: torch.Tensor  # nominal (60, 3)
+    assignment: torch.Tensor  # one-hot (60, 2); segment 2 moves
+    amplitudes: torch.Tensor
+    weights: torch.Tensor
+    maps: DeformedMaps
+
+
+def _hinge_motion(angles_deg: torch.Tensor, centres_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation vectors and translations (n, 2, 3) of segment 2 turning about the z axis through the hinge point:
+    about its own centre c that is the same rotation plus t = (R - I)(c - h). Segment 1 stays."""
+    vectors = torch.zeros(len(angles_deg), 2, 3, dtype=torch.float64)
+    vectors[:, 1, 2] = torch.deg2rad(angles_deg)
+    lever_A = centres_A[1] - torch.tensor(HINGE_A, dtype=torch.float64)
+    translations_A = torch.zeros_like(vectors)
+    translations_A[:, 1] = torch.einsum("bij,j->bi", rotation_matrices(vectors[:, 1]), lever_A) - lever_A
+    return vectors, translations_A
+
+
+@pytest.fixture(scope="module")
+def hinge() -> Hinge:
+    """1,200 noisy 32 px images with CTF of a two-domain structure whose second domain swings by -30..30 degrees,
+    reconstructed with the known motions (deformed) and without (the plain consensus of the same accumulators)."""
+    generator = torch.Generator().manual_seed(5)
+    coords_A, assignment = _two_domains(generator)
+    amplitudes = torch.ones(60, dtype=torch.float64)
+    centres_A = segment_centres_A(coords_A, assignment)
+    n_images, batch = 1200, 300
+    angles_deg = (torch.rand(n_images, generator=generator, dtype=torch.float64) * 2 - 1) * MAX_ANGLE_DEG
+    vectors, translations_A = _hinge_motion(angles_deg, centres_A)
+    poses = PoseBatch(
+        _random_rotations(n_images, generator), torch.randn(n_images, 2, generator=generator, dtype=torch.float64) * 2
+    )
+    defocus_A = torch.rand(n_images, generator=generator, dtype=torch.float64) * 15000 + 5000
+    ctf = CTFBatch.from_values(defocus_A, defocus_A, 0.0, 300.0, 2.7, 0.1)
+    formation = ImageFormation(BOX_PX, PIXEL_A, sigma_A=SIGMA_A)
+    in_half_a = torch.arange(n_images) % 2 == 0
+    accumulators = DeformedAccumulators(BOX_PX, PIXEL_A, 2)
+    for start in range(0, n_images, batch):
+        rows = slice(start, start + batch)
+        moved_A = deform(coords_A, assignment, vectors[rows], translations_A[rows])
+        clean = formation.images(moved_A, amplitudes, poses[rows], ctf[rows])
+        images = clean + torch.randn(clean.shape, generator=generator, dtype=torch.float64) * clean.std() * NOISE
+        motions = RigidMotions.from_vectors(vectors[rows], translations_A[rows], centres_A)
+        accumulators.insert(
+            images.float(), poses[rows].to(dtype=torch.float32), ctf[rows].to(dtype=torch.float32),
+            motions.to(dtype=torch.float32), in_half_a[rows],
+        )  # fmt: skip
+    weights = body_weights(coords_A, assignment, BOX_PX, PIXEL_A)
+    return Hinge(coords_A, assignment, amplitudes, weights, accumulators.maps(weights, np.arange(n_images)))
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.double().numpy().ravel(), b.double().numpy().ravel())[0, 1])
+
+
+def test_deformed_map_is_closer_to_the_nominal_structure(hinge: Hinge) -> None:
+    """Correlation with the nominal map: plain 0.867 -> deformed 0.885 globally, 0.870 -> 0.902 in the moving domain
+    (weighted by its body weight), 0.892 -> 0.898 in the still one. With the origin sign flipped: 0.856, 0.852."""
+    truth = gaussian_volume(hinge.coords_A, hinge.amplitudes, BOX_PX, PIXEL_A, SIGMA_A).float()
+    deformed, plain = hinge.maps.deformed.full, hinge.maps.plain.full
+    still, moving = hinge.weights[0], hinge.weights[1]
+    glob = _correlation(plain, truth), _correlation(deformed, truth)
+    moved = _correlation(plain * moving, truth * moving), _correlation(deformed * moving, truth * moving)
+    kept = _correlation(plain * still, truth * still), _correlation(deformed * still, truth * still)
+    assert glob[1] > glob[0] + 0.005
+    assert moved[1] > moved[0] + 0.015
+    assert moved[1] - moved[0] > kept[1] - kept[0] + 0.01  # the gain is where the motion is
+
+
+def test_deformed_half_maps_reach_higher_resolution_in_the_moving_domain(hinge: Hinge) -> None:
+    """Half-map FSC at 0.143: moving domain 5.99 A plain -> 4.73 A deformed (the still domain: 4.84 and 4.81 A),
+    whole map 6.69 -> 6.48 A; the plain consensus is the static body of the same accumulators. (Seeds 6-8: the moving
+    domain gains 0.47-0.71 A.)"""
+    table = compare_fsc(hinge.maps.plain, hinge.maps.deformed, hinge.weights, PIXEL_A)
+    moving, still, whole = table["segment_2"], table["segment_1"], table["global"]
+    assert moving["deformed_resolution_A"] < moving["plain_resolution_A"] - 0.4
+    assert moving["deformed_resolution_A"] < still["plain_resolution_A"] + 0.3  # as sharp as the domain that stays
+    assert abs(still["deformed_resolution_A"] - still["plain_resolution_A"]) < 0.2
+    assert whole["deformed_resolution_A"] < whole["plain_resolution_A"]
+    assert hinge.maps.deformed.resolution_A == pytest.approx(whole["deformed_resolution_A"])

@@ -21,14 +21,22 @@ plain consensus under the same masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from cryoflex.imaging.batches import PoseBatch
+from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
+from cryoflex.analysis.reconstruct import GroupMaps
+from cryoflex.analysis.run import TrainedRun
+from cryoflex.data.dataset import ParticleDataset
+from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_from_fsc
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.deformation import rotation_matrices, segment_centres_A
+from cryoflex.progress import Progress
 
 WEIGHT_SIGMA_A = 4.0  # width of the Gaussian that spreads each residue's assignment over nearby voxels
 WEIGHT_FLOOR = 0.05  # kernel mass below which a voxel falls back to the plain consensus (about 10 A from one residue)
@@ -115,3 +123,181 @@ def body_weights(
     total = stacked.sum(0) + floor
     stacked[-1] += floor
     return (stacked / total).float()
+
+
+class DeformedAccumulators:
+    """Two half-map Fourier accumulators per body: segments 0..M-1 (images at their composed poses), then the plain
+    consensus (images at their own poses). Memory: 2 (M + 1) accumulators of the engine's padded grid."""
+
+    def __init__(
+        self, box_size_px: int, pixel_size_A: float, n_segments: int, *, padding: int = 2,
+        device: torch.device | str = "cpu",
+    ):  # fmt: skip
+        self.box_size_px = box_size_px
+        self.pixel_size_A = pixel_size_A
+        self.n_segments = n_segments
+        self.halves = [
+            [FourierAccumulator(box_size_px, pixel_size_A, padding=padding, device=device) for _ in range(2)]
+            for _ in range(n_segments + 1)
+        ]
+
+    @property
+    def n_images(self) -> tuple[int, int]:
+        """Images inserted into half A and half B."""
+        return self.halves[-1][0].n_images, self.halves[-1][1].n_images
+
+    def insert(
+        self, images: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None, motions: RigidMotions,
+        in_half_a: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Insert images (B, D, D) once per body, into the half given by in_half_a (B,) bool."""
+        if motions.n_segments != self.n_segments or len(motions) != len(images):
+            raise ValueError(
+                f"motions for {len(motions)} images and {motions.n_segments} segments, "
+                f"expected {len(images)} and {self.n_segments}"
+            )
+        for half, rows in enumerate((in_half_a, ~in_half_a)):
+            if not bool(rows.any()):
+                continue
+            chosen_poses, chosen_motions = poses[rows], motions[rows]
+            chosen_images, chosen_ctf = images[rows], None if ctf is None else ctf[rows]
+            for segment in range(self.n_segments):
+                pose = segment_poses(chosen_poses, chosen_motions, segment)
+                self.halves[segment][half].insert(chosen_images, pose, chosen_ctf)
+            self.halves[-1][half].insert(chosen_images, chosen_poses, chosen_ctf)
+
+    def maps(self, weights: torch.Tensor, particle_indices: np.ndarray) -> DeformedMaps:
+        """The deformed map (bodies combined with `weights`) and the plain consensus (the static body), each with
+        half maps (the engine's default regularisation), FSC, 0.143 resolution, and a full map regularised from its
+        own half-map FSC and low-pass filtered there. Sums each body's halves in place: call it once, at the end."""
+        halves = torch.stack([torch.stack([half.volume() for half in body]) for body in self.halves])
+        deformed_halves = combine_bodies(halves, weights)
+        deformed_fsc = _half_map_fsc(deformed_halves[0], deformed_halves[1], self.pixel_size_A)
+        plain_fsc = _half_map_fsc(halves[-1, 0], halves[-1, 1], self.pixel_size_A)
+        for half_a, half_b in self.halves:
+            half_a.add(half_b)
+        deformed_wiener, plain_wiener = wiener_from_fsc(deformed_fsc[1]), wiener_from_fsc(plain_fsc[1])
+        deformed_full = combine_bodies(torch.stack([body[0].volume(deformed_wiener) for body in self.halves]), weights)
+        plain_full = self.halves[-1][0].volume(plain_wiener)
+        return DeformedMaps(
+            _group_maps("deformed", particle_indices, deformed_halves, deformed_full, deformed_fsc, self.pixel_size_A),
+            _group_maps("consensus", particle_indices, halves[-1], plain_full, plain_fsc, self.pixel_size_A),
+            weights,
+        )
+
+
+@dataclass
+class DeformedMaps:
+    """The motion-corrected map and, from the same images and regularisation, the plain consensus."""
+
+    deformed: GroupMaps
+    plain: GroupMaps
+    weights: torch.Tensor  # (M + 1, D, D, D), the body weights used
+
+
+def _half_map_fsc(half_a: torch.Tensor, half_b: torch.Tensor, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
+    return fourier_shell_correlation(half_a.cpu().numpy(), half_b.cpu().numpy(), pixel_size_A)
+
+
+def _group_maps(
+    name: str, particle_indices: np.ndarray, halves: torch.Tensor, full: torch.Tensor,
+    fsc: tuple[np.ndarray, np.ndarray], pixel_size_A: float,
+) -> GroupMaps:  # fmt: skip
+    """GroupMaps from half maps (2, D, D, D), the full map and the halves' FSC: 0.143 resolution, filtered map."""
+    resolution_A = resolution_at(fsc[0], fsc[1], 0.143)
+    box_A = full.shape[0] * pixel_size_A
+    filtered = lowpass(full, pixel_size_A, min(resolution_A, box_A)).float().cpu()
+    half_a, half_b = halves[0].float().cpu(), halves[1].float().cpu()
+    return GroupMaps(name, particle_indices, half_a, half_b, full.float().cpu(), filtered, fsc[0], fsc[1], resolution_A)
+
+
+def combine_bodies(body_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_b w_b(r) V_b(r): body maps (M + 1, ..., D, D, D) weighted voxel by voxel -> (..., D, D, D)."""
+    weights = weights.to(body_maps.device, body_maps.dtype)
+    extra = body_maps.ndim - weights.ndim
+    return (body_maps * weights.reshape(weights.shape[:1] + (1,) * extra + weights.shape[1:])).sum(0)
+
+
+@torch.no_grad()
+def model_body_weights(model: CryoSphere, box_size_px: int, voxel_size_A: float) -> torch.Tensor:
+    """body_weights of the model's nominal structure and posterior-mean segmentation, on the CPU."""
+    return body_weights(model.nominal_coords_A.cpu(), model.segmentation(False).cpu(), box_size_px, voxel_size_A)
+
+
+@torch.no_grad()
+def deformed_reconstruction(
+    run: TrainedRun, particle_indices: np.ndarray, in_half_a: np.ndarray, *, padding: int, batch_size: int,
+    device: torch.device | str, progress: bool, dataset: ParticleDataset | None = None,
+) -> GroupMaps:  # fmt: skip
+    """The motion-corrected map of the nominal conformation from these particles (dataset indices), halves from
+    in_half_a (one bool per particle of the run). Each particle's segment motions are decoded from its latent mean
+    (evaluation mode) on the run's own images; `dataset` (default: the run's) gives the images to reconstruct from,
+    e.g. the same particles at another box size. Streams the images once."""
+    model = run.model.eval()
+    source = run.dataset if dataset is None else dataset
+    if len(source) != len(run.dataset):
+        raise ValueError(f"the reconstruction dataset has {len(source)} particles, the run {len(run.dataset)}")
+    indices = np.asarray(particle_indices, dtype=np.int64)
+    halves = np.asarray(in_half_a, dtype=bool)
+    if halves.shape != (len(run.dataset),):
+        raise ValueError(f"in_half_a must have one value per particle ({len(run.dataset)}), got shape {halves.shape}")
+    counts = int(halves[indices].sum()), int((~halves[indices]).sum())
+    if min(counts) < 1:
+        raise CryoflexInputError(
+            run.run_dir, f"deformed backprojection needs particles in both halves, got {counts[0]} and {counts[1]}",
+            fix="reconstruct from more particles", field="particles",
+        )  # fmt: skip
+    box_size_px, pixel_size_A = source.box_size_px, source.pixel_size_A
+    accumulators = DeformedAccumulators(
+        box_size_px, pixel_size_A, model.segmentation.n_segments, padding=padding, device=device
+    )
+    with Progress(len(indices), "deformed backprojection", unit="img", enabled=progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size].tolist()
+            encoded = run.dataset.__getitems__(chunk)
+            latents, _ = model.encoder(encoded.images.to(run.device))
+            batch = encoded if source is run.dataset else source.__getitems__(chunk)
+            motions = decoded_motions(model, latents.float()).to(device)
+            half = torch.as_tensor(halves[chunk], device=device)
+            accumulators.insert(batch.images.to(device), batch.poses.to(device), batch.ctf.to(device), motions, half)
+            bar.update(len(chunk))
+    weights = model_body_weights(model, box_size_px, pixel_size_A)
+    return accumulators.maps(weights, indices).deformed
+
+
+def masked_fsc(maps: GroupMaps, mask: torch.Tensor | None, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """FSC of a group's half maps, both multiplied by `mask` (None: unmasked), and its 0.143 resolution."""
+    half_a, half_b = maps.half_a.cpu(), maps.half_b.cpu()
+    if mask is not None:
+        half_a, half_b = half_a * mask.cpu(), half_b * mask.cpu()
+    frequency_per_A, fsc = _half_map_fsc(half_a, half_b, pixel_size_A)
+    return frequency_per_A, fsc, resolution_at(frequency_per_A, fsc, 0.143)
+
+
+def compare_fsc(plain: GroupMaps, deformed: GroupMaps, weights: torch.Tensor, pixel_size_A: float) -> dict[str, Any]:
+    """Half-map FSC of the plain and deformed maps over the whole map and inside each segment (its body weight as a
+    soft mask): resolutions at 0.143 in A and the curves, as JSON-ready lists."""
+    regions: dict[str, torch.Tensor | None] = {"global": None}
+    regions.update({f"segment_{m + 1}": weights[m] for m in range(weights.shape[0] - 1)})
+    table: dict[str, Any] = {}
+    for region, mask in regions.items():
+        frequency_per_A, plain_fsc, plain_A = masked_fsc(plain, mask, pixel_size_A)
+        _, deformed_fsc, deformed_A = masked_fsc(deformed, mask, pixel_size_A)
+        table[region] = {
+            "plain_resolution_A": plain_A,
+            "deformed_resolution_A": deformed_A,
+            "frequency_per_A": frequency_per_A.tolist(),
+            "plain_fsc": plain_fsc.tolist(),
+            "deformed_fsc": deformed_fsc.tolist(),
+        }
+    return table
+
+
+def compare_deformed(plain: GroupMaps, deformed: GroupMaps, run: TrainedRun) -> dict[str, Any]:
+    """compare_fsc with the run's body weights on the maps' grid: global and per-segment (segment_1..M) half-map FSC
+    resolutions and curves, plain vs deformed."""
+    if plain.half_a.shape != deformed.half_a.shape:
+        raise ValueError(f"maps of different grids: {tuple(plain.half_a.shape)} and {tuple(deformed.half_a.shape)}")
+    box_size_px = plain.half_a.shape[0]
+    voxel_size_A = 1.0 / (box_size_px * float(plain.frequency_per_A[1]))  # shell 1 is at 1 / (D a)
+    return compare_fsc(plain, deformed, model_body_weights(run.model, box_size_px, voxel_size_A), voxel_size_A)
