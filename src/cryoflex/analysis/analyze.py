@@ -188,6 +188,8 @@ def analyze_run(
         ]),  # fmt: skip
     ]
     sections += extra_sections or []
+    reconstruction_sections, reconstruction_tables = report.reconstruction_content(run.paths.reconstruct)
+    sections += reconstruction_sections
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
         sections.append(report.ReportSection("Training", [(_TRAINING_CAPTION, curves)]))
@@ -197,6 +199,7 @@ def analyze_run(
             {"cluster": k + 1, "particles": int(np.sum(embedding.kmeans_labels == k))}
             for k in range(len(embedding.kmeans_centres))
         ],
+        **reconstruction_tables,
         **(extra_tables or {}),
     }
     path = report.write_report(

@@ -33,6 +33,23 @@ _TERM_LABELS = {"one_minus_correlation": "1 - correlation"}
 # Table cells show floats to this many significant figures (the configuration table shows them exactly).
 _SIGNIFICANT_DIGITS = 3
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The files of `cryoflex reconstruct` (analysis/reconstruct.py) that the report shows.
+RECONSTRUCT_FSC_CSV = "fsc.csv"
+RECONSTRUCT_FSC_JSON = "fsc.json"
+RECONSTRUCT_FSC_PNG = "fsc.png"
+RECONSTRUCT_BIAS_CSV = "model_bias.csv"
+RECONSTRUCT_BIAS_JSON = "model_bias.json"
+RECONSTRUCT_BIAS_PNG = "model_bias.png"
+RECONSTRUCT_DEFORMED_JSON = "deformed.json"
+_FSC_CAPTION = (
+    "Gold-standard FSC between the two half-maps of each group (a fixed random half split of the particles), with "
+    "the resolutions where it falls below 0.143 and 0.5; maps reconstructed from the particle images"
+)
+_BIAS_CAPTION = (
+    "Model-bias check: mean FSC (up to the consensus resolution) of each group's map reconstructed from the images "
+    "(rows) against the mean map of each group's decoded structures (columns); the learned motion is supported by "
+    "the data when each row is highest on the diagonal"
+)
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
@@ -145,6 +162,45 @@ def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Pat
     return out_png
 
 
+# ------------------------------------------------------------ cryoflex reconstruct
+
+
+def reconstruction_content(directory: str | Path) -> tuple[list[ReportSection], dict[str, list[dict[str, Any]]]]:
+    """The report's section and tables for the results of `cryoflex reconstruct` in `directory` (none when absent):
+    the FSC figure, the resolutions table and the model-bias figure and table."""
+    directory = Path(directory)
+    fsc_json = directory / RECONSTRUCT_FSC_JSON
+    if not fsc_json.is_file():
+        return [], {}
+    fsc = json.loads(fsc_json.read_text())
+    figures = [(_FSC_CAPTION, directory / RECONSTRUCT_FSC_PNG)]
+    tables: dict[str, list[dict[str, Any]]] = {
+        "Reconstructions (resolution where the half-map FSC falls below 0.5 and 0.143)": [
+            {key: group[key] for key in ("group", "particles", "half_a", "half_b", "resolution_0.5_A",
+                                         "resolution_0.143_A")}
+            for group in fsc["groups"]
+        ]
+    }  # fmt: skip
+    bias_json = directory / RECONSTRUCT_BIAS_JSON
+    if bias_json.is_file():
+        bias = json.loads(bias_json.read_text())
+        figures.append((f"{_BIAS_CAPTION}. Result: {bias['summary']}", directory / RECONSTRUCT_BIAS_PNG))
+        tables["Model-bias check (mean FSC, rows: reconstructed map, columns: structure map)"] = [
+            {"map": row_name, **dict(zip(bias["groups"], row, strict=True))}
+            for row_name, row in zip(bias["groups"], bias["mean_fsc"], strict=True)
+        ]
+    deformed_json = directory / RECONSTRUCT_DEFORMED_JSON
+    if deformed_json.is_file():
+        regions = json.loads(deformed_json.read_text())
+        title = "Deformed backprojection (half-map FSC 0.143 resolution of the consensus, plain and motion-corrected)"
+        tables[title] = [
+            {"region": region, "plain_resolution_A": values["plain_resolution_A"],
+             "deformed_resolution_A": values["deformed_resolution_A"]}
+            for region, values in regions.items()
+        ]  # fmt: skip
+    return [ReportSection("Density from the particles", figures)], tables
+
+
 # ------------------------------------------------------------ HTML
 
 
@@ -249,4 +305,11 @@ def write_report(
     return out_html
 
 
-__all__ = ["ReportSection", "read_metrics", "training_curves", "training_curves_figure", "write_report"]
+__all__ = [
+    "ReportSection",
+    "read_metrics",
+    "reconstruction_content",
+    "training_curves",
+    "training_curves_figure",
+    "write_report",
+]

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "cryoflex.cli.train",
     "analyze": "cryoflex.cli.analyze",
     "eval": "cryoflex.cli.eval",
+    "reconstruct": "cryoflex.cli.reconstruct",
     "demo": "cryoflex.cli.demo",
 }
 
