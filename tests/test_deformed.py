@@ -4,6 +4,7 @@ continuous motion whose motion-corrected map beats the plain consensus."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +15,22 @@ from cryoflex.analysis.deformed import (
     DeformedMaps,
     RigidMotions,
     body_weights,
+    compare_deformed,
     compare_fsc,
+    decoded_motions,
+    deformed_reconstruction,
+    model_body_weights,
     segment_poses,
 )
+from cryoflex.analysis.predict import latent_means
+from cryoflex.analysis.run import TrainedRun, load_run
+from cryoflex.config import load_config
+from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.model.deformation import deform, rotation_matrices, segment_centres_A
+from cryoflex.train.loop import train
 
 
 def _random_rotations(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -219,3 +229,62 @@ def test_deformed_half_maps_reach_higher_resolution_in_the_moving_domain(hinge: 
     assert abs(still["deformed_resolution_A"] - still["plain_resolution_A"]) < 0.2
     assert whole["deformed_resolution_A"] < whole["plain_resolution_A"]
     assert hinge.maps.deformed.resolution_A == pytest.approx(whole["deformed_resolution_A"])
+
+
+# ------------------------------------------------------------ from a trained run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_adk_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """40 simulated AdK images (32 px, 4 A/px), tiny networks trained 2 epochs, 3 segments, reopened on the CPU."""
+    config = load_config(None, dict(
+        particles=str(tiny_adk_dataset / "particles.star"), structure=str(tiny_adk_dataset / "nominal.pdb"),
+        segments=3, latent_dim=2, epochs=2, batch_size=16, sigma_A=4.0, encoder_hidden=[32], decoder_hidden=[32],
+        progress=False, device="cpu", learning_rate=1e-2, seed=1,
+    ))  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("deformed") / "run"
+    train(config, run_dir)
+    return load_run(run_dir, device="cpu")
+
+
+def test_decoded_motions_are_the_models_motion_of_one_hot_residues(tiny_run: TrainedRun) -> None:
+    model = tiny_run.model
+    latents = torch.as_tensor(latent_means(model, tiny_run.dataset)[:8])
+    with torch.no_grad():
+        coords_A, assignment = model.decode(latents, sample_segmentation=False)
+        motions = decoded_motions(model, latents)
+    assert motions.rotations.abs().sum() > 0 and motions.translations_A.abs().max() > 1e-3  # the run moved something
+    segment = assignment.argmax(1)
+    rigid = (
+        torch.einsum("bnij,nj->bni", motions.rotations[:, segment], model.nominal_coords_A - motions.centres_A[segment])
+        + motions.centres_A[segment]
+        + motions.translations_A[:, segment]
+    )
+    one_hot = assignment.max(1).values > 1 - 1e-6
+    assert one_hot.sum() > 20
+    torch.testing.assert_close(rigid[:, one_hot], coords_A[:, one_hot], rtol=0, atol=1e-3)
+
+
+def test_deformed_reconstruction_of_a_run_streams_its_particles(tiny_run: TrainedRun) -> None:
+    """The wrapper equals the lower level fed with the run's latent means, on a subset; compare_deformed reads it."""
+    dataset, model = tiny_run.dataset, tiny_run.model
+    indices = np.arange(3, 37)
+    in_half_a = np.arange(dataset.n) % 3 == 0
+    maps = deformed_reconstruction(tiny_run, indices, in_half_a, padding=2, batch_size=16, device="cpu", progress=False)
+    batch = dataset.__getitems__(indices.tolist())
+    motions = decoded_motions(model, torch.as_tensor(latent_means(model, dataset)[indices]))
+    accumulators = DeformedAccumulators(dataset.box_size_px, dataset.pixel_size_A, 3)
+    accumulators.insert(batch.images, batch.poses, batch.ctf, motions, torch.as_tensor(in_half_a[indices]))
+    weights = model_body_weights(model, dataset.box_size_px, dataset.pixel_size_A)
+    expected = accumulators.maps(weights, indices)
+    assert accumulators.n_images == (int(in_half_a[indices].sum()), int((~in_half_a[indices]).sum()))
+    for name in ("half_a", "half_b", "full", "full_filtered"):
+        torch.testing.assert_close(getattr(maps, name), getattr(expected.deformed, name), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(maps.particle_indices, indices)
+    comparison = compare_deformed(expected.plain, maps, tiny_run)
+    assert list(comparison) == ["global", "segment_1", "segment_2", "segment_3"]
+    assert {"plain_resolution_A", "deformed_resolution_A", "frequency_per_A"} <= set(comparison["segment_2"])
+    with pytest.raises(CryoflexInputError, match="both halves"):
+        deformed_reconstruction(
+            tiny_run, np.array([0, 3, 6]), in_half_a, padding=2, batch_size=16, device="cpu", progress=False
+        )

@@ -8,7 +8,9 @@ appears at q - o, so the displacement's in-plane part (d_x, d_y) is an origin of
 change a projection. So every image is inserted once per segment, into that segment's own Fourier accumulator, at
 the composed pose (R R_m, o - d_m[:2]) (multi-body reconstruction): there segment m is sharp, the other segments are
 inconsistent and average out. A last, static body is the plain consensus (the image at its own pose): it holds the
-residues in no segment (they never move) and the solvent.
+residues in no segment (they never move) and the solvent. With a soft G a residue shared by two segments does not
+move rigidly (it turns by G_im of each segment's angle); the bodies treat every segment as rigid, and the weights
+below blend them where G is soft.
 
 The body maps are combined in real space, V(r) = sum_b w_b(r) V_b(r), with smooth weights from the soft assignment
 of the nominal residues near r: w_m(r) = sum_i G_im g_i(r) / (sum_i g_i(r) + floor), g_i a Gaussian about residue i,
@@ -140,11 +142,12 @@ class DeformedAccumulators:
             [FourierAccumulator(box_size_px, pixel_size_A, padding=padding, device=device) for _ in range(2)]
             for _ in range(n_segments + 1)
         ]
+        self._n_images = [0, 0]
 
     @property
     def n_images(self) -> tuple[int, int]:
         """Images inserted into half A and half B."""
-        return self.halves[-1][0].n_images, self.halves[-1][1].n_images
+        return self._n_images[0], self._n_images[1]
 
     def insert(
         self, images: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None, motions: RigidMotions,
@@ -165,6 +168,7 @@ class DeformedAccumulators:
                 pose = segment_poses(chosen_poses, chosen_motions, segment)
                 self.halves[segment][half].insert(chosen_images, pose, chosen_ctf)
             self.halves[-1][half].insert(chosen_images, chosen_poses, chosen_ctf)
+            self._n_images[half] += len(chosen_images)
 
     def maps(self, weights: torch.Tensor, particle_indices: np.ndarray) -> DeformedMaps:
         """The deformed map (bodies combined with `weights`) and the plain consensus (the static body), each with
