@@ -15,13 +15,15 @@ below blend them where G is soft.
 The body maps are combined in real space, V(r) = sum_b w_b(r) V_b(r), with smooth weights from the soft assignment
 of the nominal residues near r: w_m(r) = sum_i G_im g_i(r) / (sum_i g_i(r) + floor), g_i a Gaussian about residue i,
 and the static body gets the rest (the residues' unassigned share plus the floor), so the weights sum to 1 everywhere
-and voxels far from every residue take the plain consensus. Half maps are combined the same way; their FSC is
-measured over the whole map and inside each segment (the segment's weight as a soft mask), and compared with the
-plain consensus under the same masks.
+and voxels far from every residue take the plain consensus. Each body's full map is regularised from its own half-map
+FSC (as a plain group map; the static body is then exactly the plain consensus), and half maps are combined like the
+full maps; their FSC is measured over the whole map and inside each segment (the segment's weight as a soft mask),
+and compared with the plain consensus under the same masks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
-from cryoflex.analysis.reconstruct import GroupMaps
+from cryoflex.analysis.reconstruct import GroupMaps, accumulator_bytes
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.data.dataset import ParticleDataset
 from cryoflex.errors import CryoflexInputError
@@ -128,20 +130,24 @@ def body_weights(
 
 
 class DeformedAccumulators:
-    """Two half-map Fourier accumulators per body: segments 0..M-1 (images at their composed poses), then the plain
-    consensus (images at their own poses). Memory: 2 (M + 1) accumulators of the engine's padded grid."""
+    """Two half-map Fourier accumulators per body: segments 0..M-1 (images at their composed poses) and body M, the
+    plain consensus (images at their own poses); `bodies` limits them to some (passes over the data bound the memory:
+    2 accumulators of the engine's padded grid per body)."""
 
     def __init__(
-        self, box_size_px: int, pixel_size_A: float, n_segments: int, *, padding: int = 2,
-        device: torch.device | str = "cpu",
+        self, box_size_px: int, pixel_size_A: float, n_segments: int, *, bodies: Sequence[int] | None = None,
+        padding: int = 2, device: torch.device | str = "cpu",
     ):  # fmt: skip
         self.box_size_px = box_size_px
         self.pixel_size_A = pixel_size_A
         self.n_segments = n_segments
-        self.halves = [
-            [FourierAccumulator(box_size_px, pixel_size_A, padding=padding, device=device) for _ in range(2)]
-            for _ in range(n_segments + 1)
-        ]
+        self.bodies = list(range(n_segments + 1)) if bodies is None else list(bodies)
+        if not self.bodies or not all(0 <= body <= n_segments for body in self.bodies):
+            raise ValueError(f"bodies must be among 0..{n_segments} (the last one the plain consensus), got {bodies}")
+        self.halves = {
+            body: tuple(FourierAccumulator(box_size_px, pixel_size_A, padding=padding, device=device) for _ in "ab")
+            for body in self.bodies
+        }
         self._n_images = [0, 0]
 
     @property
@@ -164,39 +170,60 @@ class DeformedAccumulators:
                 continue
             chosen_poses, chosen_motions = poses[rows], motions[rows]
             chosen_images, chosen_ctf = images[rows], None if ctf is None else ctf[rows]
-            for segment in range(self.n_segments):
-                pose = segment_poses(chosen_poses, chosen_motions, segment)
-                self.halves[segment][half].insert(chosen_images, pose, chosen_ctf)
-            self.halves[-1][half].insert(chosen_images, chosen_poses, chosen_ctf)
+            for body in self.bodies:
+                static = body == self.n_segments
+                pose = chosen_poses if static else segment_poses(chosen_poses, chosen_motions, body)
+                self.halves[body][half].insert(chosen_images, pose, chosen_ctf)
             self._n_images[half] += len(chosen_images)
 
-    def maps(self, weights: torch.Tensor, particle_indices: np.ndarray) -> DeformedMaps:
-        """The deformed map (bodies combined with `weights`) and the plain consensus (the static body), each with
-        half maps (the engine's default regularisation), FSC, 0.143 resolution, and a full map regularised from its
-        own half-map FSC and low-pass filtered there. Sums each body's halves in place: call it once, at the end."""
-        halves = torch.stack([torch.stack([half.volume() for half in body]) for body in self.halves])
-        deformed_halves = combine_bodies(halves, weights)
-        deformed_fsc = _half_map_fsc(deformed_halves[0], deformed_halves[1], self.pixel_size_A)
-        plain_fsc = _half_map_fsc(halves[-1, 0], halves[-1, 1], self.pixel_size_A)
-        for half_a, half_b in self.halves:
+    def finish(self) -> dict[int, BodyMaps]:
+        """Each body's half maps (the engine's default regularisation) and full map (regularised from its own
+        half-map FSC, as a plain group map), on the CPU; the accumulators are released one body at a time."""
+        finished = {}
+        for body in self.bodies:
+            half_a, half_b = self.halves.pop(body)
+            map_a, map_b = half_a.volume().float().cpu(), half_b.volume().float().cpu()
+            _, fsc = _half_map_fsc(map_a, map_b, self.pixel_size_A)
             half_a.add(half_b)
-        deformed_wiener, plain_wiener = wiener_from_fsc(deformed_fsc[1]), wiener_from_fsc(plain_fsc[1])
-        deformed_full = combine_bodies(torch.stack([body[0].volume(deformed_wiener) for body in self.halves]), weights)
-        plain_full = self.halves[-1][0].volume(plain_wiener)
-        return DeformedMaps(
-            _group_maps("deformed", particle_indices, deformed_halves, deformed_full, deformed_fsc, self.pixel_size_A),
-            _group_maps("consensus", particle_indices, halves[-1], plain_full, plain_fsc, self.pixel_size_A),
-            weights,
-        )
+            del half_b
+            finished[body] = BodyMaps(map_a, map_b, half_a.volume(wiener_from_fsc(fsc)).float().cpu())
+        return finished
+
+
+@dataclass
+class BodyMaps:
+    """One body's maps (D, D, D) on the CPU."""
+
+    half_a: torch.Tensor
+    half_b: torch.Tensor
+    full: torch.Tensor
 
 
 @dataclass
 class DeformedMaps:
-    """The motion-corrected map and, from the same images and regularisation, the plain consensus."""
+    """The motion-corrected map and, from the same accumulators, the plain consensus (the static body)."""
 
     deformed: GroupMaps
     plain: GroupMaps
     weights: torch.Tensor  # (M + 1, D, D, D), the body weights used
+
+
+def deformed_maps(
+    bodies: dict[int, BodyMaps], weights: torch.Tensor, particle_indices: np.ndarray, pixel_size_A: float
+) -> DeformedMaps:
+    """Bodies 0..M combined voxel by voxel with `weights` (half maps and full map); the FSC of the combined halves
+    gives the deformed map's resolution and its low-pass filter. The plain consensus is body M alone."""
+    if sorted(bodies) != list(range(weights.shape[0])):
+        raise ValueError(f"need maps of bodies 0..{weights.shape[0] - 1}, got {sorted(bodies)}")
+    ordered = [bodies[body] for body in range(weights.shape[0])]
+    halves = combine_bodies(torch.stack([torch.stack([b.half_a, b.half_b]) for b in ordered]), weights)
+    full = combine_bodies(torch.stack([b.full for b in ordered]), weights)
+    static = ordered[-1]
+    return DeformedMaps(
+        _group_maps("deformed", particle_indices, halves[0], halves[1], full, pixel_size_A),
+        _group_maps("consensus", particle_indices, static.half_a, static.half_b, static.full, pixel_size_A),
+        weights,
+    )
 
 
 def _half_map_fsc(half_a: torch.Tensor, half_b: torch.Tensor, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
@@ -204,15 +231,15 @@ def _half_map_fsc(half_a: torch.Tensor, half_b: torch.Tensor, pixel_size_A: floa
 
 
 def _group_maps(
-    name: str, particle_indices: np.ndarray, halves: torch.Tensor, full: torch.Tensor,
-    fsc: tuple[np.ndarray, np.ndarray], pixel_size_A: float,
+    name: str, particle_indices: np.ndarray, half_a: torch.Tensor, half_b: torch.Tensor, full: torch.Tensor,
+    pixel_size_A: float,
 ) -> GroupMaps:  # fmt: skip
-    """GroupMaps from half maps (2, D, D, D), the full map and the halves' FSC: 0.143 resolution, filtered map."""
-    resolution_A = resolution_at(fsc[0], fsc[1], 0.143)
+    """GroupMaps from half maps and the full map: the halves' FSC, 0.143 resolution, filtered map (as the command)."""
+    frequency_per_A, fsc = _half_map_fsc(half_a, half_b, pixel_size_A)
+    resolution_A = resolution_at(frequency_per_A, fsc, 0.143)
     box_A = full.shape[0] * pixel_size_A
     filtered = lowpass(full, pixel_size_A, min(resolution_A, box_A)).float().cpu()
-    half_a, half_b = halves[0].float().cpu(), halves[1].float().cpu()
-    return GroupMaps(name, particle_indices, half_a, half_b, full.float().cpu(), filtered, fsc[0], fsc[1], resolution_A)
+    return GroupMaps(name, particle_indices, half_a, half_b, full, filtered, frequency_per_A, fsc, resolution_A)
 
 
 def combine_bodies(body_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -228,15 +255,23 @@ def model_body_weights(model: CryoSphere, box_size_px: int, voxel_size_A: float)
     return body_weights(model.nominal_coords_A.cpu(), model.segmentation(False).cpu(), box_size_px, voxel_size_A)
 
 
+def body_passes(n_bodies: int, box_size_px: int, padding: int, memory_budget_bytes: int) -> list[list[int]]:
+    """Bodies 0..n-1 split into passes whose accumulators (two per body) fit in memory_budget_bytes together."""
+    per_pass = max(1, memory_budget_bytes // (2 * accumulator_bytes(box_size_px, padding)))
+    return [list(range(start, min(start + per_pass, n_bodies))) for start in range(0, n_bodies, per_pass)]
+
+
 @torch.no_grad()
 def deformed_reconstruction(
     run: TrainedRun, particle_indices: np.ndarray, in_half_a: np.ndarray, *, padding: int, batch_size: int,
     device: torch.device | str, progress: bool, dataset: ParticleDataset | None = None,
+    memory_budget_bytes: int = 8 << 30,
 ) -> GroupMaps:  # fmt: skip
     """The motion-corrected map of the nominal conformation from these particles (dataset indices), halves from
     in_half_a (one bool per particle of the run). Each particle's segment motions are decoded from its latent mean
     (evaluation mode) on the run's own images; `dataset` (default: the run's) gives the images to reconstruct from,
-    e.g. the same particles at another box size. Streams the images once."""
+    e.g. the same particles at another box size. Streams the images once, or once per pass when the 2 (M + 1)
+    accumulators exceed the memory budget (the motions are decoded in the first pass and kept)."""
     model = run.model.eval()
     source = run.dataset if dataset is None else dataset
     if len(source) != len(run.dataset):
@@ -251,22 +286,31 @@ def deformed_reconstruction(
             run.run_dir, f"deformed backprojection needs particles in both halves, got {counts[0]} and {counts[1]}",
             fix="reconstruct from more particles", field="particles",
         )  # fmt: skip
-    box_size_px, pixel_size_A = source.box_size_px, source.pixel_size_A
-    accumulators = DeformedAccumulators(
-        box_size_px, pixel_size_A, model.segmentation.n_segments, padding=padding, device=device
-    )
-    with Progress(len(indices), "deformed backprojection", unit="img", enabled=progress) as bar:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size].tolist()
-            encoded = run.dataset.__getitems__(chunk)
-            latents, _ = model.encoder(encoded.images.to(run.device))
-            batch = encoded if source is run.dataset else source.__getitems__(chunk)
-            motions = decoded_motions(model, latents.float()).to(device)
-            half = torch.as_tensor(halves[chunk], device=device)
-            accumulators.insert(batch.images.to(device), batch.poses.to(device), batch.ctf.to(device), motions, half)
-            bar.update(len(chunk))
+    box_size_px, pixel_size_A, n_segments = source.box_size_px, source.pixel_size_A, model.segmentation.n_segments
+    passes = body_passes(n_segments + 1, box_size_px, padding, memory_budget_bytes)
+    chunks = [indices[start : start + batch_size].tolist() for start in range(0, len(indices), batch_size)]
+    decoded: list[RigidMotions] = []
+    bodies: dict[int, BodyMaps] = {}
+    for number, group in enumerate(passes, start=1):
+        accumulators = DeformedAccumulators(
+            box_size_px, pixel_size_A, n_segments, bodies=group, padding=padding, device=device
+        )
+        label = "deformed backprojection" + ("" if len(passes) == 1 else f", pass {number}/{len(passes)}")
+        with Progress(len(indices), label, unit="img", enabled=progress) as bar:
+            for k, chunk in enumerate(chunks):
+                batch = source.__getitems__(chunk)
+                if number == 1:
+                    encoded = batch if source is run.dataset else run.dataset.__getitems__(chunk)
+                    latents, _ = model.encoder(encoded.images.to(run.device))
+                    decoded.append(decoded_motions(model, latents.float()).to("cpu"))
+                half = torch.as_tensor(halves[chunk], device=device)
+                accumulators.insert(
+                    batch.images.to(device), batch.poses.to(device), batch.ctf.to(device), decoded[k].to(device), half
+                )
+                bar.update(len(chunk))
+        bodies.update(accumulators.finish())
     weights = model_body_weights(model, box_size_px, pixel_size_A)
-    return accumulators.maps(weights, indices).deformed
+    return deformed_maps(bodies, weights, indices, pixel_size_A).deformed
 
 
 def masked_fsc(maps: GroupMaps, mask: torch.Tensor | None, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray, float]:
