@@ -24,6 +24,7 @@ from cryoflex.analysis.deformed import (
     segment_poses,
 )
 from cryoflex.analysis.predict import latent_means
+from cryoflex.analysis.reconstruct import reconstruct_groups
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
@@ -283,6 +284,8 @@ def test_deformed_reconstruction_of_a_run_streams_its_particles(tiny_run: Traine
     for name in ("half_a", "half_b", "full", "full_filtered"):
         torch.testing.assert_close(getattr(maps, name), getattr(expected.deformed, name), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(maps.particle_indices, indices)
+    consensus = reconstruct_groups(dataset, {"all": indices}, in_half_a, padding=2, batch_size=16)["all"]
+    torch.testing.assert_close(expected.plain.full, consensus.full)  # the static body is the command's consensus
     comparison = compare_deformed(expected.plain, maps, tiny_run)
     assert list(comparison) == ["global", "segment_1", "segment_2", "segment_3"]
     assert {"plain_resolution_A", "deformed_resolution_A", "frequency_per_A"} <= set(comparison["segment_2"])
