@@ -42,6 +42,22 @@ def _skew(vectors: torch.Tensor) -> torch.Tensor:
     return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).unflatten(-1, (3, 3))
 
 
+def rotation_matrices(rotation_vectors: torch.Tensor) -> torch.Tensor:
+    """Rotation vectors (..., 3) -> matrices (..., 3, 3): the full-weight (G_im = 1) rotation that deform applies.
+
+    R = cos t I + sinc(t) K + (1 - cos t) / t^2 w w^T (Rodrigues, K the cross-product matrix of w), with the same
+    Taylor-safe coefficients as deform, so a one-hot segment's motion is R_m (x - c_m) + c_m + t_m exactly.
+    """
+    cos_t, sinc_t, versine_t = _rodrigues_coefficients(rotation_vectors.square().sum(-1))
+    identity = torch.eye(3, dtype=rotation_vectors.dtype, device=rotation_vectors.device)
+    outer = rotation_vectors[..., :, None] * rotation_vectors[..., None, :]
+    return (
+        cos_t[..., None, None] * identity
+        + sinc_t[..., None, None] * _skew(rotation_vectors)
+        + versine_t[..., None, None] * outer
+    )
+
+
 def deform(
     coords_A: torch.Tensor,
     assignment: torch.Tensor,
