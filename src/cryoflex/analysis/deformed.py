@@ -6,11 +6,11 @@ segment m is the *nominal* segment seen at rotation R R_m, displaced in 3-D by d
 RELION's origin, observed(x) = centred_projection(x + o) (docs/conventions.md, "Origins (particle shifts)"), a
 projected point at q appears at q - o, so the displacement's in-plane part (d_x, d_y) is an origin of o - (d_x, d_y);
 its z part does not change a projection. So every image is inserted once per segment, into that segment's own Fourier
-accumulator, at the composed pose (R R_m, o - d_m[:2]) (multi-body reconstruction): there segment m is sharp, the other segments are
-inconsistent and average out. A last, static body is the plain consensus (the image at its own pose): it holds the
-residues in no segment (they never move) and the solvent. With a soft G a residue shared by two segments does not
-move rigidly (it turns by G_im of each segment's angle); the bodies treat every segment as rigid, and the weights
-below blend them where G is soft.
+accumulator, at the composed pose (R R_m, o - d_m[:2]) (multi-body reconstruction): there segment m is sharp, the
+other segments are inconsistent and average out. A last, static body is the plain consensus (the image at its own
+pose): it holds the residues in no segment (they never move) and the solvent. With a soft G a residue shared by two
+segments does not move rigidly (it turns by G_im of each segment's angle); the bodies treat every segment as rigid,
+and the weights below blend them where G is soft.
 
 The body maps are combined in real space, V(r) = sum_b w_b(r) V_b(r), with smooth weights from the soft assignment
 of the nominal residues near r: w_m(r) = sum_i G_im g_i(r) / (sum_i g_i(r) + floor), g_i a Gaussian about residue i,
