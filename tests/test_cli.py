@@ -174,6 +174,6 @@ def test_commands_share_flag_names():
     assert {"--particles", "--stack", "--ctf", "--duplicate-images"} <= train
     helps = {
         name: next(a.help for a in commands[name]._actions if "--device" in a.option_strings)
-        for name in ("train", "analyze", "eval", "demo")
+        for name in ("train", "analyze", "eval", "demo", "reconstruct")
     }
     assert len(set(helps.values())) == 1, helps
