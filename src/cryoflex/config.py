@@ -15,6 +15,7 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import write_text_atomic
 
 DUPLICATE_IMAGES = ("refuse", "first", "distinct")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class TrainConfig:
     learning_rate: float = 3e-4
     segmentation_learning_rate: float = 3e-3  # the mixture has a few dozen parameters on a [0, 1] scale
     seed: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (per step, down to 10% of the learning rates at the last epoch)
+    validation_fraction: float = 0.05  # share of particles held out (fixed per particle name); 0 = none
+    early_stopping_patience: int = 0  # stop after this many epochs without a better validation loss; 0 = never
     # loss weights; each ramps linearly from 0 over its warm-up (in epochs, fractional allowed; 0 = no ramp)
     latent_kl_weight: float = 1e-3
     latent_kl_warmup_epochs: float = 1.0
@@ -93,6 +97,12 @@ class TrainConfig:
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("duplicate_images", self.duplicate_images in DUPLICATE_IMAGES,
              f"use one of {', '.join(DUPLICATE_IMAGES)}"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"use one of {', '.join(LR_SCHEDULES)}"),
+            ("validation_fraction", 0 <= self.validation_fraction < 1,
+             "use a share from 0 (no validation) to under 1, e.g. 0.05"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "use 0 (never stop early) or more epochs"),
+            ("early_stopping_patience", self.early_stopping_patience == 0 or self.validation_fraction > 0,
+             "early stopping needs a validation share: set validation_fraction above 0, or patience 0"),
         ]  # fmt: skip
         for name, ok, fix in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """The layout of a run directory, in one place: what `cryoflex train` writes and analyze, eval and reconstruct read.
 
 RUN/config.yaml             the full training configuration
-RUN/checkpoints/            epoch_NNNN.pt after every epoch, and last.pt (the newest)
+RUN/checkpoints/            epoch_NNNN.pt after every epoch, last.pt (the newest) and best.pt (lowest validation loss)
 RUN/metrics.jsonl           loss terms every few steps and per epoch
 RUN/tensorboard/            the same scalars and figures for TensorBoard
 RUN/cache/                  the preprocessed (downsampled) image cache
@@ -38,6 +38,11 @@ class RunDir:
     @property
     def last_checkpoint(self) -> Path:
         return self.checkpoint(None)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """The checkpoint of the epoch with the lowest validation loss so far (absent without a validation share)."""
+        return self.checkpoints / "best.pt"
 
     @property
     def metrics(self) -> Path:

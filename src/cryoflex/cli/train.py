@@ -5,8 +5,11 @@ the nominal structure (PDB/mmCIF) in the particles' frame: give the consensus ma
 or the box centre in its coordinates (--box-centre-A), or --centre-structure when the particles are centred on its
 centroid.
 Settings: defaults < --config YAML < flags; the full configuration is saved as RUN/config.yaml. Every epoch writes an
-atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly. Logs: RUN/metrics.jsonl and
-TensorBoard (tensorboard --logdir RUN/tensorboard). Several GPUs (or CPU processes):
+atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly. A fixed share of the particles
+(--validation-fraction, by particle name) is never trained on: its loss is logged every epoch (val_*), the best epoch
+by it is RUN/checkpoints/best.pt (what analyze, eval and reconstruct load), and --early-stopping-patience N stops
+after N epochs without improvement. Logs: RUN/metrics.jsonl and TensorBoard (tensorboard --logdir RUN/tensorboard).
+Several GPUs (or CPU processes):
   torchrun --nproc-per-node K -m cryoflex train ...
 
 examples:
@@ -23,14 +26,14 @@ import logging
 from pathlib import Path
 
 from cryoflex.cli import DEVICE_HELP
-from cryoflex.config import DUPLICATE_IMAGES, TrainConfig, load_config
+from cryoflex.config import DUPLICATE_IMAGES, LR_SCHEDULES, TrainConfig, load_config
 from cryoflex.errors import CryoflexInputError
 from cryoflex.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
 # flags that may change when a run is resumed (they do not change what is learned)
-_RESUMABLE = ("epochs", "device", "num_workers", "progress", "compile")
+_RESUMABLE = ("epochs", "device", "num_workers", "progress", "compile", "early_stopping_patience")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
+    run.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                     help="constant (default), or cosine: down to 10%% of the learning rates by the last epoch")
+    run.add_argument("--validation-fraction", type=float,
+                     help="share of the particles held out for validation, fixed by particle name (default 0.05; "
+                          "0 = none); the best epoch by its loss is RUN/checkpoints/best.pt")
+    run.add_argument("--early-stopping-patience", type=int, metavar="N",
+                     help="stop after N epochs without a better validation loss (default 0: never)")
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
     run.add_argument("--device", help=DEVICE_HELP)
@@ -80,8 +90,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size",
-        "learning_rate", "downsample", "invert_contrast", "device", "precision", "compile", "num_workers", "seed",
-        "cache", "progress",
+        "learning_rate", "lr_schedule", "validation_fraction", "early_stopping_patience", "downsample",
+        "invert_contrast", "device", "precision", "compile", "num_workers", "seed", "cache", "progress",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
@@ -116,7 +126,13 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         logger.error("%s", error)
         return 3
-    if result.last_metrics:
+    if result.stopped_early:
+        print(
+            f"{args.out} stopped early after epoch {result.epochs_done} (no better validation loss for "
+            f"{config.early_stopping_patience} epochs); the best epoch is {RunDir(args.out).best_checkpoint}. "
+            f"To train on: cryoflex train --out {args.out} --resume --early-stopping-patience 0"
+        )
+    elif result.last_metrics:
         print(f"trained {result.epochs_done} epochs ({result.steps_done} steps): {args.out}")
     else:
         print(

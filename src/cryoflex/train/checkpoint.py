@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly (model, optimiser, epoch, step, random states).
 
-Written atomically at the end of every epoch (RUN/checkpoints/epoch_NNNN.pt, and last.pt), so a crash or a kill
-leaves the last complete epoch intact and `--resume` continues from it with the same results as an uninterrupted run.
+Written atomically at the end of every epoch (RUN/checkpoints/epoch_NNNN.pt, last.pt, and best.pt when the validation
+loss improved), so a crash or a kill leaves the last complete epoch intact and `--resume` continues from it with the
+same results as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def random_states() -> dict[str, Any]:
     """The states of every random generator training draws from."""
     states: dict[str, Any] = {
-        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -44,8 +47,8 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write epoch_NNNN.pt and last.pt atomically; returns the epoch file.
+def save_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False) -> Path:
+    """Write epoch_NNNN.pt and last.pt (and best.pt when `best`) atomically; returns the epoch file.
 
     A failed write (a full disk) raises CryoflexOutputError saying why, where, and that last.pt is still the previous
     complete checkpoint; its temporary file is removed.
@@ -59,7 +62,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         if last_path.is_file()
         else "start the run again: no checkpoint of it was written yet"
     )
-    for path in (epoch_path, last_path):
+    # best.pt before last.pt: a run killed in between resumes from the previous epoch and writes both again
+    for path in (epoch_path, *([run.best_checkpoint] if best else []), last_path):
         with atomic_path(path) as tmp:
             try:
                 with open(tmp, "wb") as handle:
@@ -113,6 +117,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found_format = state.get("format") if isinstance(state, dict) else None
-        raise CryoflexInputError(path, f"checkpoint format {found_format} is not {CHECKPOINT_FORMAT}",
-                                 "use the cryoflex version that wrote it")
+        raise CryoflexInputError(
+            path,
+            f"checkpoint format {found_format} is not {CHECKPOINT_FORMAT}",
+            "use the cryoflex version that wrote it",
+        )
     return state

@@ -2,7 +2,8 @@
 
 Launch several processes with torchrun (one per GPU, or several gloo processes on a CPU); torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK. Every rank draws the same epoch permutation and takes every world_size-th particle, so
-shards are disjoint and equally long (the last few particles are repeated to make them so).
+shards are disjoint and equally long (the last few particles are repeated to make them so). Only the training
+particles are drawn (training_batches); the validation share is never in a batch.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,3 +81,11 @@ def epoch_batches(
         order = torch.cat([order, order[: per_rank * world_size - n_images]])
     mine = order[rank::world_size].tolist()
     return [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
+
+
+def training_batches(
+    indices: np.ndarray, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """epoch_batches over the training particles `indices` (dataset indices): validation particles never appear."""
+    batches = epoch_batches(len(indices), batch_size, epoch, seed, rank, world_size)
+    return [[int(indices[k]) for k in batch] for batch in batches]

@@ -39,6 +39,15 @@ def format_terms(values: dict[str, float]) -> str:
     return " ".join(f"{SHORT_NAMES[name]} {value:.4f}" for name, value in values.items() if name in SHORT_NAMES)
 
 
+def format_validation(values: dict[str, float], best: bool) -> str:
+    """The validation part of an epoch line, e.g. ', val loss 0.7412 val 1-corr 0.7390 (best)'; empty without one."""
+    if "val_total" not in values:
+        return ""
+    parts = [f"val {SHORT_NAMES[name[4:]]} {value:.4f}" for name, value in values.items()
+             if name in ("val_total", f"val_{IMAGE_TERM}")]  # fmt: skip
+    return ", " + " ".join(parts) + (" (best)" if best else "")
+
+
 class RunLogs:
     """Rank 0's records: metrics.jsonl (one line per logged step and per epoch) and TensorBoard."""
 

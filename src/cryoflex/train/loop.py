@@ -1,4 +1,8 @@
-"""The training loop: epochs of (data -> forward -> loss -> backward -> step), checkpoints, resume, divergence stop.
+"""The training loop: epochs of (data -> forward -> loss -> backward -> step), validation, checkpoints, resume, stops.
+
+A fixed share of the particles (validation_mask, by name) is never trained on: after every epoch rank 0 computes the
+loss terms on it (val_<term>), keeps the best epoch as RUN/checkpoints/best.pt and, with early_stopping_patience,
+stops when it has not improved for that many epochs.
 
 The objective is in train/objective.py, the records and progress display in train/logs.py, the run directory's
 layout in cryoflex/run_dir.py. Every input is read and checked before the run directory is written.
@@ -31,10 +35,23 @@ from cryoflex.train.checkpoint import (
     restore_random_states,
     save_checkpoint,
 )
-from cryoflex.train.distributed import ProcessContext, epoch_batches, start_processes, stop_processes
-from cryoflex.train.logs import EpochProgress, RunLogs, format_terms
+from cryoflex.train.distributed import (
+    ProcessContext,
+    epoch_batches,
+    start_processes,
+    stop_processes,
+    training_batches,
+)
+from cryoflex.train.logs import EpochProgress, RunLogs, format_terms, format_validation
 from cryoflex.train.objective import LossTerms
-from cryoflex.train.setup import RunInputs, build_optimizer, check_inputs, particle_dataset, prepare_model
+from cryoflex.train.setup import (
+    RunInputs,
+    build_optimizer,
+    build_scheduler,
+    check_inputs,
+    particle_dataset,
+    prepare_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +71,28 @@ class TrainResult:
     steps_done: int
     last_metrics: dict[str, float]  # empty when no epoch was run (a finished run resumed)
     model: CryoSphere
+    stopped_early: bool = False  # early stopping ended the run (now, or before this resume)
 
 
+@dataclass
+class ValidationRecord:
+    """The lowest validation total so far, its epoch, and the epochs since; checkpointed, so early stopping resumes."""
+
+    best_total: float = math.inf
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+
+    def update(self, total: float, epoch: int) -> bool:
+        """Record the validation total after `epoch` (1-based); returns whether it is the best so far."""
+        if total < self.best_total:
+            self.best_total, self.best_epoch, self.epochs_without_improvement = total, epoch, 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    def exhausted(self, patience: int) -> bool:
+        """Whether early stopping (patience > 0) ends the run: `patience` epochs in a row without an improvement."""
+        return patience > 0 and self.epochs_without_improvement >= patience
 
 
 def train_step(
@@ -78,6 +115,39 @@ def train_step(
         terms["total"].backward()
         optimizer.step()
     return values, output
+
+
+@torch.no_grad()
+def validation_terms(
+    model: CryoSphere, losses: LossTerms, loader: DataLoader, device: torch.device, epoch_progress: float
+) -> dict[str, float]:
+    """The loss terms on the validation particles (mean over particles) as val_<term>: posterior means, no gradient.
+
+    The model runs in evaluation mode (z and the segmentation at their posterior means, nothing sampled, so no random
+    stream moves). The clash neighbour list is rebuilt on every validation batch, so the clash term is exact for those
+    structures; training rebuilds the list at the start of each epoch, so this leaves training unchanged.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        terms = losses(model(batch), batch.images, epoch_progress, True)
+        for name, value in zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist(), strict=True):
+            sums[name] = sums.get(name, 0.0) + value * len(batch)
+        count += len(batch)
+    model.train(was_training)
+    return {f"val_{name}": value / count for name, value in sums.items()}
+
+
+def _rank0_decides(decision: bool, context: ProcessContext) -> bool:
+    """Rank 0's decision on every rank; the other ranks wait here while rank 0 validates and writes the checkpoint."""
+    if not context.distributed:
+        return decision
+    flag = torch.tensor([int(decision)], dtype=torch.int32, device=context.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -118,7 +188,7 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -
         torch.distributed.barrier()
     if not context.is_main:
         dataset = particle_dataset(config, checked.metadata, run)
-    return RunInputs(checked.metadata, checked.structure, dataset)
+    return RunInputs(checked.metadata, checked.structure, dataset, checked.validation)
 
 
 def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessContext) -> TrainResult:
@@ -131,15 +201,34 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     inputs = _prepare_inputs(config, run, context)
     device = context.device
     dataset, structure = inputs.dataset, inputs.structure
+    train_indices = np.flatnonzero(~inputs.validation)
+    validation_indices = np.flatnonzero(inputs.validation)
     model = prepare_model(config, inputs, device)
     optimizer = build_optimizer(config, model)
+    steps_per_epoch = len(
+        training_batches(train_indices, config.batch_size, 0, config.seed, context.rank, context.world_size)
+    )
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    patience = config.early_stopping_patience
+    record = ValidationRecord()
     start_epoch, step = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints from before schedules had a constant rate: nothing to restore
+            scheduler.load_state_dict(state["scheduler"])
+        record = ValidationRecord(**state.get("validation", {}))
         start_epoch, step = state["epoch"], state["step"]
         restore_random_states(state["random"])
+        if record.exhausted(patience):
+            logger.info(
+                "%s stopped early after epoch %d: no better validation loss for %d epochs since epoch %d "
+                "(early_stopping_patience %d); nothing to train. To go on, resume with a larger "
+                "--early-stopping-patience (0 never stops)", run.root, start_epoch,
+                record.epochs_without_improvement, record.best_epoch, patience,
+            )  # fmt: skip
+            return TrainResult(run.root, start_epoch, step, {}, model, stopped_early=True)
         if start_epoch >= config.epochs:
             logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
             return TrainResult(run.root, start_epoch, step, {}, model)
@@ -149,6 +238,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     logs = RunLogs(run, resume_step=step) if context.is_main else None
+    validation_loader = None
     if context.is_main:
         logger.info(
             "%d particles, box %d px at %.3f A/px, %d residues, %d segments, latent %d, device %s, %d process(es)",
@@ -160,17 +250,35 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                 "training on only %d particles: under %d, the segments and motions mostly fit noise; "
                 "use the full particle set for results", len(dataset), FEW_PARTICLES,
             )  # fmt: skip
+        if len(validation_indices):
+            logger.info(
+                "%d particles train, %d (validation_fraction %g, fixed by particle name) are held out for validation",
+                len(train_indices), len(validation_indices), config.validation_fraction,
+            )  # fmt: skip
+            validation_batches = [
+                validation_indices[k : k + config.batch_size].tolist()
+                for k in range(0, len(validation_indices), config.batch_size)
+            ]
+            validation_loader = particle_loader(dataset, validation_batches)
+        elif config.validation_fraction > 0:
+            logger.warning(
+                "no particle fell in the validation share (validation_fraction %g of %d particles): no validation "
+                "loss, best checkpoint or early stopping", config.validation_fraction, len(dataset),
+            )  # fmt: skip
         if start_epoch == 0:
             first_batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[:_CONTRAST_CHECK_BATCHES]
             correlations = contrast_report(model, particle_loader(dataset, first_batches), device)
             _log_contrast(correlations, config.invert_contrast)
 
-    losses = LossTerms(config, model, structure.chain_ids, len(dataset))
+    losses = LossTerms(config, model, structure.chain_ids, len(train_indices))
     metrics: dict[str, float] = {}
+    epochs_done, stopped_early = start_epoch, False
     for epoch in range(start_epoch, config.epochs):
         engine.train()
-        # this rank's batches of the epoch: the same after a resume
-        batches = epoch_batches(len(dataset), config.batch_size, epoch, config.seed, context.rank, context.world_size)
+        # this rank's batches of the epoch (training particles only): the same after a resume
+        batches = training_batches(
+            train_indices, config.batch_size, epoch, config.seed, context.rank, context.world_size
+        )
         loader = particle_loader(dataset, batches, num_workers=config.num_workers, pin_memory=device.type == "cuda")
         sums: dict[str, float] = {}
         started = time.perf_counter()
@@ -187,6 +295,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                         f"non-finite loss at epoch {epoch + 1}, step {step + 1}: {values}. The last good checkpoint "
                         f"in {run.checkpoints} is intact; lower --learning-rate and --resume, or check the inputs"
                     )
+                scheduler.step()
                 step += 1
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -196,23 +305,40 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         metrics = {name: value / max(len(loader), 1) for name, value in sums.items()}
         metrics["seconds"] = time.perf_counter() - started
         metrics["images_per_s"] = sum(map(len, batches)) / metrics["seconds"]
+        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]  # the networks' rate for the next step
+        epochs_done = epoch + 1
         if context.is_main:
             assert logs is not None
+            improved = False
+            if validation_loader is not None:
+                # at the final loss weights, so that every epoch's total is the same objective
+                metrics.update(validation_terms(model, losses, validation_loader, device, float(config.epochs)))
+                improved = record.update(metrics["val_total"], epoch + 1)
             logs.record("epoch", epoch + 1, step, metrics)
             if config.log_images_every_epochs and (epoch + 1) % config.log_images_every_epochs == 0:
                 logs.figures(model, output, batch.images, step)
             save_checkpoint(run.root, {
                 "epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "validation": dataclasses.asdict(record),
                 "random": random_states(), "config": config.to_dict(), "metrics": metrics,
                 "normalisation": dataclasses.asdict(dataset.normalisation),
-            })  # fmt: skip
+            }, best=improved)  # fmt: skip
             logger.info(
-                "epoch %d/%d: %s, %.0f images/s", epoch + 1, config.epochs, format_terms(metrics),
-                metrics["images_per_s"],
+                "epoch %d/%d: %s%s, %.0f images/s", epoch + 1, config.epochs, format_terms(metrics),
+                format_validation(metrics, improved), metrics["images_per_s"],
             )  # fmt: skip
+        if _rank0_decides(record.exhausted(patience), context):
+            if context.is_main:
+                logger.info(
+                    "stopping early after epoch %d: no better validation loss for %d epochs (early_stopping_patience "
+                    "%d); the best, %.4f at epoch %d, is %s", epoch + 1, record.epochs_without_improvement, patience,
+                    record.best_total, record.best_epoch, run.best_checkpoint,
+                )  # fmt: skip
+            stopped_early = True
+            break
     if logs is not None:
         logs.close()
-    return TrainResult(run.root, config.epochs, step, metrics, model)
+    return TrainResult(run.root, epochs_done, step, metrics, model, stopped_early)
 
 
 def contrast_verdict(correlations: np.ndarray, inverted: bool) -> tuple[str, bool]:

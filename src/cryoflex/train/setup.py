@@ -1,12 +1,15 @@
 """From a TrainConfig to the objects a run needs: particles, the nominal structure in the particles' frame, the model.
 
 check_inputs reads and checks every input before a run writes anything; particle_dataset is the one dataset set-up
-(training and analysis); analysis rebuilds the same model from a run's saved configuration with build_model.
+(training and analysis); analysis rebuilds the same model from a run's saved configuration with build_model;
+validation_mask is the fixed per-particle validation split, build_scheduler the learning-rate schedule.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ class CheckedInputs:
 
     metadata: ParticleMetadata
     structure: Structure  # first model, coordinates in the particles' frame (A, origin at the box centre)
+    validation: np.ndarray  # (n,) bool: the particles held out for validation (validation_mask)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class RunInputs:
     metadata: ParticleMetadata
     structure: Structure  # first model, coordinates in the particles' frame (A, origin at the box centre)
     dataset: ParticleDataset
+    validation: np.ndarray  # (n,) bool: the particles held out for validation, never trained on
 
 
 def read_particles(config: TrainConfig) -> ParticleMetadata:
@@ -100,7 +105,7 @@ def segmented_parts(config: TrainConfig, structure: Structure, *, warn: bool = F
 
 
 def check_inputs(config: TrainConfig) -> CheckedInputs:
-    """Read and check every input before any work or output: particles, stacks, structure placement, parts.
+    """Read and check every input before any work or output: particles, stacks, structure placement, parts, split.
 
     The image stacks are opened (they exist and agree on the box) but not read; nothing is written.
     """
@@ -118,7 +123,14 @@ def check_inputs(config: TrainConfig) -> CheckedInputs:
             "sigma_A %.2f A is under half the pixel size %.2f A: Gaussians are under-sampled; raise sigma_A",
             config.sigma_A, pixel_size_A,
         )  # fmt: skip
-    return CheckedInputs(metadata, structure)
+    validation = validation_mask(metadata.names, config.validation_fraction)
+    if validation.all():
+        raise CryoflexInputError(
+            config.particles, f"validation_fraction {config.validation_fraction} holds out all {len(validation)} "
+            "particles: none is left to train on", "lower the validation fraction, or give more particles",
+            field="validation_fraction",
+        )  # fmt: skip
+    return CheckedInputs(metadata, structure, validation)
 
 
 def particle_dataset(
@@ -141,7 +153,7 @@ def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> Run
     """Check the inputs, then build the dataset (with its on-disk cache under RUN/cache)."""
     checked = check_inputs(config)
     dataset = particle_dataset(config, checked.metadata, RunDir(run_dir), progress=progress)
-    return RunInputs(checked.metadata, checked.structure, dataset)
+    return RunInputs(checked.metadata, checked.structure, dataset, checked.validation)
 
 
 def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
@@ -182,6 +194,43 @@ def build_optimizer(config: TrainConfig, model: CryoSphere) -> torch.optim.Optim
         {"params": networks, "lr": config.learning_rate},
         {"params": list(model.segmentation.parameters()), "lr": config.segmentation_learning_rate},
     ], fused=True)  # fmt: skip
+
+
+# The cosine schedule ends at this share of the configured learning rates.
+COSINE_FINAL_SHARE = 0.1
+
+
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule, stepped once per optimiser step: constant, or a cosine over all configured steps.
+
+    Per step, so the rate falls smoothly within long epochs; cosine reaches COSINE_FINAL_SHARE of the configured rates
+    after the last step of the last epoch. Its state (the step count) is checkpointed, so a resume continues it exactly.
+    """
+    total_steps = max(1, config.epochs * steps_per_epoch)
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    def cosine(step: int) -> float:
+        progress = min(step, total_steps) / total_steps
+        return COSINE_FINAL_SHARE + (1 - COSINE_FINAL_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine if config.lr_schedule == "cosine" else constant)
+
+
+def validation_mask(names: np.ndarray, fraction: float) -> np.ndarray:
+    """Which particles are held out for validation: a stable hash of each name, mapped to [0, 1), below `fraction`.
+
+    Fixed per particle: the same whatever the order, the subset, the batch size, the process or the Python session
+    (BLAKE2b of the name, not Python's salted hash()).
+    """
+    if fraction <= 0:
+        return np.zeros(len(names), dtype=bool)
+    digests = [hashlib.blake2b(str(name).encode(), digest_size=8).digest() for name in names]
+    positions = np.array([int.from_bytes(digest, "big") / 2**64 for digest in digests], dtype=np.float64)
+    return positions < fraction
 
 
 def use_bf16_networks(config: TrainConfig, device: torch.device) -> bool:
