@@ -5,6 +5,7 @@ Analysis reads only what a run wrote (RUN/config.yaml and RUN/checkpoints), neve
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from cryoflex.run_dir import RunDir
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import resolve_device
 from cryoflex.train.setup import build_model, particle_dataset, placed_structure, read_particles
+
+logger = logging.getLogger(__name__)
+
+# The checkpoints a command may ask for by name (--checkpoint); default: best when the run has one, else last.
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 @dataclass
@@ -41,13 +47,38 @@ class TrainedRun:
         return self.model.nominal_coords_A.device
 
 
-def load_run(run_dir: Path, *, epoch: int | None = None, device: str = "auto") -> TrainedRun:
-    """Reopen RUN at `epoch` (default: the last checkpoint); the dataset uses the run's cache when present."""
+def run_checkpoint(run_dir: Path, *, epoch: int | None = None, checkpoint: str | None = None) -> Path:
+    """The checkpoint to analyse: of `epoch`, or `checkpoint` (best or last), else best.pt when it exists, else last.pt.
+
+    best.pt (the epoch with the lowest validation loss) is the default because later epochs may fit the noise.
+    """
+    run = RunDir(run_dir)
+    if epoch is not None:
+        return find_checkpoint(run.root, epoch)
+    if checkpoint == "best" or (checkpoint is None and run.best_checkpoint.is_file()):
+        if not run.best_checkpoint.is_file():
+            raise CryoflexInputError(
+                run.best_checkpoint, "no best checkpoint: the run was trained without a validation share",
+                "use --checkpoint last or --epoch N",
+            )  # fmt: skip
+        return run.best_checkpoint
+    return find_checkpoint(run.root)
+
+
+def load_run(
+    run_dir: Path, *, epoch: int | None = None, checkpoint: str | None = None, device: str = "auto"
+) -> TrainedRun:
+    """Reopen RUN at `epoch` or `checkpoint` (see run_checkpoint: default best.pt, else last.pt).
+
+    The dataset uses the run's cache when present.
+    """
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise CryoflexInputError(run.config, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
     config = load_config(run.config)
-    state = load_checkpoint(find_checkpoint(run.root, epoch), "cpu")
+    path = run_checkpoint(run.root, epoch=epoch, checkpoint=checkpoint)
+    state = load_checkpoint(path, "cpu")
+    logger.info("loaded %s: the model after epoch %d", path, int(state["epoch"]))
     normalisation = ImageNormalisation(**state["normalisation"])
     dataset = particle_dataset(config, read_particles(config), run, normalisation=normalisation)
     structure = placed_structure(config, dataset.box_size_px * dataset.pixel_size_A)

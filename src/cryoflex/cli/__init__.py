@@ -14,6 +14,15 @@ from cryoflex.errors import CryoflexError, CryoflexInputError
 # The --device help of every command that computes.
 DEVICE_HELP = "auto (default: the GPU when there is one), cpu, cuda or cuda:N"
 
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint best|last or --epoch N: which checkpoint of a run analyze, eval and reconstruct load."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", choices=("best", "last"),
+                       help="best: the epoch with the lowest validation loss (default when the run has best.pt); "
+                            "last: the newest")  # fmt: skip
+    which.add_argument("--epoch", type=int, help="the checkpoint after this epoch")
+
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",

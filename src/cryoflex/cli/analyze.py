@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN", type=Path, help="run directory written by cryoflex train")
-    parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the last)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", type=Path, help="output directory (default RUN/analysis)")
     parser.add_argument("--clusters", type=int, default=6, help="k-means clusters (default 6)")
     parser.add_argument("--umap", action="store_true", help="also a UMAP embedding (pip install umap-learn)")
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.analyze import AnalyzeOptions, analyze_run
     from cryoflex.analysis.run import load_run
 
-    trained = load_run(args.run_dir, epoch=args.epoch, device=args.device)
+    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = AnalyzeOptions(
         n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,
         volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,

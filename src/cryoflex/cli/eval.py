@@ -18,13 +18,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cryoflex.cli import DEVICE_HELP
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN", help="run directory (the --out of cryoflex train)")
     parser.add_argument("--truth", type=Path, required=True, help="truth.npz written by cryoflex simulate")
-    parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the last)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", type=Path, help="output directory (default RUN/eval)")
     parser.add_argument(
         "--distance",
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.evaluate import EVAL_JSON, evaluate
     from cryoflex.analysis.run import load_run
 
-    trained = load_run(args.run_dir, epoch=args.epoch, device=args.device)
+    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     out = args.out if args.out is not None else trained.paths.eval
     result = evaluate(
         trained, args.truth, distance_groups=[tuple(pair) for pair in args.distance], fsc_samples=args.fsc_samples,

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN", type=Path, help="run directory written by cryoflex train")
-    parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the last)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", type=Path, help="output directory (default RUN/reconstruct)")
     parser.add_argument("--analysis", type=Path, help="output of cryoflex analyze (default RUN/analysis)")
     groups = parser.add_mutually_exclusive_group()
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.reconstruct import ReconstructOptions, reconstruct_run
     from cryoflex.analysis.run import load_run
 
-    trained = load_run(args.run_dir, epoch=args.epoch, device=args.device)
+    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = ReconstructOptions(
         clusters=args.clusters, pc=args.pc, bins=args.bins, subsets=list(args.subset), consensus_only=args.all,
         analysis_dir=args.analysis, box_size_px=args.box_size_px, padding=args.padding, batch_size=args.batch_size,

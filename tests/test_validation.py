@@ -1,0 +1,157 @@
+"""Issue 10, training that does not overfit the noise: a fixed validation share, its loss every epoch, the best
+checkpoint, early stopping and the cosine learning-rate schedule (with exact resume)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cryoflex.train.loop as loop
+from cryoflex.analysis.run import load_run
+from cryoflex.cli import build_parser
+from cryoflex.cli import main as cli_main
+from cryoflex.config import TrainConfig, load_config
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.metadata import read_metadata
+from cryoflex.run_dir import RunDir
+from cryoflex.train.checkpoint import load_checkpoint
+from cryoflex.train.loop import train
+from cryoflex.train.setup import COSINE_FINAL_SHARE, validation_mask
+
+
+def _config(dataset: Path, **changes: object) -> TrainConfig:
+    values = dict(
+        particles=str(dataset / "particles.star"), structure=str(dataset / "nominal.pdb"), segments=3, latent_dim=2,
+        epochs=2, batch_size=16, sigma_A=4.0, encoder_hidden=[32], decoder_hidden=[32], progress=False, device="cpu",
+        learning_rate=1e-3, neighbour_list_every_steps=2, validation_fraction=0.25,
+    )  # fmt: skip
+    values.update(changes)
+    return load_config(None, values)
+
+
+def _epoch_records(run: Path) -> list[dict[str, float]]:
+    lines = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "epoch"]
+
+
+def test_validation_split_is_fixed_per_particle() -> None:
+    """Same names, same split, whatever the order or subset; about the configured share; not Python's salted hash."""
+    names = np.array([f"{k:06d}@stacks/particles_{k // 1000:03d}.mrcs" for k in range(4000)])
+    mask = validation_mask(names, 0.05)
+    assert 0.04 < mask.mean() < 0.06
+    assert int(mask.sum()) == 214  # pinned: the same in every process and Python session
+    order = np.random.default_rng(0).permutation(len(names))
+    np.testing.assert_array_equal(validation_mask(names[order], 0.05), mask[order])
+    subset = order[:300]
+    np.testing.assert_array_equal(validation_mask(names[subset], 0.05), mask[subset])
+    assert not validation_mask(names, 0.0).any()
+    assert (validation_mask(names, 0.2) >= mask).all()  # a larger share only adds particles
+
+
+def test_validation_particles_are_never_trained_on_and_their_loss_is_logged(
+    tiny_adk_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    held_out = set(np.flatnonzero(validation_mask(read_metadata(tiny_adk_dataset / "particles.star").names, 0.25)))
+    assert 0 < len(held_out) < 40
+    trained: set[int] = set()
+    original_step = loop.train_step
+
+    def recording_step(engine, optimizer, losses, batch, *args):  # type: ignore[no-untyped-def]
+        trained.update(batch.indices.tolist())
+        return original_step(engine, optimizer, losses, batch, *args)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    with caplog.at_level(logging.INFO):
+        train(_config(tiny_adk_dataset, epochs=2), tmp_path / "run")
+    assert trained == set(range(40)) - held_out
+    records = _epoch_records(tmp_path / "run")
+    assert [record["epoch"] for record in records] == [1, 2]
+    for record in records:
+        assert {"val_total", "val_one_minus_correlation", "val_latent_kl", "learning_rate"} <= set(record)
+        assert 0 < record["val_one_minus_correlation"] < 2
+    assert caplog.text.count("val loss") == 2 and f"{40 - len(held_out)} particles train" in caplog.text
+
+
+def test_best_checkpoint_is_the_epoch_of_the_lowest_validation_total(tiny_adk_dataset: Path, tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    train(_config(tiny_adk_dataset, epochs=3, learning_rate=1e-2), run.root)
+    totals = [record["val_total"] for record in _epoch_records(run.root)]
+    best = load_checkpoint(run.best_checkpoint)
+    assert best["epoch"] == int(np.argmin(totals)) + 1
+    twin = load_checkpoint(run.checkpoint(best["epoch"]))
+    for name, value in best["model"].items():
+        assert torch.equal(value, twin["model"][name]), name
+
+
+def _scripted_validation(monkeypatch: pytest.MonkeyPatch, totals: list[float]) -> None:
+    """Validation totals in this order, one per epoch (the rest of training runs as usual)."""
+    values: Iterator[float] = iter(totals)
+    monkeypatch.setattr(loop, "validation_terms", lambda *args: {"val_total": next(values)})
+
+
+def test_early_stopping_stops_and_a_resume_says_so(
+    tiny_adk_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    _scripted_validation(monkeypatch, [0.5, 0.3, 0.4, 0.35, 0.2, 0.1])
+    run = RunDir(tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        result = train(_config(tiny_adk_dataset, epochs=6, early_stopping_patience=2), run.root)
+    assert result.stopped_early and result.epochs_done == 4
+    assert "stopping early after epoch 4" in caplog.text
+    assert load_checkpoint(run.best_checkpoint)["epoch"] == 2 and load_checkpoint(run.last_checkpoint)["epoch"] == 4
+    assert not run.checkpoint(5).exists()
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(run.root), "--resume", "--no-progress"]) == 0
+    assert "stopped early after epoch 4" in capsys.readouterr().out
+    assert load_checkpoint(run.last_checkpoint)["epoch"] == 4
+    # a larger patience continues the run: epoch 5 improves, epoch 6 too
+    result = train(_config(tiny_adk_dataset, epochs=6, early_stopping_patience=3), run.root, resume=True)
+    assert not result.stopped_early and result.epochs_done == 6
+
+
+def test_load_run_takes_the_best_checkpoint_unless_told_otherwise(
+    tiny_adk_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_validation(monkeypatch, [0.5, 0.3, 0.4])
+    run = tmp_path / "run"
+    train(_config(tiny_adk_dataset, epochs=3), run)
+    assert load_run(run, device="cpu").epoch == 2
+    assert load_run(run, checkpoint="last", device="cpu").epoch == 3
+    assert load_run(run, epoch=1, device="cpu").epoch == 1
+    plain = tmp_path / "plain"
+    train(_config(tiny_adk_dataset, epochs=1, validation_fraction=0.0), plain)
+    assert not RunDir(plain).best_checkpoint.exists()
+    assert load_run(plain, device="cpu").epoch == 1
+    with pytest.raises(CryoflexInputError, match="no best checkpoint"):
+        load_run(plain, checkpoint="best", device="cpu")
+    for command in (["analyze", "RUN"], ["eval", "RUN", "--truth", "t.npz"], ["reconstruct", "RUN"]):
+        args = build_parser().parse_args([*command, "--checkpoint", "last"])
+        assert args.checkpoint == "last" and args.epoch is None
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--checkpoint", "best", "--epoch", "2"])
+
+
+def test_cosine_schedule_ends_at_a_tenth_and_resumes_exactly(tiny_adk_dataset: Path, tmp_path: Path) -> None:
+    straight = train(_config(tiny_adk_dataset, epochs=3, lr_schedule="cosine"), tmp_path / "straight")
+    state = load_checkpoint(RunDir(tmp_path / "straight").last_checkpoint)
+    rates = [group["lr"] for group in state["optimizer"]["param_groups"]]
+    assert COSINE_FINAL_SHARE == 0.1
+    assert rates == pytest.approx([0.1 * 1e-3, 0.1 * 3e-3], rel=1e-12)
+    first = _epoch_records(tmp_path / "straight")[0]["learning_rate"]
+    assert 0.1 * 1e-3 < first < 1e-3
+    # a 3-epoch run stopped after epoch 1 (the schedule spans the configured epochs), resumed
+    stopped = RunDir(tmp_path / "stopped")
+    stopped.checkpoints.mkdir(parents=True)
+    shutil.copy(RunDir(tmp_path / "straight").config, stopped.config)
+    shutil.copy(RunDir(tmp_path / "straight").checkpoint(1), stopped.last_checkpoint)
+    resumed = train(_config(tiny_adk_dataset, epochs=3, lr_schedule="cosine"), stopped.root, resume=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
