@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import cryoflex.train.loop as loop
 from cryoflex.analysis.run import load_run
@@ -22,6 +25,7 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.io.metadata import read_metadata
 from cryoflex.run_dir import RunDir
 from cryoflex.train.checkpoint import load_checkpoint
+from cryoflex.train.distributed import training_batches
 from cryoflex.train.loop import train
 from cryoflex.train.setup import COSINE_FINAL_SHARE, validation_mask
 
@@ -53,6 +57,11 @@ def test_validation_split_is_fixed_per_particle() -> None:
     np.testing.assert_array_equal(validation_mask(names[subset], 0.05), mask[subset])
     assert not validation_mask(names, 0.0).any()
     assert (validation_mask(names, 0.2) >= mask).all()  # a larger share only adds particles
+    training = np.flatnonzero(~mask)
+    for world_size in (1, 3):
+        drawn = {i for rank in range(world_size) for batch in training_batches(training, 64, 5, 0, rank, world_size)
+                 for i in batch}  # fmt: skip
+        assert drawn == set(training.tolist())
 
 
 def test_validation_particles_are_never_trained_on_and_their_loss_is_logged(
@@ -155,3 +164,24 @@ def test_cosine_schedule_ends_at_a_tenth_and_resumes_exactly(tiny_adk_dataset: P
     resumed = train(_config(tiny_adk_dataset, epochs=3, lr_schedule="cosine"), stopped.root, resume=True)
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def _rank_main(rank: int, port: int, config: TrainConfig, run_dir: Path, out: Path) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    result = train(config, run_dir)
+    (out / f"{rank}.json").write_text(json.dumps([result.epochs_done, result.stopped_early]))
+
+
+def test_two_processes_validate_on_rank_0_and_stop_together(tiny_adk_dataset: Path, tmp_path: Path) -> None:
+    """gloo DDP: rank 0 validates and decides on early stopping; every rank ends after the same epoch."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _config(tiny_adk_dataset, epochs=3, cache=False, early_stopping_patience=1, learning_rate=0.05)
+    mp.spawn(_rank_main, args=(port, config, tmp_path / "run", tmp_path), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2))
+    assert rank0 == rank1
+    records = _epoch_records(tmp_path / "run")
+    assert len(records) == rank0[0] and all("val_total" in record for record in records)
