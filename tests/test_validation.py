@@ -185,3 +185,11 @@ def test_two_processes_validate_on_rank_0_and_stop_together(tiny_adk_dataset: Pa
     assert rank0 == rank1
     records = _epoch_records(tmp_path / "run")
     assert len(records) == rank0[0] and all("val_total" in record for record in records)
+
+
+def test_epoch_line_shows_the_validation_loss() -> None:
+    from cryoflex.train.logs import format_validation
+
+    values = {"total": 1.0, "val_one_minus_correlation": 0.7390, "val_latent_kl": 0.2, "val_total": 0.7412}
+    assert format_validation(values, best=True) == ", val loss 0.7412 val 1-corr 0.7390 (best)"
+    assert format_validation({"total": 1.0}, best=False) == ""

@@ -43,8 +43,8 @@ def format_validation(values: dict[str, float], best: bool) -> str:
     """The validation part of an epoch line, e.g. ', val loss 0.7412 val 1-corr 0.7390 (best)'; empty without one."""
     if "val_total" not in values:
         return ""
-    parts = [f"val {SHORT_NAMES[name[4:]]} {value:.4f}" for name, value in values.items()
-             if name in ("val_total", f"val_{IMAGE_TERM}")]  # fmt: skip
+    parts = [f"val {SHORT_NAMES[name]} {values[f'val_{name}']:.4f}" for name in ("total", IMAGE_TERM)
+             if f"val_{name}" in values]  # fmt: skip
     return ", " + " ".join(parts) + (" (best)" if best else "")
 
 
