@@ -223,8 +223,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         restore_random_states(state["random"])
         if record.exhausted(patience):
             logger.info(
-                "%s stopped early after epoch %d: no better validation loss for %d epochs since epoch %d "
-                "(early_stopping_patience %d); nothing to train. To go on, resume with a larger "
+                "%s stopped early after epoch %d: no better validation loss for %d epochs since epoch %d meets "
+                "early_stopping_patience %d; nothing to train. To go on, resume with a larger "
                 "--early-stopping-patience (0 never stops)", run.root, start_epoch,
                 record.epochs_without_improvement, record.best_epoch, patience,
             )  # fmt: skip
