@@ -23,6 +23,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                             "last: the newest")  # fmt: skip
     which.add_argument("--epoch", type=int, help="the checkpoint after this epoch")
 
+
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, str] = {
     "info": "cryoflex.cli.info",
