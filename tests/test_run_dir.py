@@ -18,3 +18,7 @@ def test_run_dir_paths() -> None:
         "tensorboard", "cache", "analysis", "eval", "reconstruct",
     )  # fmt: skip
     assert RunDir(Path("runs/r1")) == run
+
+
+def test_best_checkpoint_path() -> None:
+    assert RunDir("runs/r1").best_checkpoint == Path("runs/r1/checkpoints/best.pt")
