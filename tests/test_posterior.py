@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from cryoflex.analysis.predict import LatentPosterior, decode_latents, posterior_structures
+from cryoflex.analysis.predict import DEFAULT_POSTERIOR_SAMPLES, LatentPosterior, decode_latents, posterior_structures
+from cryoflex.cli import analyze as analyze_cli
+from cryoflex.cli import eval as eval_cli
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import read_structure
@@ -108,3 +111,10 @@ def test_negative_samples_or_seed_are_refused(model: CryoSphere) -> None:
         next(posterior_structures(model, _posterior(2), samples=-1))
     with pytest.raises(CryoflexInputError, match=r"\[--seed\]"):
         next(posterior_structures(model, _posterior(2), samples=2, seed=-1))
+
+
+def test_analyze_and_eval_flags_default_to_the_same_number_of_samples() -> None:
+    for module in (analyze_cli, eval_cli):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.get_default("posterior_samples") == DEFAULT_POSTERIOR_SAMPLES

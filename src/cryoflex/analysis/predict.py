@@ -123,8 +123,8 @@ def posterior_structures(
     if positions.shape != (n,):
         raise ValueError(f"positions must have shape ({n},), got {positions.shape}")
     if samples <= 1:
-        for coords_A in decode_latents(model, posterior.mean, batch_size=batch_size):
-            yield PosteriorChunk(coords_A, np.zeros(coords_A.shape[:2], np.float32))
+        for at_mean_A in decode_latents(model, posterior.mean, batch_size=batch_size):
+            yield PosteriorChunk(at_mean_A, np.zeros(at_mean_A.shape[:2], np.float32))
         return
     model.eval()
     device = model.nominal_coords_A.device
