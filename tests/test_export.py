@@ -196,6 +196,21 @@ def test_posterior_export_writes_structures_spreads_and_their_means(
     np.testing.assert_allclose(read_structure(chosen).coords_A, coords[[21, 3]], rtol=0, atol=2e-3)
 
 
+def test_posterior_export_memory_does_not_grow_with_the_particles(model: CryoSphere, tmp_path: Path) -> None:
+    """Samples are accumulated per chunk: the numpy peak is one chunk's, whether 1,000 or 8,000 particles."""
+    peaks = []
+    for n in (1000, 8000):
+        tracemalloc.start()
+        try:
+            spread_path = tmp_path / f"s{n}.npy"
+            export_per_particle(model, _posterior(n), tmp_path / f"c{n}.npy", samples=2, spread_path=spread_path,
+                                chunk_size=500)  # fmt: skip
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 1.2 * peaks[0], [p / 1e6 for p in peaks]  # the output alone grows by 18 MB (8000 x 214 x 3 x 4)
+
+
 def test_uncertainty_table_is_keyed_by_name_with_ranks(tmp_path: Path) -> None:
     spread = np.array([0.5, 0.1, 0.9, 0.1], np.float32)
     path = write_uncertainty_table(spread, ["p1", "p2", "p3", "p4"], tmp_path / export.UNCERTAINTY_CSV_NAME)
