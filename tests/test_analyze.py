@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from cryoflex.analysis import figures
+from cryoflex.analysis.predict import decode_latents
+from cryoflex.analysis.run import load_run
 from cryoflex.cli import main as cli_main
 from cryoflex.io.metadata import read_metadata
 
@@ -148,3 +150,39 @@ def test_traversal_figures_carry_their_component_in_the_title(monkeypatch: pytes
     for component in (1, 2):
         figures.traversal_figure(frames, np.ones(5, dtype=int), np.array(["A"] * 5), component, tmp_path / "t.png")
     assert titles[0].startswith("PC1 traversal") and titles[1].startswith("PC2 traversal")
+
+
+def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: Path, tmp_path: Path) -> None:
+    """Posterior-mean structures, their per-residue spreads, the CSV keyed by name, the report's figure and table."""
+    out = tmp_path / "sampled"
+    args = ["analyze", str(trained_run), "--out", str(out), "--clusters", "2", "--points", "2", "--per-particle",
+            "--posterior-samples", "4", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    coords, spread = np.load(out / "per_particle_coords.npy"), np.load(out / "per_particle_spread_A.npy")
+    assert coords.dtype == spread.dtype == np.float32 and coords.shape == (40, 214, 3) and spread.shape == (40, 214)
+    assert spread.min() >= 0 and spread.max() > 0
+    table = pd.read_csv(out / "per_particle_uncertainty.csv")
+    assert list(table.columns) == ["particle", "mean_spread_A", "rank"]
+    assert table["particle"].tolist() == read_metadata(tiny_adk_dataset / "particles.star").names.tolist()
+    np.testing.assert_allclose(table["mean_spread_A"], spread.mean(axis=1), rtol=1e-6)
+    assert sorted(table["rank"]) == list(range(1, 41))
+    assert table.sort_values("rank")["mean_spread_A"].is_monotonic_increasing
+    html = (out / "report.html").read_text()
+    assert "Per-particle uncertainty (spread over the posterior, mean over residues, A)" in html
+    assert "median_A" in html and "p10_A" in html and "p90_A" in html
+    parser = _Captions()
+    parser.feed(html)
+    assert any(c.startswith("How sure the model is of each particle's structure") for c in parser.captions)
+
+    at_mean = tmp_path / "at_mean"
+    args = ["analyze", str(trained_run), "--out", str(at_mean), "--clusters", "2", "--points", "2", "--per-particle",
+            "--posterior-samples", "0", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    run = load_run(trained_run, device="cpu")
+    latents = np.load(at_mean / "latent" / "latents.npy")
+    decoded = np.concatenate(list(decode_latents(run.model, latents)))
+    np.testing.assert_array_equal(np.load(at_mean / "per_particle_coords.npy"), decoded)
+    assert not (at_mean / "per_particle_spread_A.npy").exists()
+    assert not (at_mean / "per_particle_uncertainty.csv").exists()
+    assert np.abs(coords - decoded).max() > 1e-4  # the posterior mean is not the structure at the mean latent
+    np.testing.assert_array_equal(np.load(out / "latent" / "latents.npy"), latents)  # the embedding uses the means

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist, squareform
 from scipy.spatial.transform import Rotation
+from scipy.stats import spearmanr
 
 from cryoflex.analysis.evaluate import (
     clash_count,
@@ -19,8 +20,10 @@ from cryoflex.analysis.evaluate import (
     read_truth,
     truth_rows,
 )
+from cryoflex.analysis.predict import decode_latents, latent_posteriors, posterior_structures
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.cli import main as cli_main
+from cryoflex.cli.eval import summary_lines
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
 from cryoflex.train.loop import train
@@ -86,6 +89,7 @@ def test_cli_writes_json_plots_and_summary(
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "best fixed conformation" in printed and "Pearson" in printed and "wrote" in printed
+    assert "uncertainty ranks errors: Spearman r = " in printed and result["uncertainty"]["posterior_samples"] == 16
 
 
 def test_baselines_and_clashes_match_independent_numpy(simulation: Path, trained: TrainedRun, tmp_path: Path) -> None:
@@ -197,3 +201,30 @@ def test_evaluation_figures_have_captions() -> None:
     assert [name for name, _ in captions] == result["plots"]
     assert "residues A:122-159 and A:30-59" in captions[1][1]
     assert "50 sampled images" in captions[2][1] and "0.143" in captions[2][1]
+
+
+def test_posterior_mean_structures_are_scored_and_their_spread_ranks_errors(
+    simulation: Path, trained: TrainedRun, tmp_path: Path
+) -> None:
+    result = evaluate(trained, simulation / "truth.npz", fsc_samples=2, out_dir=tmp_path, posterior_samples=4, seed=1)
+    posterior = latent_posteriors(trained.model, trained.dataset)
+    chunks = list(posterior_structures(trained.model, posterior, samples=4, seed=1))
+    coords = np.concatenate([c.coords_A for c in chunks]).astype(np.float64)
+    mean_spread = np.concatenate([c.spread_A.mean(axis=1) for c in chunks])
+    truth = read_truth(simulation / "truth.npz")
+    true_A = truth.conformations_A[truth.conformation_index[truth_rows(trained.dataset.metadata.names, truth)]]
+    error = np.sqrt(np.mean(np.sum((coords - true_A) ** 2, axis=-1), axis=1))
+    assert result["rmsd_A"]["prediction"]["direct"]["median"] == pytest.approx(np.median(error), rel=1e-6)
+    uncertainty = result["uncertainty"]
+    assert uncertainty["posterior_samples"] == 4
+    assert uncertainty["spearman_spread_vs_rmsd"] == pytest.approx(spearmanr(mean_spread, error).statistic, abs=1e-6)
+    assert uncertainty["spread_A"]["median"] == pytest.approx(np.median(mean_spread), rel=1e-5)
+    assert json.loads((tmp_path / "eval.json").read_text())["uncertainty"] == uncertainty
+
+    at_mean = evaluate(trained, simulation / "truth.npz", fsc_samples=2, out_dir=tmp_path, posterior_samples=0)
+    decoded = np.concatenate(list(decode_latents(trained.model, posterior.mean))).astype(np.float64)
+    error_at_mean = np.sqrt(np.mean(np.sum((decoded - true_A) ** 2, axis=-1), axis=1))
+    assert at_mean["rmsd_A"]["prediction"]["direct"]["median"] == pytest.approx(np.median(error_at_mean), rel=1e-9)
+    assert at_mean["uncertainty"]["spearman_spread_vs_rmsd"] is None  # no samples: no spread to rank by
+    assert "Spearman r = n/a" in "\n".join(summary_lines(at_mean))
+    assert any(line.startswith("uncertainty ranks errors: Spearman r = ") for line in summary_lines(result))

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,11 +18,14 @@ import cryoflex.analysis.export as export
 from cryoflex.analysis.export import (
     export_per_particle,
     export_structures_cif,
+    mean_spreads_A,
     select_by_clusters,
     select_by_names,
     select_by_region,
     write_subset,
+    write_uncertainty_table,
 )
+from cryoflex.analysis.predict import LatentPosterior, PosteriorChunk, posterior_structures
 from cryoflex.config import load_config
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.metadata import CTFParameters, read_metadata
@@ -67,12 +71,23 @@ def _latents(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 2)).astype(np.float32)
 
 
+def _at_means(latents: np.ndarray) -> LatentPosterior:
+    """A posterior of zero width: every sample is the mean."""
+    return LatentPosterior(latents, np.zeros_like(latents))
+
+
+def _posterior(n: int, seed: int = 1) -> LatentPosterior:
+    rng = np.random.default_rng(seed)
+    return LatentPosterior(_latents(n, seed), rng.uniform(0.05, 0.5, size=(n, 2)).astype(np.float32))
+
+
 # ------------------------------------------------------------ per-particle structures
 
 
 def test_per_particle_export_matches_decoding_each_particle(model: CryoSphere, tmp_path: Path) -> None:
     latents = _latents(300)
-    path = export_per_particle(model, latents, tmp_path / export.PER_PARTICLE_NAME, chunk_size=128)
+    path = tmp_path / export.PER_PARTICLE_NAME
+    export_per_particle(model, _at_means(latents), path, samples=0, chunk_size=128)
     coords = np.load(path)
     assert coords.dtype == np.float32 and coords.shape == (300, 214, 3)
     np.testing.assert_allclose(coords, _decode(model, latents), rtol=0, atol=1e-4)
@@ -83,18 +98,20 @@ def test_per_particle_export_matches_decoding_each_particle(model: CryoSphere, t
 def test_interrupted_per_particle_export_leaves_no_file(
     model: CryoSphere, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def dies_after_one_chunk(model: CryoSphere, latents: np.ndarray, *, batch_size: int) -> Iterator[np.ndarray]:
-        yield np.zeros((batch_size, 214, 3), np.float32)
+    def dies_after_one_chunk(
+        model: CryoSphere, posterior: LatentPosterior, *, samples: int, seed: int, batch_size: int
+    ) -> Iterator[PosteriorChunk]:
+        yield PosteriorChunk(np.zeros((batch_size, 214, 3), np.float32), np.zeros((batch_size, 214), np.float32))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "decode_latents", dies_after_one_chunk)
+    monkeypatch.setattr(export, "posterior_structures", dies_after_one_chunk)
     with pytest.raises(KeyboardInterrupt):
-        export_per_particle(model, _latents(50), tmp_path / "new.npy", chunk_size=16)
+        export_per_particle(model, _posterior(50), tmp_path / "new.npy", spread_path=tmp_path / "s.npy", chunk_size=16)
     assert list(tmp_path.iterdir()) == []
     previous = tmp_path / "old.npy"
     np.save(previous, np.ones((2, 214, 3), np.float32))
     with pytest.raises(KeyboardInterrupt):
-        export_per_particle(model, _latents(50), previous, chunk_size=16)
+        export_per_particle(model, _posterior(50), previous, chunk_size=16)
     assert np.load(previous).shape == (2, 214, 3)  # the good file from before is untouched
 
 
@@ -129,7 +146,8 @@ def test_per_particle_export_of_100000_particles_stays_small(model: CryoSphere, 
     sampler.start()
     tracemalloc.start()
     try:
-        path = export_per_particle(model, latents, tmp_path / "coords.npy", chunk_size=1024)
+        path = tmp_path / "coords.npy"
+        export_per_particle(model, _at_means(latents), path, samples=0, chunk_size=1024)
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -150,11 +168,57 @@ def test_structures_cif_holds_the_chosen_particles_in_order(
     model: CryoSphere, nominal: Structure, tmp_path: Path
 ) -> None:
     latents = _latents(20)
-    path = export_structures_cif(model, latents, [7, 0, 19], nominal, tmp_path / "chosen.cif")
+    path = export_structures_cif(model, _at_means(latents), [7, 0, 19], nominal, tmp_path / "chosen.cif")
     written = read_structure(path)
     assert written.n_models == 3
     np.testing.assert_array_equal(written.residue_numbers, nominal.residue_numbers)
     np.testing.assert_allclose(written.coords_A, _decode(model, latents[[7, 0, 19]]), rtol=0, atol=2e-3)
+
+
+def test_posterior_export_writes_structures_spreads_and_their_means(
+    model: CryoSphere, nominal: Structure, tmp_path: Path
+) -> None:
+    posterior = _posterior(30)
+    coords_path, spread_path = tmp_path / export.PER_PARTICLE_NAME, tmp_path / export.PER_PARTICLE_SPREAD_NAME
+    mean_spread = export_per_particle(
+        model, posterior, coords_path, samples=4, seed=2, spread_path=spread_path, chunk_size=8
+    )
+    coords, spread = np.load(coords_path), np.load(spread_path)
+    assert coords.dtype == spread.dtype == np.float32 and coords.shape == (30, 214, 3) and spread.shape == (30, 214)
+    chunks = list(posterior_structures(model, posterior, samples=4, seed=2, batch_size=8))
+    np.testing.assert_array_equal(coords, np.concatenate([c.coords_A for c in chunks]))
+    np.testing.assert_array_equal(spread, np.concatenate([c.spread_A for c in chunks]))
+    np.testing.assert_allclose(mean_spread, spread.mean(axis=1), rtol=1e-6)
+    assert mean_spread.min() > 0
+    np.testing.assert_array_equal(mean_spreads_A(model, posterior, samples=4, seed=2, chunk_size=8), mean_spread)
+    # a subset's mmCIF holds the same posterior means as its rows of the full export (draws keyed by particle)
+    chosen = export_structures_cif(model, posterior, [21, 3], nominal, tmp_path / "c.cif", samples=4, seed=2)
+    np.testing.assert_allclose(read_structure(chosen).coords_A, coords[[21, 3]], rtol=0, atol=2e-3)
+
+
+def test_posterior_export_memory_does_not_grow_with_the_particles(model: CryoSphere, tmp_path: Path) -> None:
+    """Samples are accumulated per chunk: the numpy peak is one chunk's, whether 1,000 or 8,000 particles."""
+    peaks = []
+    for n in (1000, 8000):
+        tracemalloc.start()
+        try:
+            spread_path = tmp_path / f"s{n}.npy"
+            export_per_particle(model, _posterior(n), tmp_path / f"c{n}.npy", samples=2, spread_path=spread_path,
+                                chunk_size=500)  # fmt: skip
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 1.2 * peaks[0], [p / 1e6 for p in peaks]  # the output alone grows by 18 MB (8000 x 214 x 3 x 4)
+
+
+def test_uncertainty_table_is_keyed_by_name_with_ranks(tmp_path: Path) -> None:
+    spread = np.array([0.5, 0.1, 0.9, 0.1], np.float32)
+    path = write_uncertainty_table(spread, ["p1", "p2", "p3", "p4"], tmp_path / export.UNCERTAINTY_CSV_NAME)
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["particle", "mean_spread_A", "rank"]
+    assert table["particle"].tolist() == ["p1", "p2", "p3", "p4"]
+    np.testing.assert_array_equal(table["mean_spread_A"].to_numpy(np.float32), spread)  # round-trips float32
+    assert table["rank"].tolist() == [3, 1, 4, 2]  # 1 = smallest spread; ties in particle order
 
 
 # ------------------------------------------------------------ selections

@@ -5,7 +5,8 @@ Output layout under OUT (default RUN/analysis):
   traversals/   traversal_pcK.pdb (multi-model, B-factor = segment) + traversal_pcK.cxc; volumes/ with --volumes
   segments/     segmentation.png, nominal_segments.pdb (B-factor = segment), segments.csv
   motions/      segment_motions.csv and .png (rotation angle and translation per particle and segment)
-  per_particle_coords.npy (--per-particle), per_particle_subset.cif (--per-particle-cif K ...)
+  per_particle_uncertainty.csv  each particle's spread over the posterior (mean over residues, A) and its rank
+  per_particle_coords.npy and per_particle_spread_A.npy (--per-particle), per_particle_subset.cif (--per-particle-cif)
   subsets/      STAR (and .cs for cryoSPARC input) of chosen clusters (--subset-clusters) or a PC box (--subset-region)
   report.html   one offline page with every figure, the segment table, the training curves and the configuration
 Every numeric output is deterministic: the same run and options give byte-identical files.
@@ -21,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from cryoflex.analysis import export, figures, latent, report, structures
-from cryoflex.analysis.predict import decode_latents, latent_means
+from cryoflex.analysis.predict import (
+    DEFAULT_POSTERIOR_SAMPLES,
+    LatentPosterior,
+    check_posterior_options,
+    decode_latents,
+    latent_posteriors,
+)
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 
@@ -39,6 +46,12 @@ _TRAINING_CAPTION = (
     "Loss terms against the training step: logged steps (line) and epoch means (dots); 1 - correlation is the "
     "image term, 0 for a perfect prediction"
 )
+_SPREAD_CAPTION = (
+    "How sure the model is of each particle's structure: the spread of the structures decoded from {samples} samples "
+    "of the particle's latent posterior (RMS distance from their mean, averaged over residues, A). A small spread "
+    "means an informative image; a large one, an image that says little, whose structure is close to a population "
+    "average. Per particle in per_particle_uncertainty.csv"
+)
 
 
 @dataclass
@@ -53,7 +66,8 @@ class AnalyzeOptions:
     per_particle_cif: list[int] = field(default_factory=list)  # 0-based particle positions
     subset_clusters: list[int] = field(default_factory=list)  # 1-based cluster numbers, as in the CSV
     subset_region: tuple[float, float, float, float] | None = None  # pc1 min, pc1 max, pc2 min, pc2 max
-    seed: int = 0
+    posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES  # per-particle structures: 0 = decode at the latent mean
+    seed: int = 0  # k-means, UMAP and the posterior samples
 
 
 def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
@@ -125,6 +139,43 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
     return shown
 
 
+def spread_summary(mean_spread_A: np.ndarray, samples: int) -> dict[str, int | float]:
+    """The report's row for the per-particle spreads: 10th percentile, median and 90th percentile in A."""
+    low, median, high = np.percentile(mean_spread_A, [10, 50, 90])
+    return {"particles": len(mean_spread_A), "posterior_samples": samples, "p10_A": float(low),
+            "median_A": float(median), "p90_A": float(high)}  # fmt: skip
+
+
+def _per_particle(
+    run: TrainedRun, posterior: LatentPosterior, options: AnalyzeOptions, out_dir: Path, files: list[Path]
+) -> np.ndarray | None:
+    """Per-particle structures (posterior means) and spreads, as the options ask; appends the files written and
+    returns each particle's mean spread in A (None without posterior samples: no spread to report)."""
+    samples, seed, model = options.posterior_samples, options.seed, run.model
+    with_spread = samples > 1
+    if options.per_particle_cif:
+        files.append(export.export_structures_cif(
+            model, posterior, options.per_particle_cif, run.structure, out_dir / "per_particle_subset.cif",
+            samples=samples, seed=seed,
+        ))  # fmt: skip
+    if options.per_particle:
+        logger.info("per-particle structures from %d posterior samples each", samples)
+        spread_path = out_dir / export.PER_PARTICLE_SPREAD_NAME if with_spread else None
+        coords_path = out_dir / export.PER_PARTICLE_NAME
+        mean_spread_A = export.export_per_particle(
+            model, posterior, coords_path, samples=samples, seed=seed, spread_path=spread_path, progress=True
+        )
+        files += [coords_path] + ([spread_path] if spread_path is not None else [])
+    elif with_spread:
+        logger.info("per-particle spreads from %d posterior samples each", samples)
+        mean_spread_A = export.mean_spreads_A(model, posterior, samples=samples, seed=seed, progress=True)
+    if not with_spread:
+        return None
+    names = run.dataset.metadata.names
+    files.append(export.write_uncertainty_table(mean_spread_A, names, out_dir / export.UNCERTAINTY_CSV_NAME))
+    return mean_spread_A
+
+
 def analyze_run(
     run: TrainedRun,
     out_dir: Path,
@@ -138,11 +189,13 @@ def analyze_run(
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
     check_subset_clusters(options.subset_clusters, options.n_clusters)  # before minutes of encoding
+    check_posterior_options(options.posterior_samples, options.seed)
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
     logger.info("encoding %d particles", len(run.dataset))
-    latents = latent_means(model, run.dataset)
+    posterior = latent_posteriors(model, run.dataset)
+    latents = posterior.mean
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
     files = latent.save_embedding(embedding, names, out_dir / "latent")
     latent_figures = latent.plot_embedding(embedding, out_dir / "latent")
@@ -169,12 +222,7 @@ def analyze_run(
     motion_files = structures.write_segment_motions(motions, names, out_dir / "motions")
     files += motion_files
 
-    if options.per_particle:
-        files.append(export.export_per_particle(model, latents, out_dir / export.PER_PARTICLE_NAME, progress=True))
-    if options.per_particle_cif:
-        files.append(export.export_structures_cif(
-            model, latents, options.per_particle_cif, structure, out_dir / "per_particle_subset.cif"
-        ))  # fmt: skip
+    mean_spread_A = _per_particle(run, posterior, options, out_dir, files)
     files += _subsets(run, embedding, options, out_dir / "subsets")
 
     particles = figures.particle_images_figure(run, out_dir / "particles.png")
@@ -187,6 +235,14 @@ def analyze_run(
             (structures.MOTIONS_CAPTION, p) for p in motion_files if p.suffix == ".png"
         ]),  # fmt: skip
     ]
+    uncertainty_tables: dict[str, list[dict]] = {}
+    if mean_spread_A is not None:
+        spread_figure = figures.spread_histogram_figure(mean_spread_A, out_dir / "per_particle_spread.png")
+        caption = _SPREAD_CAPTION.format(samples=options.posterior_samples)
+        sections.append(report.ReportSection("Per-particle uncertainty", [(caption, spread_figure)]))
+        uncertainty_tables["Per-particle uncertainty (spread over the posterior, mean over residues, A)"] = [
+            spread_summary(mean_spread_A, options.posterior_samples)
+        ]
     sections += extra_sections or []
     reconstruction_sections, reconstruction_tables = report.reconstruction_content(run.paths.reconstruct)
     sections += reconstruction_sections
@@ -199,6 +255,7 @@ def analyze_run(
             {"cluster": k + 1, "particles": int(np.sum(embedding.kmeans_labels == k))}
             for k in range(len(embedding.kmeans_centres))
         ],
+        **uncertainty_tables,
         **reconstruction_tables,
         **(extra_tables or {}),
     }

@@ -29,7 +29,12 @@ from scipy.stats import pearsonr, spearmanr
 from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
 from cryoflex.analysis.latent import new_figure, save_figure
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rmsd_A
-from cryoflex.analysis.predict import decode_latents, latent_means
+from cryoflex.analysis.predict import (
+    DEFAULT_POSTERIOR_SAMPLES,
+    check_posterior_options,
+    latent_posteriors,
+    posterior_structures,
+)
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import gaussian_volume
@@ -218,20 +223,30 @@ class _Decoded:
     direct_rmsd_A: np.ndarray  # (n,)
     superposed_rmsd_A: np.ndarray  # (n,)
     distances_A: np.ndarray  # (n_group_pairs, n)
+    mean_spread_A: np.ndarray  # (n,) spread over the posterior, mean over residues
     kept: dict[int, np.ndarray]  # image -> (n_residues, 3), for the sampled images only
 
 
 def _decode_and_score(
-    run: TrainedRun, true_A: Any, groups: list[tuple[np.ndarray, np.ndarray]], keep: np.ndarray, batch_size: int
+    run: TrainedRun,
+    true_A: Any,
+    groups: list[tuple[np.ndarray, np.ndarray]],
+    keep: np.ndarray,
+    batch_size: int,
+    samples: int,
+    seed: int,
 ) -> _Decoded:
-    """Decode every image's mean latent chunk by chunk (memory of one chunk), scoring it against true_A(start, stop)."""
-    latents = latent_means(run.model, run.dataset, batch_size=batch_size)
-    n = len(latents)
-    decoded = _Decoded(np.empty(n), np.empty(n), np.empty((len(groups), n)), {})
+    """Every image's posterior-mean structure chunk by chunk (memory of one chunk), scored against
+    true_A(start, stop)."""
+    posterior = latent_posteriors(run.model, run.dataset, batch_size=batch_size)
+    n = len(posterior.mean)
+    decoded = _Decoded(np.empty(n), np.empty(n), np.empty((len(groups), n)), np.empty(n), {})
     start = 0
-    for chunk in decode_latents(run.model, latents, batch_size=batch_size):
-        stop = start + len(chunk)
-        chunk = chunk.astype(np.float64)
+    for posterior_chunk in posterior_structures(run.model, posterior, samples=samples, seed=seed,
+                                                batch_size=batch_size):  # fmt: skip
+        stop = start + len(posterior_chunk.coords_A)
+        decoded.mean_spread_A[start:stop] = posterior_chunk.spread_A.mean(axis=1)
+        chunk = posterior_chunk.coords_A.astype(np.float64)
         truth_chunk = true_A(start, stop)
         decoded.direct_rmsd_A[start:stop] = rmsd_A(chunk, truth_chunk)
         decoded.superposed_rmsd_A[start:stop] = superposed_rmsd_A(chunk, truth_chunk)
@@ -259,7 +274,7 @@ def _rmsd_section(
     best_direct, best_superposed = _to_each(conformations_A[best], conformations_A)
     section = {
         "prediction": {"direct": _stats(decoded.direct_rmsd_A), "superposed": _stats(decoded.superposed_rmsd_A),
-                       "description": "decoded structure of each image's mean latent vs its true conformation"},
+                       "description": "posterior-mean structure of each image vs its true conformation"},
         "nominal_baseline": {"direct": _stats(nominal_direct[true_index]),
                              "superposed": _stats(nominal_superposed[true_index]),
                              "description": "the run's nominal structure for every image"},
@@ -309,6 +324,20 @@ def _clash_section(
     }  # fmt: skip
 
 
+def _uncertainty_section(decoded: _Decoded, samples: int) -> dict[str, Any]:
+    """How spread the posterior-mean structures are, and whether the spread ranks their true errors."""
+    spread = decoded.mean_spread_A
+    _, spearman = _correlations(spread, decoded.direct_rmsd_A)
+    low, median, high = np.percentile(spread, [10, 50, 90])
+    return {
+        "posterior_samples": samples, "spearman_spread_vs_rmsd": _finite(spearman),
+        "spread_A": {"p10": _finite(float(low)), "median": _finite(float(median)), "p90": _finite(float(high))},
+        "description": "spread = RMS distance of the structures decoded from the posterior samples from their mean, "
+                       "averaged over residues; Spearman correlation of each image's spread with the direct RMSD of "
+                       "its posterior-mean structure to the truth (null without samples: no spread)",
+    }  # fmt: skip
+
+
 def _frame_rmsd_A(nominal_A: np.ndarray, truth: Truth) -> float | None:
     """Direct RMSD of the run's nominal structure to the truth's nominal conformation: ~0 when the frames agree."""
     if truth.nominal_frame is None or not 0 <= truth.nominal_frame < len(truth.conformations_A):
@@ -334,11 +363,15 @@ def evaluate(
     voxel_size_A: float | None = None,
     out_dir: Path | None = None,
     batch_size: int = 256,
+    posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES,
 ) -> dict[str, Any]:
     """Evaluate `run` against truth.npz; writes OUT/eval.json and PNG plots (OUT default RUN/eval), returns the dict.
 
-    FSC uses a seeded sample of fsc_samples images, clash counts one of clash_samples images (all when fewer).
+    Structures are the means of posterior_samples decoded samples of q(z | image) drawn with `seed` (0: decoded at
+    the mean). FSC uses a seeded sample of fsc_samples images, clash counts one of clash_samples images (all when
+    fewer).
     """
+    check_posterior_options(posterior_samples, seed)
     if fsc_samples < 1 or clash_samples < 1:
         raise CryoflexInputError(
             None,
@@ -371,7 +404,7 @@ def evaluate(
 
     logger.info("decoding %d images", n)
     decoded = _decode_and_score(run, lambda start, stop: conformations[true_index[start:stop]], groups,
-                                np.union1d(fsc_pick, clash_pick), batch_size)  # fmt: skip
+                                np.union1d(fsc_pick, clash_pick), batch_size, posterior_samples, seed)  # fmt: skip
     rmsd, rmsd_per_image = _rmsd_section(decoded, nominal, conformations, true_index)
     distances, true_distances = _distance_section(distance_groups, groups, decoded, conformations, true_index)
     grid = _volume_grid(run, voxel_size_A)
@@ -386,7 +419,8 @@ def evaluate(
     result = {
         "run": str(run.run_dir), "epoch": run.epoch, "truth": str(truth.path), "n_images": n, "seed": seed,
         "nominal_vs_truth_nominal_rmsd_A": _frame_rmsd_A(nominal, truth), "rmsd_A": rmsd, "distances": distances,
-        "fsc": fsc, "clashes": clashes, "plots": plots,
+        "fsc": fsc, "clashes": clashes, "uncertainty": _uncertainty_section(decoded, posterior_samples),
+        "plots": plots,
     }  # fmt: skip
     write_text_atomic(out / EVAL_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result

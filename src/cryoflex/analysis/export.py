@@ -1,23 +1,26 @@
-"""Exports for `cryoflex analyze`: every particle's structure, and particle subsets for re-refinement.
+"""Exports for `cryoflex analyze`: every particle's structure and its uncertainty, and particle subsets.
 
-Per-particle structures are streamed chunk by chunk into a .npy on disk, so a run of any size needs only one
-chunk of memory. Subsets keep every original column of the input (RELION STAR columns via write_relion_star;
-cryoSPARC rows copied verbatim from the input .cs), so RELION or cryoSPARC can pick the particles up directly.
+Per-particle structures (posterior means) and their spreads are streamed chunk by chunk into .npy files on disk, so
+a run of any size needs only one chunk of memory. Subsets keep every original column of the input (RELION STAR
+columns via write_relion_star; cryoSPARC rows copied verbatim from the input .cs), so RELION or cryoSPARC can pick
+the particles up directly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
-from cryoflex.analysis.predict import decode_latents
+from cryoflex.analysis.latent import CSV_FLOAT_FORMAT
+from cryoflex.analysis.predict import DEFAULT_POSTERIOR_SAMPLES, LatentPosterior, posterior_structures
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.atomic import atomic_path, reserve_space
+from cryoflex.io.atomic import atomic_path, reserve_space, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, write_cryosparc_subset, write_relion_star
 from cryoflex.io.structure import Structure, write_structure
 from cryoflex.model.cryosphere import CryoSphere
@@ -26,52 +29,112 @@ from cryoflex.progress import Progress
 logger = logging.getLogger(__name__)
 
 PER_PARTICLE_NAME = "per_particle_coords.npy"
+PER_PARTICLE_SPREAD_NAME = "per_particle_spread_A.npy"
+UNCERTAINTY_CSV_NAME = "per_particle_uncertainty.csv"
 
 
-def _checked_latents(latents: np.ndarray) -> np.ndarray:
-    array = np.asarray(latents)
-    if array.ndim != 2 or array.shape[0] == 0:
-        raise ValueError(f"latents must have shape (n_particles, latent_dim) with n_particles >= 1, got {array.shape}")
-    return array
+def _checked_posterior(posterior: LatentPosterior) -> LatentPosterior:
+    shape = np.shape(posterior.mean)
+    if len(shape) != 2 or shape[0] == 0:
+        raise ValueError(f"latents must have shape (n_particles, latent_dim) with n_particles >= 1, got {shape}")
+    if np.shape(posterior.std) != shape:
+        raise ValueError(f"latent stds must have the shape of the means {shape}, got {np.shape(posterior.std)}")
+    return posterior
 
 
 def export_per_particle(
-    model: CryoSphere, latents: np.ndarray, out_path: str | Path, *, chunk_size: int = 1024, progress: bool = False
-) -> Path:
-    """Write every particle's structure, float32 (n_particles, n_residues, 3) in A, model frame, input order.
+    model: CryoSphere,
+    posterior: LatentPosterior,
+    out_path: str | Path,
+    *,
+    samples: int = DEFAULT_POSTERIOR_SAMPLES,
+    seed: int = 0,
+    spread_path: str | Path | None = None,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> np.ndarray:
+    """Write every particle's posterior-mean structure, float32 (n_particles, n_residues, 3) in A, model frame, input
+    order, and (with spread_path) its per-residue spread, float32 (n_particles, n_residues) in A; returns the mean
+    spread over residues of each particle, float32 (n_particles,).
 
-    Decoded chunk by chunk into a memory-mapped .npy under a temporary name, renamed to `out_path` when complete,
-    so memory stays at one chunk and a killed run leaves no partial file under the final name.
+    Decoded chunk by chunk into memory-mapped .npy files under temporary names, renamed when complete, so memory
+    stays at one chunk and a killed run leaves no partial file under a final name.
     """
-    latents = _checked_latents(latents)
-    out_path = Path(out_path)
-    shape = (latents.shape[0], int(model.nominal_coords_A.shape[0]), 3)
-    chunks = decode_latents(model, latents, batch_size=chunk_size)
-    with atomic_path(out_path) as tmp:
-        coords = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        reserve_space(tmp)
+    posterior = _checked_posterior(posterior)
+    n_particles, n_residues = posterior.mean.shape[0], int(model.nominal_coords_A.shape[0])
+    chunks = posterior_structures(model, posterior, samples=samples, seed=seed, batch_size=chunk_size)
+    mean_spread_A = np.empty(n_particles, np.float32)
+    with ExitStack() as stack:
+        coords_tmp = stack.enter_context(atomic_path(Path(out_path)))
+        coords = open_memmap(coords_tmp, mode="w+", dtype=np.float32, shape=(n_particles, n_residues, 3))
+        reserve_space(coords_tmp)
+        spread = None
+        if spread_path is not None:
+            spread_tmp = stack.enter_context(atomic_path(Path(spread_path)))
+            spread = open_memmap(spread_tmp, mode="w+", dtype=np.float32, shape=(n_particles, n_residues))
+            reserve_space(spread_tmp)
         start = 0
-        with Progress(shape[0], "per-particle structures", unit="particle", enabled=progress) as bar:
+        with Progress(n_particles, "per-particle structures", unit="particle", enabled=progress) as bar:
             for chunk in chunks:
-                coords[start : start + len(chunk)] = chunk
-                start += len(chunk)
-                bar.update(len(chunk))
+                stop = start + len(chunk.coords_A)
+                coords[start:stop] = chunk.coords_A
+                if spread is not None:
+                    spread[start:stop] = chunk.spread_A
+                mean_spread_A[start:stop] = chunk.spread_A.mean(axis=1)
+                start = stop
+                bar.update(len(chunk.coords_A))
         coords.flush()
         del coords  # unmap before the rename
+        if spread is not None:
+            spread.flush()
+            del spread
+    return mean_spread_A
+
+
+def mean_spreads_A(
+    model: CryoSphere, posterior: LatentPosterior, *, samples: int = DEFAULT_POSTERIOR_SAMPLES, seed: int = 0,
+    chunk_size: int = 1024, progress: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """Each particle's spread over the posterior, mean over residues in A, float32 (n_particles,); nothing written."""
+    posterior = _checked_posterior(posterior)
+    chunks = posterior_structures(model, posterior, samples=samples, seed=seed, batch_size=chunk_size)
+    out = []
+    with Progress(len(posterior.mean), "posterior spreads", unit="particle", enabled=progress) as bar:
+        for chunk in chunks:
+            out.append(chunk.spread_A.mean(axis=1))
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
+
+
+def write_uncertainty_table(mean_spread_A: np.ndarray, names: Sequence[str] | np.ndarray, out_path: str | Path) -> Path:
+    """CSV keyed by particle name: mean spread over residues (A) and its rank (1 = smallest spread, most certain;
+    ties in particle order)."""
+    spread = np.asarray(mean_spread_A)
+    rank = np.empty(len(spread), np.int64)
+    rank[np.argsort(spread, kind="stable")] = np.arange(1, len(spread) + 1)
+    table = pd.DataFrame({"particle": np.asarray(names, dtype=str), "mean_spread_A": spread, "rank": rank})
+    out_path = Path(out_path)
+    write_text_atomic(out_path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     return out_path
 
 
 def export_structures_cif(
     model: CryoSphere,
-    latents: np.ndarray,
+    posterior: LatentPosterior,
     indices: Sequence[int] | np.ndarray,
     nominal: Structure,
     out_path: str | Path,
+    *,
+    samples: int = DEFAULT_POSTERIOR_SAMPLES,
+    seed: int = 0,
 ) -> Path:
-    """Write the structures of the particles at `indices` as one multi-model mmCIF (model k = indices[k])."""
-    latents = _checked_latents(latents)
-    index = _checked_indices(indices, latents.shape[0])
-    coords_A = np.concatenate(list(decode_latents(model, latents[index])))
+    """Write the posterior-mean structures of the particles at `indices` as one multi-model mmCIF (model k =
+    indices[k]), the same as their rows of export_per_particle with the same samples and seed."""
+    posterior = _checked_posterior(posterior)
+    index = _checked_indices(indices, posterior.mean.shape[0])
+    chosen = LatentPosterior(posterior.mean[index], posterior.std[index])
+    chunks = posterior_structures(model, chosen, samples=samples, seed=seed, positions=index)
+    coords_A = np.concatenate([chunk.coords_A for chunk in chunks])
     write_structure(out_path, nominal.with_coords(coords_A))
     return Path(out_path)
 
@@ -159,10 +222,14 @@ def write_subset(metadata: ParticleMetadata, indices: Sequence[int] | np.ndarray
 
 __all__ = [
     "PER_PARTICLE_NAME",
+    "PER_PARTICLE_SPREAD_NAME",
+    "UNCERTAINTY_CSV_NAME",
     "export_per_particle",
     "export_structures_cif",
+    "mean_spreads_A",
     "select_by_clusters",
     "select_by_names",
     "select_by_region",
     "write_subset",
+    "write_uncertainty_table",
 ]

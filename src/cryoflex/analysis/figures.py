@@ -1,4 +1,5 @@
-"""Figures for the report: particle images beside the model's predictions, and C-alpha traces coloured by segment."""
+"""Figures for the report: particle images beside the model's predictions, C-alpha traces coloured by segment, and
+the distribution of per-particle uncertainty."""
 
 from __future__ import annotations
 
@@ -82,4 +83,17 @@ def traversal_figure(
         axes.set_xlabel(f"{x_name} (A)")
         axes.set_ylabel(f"{y_name} (A)")
     figure.suptitle(f"PC{component} traversal: 5th percentile of PC{component} (faint) and 95th percentile (solid)")
+    return save_figure(figure, path)
+
+
+def spread_histogram_figure(mean_spread_A: np.ndarray, path: Path) -> Path:
+    """Histogram of the particles' spread over the posterior (mean over residues, A), median marked."""
+    figure = new_figure(6.0, 4.0)
+    axes = figure.add_subplot()
+    axes.hist(mean_spread_A, bins=min(50, max(10, len(mean_spread_A) // 20)), color="tab:blue")
+    median_A = float(np.median(mean_spread_A))
+    axes.axvline(median_A, color="black", ls="--", lw=1, label=f"median {median_A:.2f} A")
+    axes.set_xlabel("spread of the particle's structure over the posterior (A, mean over residues)")
+    axes.set_ylabel("particles")
+    axes.legend()
     return save_figure(figure, path)

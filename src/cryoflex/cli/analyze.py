@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the particles of these k-means clusters (1-based, as in the CSV)")
     parser.add_argument("--subset-region", type=float, nargs=4, metavar=("PC1_MIN", "PC1_MAX", "PC2_MIN", "PC2_MAX"),
                         help="write the particles inside this box of the PC1/PC2 plane")
+    parser.add_argument("--posterior-samples", type=int, default=16, metavar="K",
+                        help="per-particle structures: mean of K structures decoded from q(z | image), with their "
+                             "spread (drawn with --seed; default 16; 0: decode at the latent mean, no spread)")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,
         volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,
         per_particle_cif=args.per_particle_cif, subset_clusters=args.subset_clusters,
-        subset_region=None if args.subset_region is None else tuple(args.subset_region), seed=args.seed,
+        subset_region=None if args.subset_region is None else tuple(args.subset_region),
+        posterior_samples=args.posterior_samples, seed=args.seed,
     )  # fmt: skip
     report = analyze_run(trained, args.out or trained.paths.analysis, options)
     print(f"analysis of {args.run_dir} (epoch {trained.epoch}): {report}")

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--voxel-size-A", type=float, help="voxel of the FSC volumes (default: the run's pixel size, at most 1.5 A)"
     )
+    parser.add_argument("--posterior-samples", type=int, default=16, metavar="K",
+                        help="score the mean of K structures decoded from q(z | image), and rank errors by their "
+                             "spread (drawn with --seed; default 16; 0: decode at the latent mean)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
@@ -61,6 +64,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     for key, label in (("prediction", "prediction"), ("nominal", "nominal")):
         lines.append(f"FSC {label:10s} median resolution (A): {_number(fsc[key]['median_resolution_A_at_0.5'])} "
                      f"at 0.5, {_number(fsc[key]['median_resolution_A_at_0.143'])} at 0.143")  # fmt: skip
+    uncertainty = result["uncertainty"]
+    lines.append(f"uncertainty ranks errors: Spearman r = {_number(uncertainty['spearman_spread_vs_rmsd'], 3)} "
+                 f"({uncertainty['posterior_samples']} posterior samples)")  # fmt: skip
     clashes = result["clashes"]
     lines.append(f"clashes per structure: prediction {clashes['prediction_mean']:.2f}, "
                  f"truth {clashes['truth_mean']:.2f}, nominal {clashes['nominal']}")  # fmt: skip
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else trained.paths.eval
     result = evaluate(
         trained, args.truth, distance_groups=[tuple(pair) for pair in args.distance], fsc_samples=args.fsc_samples,
-        seed=args.seed, voxel_size_A=args.voxel_size_A, out_dir=out,
+        seed=args.seed, voxel_size_A=args.voxel_size_A, out_dir=out, posterior_samples=args.posterior_samples,
     )  # fmt: skip
     print(f"epoch {result['epoch']}, {result['n_images']} images")
     print("\n".join(summary_lines(result)))

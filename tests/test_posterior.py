@@ -1,0 +1,135 @@
+"""Posterior-mean structures and their spread: checked against decoding each sample on its own, in numpy."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryoflex.analysis.predict import (
+    DEFAULT_POSTERIOR_SAMPLES,
+    LatentPosterior,
+    decode_latents,
+    posterior_noise,
+    posterior_structures,
+)
+from cryoflex.cli import analyze as analyze_cli
+from cryoflex.cli import eval as eval_cli
+from cryoflex.config import load_config
+from cryoflex.errors import CryoflexInputError
+from cryoflex.io.structure import read_structure
+from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.train.setup import build_model
+
+
+@pytest.fixture(scope="module")
+def model(data_dir: Path) -> CryoSphere:
+    """A tiny untrained model whose decoder output is randomised, so that each latent gives its own structure."""
+    torch.manual_seed(0)
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+    built = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0)
+    torch.nn.init.normal_(built.decoder.net[-1].weight, std=0.3)
+    return built.eval()
+
+
+def _posterior(n: int, seed: int = 1) -> LatentPosterior:
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(n, 2)).astype(np.float32)
+    return LatentPosterior(mean, rng.uniform(0.2, 0.6, size=(n, 2)).astype(np.float32))
+
+
+def _run(model: CryoSphere, posterior: LatentPosterior, **options) -> tuple[np.ndarray, np.ndarray]:
+    chunks = list(posterior_structures(model, posterior, **options))
+    return np.concatenate([c.coords_A for c in chunks]), np.concatenate([c.spread_A for c in chunks])
+
+
+def _decode_one(model: CryoSphere, latent: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        coords_A, _ = model.decode(latent[None], sample_segmentation=False)
+    return coords_A[0].numpy().astype(np.float64)
+
+
+def test_posterior_mean_and_spread_match_samples_decoded_one_by_one(model: CryoSphere) -> None:
+    posterior = _posterior(7)
+    coords, spread = _run(model, posterior, samples=5, seed=3, batch_size=3)
+    assert coords.dtype == spread.dtype == np.float32 and coords.shape == (7, 214, 3) and spread.shape == (7, 214)
+    for p in range(7):
+        block = np.random.default_rng([3, p // 1024]).standard_normal((1024, 5, 2), dtype=np.float32)
+        noise = torch.as_tensor(block[p % 1024])
+        latents = torch.as_tensor(posterior.mean[p]) + torch.as_tensor(posterior.std[p]) * noise
+        samples = np.stack([_decode_one(model, latent) for latent in latents])  # (5, 214, 3)
+        mean = samples.mean(axis=0)
+        rms_distance = np.sqrt(np.mean(np.sum((samples - mean) ** 2, axis=-1), axis=0))
+        np.testing.assert_allclose(coords[p], mean, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(spread[p], rms_distance, rtol=1e-4, atol=1e-5)
+    assert spread.mean() > 0.05  # the samples really differ
+
+
+@pytest.mark.parametrize("samples", [0, 1])
+def test_no_samples_decode_at_the_latent_mean_with_zero_spread(model: CryoSphere, samples: int) -> None:
+    posterior = _posterior(10)
+    coords, spread = _run(model, posterior, samples=samples, seed=5, batch_size=4)
+    np.testing.assert_array_equal(coords, np.concatenate(list(decode_latents(model, posterior.mean, batch_size=4))))
+    np.testing.assert_array_equal(spread, np.zeros((10, 214), np.float32))
+
+
+def test_an_encoder_of_no_width_gives_no_spread(model: CryoSphere) -> None:
+    images = torch.as_tensor(np.random.default_rng(0).normal(size=(6, 32, 32)), dtype=torch.float32)
+    spreads = {}
+    for raw_std in (-60.0, 1.0):  # std = softplus(raw) + 1e-4: the floor 1e-4, or about 1.3
+        sure = copy.deepcopy(model)
+        output = sure.encoder.net[-1]
+        with torch.no_grad():
+            output.weight[2:] = 0.0
+            output.bias[2:] = raw_std
+            mean, std = sure.encoder(images)
+        posterior = LatentPosterior(mean.numpy(), std.numpy())
+        coords, spreads[raw_std] = _run(sure, posterior, samples=8, seed=0)
+        if raw_std < 0:
+            at_mean = np.concatenate(list(decode_latents(sure, posterior.mean)))
+            np.testing.assert_allclose(coords, at_mean, rtol=0, atol=0.01)
+    assert spreads[1.0].mean() > 0.1  # the same model with a wide posterior does spread
+    assert spreads[-60.0].max() < min(0.01, 1e-2 * spreads[1.0].mean())  # ~1e-4 of the latent's scale
+
+
+def test_draws_are_deterministic_per_seed_and_per_particle(model: CryoSphere) -> None:
+    posterior = _posterior(9)
+    coords, spread = _run(model, posterior, samples=4, seed=7, batch_size=4)
+    again, again_spread = _run(model, posterior, samples=4, seed=7, batch_size=4)
+    np.testing.assert_array_equal(coords, again)
+    np.testing.assert_array_equal(spread, again_spread)
+    other_chunks, _ = _run(model, posterior, samples=4, seed=7, batch_size=9)
+    np.testing.assert_allclose(other_chunks, coords, rtol=0, atol=1e-5)  # the chunk size does not change the draws
+    chosen = np.array([8, 2])
+    subset = LatentPosterior(posterior.mean[chosen], posterior.std[chosen])
+    alone, _ = _run(model, subset, samples=4, seed=7, positions=chosen)
+    np.testing.assert_allclose(alone, coords[chosen], rtol=0, atol=1e-5)  # a particle's draws do not depend on others
+    other_seed, _ = _run(model, posterior, samples=4, seed=8, batch_size=4)
+    assert np.abs(other_seed - coords).max() > 1e-3
+
+
+def test_each_particle_has_its_own_draws_across_noise_blocks() -> None:
+    every = posterior_noise(4, np.arange(2100), 3, 2)  # three blocks of 1024 particles
+    chosen = np.array([2099, 3, 1024, 1023])
+    np.testing.assert_array_equal(posterior_noise(4, chosen, 3, 2), every[chosen])
+    assert len(np.unique(every.reshape(2100, -1), axis=0)) == 2100  # no two particles share their draws
+    assert np.abs(posterior_noise(5, chosen, 3, 2) - every[chosen]).min() > 0  # another seed, other draws
+
+
+def test_negative_samples_or_seed_are_refused(model: CryoSphere) -> None:
+    with pytest.raises(CryoflexInputError, match=r"\[--posterior-samples\]"):
+        next(posterior_structures(model, _posterior(2), samples=-1))
+    with pytest.raises(CryoflexInputError, match=r"\[--seed\]"):
+        next(posterior_structures(model, _posterior(2), samples=2, seed=-1))
+
+
+def test_analyze_and_eval_flags_default_to_the_same_number_of_samples() -> None:
+    for module in (analyze_cli, eval_cli):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert parser.get_default("posterior_samples") == DEFAULT_POSTERIOR_SAMPLES
