@@ -1,7 +1,7 @@
 """Evaluate a trained run against the ground truth of a simulation: RMSD, distances, FSC, clashes.
 
 Needs the truth.npz that `cryoflex simulate` wrote for the particles the run was trained on (particles are
-matched by name). Per image: C-alpha RMSD of the decoded structure to the true conformation (direct, and after
+matched by name). Per image: C-alpha RMSD of the posterior-mean structure to the true conformation (direct, and after
 superposition) against two baselines (the nominal structure for every image; the best single truth
 conformation); per --distance pair of residue groups, the correlation of predicted and true centroid distances;
 FSC of predicted and true volumes for a seeded sample of images (resolution at 0.5 and 0.143); clashes (C-alpha
