@@ -51,7 +51,7 @@ def run_checkpoint(run_dir: Path, *, epoch: int | None = None, checkpoint: str |
     """The checkpoint to analyse: of `epoch`, or `checkpoint` "best" (best.pt), else the last one.
 
     The last is the default: on the AdK benchmark at SNR 0.01 the lowest validation loss came at epoch 3 of 20, whose
-    structures were worse (median RMSD 1.77 vs 1.44 A): that loss is too flat a guide to pick a model by default.
+    structures were worse (median RMSD 1.77 vs 1.59 A): that loss is too flat a guide to pick a model by default.
     """
     run = RunDir(run_dir)
     if epoch is not None:
