@@ -126,13 +126,14 @@ def test_early_stopping_stops_and_a_resume_says_so(
     assert not result.stopped_early and result.epochs_done == 6
 
 
-def test_load_run_takes_the_best_checkpoint_unless_told_otherwise(
+def test_load_run_takes_the_last_checkpoint_unless_told_otherwise(
     tiny_adk_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _scripted_validation(monkeypatch, [0.5, 0.3, 0.4])
     run = tmp_path / "run"
     train(_config(tiny_adk_dataset, epochs=3), run)
-    assert load_run(run, device="cpu").epoch == 2
+    assert load_run(run, device="cpu").epoch == 3
+    assert load_run(run, checkpoint="best", device="cpu").epoch == 2
     assert load_run(run, checkpoint="last", device="cpu").epoch == 3
     assert load_run(run, epoch=1, device="cpu").epoch == 1
     plain = tmp_path / "plain"
