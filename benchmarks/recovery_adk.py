@@ -27,10 +27,11 @@ from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import domain_f1, recovery_summary, rmsd_A
 from cryoflex.analysis.predict import decode_latents, latent_posteriors, posterior_structures
-from cryoflex.analysis.run import load_run
+from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.config import load_config
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.trajectory import read_trajectory
+from cryoflex.run_dir import RunDir
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
 
@@ -65,6 +66,26 @@ def oracle_baselines(conformations_A: np.ndarray, conformation_index: np.ndarray
     }
 
 
+def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarray, seed: int) -> dict:
+    """Posterior-mean structures of every particle (and those decoded at the latent mean) against the truth."""
+    model, dataset = run.model, run.dataset
+    posterior = latent_posteriors(model, dataset)
+    chunks = list(posterior_structures(model, posterior, samples=POSTERIOR_SAMPLES, seed=seed))
+    predicted = np.concatenate([chunk.coords_A for chunk in chunks])
+    spread_A = np.concatenate([chunk.spread_A for chunk in chunks]).mean(axis=1)
+    at_mean = np.concatenate(list(decode_latents(model, posterior.mean)))
+    nominal_A = model.nominal_coords_A.cpu().numpy()
+    figures = recovery_summary(predicted, truth_A, nominal_A, lid, nmp)
+    at_mean_figures = recovery_summary(at_mean, truth_A, nominal_A, lid, nmp)
+    figures.update(
+        epoch=run.epoch, posterior_samples=POSTERIOR_SAMPLES,
+        at_latent_mean_median_rmsd_A=at_mean_figures["median_rmsd_A"],
+        at_latent_mean_distance_correlation=at_mean_figures["distance_correlation"],
+        spread_error_spearman=float(spearmanr(spread_A, rmsd_A(predicted, truth_A)).statistic),
+    )  # fmt: skip
+    return figures
+
+
 def run_recovery(
     out: Path,
     *,
@@ -97,34 +118,28 @@ def run_recovery(
     train(config, out / "run")
     train_s = time.perf_counter() - started
 
-    run = load_run(out / "run", device="cpu")  # as analysis sees it: the best checkpoint by validation loss
-    model, dataset = run.model, run.dataset
-    posterior = latent_posteriors(model, dataset)
-    chunks = list(posterior_structures(model, posterior, samples=POSTERIOR_SAMPLES, seed=seed))
-    predicted = np.concatenate([chunk.coords_A for chunk in chunks])
-    spread_A = np.concatenate([chunk.spread_A for chunk in chunks]).mean(axis=1)
-    at_mean = np.concatenate(list(decode_latents(model, posterior.mean)))
     truth = np.load(out / "data" / "truth.npz")
     truth_A = truth["conformations_A"][truth["conformation_index"]]
     numbers = ensemble.residue_numbers
     lid = (numbers >= LID[0]) & (numbers <= LID[1])
     nmp = (numbers >= NMP[0]) & (numbers <= NMP[1])
-    nominal_A = model.nominal_coords_A.cpu().numpy()
-    summary = recovery_summary(predicted, truth_A, nominal_A, lid, nmp)
-    at_mean_summary = recovery_summary(at_mean, truth_A, nominal_A, lid, nmp)
-    summary.update(
-        at_latent_mean_median_rmsd_A=at_mean_summary["median_rmsd_A"],
-        at_latent_mean_distance_correlation=at_mean_summary["distance_correlation"],
-        posterior_samples=POSTERIOR_SAMPLES,
-        spread_error_spearman=float(spearmanr(spread_A, rmsd_A(predicted, truth_A)).statistic),
-        **oracle_baselines(truth["conformations_A"], truth["conformation_index"]),
-    )  # fmt: skip
+    summary: dict = {}
+    has_best = RunDir(out / "run").best_checkpoint.is_file()
+    for checkpoint in ("best", "last") if has_best else ("last",):  # analysis loads the last by default: main figures
+        run = load_run(out / "run", checkpoint=checkpoint, device="cpu")
+        figures = _scores(run, truth_A, lid, nmp, seed)
+        if checkpoint == "best":
+            summary.update({f"best_checkpoint_{name}": value for name, value in figures.items()})
+        else:
+            summary.update(figures)
+    summary.update(oracle_baselines(truth["conformations_A"], truth["conformation_index"]))
+    model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
     summary.update(
         snr=snr, n_images=n_images, epochs=epochs, box_px=box_size_px, downsample=downsample,
         nmp_f1=domain_f1(segments, domain_labels(numbers), 1), lid_f1=domain_f1(segments, domain_labels(numbers), 2),
-        segment_labels="".join(str(s) for s in segments), simulate_s=simulate_s, train_s=train_s, epoch=run.epoch,
+        segment_labels="".join(str(s) for s in segments), simulate_s=simulate_s, train_s=train_s,
         train_images_per_s=n_images * epochs / train_s, threads=torch.get_num_threads(),
     )  # fmt: skip
     return summary
@@ -140,6 +155,8 @@ def print_table(rows: list[dict]) -> None:
             f"{row['ensemble_mean_median_rmsd_A']:>6.2f} {row['best_frame_median_rmsd_A']:>7.2f} "
             f"{row['distance_correlation']:>7.3f} {row['spread_error_spearman']:>11.3f} "
             f"{row['nmp_f1']:>7.3f} {row['lid_f1']:>7.3f} {row['train_s']:>8.0f}"
+            + (f"   best.pt: epoch {row['best_checkpoint_epoch']}, RMSD {row['best_checkpoint_median_rmsd_A']:.2f}, "
+               f"r {row['best_checkpoint_distance_correlation']:.3f}" if "best_checkpoint_epoch" in row else "")
         )
     print("(* oracles chosen with the truth: the mean structure and the best single frame for every image)")
 
