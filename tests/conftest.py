@@ -1,8 +1,13 @@
-"""Shared fixtures: the test data folder (see tests/data/SOURCES.md)."""
+"""Shared fixtures: the test data folder (see tests/data/SOURCES.md); a fixed CPU thread count for every test."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Training chooses its thread count by timing unless told (cryoflex.threads); results can differ in the last bits
+# between thread counts, so tests that compare runs bit for bit need one fixed count. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 DATA_DIR = Path(__file__).parent / "data"
 

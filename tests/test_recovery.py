@@ -36,7 +36,7 @@ def recovered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     star = simulate_dataset(ensemble, simulation, out / "data", progress=False)
     config = load_config(None, dict(
         particles=str(star), structure=str(out / "data" / "nominal.pdb"), epochs=8, segments=6, sigma_A=3.0,
-        progress=False, device="cpu", seed=0,
+        progress=False, device="cpu", seed=0, threads=2,
     ))  # fmt: skip
     model = train(config, out / "run").model
     dataset = prepare_inputs(config, out / "run", progress=False).dataset

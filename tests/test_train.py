@@ -280,3 +280,19 @@ def test_contrast_verdict_says_when_the_sign_is_not_significant() -> None:
     line, warn = contrast_verdict(-0.05 + 0.01 * generator.standard_normal(64), inverted=True)
     assert "the opposite sign fits better" in line and warn
     assert "not significant" in contrast_verdict(np.array([0.3]), inverted=False)[0]
+
+
+def test_automatic_threads_train_and_are_logged(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """threads 0 without OMP_NUM_THREADS: the tuner runs inside the loop and each epoch records the count it kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("cryoflex.threads.usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        train(_config(tiny_dataset, epochs=2, batch_size=4), tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counts = [record["threads"] for record in epochs if record["kind"] == "epoch"]
+    assert len(counts) == 2 and set(counts) <= {1, 2}

@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 networks on CUDA) | fp32 | bf16
     compile: bool = False  # torch.compile the deformation: faster steps for long runs, ~1 min to compile
+    threads: int = 0  # CPU threads: 0 = automatic (usable CPUs, the count that measures fastest while running)
     # logging
     log_images_every_epochs: int = 1
     progress: bool = True
@@ -95,6 +96,7 @@ class TrainConfig:
             ("precision", self.precision in ("auto", "fp32", "bf16"), "use auto, fp32 or bf16"),
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
+            ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),
             ("duplicate_images", self.duplicate_images in DUPLICATE_IMAGES,
              f"use one of {', '.join(DUPLICATE_IMAGES)}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"use one of {', '.join(LR_SCHEDULES)}"),

@@ -13,6 +13,11 @@ from cryoflex.errors import CryoflexError, CryoflexInputError
 
 # The --device help of every command that computes.
 DEVICE_HELP = "auto (default: the GPU when there is one), cpu, cuda or cuda:N"
+# The --threads help of every command that computes (cryoflex.threads).
+THREADS_HELP = (
+    "CPU threads: 0 (default) = automatic: the CPUs this process may use (affinity and cgroup quota), and while it "
+    "runs the count that measures fastest, so other jobs on the machine do not slow it down many times; N = exactly N"
+)
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP
+from cryoflex.cli import DEVICE_HELP, THREADS_HELP
 from cryoflex.config import DUPLICATE_IMAGES, LR_SCHEDULES, TrainConfig, load_config
 from cryoflex.errors import CryoflexInputError
 from cryoflex.run_dir import RunDir
@@ -33,7 +33,7 @@ from cryoflex.run_dir import RunDir
 logger = logging.getLogger(__name__)
 
 # flags that may change when a run is resumed (they do not change what is learned)
-_RESUMABLE = ("epochs", "device", "num_workers", "progress", "compile", "early_stopping_patience")
+_RESUMABLE = ("epochs", "device", "num_workers", "threads", "progress", "compile", "early_stopping_patience")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the deformation (faster steps for long runs; ~1 min to compile)")
     run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
+    run.add_argument("--threads", type=int, help=THREADS_HELP)
     run.add_argument("--seed", type=int, help="random seed (default 0)")
     run.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                      help="do not write the preprocessed image cache RUN/cache")
@@ -91,7 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "epochs", "batch_size",
         "learning_rate", "lr_schedule", "validation_fraction", "early_stopping_patience", "downsample",
-        "invert_contrast", "device", "precision", "compile", "num_workers", "seed", "cache", "progress",
+        "invert_contrast", "device", "precision", "compile", "num_workers", "threads", "seed", "cache", "progress",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from cryoflex.data.dataset import particle_loader
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import correlation_loss
 from cryoflex.run_dir import RunDir
+from cryoflex.threads import configure_threads
 from cryoflex.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -200,6 +202,10 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     checkpoint = find_checkpoint(run.root) if resume else None  # a missing checkpoint is reported before any work
     inputs = _prepare_inputs(config, run, context)
     device = context.device
+    # torchrun sets LOCAL_WORLD_SIZE: the processes that share this host's CPUs
+    threads = configure_threads(
+        config.threads, device, processes_per_host=int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    )
     dataset, structure = inputs.dataset, inputs.structure
     train_indices = np.flatnonzero(~inputs.validation)
     validation_indices = np.flatnonzero(inputs.validation)
@@ -284,7 +290,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         started = time.perf_counter()
         description = f"epoch {epoch + 1}/{config.epochs}"
         with EpochProgress(description, len(loader), enabled=config.progress and context.is_main) as progress:
-            for k, batch in enumerate(loader):
+            for k, batch in enumerate(loader if threads is None else threads.wrap(loader)):
                 batch = batch.to(device, non_blocking=True)
                 values, output = train_step(
                     engine, optimizer, losses, batch, epoch + k / len(loader),
@@ -306,6 +312,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         metrics["seconds"] = time.perf_counter() - started
         metrics["images_per_s"] = sum(map(len, batches)) / metrics["seconds"]
         metrics["learning_rate"] = optimizer.param_groups[0]["lr"]  # the networks' rate for the next step
+        metrics["threads"] = torch.get_num_threads()
         epochs_done = epoch + 1
         if context.is_main:
             assert logs is not None
@@ -324,8 +331,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                 "normalisation": dataclasses.asdict(dataset.normalisation),
             }, best=improved)  # fmt: skip
             logger.info(
-                "epoch %d/%d: %s%s, %.0f images/s", epoch + 1, config.epochs, format_terms(metrics),
-                format_validation(metrics, improved), metrics["images_per_s"],
+                "epoch %d/%d: %s%s, %.0f images/s (%d CPU threads)", epoch + 1, config.epochs, format_terms(metrics),
+                format_validation(metrics, improved), metrics["images_per_s"], metrics["threads"],
             )  # fmt: skip
         if _rank0_decides(record.exhausted(patience), context):
             if context.is_main:
