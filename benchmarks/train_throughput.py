@@ -1,11 +1,14 @@
 """Training throughput (images/s of a full step) and peak memory through the real training objects.
 
 Run: .venv/bin/python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 10] [--rows 214:64:32 ...]
-     [--quick] [--out benchmarks/results/train_cpu.json]
+     [--precision auto|fp32|bf16] [--compile] [--quick] [--work DIR] [--out benchmarks/results/train_cpu.json]
 A step is what one iteration of cryoflex.train.loop._train does: load a batch from the ParticleDataset (cached, memory
 mapped), forward, every loss term (correlation, both KLs, continuity, clash from the neighbour list, rebuilt every
 neighbour_list_every_steps steps), backward, Adam step, and the loop's read-back of the loss values. The set-up
 (simulation, cache build, model build) is not timed; the first WARMUP_STEPS steps are run but not timed.
+--precision and --compile set the run's config fields of the same names (bf16 autocast of the encoder and decoder;
+torch.compile of the deformation). With --work, simulated datasets already there are reused (a dataset's folder names
+its residues, box and image count), so that several runs with other settings share one simulation.
 
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. 214 residues = the AdK trajectory's first frame (tests/data); other sizes are
 synthetic compact C-alpha chains (self-avoiding 3.8 A random walks inside a sphere of protein density, one chain per
@@ -202,12 +205,15 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False) -> dict:
+def time_steps(
+    row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False,
+    precision: str = "auto",
+) -> dict:  # fmt: skip
     """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name, "compile": compile_,
+        "device": device_name, "compile": compile_, "precision": precision,
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -245,6 +251,7 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
         label=row.label,
         chains=len(set(structure.chain_ids.tolist())),
         pixel_size_A=dataset.pixel_size_A,
+        network_bf16=model.network_bf16,
         steps=steps,
         ms_per_step=1000.0 * sum(timed) / len(timed),
         median_ms_per_step=1000.0 * float(np.median(timed)),
@@ -266,7 +273,9 @@ def run_single_row(args: argparse.Namespace) -> None:
     """Child process: measure one row and print its figures as one JSON line."""
     baseline_MB = peak_rss_MB()
     with AnonymousPeak() as anonymous:
-        result = time_steps(args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile)
+        result = time_steps(
+            args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile, args.precision
+        )
     peak_MB = peak_rss_MB()
     result.update(
         baseline_rss_MB=baseline_MB, peak_rss_MB=peak_MB, rss_increase_MB=peak_MB - baseline_MB,
@@ -281,7 +290,7 @@ def run_single_row(args: argparse.Namespace) -> None:
 def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--single-row", row.label, "--data-dir", str(data_dir),
-        "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device,
+        "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
@@ -309,23 +318,27 @@ def print_row(row: dict) -> None:
     )
 
 
+def row_dataset(row: Row, n_images: int, work: Path, structures: dict[int, Structure]) -> Path:
+    """The row's simulated dataset under work: reused when a complete one (truth.npz is written last) is there."""
+    data_dir = work / f"data_{row.residues}_{row.box_px}_{n_images}"
+    if (data_dir / "truth.npz").exists():
+        return data_dir
+    if row.residues not in structures:
+        structures[row.residues] = row_structure(row.residues, work)
+    return simulate_particles(structures[row.residues], row.box_px, n_images, data_dir)
+
+
 def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = args.rows
     structures: dict[int, Structure] = {}
-    datasets: dict[tuple[int, int], Path] = {}
     results = []
     cuda = " cuda MB" if args.device.startswith("cuda") else ""
     print(f"residues  box batch segs   ms/step    img/s  peak MB  +RSS MB  anon MB   ref ms speed-up{cuda}")
     for row in rows:
-        if row.residues not in structures:
-            structures[row.residues] = row_structure(row.residues, work)
         key = (row.residues, row.box_px)
-        if key not in datasets:
-            n_images = max(r.batch for r in rows if (r.residues, r.box_px) == key) * (WARMUP_STEPS + args.steps)
-            datasets[key] = simulate_particles(
-                structures[row.residues], row.box_px, n_images, work / f"data_{row.residues}_{row.box_px}"
-            )
-        result = measure_in_subprocess(row, datasets[key], work / f"run_{row.label.replace(':', '_')}", args)
+        n_images = max(r.batch for r in rows if (r.residues, r.box_px) == key) * (WARMUP_STEPS + args.steps)
+        data_dir = row_dataset(row, n_images, work, structures)
+        result = measure_in_subprocess(row, data_dir, work / f"run_{row.label.replace(':', '_')}", args)
         result["reference_ms"] = REFERENCE_MS.get(row.label)
         result["reference_MB"] = REFERENCE_MB.get(row.label)
         results.append(result)
@@ -341,8 +354,12 @@ def main() -> None:
         "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: grid + reference rows)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the deformation (config compile)")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="config precision: bf16 autocast of the encoder and decoder (auto: bf16 on CUDA only)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
-    parser.add_argument("--work", type=Path, help="keep the simulated data and runs here (default: a temp dir)")
+    parser.add_argument("--work", type=Path, help="keep and reuse simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cpu.json"))
     parser.add_argument("--single-row", type=Row.parse, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -366,7 +383,7 @@ def main() -> None:
     result = dict(
         device=args.device, device_name=device_description(args.device), machine=platform.machine(),
         cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), steps=args.steps,
-        warmup_steps=WARMUP_STEPS, quick=args.quick, rows=rows,
+        warmup_steps=WARMUP_STEPS, quick=args.quick, precision=args.precision, compile=args.compile, rows=rows,
     )  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
