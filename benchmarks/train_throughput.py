@@ -14,8 +14,8 @@ The pixel size makes the box BOX_MARGIN x the structure's diameter. Particles: s
 (the structure and a copy with 1 A Gaussian noise) at SNR 0.1, one dataset per (structure, box).
 Each row runs in a fresh subprocess: peak RSS (ru_maxrss) and its increase over the RSS right after imports, plus the
 peak anonymous RSS (sampled; excludes file pages of memory-mapped stacks and caches); on CUDA also
-torch.cuda.max_memory_allocated. REFERENCE_MS gives the original cryoSPHERE's (PyPI cryosphere 0.6.1) time per step
-on this project's 2-core CPU for the rows it was measured at.
+torch.cuda.max_memory_allocated. compare_original.py runs the original cryoSPHERE (PyPI cryosphere 0.6.1) beside
+cryoflex on the same particles, for its time per step and peak memory.
 """
 
 from __future__ import annotations
@@ -62,12 +62,8 @@ STRUCTURE_SEED = 0
 AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
                "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")  # fmt: skip
 GRID_ROWS = tuple(f"{n}:{box}:{batch}" for n in (214, 2750, 13941) for box in (64, 128) for batch in (32, 128))
-REFERENCE_ROWS = ("345:64:32:20", "2750:64:32:20")
 QUICK_ROWS = ("214:32:4", "345:32:4:20", "4000:32:4")
 QUICK_STEPS = 2
-# Original cryoSPHERE (PyPI cryosphere 0.6.1) on this project's 2-core CPU: ms per step and peak memory (MB).
-REFERENCE_MS = {"345:64:32:20": 100.0, "2750:64:32:20": 5000.0}
-REFERENCE_MB = {"2750:64:32:20": 5000.0}
 RESULT_PREFIX = "RESULT "
 
 
@@ -298,13 +294,11 @@ def device_description(device_name: str) -> str:
 
 
 def print_row(row: dict) -> None:
-    reference_ms = row.get("reference_ms")
-    compared = f"{reference_ms:>8.0f} {reference_ms / row['ms_per_step']:>8.2f}" if reference_ms else f"{'':>17}"
     cuda = f" {row['cuda_peak_allocated_MB']:>9.0f}" if "cuda_peak_allocated_MB" in row else ""
     print(
         f"{row['residues']:>8} {row['box_px']:>4} {row['batch']:>5} {row['segments']:>4} {row['ms_per_step']:>9.1f} "
         f"{row['images_per_s']:>8.1f} {row['peak_rss_MB']:>8.0f} {row['rss_increase_MB']:>7.0f} "
-        f"{row['peak_anonymous_rss_MB']:>8.0f} {compared}{cuda}",
+        f"{row['peak_anonymous_rss_MB']:>8.0f}{cuda}",
         flush=True,
     )
 
@@ -315,7 +309,7 @@ def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
     datasets: dict[tuple[int, int], Path] = {}
     results = []
     cuda = " cuda MB" if args.device.startswith("cuda") else ""
-    print(f"residues  box batch segs   ms/step    img/s  peak MB  +RSS MB  anon MB   ref ms speed-up{cuda}")
+    print(f"residues  box batch segs   ms/step    img/s  peak MB  +RSS MB  anon MB{cuda}")
     for row in rows:
         if row.residues not in structures:
             structures[row.residues] = row_structure(row.residues, work)
@@ -326,8 +320,6 @@ def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
                 structures[row.residues], row.box_px, n_images, work / f"data_{row.residues}_{row.box_px}"
             )
         result = measure_in_subprocess(row, datasets[key], work / f"run_{row.label.replace(':', '_')}", args)
-        result["reference_ms"] = REFERENCE_MS.get(row.label)
-        result["reference_MB"] = REFERENCE_MB.get(row.label)
         results.append(result)
         print_row(result)
     return results
@@ -338,7 +330,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--quick", action="store_true", help=f"tiny rows {' '.join(QUICK_ROWS)}, {QUICK_STEPS} steps")
     parser.add_argument(
-        "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: grid + reference rows)"
+        "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: the grid)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the deformation (config compile)")
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
@@ -352,7 +344,7 @@ def main() -> None:
     if args.single_row is not None:
         run_single_row(args)
         return
-    args.rows = args.rows or [Row.parse(spec) for spec in (QUICK_ROWS if args.quick else GRID_ROWS + REFERENCE_ROWS)]
+    args.rows = args.rows or [Row.parse(spec) for spec in (QUICK_ROWS if args.quick else GRID_ROWS)]
     print(
         f"device {args.device} ({device_description(args.device)}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.steps} timed steps after {WARMUP_STEPS}"
