@@ -1,11 +1,14 @@
 """Training throughput (images/s of a full step) and peak memory through the real training objects.
 
 Run: .venv/bin/python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 10] [--rows 214:64:32 ...]
-     [--quick] [--out benchmarks/results/train_cpu.json]
+     [--precision auto|fp32|bf16] [--compile] [--quick] [--work DIR] [--out benchmarks/results/train_cpu.json]
 A step is what one iteration of cryoflex.train.loop._train does: load a batch from the ParticleDataset (cached, memory
 mapped), forward, every loss term (correlation, both KLs, continuity, clash from the neighbour list, rebuilt every
 neighbour_list_every_steps steps), backward, Adam step, and the loop's read-back of the loss values. The set-up
 (simulation, cache build, model build) is not timed; the first WARMUP_STEPS steps are run but not timed.
+--precision and --compile set the run's config fields of the same names (bf16 autocast of the encoder and decoder;
+torch.compile of the deformation). With --work, simulated datasets already there are reused (a dataset's folder names
+its residues, box and image count), so that several runs with other settings share one simulation.
 
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. 214 residues = the AdK trajectory's first frame (tests/data); other sizes are
 synthetic compact C-alpha chains (self-avoiding 3.8 A random walks inside a sphere of protein density, one chain per
@@ -14,8 +17,8 @@ The pixel size makes the box BOX_MARGIN x the structure's diameter. Particles: s
 (the structure and a copy with 1 A Gaussian noise) at SNR 0.1, one dataset per (structure, box).
 Each row runs in a fresh subprocess: peak RSS (ru_maxrss) and its increase over the RSS right after imports, plus the
 peak anonymous RSS (sampled; excludes file pages of memory-mapped stacks and caches); on CUDA also
-torch.cuda.max_memory_allocated. REFERENCE_MS gives the original cryoSPHERE's (PyPI cryosphere 0.6.1) time per step
-on this project's 2-core CPU for the rows it was measured at.
+torch.cuda.max_memory_allocated. compare_original.py runs the original cryoSPHERE (PyPI cryosphere 0.6.1) beside
+cryoflex on the same particles, for its time per step and peak memory.
 """
 
 from __future__ import annotations
@@ -62,12 +65,8 @@ STRUCTURE_SEED = 0
 AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
                "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")  # fmt: skip
 GRID_ROWS = tuple(f"{n}:{box}:{batch}" for n in (214, 2750, 13941) for box in (64, 128) for batch in (32, 128))
-REFERENCE_ROWS = ("345:64:32:20", "2750:64:32:20")
 QUICK_ROWS = ("214:32:4", "345:32:4:20", "4000:32:4")
 QUICK_STEPS = 2
-# Original cryoSPHERE (PyPI cryosphere 0.6.1) on this project's 2-core CPU: ms per step and peak memory (MB).
-REFERENCE_MS = {"345:64:32:20": 100.0, "2750:64:32:20": 5000.0}
-REFERENCE_MB = {"2750:64:32:20": 5000.0}
 RESULT_PREFIX = "RESULT "
 
 
@@ -202,12 +201,15 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False) -> dict:
+def time_steps(
+    row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False,
+    precision: str = "auto",
+) -> dict:  # fmt: skip
     """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name, "compile": compile_,
+        "device": device_name, "compile": compile_, "precision": precision,
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -245,6 +247,7 @@ def time_steps(row: Row, data_dir: Path, run_dir: Path, steps: int, device_name:
         label=row.label,
         chains=len(set(structure.chain_ids.tolist())),
         pixel_size_A=dataset.pixel_size_A,
+        network_bf16=model.network_bf16,
         steps=steps,
         ms_per_step=1000.0 * sum(timed) / len(timed),
         median_ms_per_step=1000.0 * float(np.median(timed)),
@@ -266,7 +269,9 @@ def run_single_row(args: argparse.Namespace) -> None:
     """Child process: measure one row and print its figures as one JSON line."""
     baseline_MB = peak_rss_MB()
     with AnonymousPeak() as anonymous:
-        result = time_steps(args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile)
+        result = time_steps(
+            args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile, args.precision
+        )
     peak_MB = peak_rss_MB()
     result.update(
         baseline_rss_MB=baseline_MB, peak_rss_MB=peak_MB, rss_increase_MB=peak_MB - baseline_MB,
@@ -281,7 +286,7 @@ def run_single_row(args: argparse.Namespace) -> None:
 def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--single-row", row.label, "--data-dir", str(data_dir),
-        "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device,
+        "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
@@ -298,36 +303,36 @@ def device_description(device_name: str) -> str:
 
 
 def print_row(row: dict) -> None:
-    reference_ms = row.get("reference_ms")
-    compared = f"{reference_ms:>8.0f} {reference_ms / row['ms_per_step']:>8.2f}" if reference_ms else f"{'':>17}"
     cuda = f" {row['cuda_peak_allocated_MB']:>9.0f}" if "cuda_peak_allocated_MB" in row else ""
     print(
         f"{row['residues']:>8} {row['box_px']:>4} {row['batch']:>5} {row['segments']:>4} {row['ms_per_step']:>9.1f} "
         f"{row['images_per_s']:>8.1f} {row['peak_rss_MB']:>8.0f} {row['rss_increase_MB']:>7.0f} "
-        f"{row['peak_anonymous_rss_MB']:>8.0f} {compared}{cuda}",
+        f"{row['peak_anonymous_rss_MB']:>8.0f}{cuda}",
         flush=True,
     )
+
+
+def row_dataset(row: Row, n_images: int, work: Path, structures: dict[int, Structure]) -> Path:
+    """The row's simulated dataset under work: reused when a complete one (truth.npz is written last) is there."""
+    data_dir = work / f"data_{row.residues}_{row.box_px}_{n_images}"
+    if (data_dir / "truth.npz").exists():
+        return data_dir
+    if row.residues not in structures:
+        structures[row.residues] = row_structure(row.residues, work)
+    return simulate_particles(structures[row.residues], row.box_px, n_images, data_dir)
 
 
 def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = args.rows
     structures: dict[int, Structure] = {}
-    datasets: dict[tuple[int, int], Path] = {}
     results = []
     cuda = " cuda MB" if args.device.startswith("cuda") else ""
-    print(f"residues  box batch segs   ms/step    img/s  peak MB  +RSS MB  anon MB   ref ms speed-up{cuda}")
+    print(f"residues  box batch segs   ms/step    img/s  peak MB  +RSS MB  anon MB{cuda}")
     for row in rows:
-        if row.residues not in structures:
-            structures[row.residues] = row_structure(row.residues, work)
         key = (row.residues, row.box_px)
-        if key not in datasets:
-            n_images = max(r.batch for r in rows if (r.residues, r.box_px) == key) * (WARMUP_STEPS + args.steps)
-            datasets[key] = simulate_particles(
-                structures[row.residues], row.box_px, n_images, work / f"data_{row.residues}_{row.box_px}"
-            )
-        result = measure_in_subprocess(row, datasets[key], work / f"run_{row.label.replace(':', '_')}", args)
-        result["reference_ms"] = REFERENCE_MS.get(row.label)
-        result["reference_MB"] = REFERENCE_MB.get(row.label)
+        n_images = max(r.batch for r in rows if (r.residues, r.box_px) == key) * (WARMUP_STEPS + args.steps)
+        data_dir = row_dataset(row, n_images, work, structures)
+        result = measure_in_subprocess(row, data_dir, work / f"run_{row.label.replace(':', '_')}", args)
         results.append(result)
         print_row(result)
     return results
@@ -338,11 +343,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--quick", action="store_true", help=f"tiny rows {' '.join(QUICK_ROWS)}, {QUICK_STEPS} steps")
     parser.add_argument(
-        "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: grid + reference rows)"
+        "--rows", nargs="+", type=Row.parse, help="RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default: the grid)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the deformation (config compile)")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="config precision: bf16 autocast of the encoder and decoder (auto: bf16 on CUDA only)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
-    parser.add_argument("--work", type=Path, help="keep the simulated data and runs here (default: a temp dir)")
+    parser.add_argument("--work", type=Path, help="keep and reuse simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cpu.json"))
     parser.add_argument("--single-row", type=Row.parse, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -352,7 +361,7 @@ def main() -> None:
     if args.single_row is not None:
         run_single_row(args)
         return
-    args.rows = args.rows or [Row.parse(spec) for spec in (QUICK_ROWS if args.quick else GRID_ROWS + REFERENCE_ROWS)]
+    args.rows = args.rows or [Row.parse(spec) for spec in (QUICK_ROWS if args.quick else GRID_ROWS)]
     print(
         f"device {args.device} ({device_description(args.device)}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.steps} timed steps after {WARMUP_STEPS}"
@@ -366,7 +375,7 @@ def main() -> None:
     result = dict(
         device=args.device, device_name=device_description(args.device), machine=platform.machine(),
         cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), steps=args.steps,
-        warmup_steps=WARMUP_STEPS, quick=args.quick, rows=rows,
+        warmup_steps=WARMUP_STEPS, quick=args.quick, precision=args.precision, compile=args.compile, rows=rows,
     )  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

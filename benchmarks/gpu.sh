@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# GPU benchmark run: the training step (fp32 and bf16 networks, eager and torch.compile), the projector and the
+# reconstruction at 13,941 residues / 128 px and 214 residues / 64 px on CUDA, all JSON into one folder, then a summary
+# with the time of an EMPIAR-10180-sized epoch (benchmarks/gpu_summary.py; also saved as summary.txt).
+#
+#   benchmarks/gpu.sh [OUTDIR]               CUDA; OUTDIR defaults to $OUT, else benchmarks/results/gpu
+#   benchmarks/gpu.sh --cpu-smoke [OUTDIR]   the same pipeline on CPU at tiny sizes (default benchmarks/results/gpu_smoke)
+#
+# Sized to finish in about 8 minutes on one H200 (mostly process start-up and the compilations). Simulated data goes
+# to a temporary folder, shared by the four training runs and removed at exit. Uses the repository's .venv python if
+# there is one, else `python`; src/ is put on PYTHONPATH so that an uninstalled checkout runs.
+set -euo pipefail
+
+usage() { sed -n '2,7s/^# \{0,1\}//p' "$0"; }
+
+smoke=0
+case "${1:-}" in
+    --cpu-smoke) smoke=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    -*) usage >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then usage >&2; exit 2; fi
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="$root/.venv/bin/python"
+[ -x "$py" ] || py=python
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$smoke" = 1 ]; then
+    out="${1:-$root/benchmarks/results/gpu_smoke}"
+    device=cpu
+    steps=2
+    train_rows=(214:32:4 300:32:4)
+    projector_rows=(214:16:4 300:32:4)
+    reconstruct_boxes=(16 32)
+    epoch_row=300:32
+else
+    out="${1:-${OUT:-$root/benchmarks/results/gpu}}"
+    device=cuda
+    steps=10
+    train_rows=(13941:128:32 13941:128:128 214:64:32 214:64:128)
+    projector_rows=("${train_rows[@]}")
+    reconstruct_boxes=(64 128)
+    epoch_row=13941:128
+    if ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        echo "gpu.sh: CUDA is not available to $py" \
+            "(torch $("$py" -c 'import torch; print(torch.__version__ + ", CUDA " + str(torch.version.cuda))')):" \
+            "run it on a machine with an NVIDIA GPU and a CUDA build of torch, or use --cpu-smoke" >&2
+        exit 1
+    fi
+fi
+
+mkdir -p "$out"
+work="$(mktemp -d "${TMPDIR:-/tmp}/cryoflex_gpu_bench.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+started=$SECONDS
+
+stage() { echo "== [$((SECONDS - started)) s] $*"; }
+
+train() {  # train PRECISION [--compile]: one training-step run over every row
+    local name="train_$1${2:+_compiled}"
+    stage "$name"
+    "$py" "$root/benchmarks/train_throughput.py" --device "$device" --precision "$1" ${2:+"$2"} \
+        --rows "${train_rows[@]}" --steps "$steps" --work "$work" --out "$out/$name.json"
+}
+
+# eager runs first: their figures come back even if the compiled runs outlast the machine's time
+train fp32
+train bf16
+stage projector
+"$py" "$root/benchmarks/projector.py" --device "$device" --rows "${projector_rows[@]}" --out "$out/projector.json"
+stage reconstruct
+"$py" "$root/benchmarks/reconstruct.py" --device "$device" --boxes "${reconstruct_boxes[@]}" \
+    --out "$out/reconstruct.json"
+train fp32 --compile
+train bf16 --compile
+stage "done; summary:"
+"$py" "$root/benchmarks/gpu_summary.py" "$out" --epoch-row "$epoch_row" | tee "$out/summary.txt"

@@ -1,0 +1,61 @@
+"""benchmarks/gpu.sh and its summariser: the refusal without CUDA, the epoch estimate, and the CPU smoke pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TRAIN_FILES = ("train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled")
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run with this interpreter first on PATH (gpu.sh falls back to `python` where the checkout has no .venv)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, gpu.sh would run the full benchmark")
+def test_gpu_sh_refuses_to_run_without_cuda(tmp_path: Path) -> None:
+    result = _run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "out")])
+    assert result.returncode == 1
+    assert "CUDA is not available" in result.stderr and "--cpu-smoke" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_estimates_the_epoch_from_the_fastest_row(tmp_path: Path) -> None:
+    def row(residues: int, box: int, batch: int, images_per_s: float) -> dict:
+        return dict(residues=residues, box_px=box, batch=batch, ms_per_step=1000 * batch / images_per_s,
+                    images_per_s=images_per_s, cuda_peak_allocated_MB=100.0)  # fmt: skip
+
+    runs = [("train_fp32", "fp32", False, 2000.0), ("train_bf16", "bf16", True, 5450.0)]
+    for name, precision, compile_, rate in runs:
+        result = dict(device="cuda", device_name="GPU", torch="2", precision=precision, compile=compile_,
+                      rows=[row(13941, 128, 128, rate), row(214, 64, 32, 9e4)])  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    result = _run([sys.executable, str(BENCHMARKS / "gpu_summary.py"), str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    estimate = result.stdout.splitlines()[-1]
+    assert "5450.0 img/s" in estimate and "bf16, compile on" in estimate  # 327,000 / 5,450 img/s = 60 s
+    assert "= 1.0 min per epoch" in estimate and "meets the 2-min target" in estimate
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_every_result(tmp_path: Path) -> None:
+    """The whole gpu.sh pipeline on CPU at tiny sizes (about 3 minutes on 1 thread, mostly torch.compile)."""
+    result = _run(["bash", str(BENCHMARKS / "gpu.sh"), "--cpu-smoke", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in TRAIN_FILES:
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert len(rows) == 2 and all(row["images_per_s"] > 0 for row in rows)
+    projector = json.loads((tmp_path / "projector.json").read_text())["rows"]
+    assert projector and all(row["forward_backward_images_per_s"] > 0 for row in projector)
+    reconstruct = json.loads((tmp_path / "reconstruct.json").read_text())["rows"]
+    assert reconstruct and all(row["insert_particles_per_s"] > 0 for row in reconstruct)
+    assert "Epoch estimate: 327,000 images at" in (tmp_path / "summary.txt").read_text()
