@@ -1,7 +1,7 @@
-"""Training beside other jobs: images/s of `cryoflex train` alone, with a second identical run started at the same
+"""Training beside other jobs (not named concurrent.py: that would shadow the standard library for every script here): images/s of `cryoflex train` alone, with a second identical run started at the same
 moment, and beside one busy Python loop, for each thread setting.
 
-Run: .venv/bin/python benchmarks/concurrent.py [--rows 214:32:32 2750:64:32] [--settings 2 1 auto]
+Run: .venv/bin/python benchmarks/concurrent_runs.py [--rows 214:32:32 2750:64:32] [--settings 2 1 auto]
      [--images 12000] [--out benchmarks/results/concurrent_cpu.json]
 Rows are RESIDUES:BOX_PX:BATCH (structures and particles as in train_throughput.py, simulated once per row). A setting
 is a --threads value: a number pins the count, auto is the default (threads 0: timed choice, cryoflex.threads).
