@@ -74,6 +74,25 @@ class _GaussianTable(torch.autograd.Function):
         return grad_centres * (-ctx.inverse_variance), None, None
 
 
+class _SeparableImages(torch.autograd.Function):
+    """images = table_y^T table_x per image, (B, n, N) x (B, n, N) -> (B, N, N), with a backward whose products read
+    contiguous operands: the gradient arriving from the CTF's FFTs is strided, and a batched matmul of strided
+    operands copies each image's matrix separately (measured 3-5x slower than these two products)."""
+
+    @staticmethod
+    def forward(ctx, table_y: torch.Tensor, table_x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table_y, table_x)
+        return torch.bmm(table_y.transpose(1, 2), table_x)
+
+    @staticmethod
+    def backward(ctx, grad_images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        table_y, table_x = ctx.saved_tensors
+        grad = grad_images.contiguous()
+        grad_y = torch.bmm(table_x, grad.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_x = torch.bmm(table_y, grad) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_x
+
+
 def _gaussian_table(centres_A: torch.Tensor, grid_A: torch.Tensor, sigma_A: float) -> torch.Tensor:
     """exp(-(c - g)^2 / (2 sigma^2)) for centres (B, n) and grid (N,) -> (B, n, N), exponent clamped at -40."""
     return _GaussianTable.apply(centres_A, grid_A, sigma_A)
@@ -117,7 +136,7 @@ def project_on_grid(
     weights = _batched_amplitudes(amplitudes, batch, n) * (_SQRT_2PI * sigma_A)
     table_x = _gaussian_table(x_A, grid_A, sigma_A)
     table_y = _gaussian_table(y_A, grid_A, sigma_A) * weights.unsqueeze(-1)
-    images = torch.bmm(table_y.transpose(1, 2), table_x)
+    images = _SeparableImages.apply(table_y, table_x)
     if ctf is not None:
         images = apply_ctf(images, ctf)
     return images
