@@ -193,7 +193,7 @@ def run_cryoflex_row(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     row_args = argparse.Namespace(
         single_row=args.cryoflex_row, data_dir=args.data_dir, run_dir=args.run_dir, steps=args.steps, device="cpu",
-        compile=False,
+        compile=False, precision="fp32",
     )  # fmt: skip
     run_single_row(row_args)
 

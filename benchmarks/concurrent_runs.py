@@ -1,4 +1,4 @@
-"""Training beside other jobs (not named concurrent.py: that would shadow the standard library for every script here): images/s of `cryoflex train` alone, with a second identical run started at the same
+"""Training beside other jobs: images/s of `cryoflex train` alone, with a second identical run started at the same
 moment, and beside one busy Python loop, for each thread setting.
 
 Run: .venv/bin/python benchmarks/concurrent_runs.py [--rows 214:32:32 2750:64:32] [--settings 2 1 auto]
@@ -51,8 +51,9 @@ def last_epoch(run: Path) -> dict:
     return [r for r in records if r["kind"] == "epoch"][-1]
 
 
-def run_together(commands: list[list[str]], with_busy_loop: bool) -> None:
-    """Start the commands at the same moment (and a busy loop beside them), wait for all; a failure raises."""
+def run_together(commands: list[list[str]], with_busy_loop: bool) -> list[str]:
+    """Start the commands at the same moment (and a busy loop beside them), wait for all; their logs (stderr).
+    A failure raises."""
     environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if with_busy_loop else None
     try:
@@ -60,10 +61,13 @@ def run_together(commands: list[list[str]], with_busy_loop: bool) -> None:
             subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for command in commands
         ]
+        logs = []
         for process in processes:
             _, stderr = process.communicate()
             if process.returncode != 0:
                 raise RuntimeError(f"training failed (exit {process.returncode}):\n{stderr[-3000:]}")
+            logs.append(stderr)
+        return logs
     finally:
         if busy is not None:
             busy.kill()
@@ -77,13 +81,15 @@ def measure(row: Row, setting: str, data: Path, work: Path) -> dict:
     for scenario, runs, busy in (("alone", 1, False), ("pair", 2, False), ("busy_loop", 1, True)):
         paths = [work / f"{label}_{scenario}_{k}" for k in range(runs)]
         started = time.perf_counter()
-        run_together([train_command(data, path, row, setting) for path in paths], busy)
+        logs = run_together([train_command(data, path, row, setting) for path in paths], busy)
         epochs = [last_epoch(path) for path in paths]
         figures[scenario] = {
             "images_per_s": [e["images_per_s"] for e in epochs],
             "threads": [e.get("threads") for e in epochs],
             "wall_s": time.perf_counter() - started,
-        }
+            "thread_choices": [[line.split(" INFO ", 1)[1] for line in log.splitlines() if "CPU threads:" in line]
+                               for log in logs],
+        }  # fmt: skip
     alone = figures["alone"]["images_per_s"][0]
     figures["pair_kept"] = [rate / alone for rate in figures["pair"]["images_per_s"]]
     figures["busy_loop_kept"] = figures["busy_loop"]["images_per_s"][0] / alone

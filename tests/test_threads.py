@@ -151,3 +151,47 @@ def test_train_threads_option_reaches_the_config() -> None:
         ["train", "--particles", "p.star", "--structure", "s.pdb", "--out", "run", "--threads", "3"]
     )
     assert resolve_config(args).threads == 3
+
+
+@pytest.mark.parametrize("command", ["simulate", "analyze", "eval", "reconstruct"])
+def test_other_commands_take_a_fixed_thread_count(command: str) -> None:
+    from cryoflex.cli import apply_threads, build_parser
+
+    required = {
+        "simulate": ["--out", "o", "--n-images", "1"], "eval": ["run1", "--truth", "t.npz"]
+    }.get(command, ["run1"])
+    args = build_parser().parse_args([command, *required, "--threads", "1"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_threads(args)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tuner_reprobes_at_once_when_steps_slow_down() -> None:
+    """A job that starts beside the run makes the kept count slow: the next probe comes within a few steps, long
+    before the periodic one."""
+    machine = _FakeMachine({2: 1e-3, 1: 1.5e-3})
+    tuner = ThreadTuner(2, reprobe_s=1e6, clock=machine.clock, set_threads=machine.set_threads)
+    machine.run(tuner, 20)
+    assert tuner.threads == 2 and len(tuner.history) == 1
+    machine.seconds_per_image = {2: 20e-3, 1: 1.6e-3}
+    used = machine.run(tuner, 20)
+    assert len(tuner.history) == 2 and tuner.threads == 1
+    assert used[-8:] == [1] * 8
+
+
+def test_slowdown_probes_that_change_nothing_back_off() -> None:
+    """Bursts of slow steps (a neighbour's own probes) in which no other count is faster: the slow-down probes come
+    ever further apart instead of after every burst."""
+    machine = _FakeMachine({2: 1e-3, 1: 3e-3})
+    tuner = ThreadTuner(2, reprobe_s=1e6, clock=machine.clock, set_threads=machine.set_threads)
+    machine.run(tuner, 20)
+    for step, batch in enumerate(tuner.wrap([[0] * 32 for _ in range(600)])):
+        burst = step % 12 < 4  # 4 slow steps in every 12
+        machine.now += machine.seconds_per_image[machine.threads] * len(batch) * (4.0 if burst else 1.0)
+    probes = len(tuner.history) - 1
+    assert tuner.threads == 2
+    assert 2 <= probes <= 8, probes  # one per burst (50) without the back-off

@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import TypeVar
@@ -103,14 +104,21 @@ def candidate_counts(max_threads: int) -> list[int]:
     return counts
 
 
+MIN_COOLDOWN_STEPS = 10
+MAX_COOLDOWN_STEPS = 1000
+
+
 class ThreadTuner:
     """Keeps torch's intra-op thread count at whichever candidate runs the wrapped loop fastest.
 
     A probe runs each candidate (most threads first) for one settling step and `probe_steps` timed steps; a candidate
     that is over `give_up_factor` times slower per image than the best so far is dropped after one timed step. The
-    fastest by median time per image is kept until `reprobe_s` seconds later. A step's time is from handing out an
-    item to being asked for the next (the loop body). clock and set_threads are injectable, so the decisions are
-    tested without timing anything.
+    fastest by median time per image is kept until `reprobe_s` seconds later, or until the median of the last
+    `probe_steps` steps is `slowdown_factor` times slower than it measured (another job started), whichever comes
+    first. A slow-down probe that keeps the same count doubles the steps before the next one may be triggered (up to
+    MAX_COOLDOWN_STEPS): two tuned runs side by side otherwise set each other off, each probe slowing the other.
+    A step's time is from handing out an item to being asked for the next (the loop body). clock and set_threads are
+    injectable, so the decisions are tested without timing anything.
     """
 
     def __init__(
@@ -121,6 +129,7 @@ class ThreadTuner:
         warmup_steps: int = 2,
         probe_steps: int = 3,
         give_up_factor: float = 3.0,
+        slowdown_factor: float = 1.5,
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ):
@@ -128,6 +137,7 @@ class ThreadTuner:
         self.reprobe_s = reprobe_s
         self.probe_steps = probe_steps
         self.give_up_factor = give_up_factor
+        self.slowdown_factor = slowdown_factor
         self.clock = clock
         self.set_threads = set_threads
         self.threads = self.candidates[0]
@@ -140,10 +150,17 @@ class ThreadTuner:
         self._settling = False  # the first step after a switch is not timed
         self._samples: list[float] = []  # seconds per image of the candidate being tried
         self._results: dict[int, float] = {}
+        self._kept_s = math.inf  # seconds per image of the kept count when it was chosen
+        self._recent: deque[float] = deque(maxlen=probe_steps)  # seconds per image of the latest steps since then
+        self._cooldown_steps = MIN_COOLDOWN_STEPS  # steps after a probe before a slow-down may start another
+        self._steps_since_probe = 0
+        self._threads_before_probe = self.threads
+        self._after_slowdown = False  # whether the current probe was started by a slow-down
         if warmup_steps <= 0:
             self._start_probe()
 
-    def _start_probe(self) -> None:
+    def _start_probe(self, after_slowdown: bool = False) -> None:
+        self._threads_before_probe, self._after_slowdown = self.threads, after_slowdown
         self._probing, self._untried, self._results = True, list(self.candidates), {}
         self._try_next()
 
@@ -154,12 +171,20 @@ class ThreadTuner:
 
     def _finish_probe(self) -> None:
         best = min(self._results, key=self._results.__getitem__)
-        if not self.history or best != self.threads:
+        changed = best != self._threads_before_probe
+        if not self.history or changed:
             rates = ", ".join(f"{count}: {1.0 / seconds:,.0f}" for count, seconds in self._results.items())
             logger.info("CPU threads: %d, the fastest of the counts tried (threads: images/s %s)", best, rates)
         self.history.append(dict(self._results))
+        if changed:
+            self._cooldown_steps = MIN_COOLDOWN_STEPS
+        elif self._after_slowdown:
+            self._cooldown_steps = min(2 * self._cooldown_steps, MAX_COOLDOWN_STEPS)
         self.threads, self._probing = best, False
         self.set_threads(best)
+        self._kept_s = self._results[best]
+        self._recent.clear()
+        self._steps_since_probe = 0
         self._next_probe_s = self.clock() + self.reprobe_s
 
     def _record(self, seconds_per_image: float) -> None:
@@ -169,8 +194,15 @@ class ThreadTuner:
             if self._warmup_left == 0:
                 self._start_probe()
         elif not self._probing:
-            if self.clock() >= self._next_probe_s:
-                self._start_probe()
+            self._recent.append(seconds_per_image)
+            self._steps_since_probe += 1
+            slowed = (
+                self._steps_since_probe >= self._cooldown_steps
+                and len(self._recent) == self._recent.maxlen
+                and statistics.median(self._recent) > self.slowdown_factor * self._kept_s
+            )
+            if slowed or self.clock() >= self._next_probe_s:
+                self._start_probe(after_slowdown=slowed)
         elif self._settling:
             self._settling = False
         else:
@@ -192,28 +224,35 @@ class ThreadTuner:
             self._record(elapsed / max(len(item), 1))
 
 
-def configure_threads(requested: int, device: torch.device, *, processes_per_host: int = 1) -> ThreadTuner | None:
-    """Set torch's thread count for a run; returns a ThreadTuner when the count is to be chosen by timing.
-
-    requested > 0: exactly that many. Otherwise OMP_NUM_THREADS, when set, is taken as a fixed request (batch
-    schedulers set it). Otherwise the usable CPUs shared among the processes of this host: on a GPU, or with several
-    processes, fixed; on one CPU process, tuned while running.
-    """
-    usable = usable_cpus()
+def _requested_threads(requested: int) -> int | None:
+    """An explicit count: --threads N, else OMP_NUM_THREADS when set (batch schedulers set it); None = automatic."""
     if requested > 0:
-        if requested > usable:
-            logger.warning(
-                "--threads %d is more than the %d CPU(s) this process may use: threads will wait for each other",
-                requested, usable,
-            )  # fmt: skip
-        torch.set_num_threads(requested)
-        return None
+        return requested
     environment = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if environment.isdigit() and int(environment) > 0:
-        torch.set_num_threads(int(environment))
+    return int(environment) if environment.isdigit() and int(environment) > 0 else None
+
+
+def set_threads(requested: int, *, processes_per_host: int = 1) -> int:
+    """Set torch's thread count without tuning (short commands): the explicit count, else the usable CPUs shared
+    among the processes of this host. Returns the count set."""
+    usable = usable_cpus()
+    count = _requested_threads(requested)
+    if count is None:
+        count = max(1, usable // max(1, processes_per_host))
+    elif count > usable:
+        logger.warning(
+            "%d threads is more than the %d CPU(s) this process may use: threads will wait for each other",
+            count, usable,
+        )  # fmt: skip
+    torch.set_num_threads(count)
+    return count
+
+
+def configure_threads(requested: int, device: torch.device, *, processes_per_host: int = 1) -> ThreadTuner | None:
+    """Set torch's thread count for a training run; returns a ThreadTuner when the count is to be chosen by timing:
+    on one CPU process with no explicit count (--threads, OMP_NUM_THREADS). On a GPU, or with several processes on
+    this host, the usable CPUs are shared out and fixed."""
+    count = set_threads(requested, processes_per_host=processes_per_host)
+    if _requested_threads(requested) is not None or device.type != "cpu" or processes_per_host > 1:
         return None
-    share = max(1, usable // max(1, processes_per_host))
-    if device.type != "cpu" or processes_per_host > 1:
-        torch.set_num_threads(share)
-        return None
-    return ThreadTuner(share)
+    return ThreadTuner(count)

@@ -20,6 +20,20 @@ THREADS_HELP = (
 )
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads for the commands that compute without a training loop: a fixed count (no timing)."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads: 0 (default) = the CPUs this process may use (affinity and cgroup quota); "
+                             "N = exactly N (on a machine shared with other jobs, 1 avoids threads waiting on them)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from --threads (imports torch: call it in run(), not at parse time)."""
+    from cryoflex.threads import set_threads
+
+    set_threads(args.threads)
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint best|last or --epoch N: which checkpoint of a run analyze, eval and reconstruct load."""
     which = parser.add_mutually_exclusive_group()

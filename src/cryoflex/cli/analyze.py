@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "spread (drawn with --seed; default 16; 0: decode at the latent mean, no spread)")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.analyze import AnalyzeOptions, analyze_run
     from cryoflex.analysis.run import load_run
 
+    apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = AnalyzeOptions(
         n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "spread (drawn with --seed; default 16; 0: decode at the latent mean)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_argument(parser)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.evaluate import EVAL_JSON, evaluate
     from cryoflex.analysis.run import load_run
 
+    apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     out = args.out if args.out is not None else trained.paths.eval
     result = evaluate(

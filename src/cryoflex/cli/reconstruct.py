@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments
+from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the half split and structure samples (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.reconstruct import ReconstructOptions, reconstruct_run
     from cryoflex.analysis.run import load_run
 
+    apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = ReconstructOptions(
         clusters=args.clusters, pc=args.pc, bins=args.bins, subsets=list(args.subset), consensus_only=args.all,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryoflex.cli import add_threads_argument, apply_threads
 from cryoflex.errors import CryoflexInputError
 
 # Flags of SimulationConfig's fields: (type, help). Defaults stay in SimulationConfig (cryoflex.simulate imports torch,
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     parser.add_argument("--save-clean", action="store_true", help="also write the noiseless images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cryoflex.simulate import SimulationConfig, simulate_dataset
 
+    apply_threads(args)
     if args.structure is not None:
         from cryoflex.io.structure import read_structure
 
