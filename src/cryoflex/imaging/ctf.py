@@ -116,15 +116,25 @@ def _ctf_on_grid(terms: _GridTerms, pixel_size_A: Scalar, ctf: CTFBatch) -> torc
     half_pi_lambda = (0.5 * math.pi) * wavelength * inv_apix2  # pi lambda df s^2 = half_pi_lambda (2 df) s^2
     astig = half_pi_lambda * (df_u - df_v)
     two_angle = 2.0 * torch.deg2rad(angle_deg)
-    chi = (
-        (half_pi_lambda * (df_u + df_v)) * terms.s2
-        + (astig * torch.cos(two_angle)) * terms.cos_term
-        + (astig * torch.sin(two_angle)) * terms.sin_term
-        - ((0.5e7 * math.pi) * cs * wavelength**3 * inv_apix2.square()) * terms.s4
-        + (torch.deg2rad(phase_deg) + torch.asin(w))
-    )
+    # one multiply-add pass over the grid per term (the per-particle coefficients are tiny tensors)
+    offset = torch.deg2rad(phase_deg) + torch.asin(w)
+    chi = torch.addcmul(offset, half_pi_lambda * (df_u + df_v), terms.s2)
+    chi = chi.addcmul_(astig * torch.cos(two_angle), terms.cos_term)
+    chi = chi.addcmul_(astig * torch.sin(two_angle), terms.sin_term)
+    chi = chi.addcmul_((-0.5e7 * math.pi) * cs * wavelength**3 * inv_apix2.square(), terms.s4)
+    ctf_values = torch.sin(chi)
     bfactor = ctf.bfactor_A2[..., None, None]
-    return torch.sin(chi) * torch.exp((-0.25 * bfactor * inv_apix2) * terms.s2) * scale_t
+    if not _constant(bfactor, 0.0):  # B = 0 (most particles): the envelope is 1
+        ctf_values = ctf_values * torch.exp((-0.25 * bfactor * inv_apix2) * terms.s2)
+    if not _constant(scale_t, 1.0):
+        ctf_values = ctf_values * scale_t
+    return ctf_values
+
+
+def _constant(values: torch.Tensor, constant: float) -> bool:
+    """Whether a CTF parameter is `constant` for every particle and needs no gradient, so its pass over the grid can
+    be skipped. Checked on the CPU only: on a GPU the check would wait for the device, costing more than the pass."""
+    return values.device.type == "cpu" and not values.requires_grad and bool((values == constant).all())
 
 
 def ctf_rfft(box_size_px: int, pixel_size_A: Scalar, ctf: CTFBatch) -> torch.Tensor:
