@@ -1,13 +1,16 @@
 """The original cryoSPHERE (PyPI cryosphere 0.6.1) and cryoflex, side by side: training ms/step and peak memory.
 
-Run: .venv/bin/python benchmarks/compare_original.py [--rows 214:64:128:6 2750:64:32:20] [--steps 10] [--threads N]
-     [--original-clash full|pairs] [--venv DIR] [--work DIR] [--out benchmarks/results/compare_original_cpu.json]
+Run: .venv/bin/python benchmarks/compare_original.py [--rows 214:64:128:6 2750:64:32:20] [--steps 10] [--rounds 2]
+     [--threads N] [--original-clash full|pairs] [--venv DIR] [--work DIR]
+     [--out benchmarks/results/compare_original_cpu.json]
 Both programs train on the same simulated particles (train_throughput.py's structures and simulation: 214 residues =
 AdK, other sizes synthetic chains), with the same batch, segments, latent size, network widths, segmentation
 temperature, Gaussian width, learning rates, loss weights (as constant schedules in the original; cryoflex ramps
 its latent KL), seed and data-loader workers: cryoflex's defaults. Each row and each program runs in a fresh process:
 WARMUP_STEPS untimed steps, then --steps timed ones, a step counting from the batch's loading to the optimizer step.
-Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS].
+Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. Each row alternates the two programs --rounds times (original, cryoflex,
+original, ...) and reports each one's median ms/step over the rounds: on a shared machine, timings of one process can
+drift by 1.4x from one minute to the next, and alternating spreads that drift over both sides.
 
 The original runs in a virtual environment of its own (--venv; made on first use and re-used while it imports):
 torch==2.13.0 first (a CPU build on this project's machines), then cryosphere==0.6.1 without its declared
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,12 +236,21 @@ def run_all(args: argparse.Namespace, python: Path, work: Path) -> list[dict]:
             )
         name = row.label.replace(":", "_")
         settings = original_settings(row, args.original_clash)
-        original = measure_original(python, row, settings, datasets[key], work / f"original_{name}", args)
-        cryoflex = measure_cryoflex(row, datasets[key], work / f"cryoflex_{name}", args)
+        rounds = [
+            (
+                measure_original(python, row, settings, datasets[key], work / f"original_{name}_{k}", args),
+                measure_cryoflex(row, datasets[key], work / f"cryoflex_{name}_{k}", args),
+            )
+            for k in range(args.rounds)
+        ]
+        original = dict(rounds[0][0], ms_per_step=statistics.median(o["ms_per_step"] for o, _ in rounds))
+        cryoflex = dict(rounds[0][1], ms_per_step=statistics.median(c["ms_per_step"] for _, c in rounds))
         print_row(row.label, original, cryoflex)
         result = dict(
             label=row.label, residues=row.residues, box_px=row.box_px, batch=row.batch, segments=row.segments,
             speed_up=original["ms_per_step"] / cryoflex["ms_per_step"], original_settings=settings,
+            original_ms_per_round=[o["ms_per_step"] for o, _ in rounds],
+            cryoflex_ms_per_round=[c["ms_per_step"] for _, c in rounds],
             original=original, cryoflex=cryoflex,
         )  # fmt: skip
         results.append(result)
@@ -250,6 +263,7 @@ def main() -> None:
         "--rows", nargs="+", type=Row.parse, help=f"RESIDUES:BOX_PX:BATCH[:SEGMENTS] (default {' '.join(DEFAULT_ROWS)})"
     )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two programs per row (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads in both processes (default: torch's default)")
     parser.add_argument(
         "--original-clash", choices=("full", "pairs"), default="full",
