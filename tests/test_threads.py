@@ -195,3 +195,11 @@ def test_slowdown_probes_that_change_nothing_back_off() -> None:
     probes = len(tuner.history) - 1
     assert tuner.threads == 2
     assert 2 <= probes <= 8, probes  # one per burst (50) without the back-off
+
+
+def test_probes_of_slow_steps_take_at_most_a_tenth_of_the_time() -> None:
+    machine = _FakeMachine({4: 10e-3, 2: 20e-3, 1: 40e-3})  # 32 images: 0.3-1.3 s steps
+    tuner = ThreadTuner(4, reprobe_s=1.0, clock=machine.clock, set_threads=machine.set_threads)
+    used = machine.run(tuner, 300)
+    probing_steps = sum(count != 4 for count in used)
+    assert tuner.threads == 4 and probing_steps <= 0.1 * len(used)

@@ -105,6 +105,7 @@ def candidate_counts(max_threads: int) -> list[int]:
 
 
 MIN_COOLDOWN_STEPS = 10
+PROBE_SHARE_INVERSE = 10.0
 MAX_COOLDOWN_STEPS = 1000
 
 
@@ -113,12 +114,13 @@ class ThreadTuner:
 
     A probe runs each candidate (most threads first) for one settling step and `probe_steps` timed steps; a candidate
     that is over `give_up_factor` times slower per image than the best so far is dropped after one timed step. The
-    fastest by median time per image is kept until `reprobe_s` seconds later, or until the median of the last
-    `probe_steps` steps is `slowdown_factor` times slower than it measured (another job started), whichever comes
-    first. A slow-down probe that keeps the same count doubles the steps before the next one may be triggered (up to
-    MAX_COOLDOWN_STEPS): two tuned runs side by side otherwise set each other off, each probe slowing the other.
-    A step's time is from handing out an item to being asked for the next (the loop body). clock and set_threads are
-    injectable, so the decisions are tested without timing anything.
+    fastest by median time per image is kept until `reprobe_s` seconds later (or PROBE_SHARE_INVERSE times the
+    probe's own duration, if longer: probing slow steps never takes over a tenth of the time), or until the median of
+    the last `probe_steps` steps is `slowdown_factor` times slower than it measured (another job started), whichever
+    comes first. A slow-down probe that keeps the same count doubles the steps before the next one may be triggered
+    (up to MAX_COOLDOWN_STEPS): two tuned runs side by side otherwise set each other off, each probe slowing the
+    other. A step's time is from handing out an item to being asked for the next (the loop body). clock and
+    set_threads are injectable, so the decisions are tested without timing anything.
     """
 
     def __init__(
@@ -156,11 +158,13 @@ class ThreadTuner:
         self._steps_since_probe = 0
         self._threads_before_probe = self.threads
         self._after_slowdown = False  # whether the current probe was started by a slow-down
+        self._probe_started_s = 0.0
         if warmup_steps <= 0:
             self._start_probe()
 
     def _start_probe(self, after_slowdown: bool = False) -> None:
         self._threads_before_probe, self._after_slowdown = self.threads, after_slowdown
+        self._probe_started_s = self.clock()
         self._probing, self._untried, self._results = True, list(self.candidates), {}
         self._try_next()
 
@@ -185,7 +189,8 @@ class ThreadTuner:
         self._kept_s = self._results[best]
         self._recent.clear()
         self._steps_since_probe = 0
-        self._next_probe_s = self.clock() + self.reprobe_s
+        now = self.clock()
+        self._next_probe_s = now + max(self.reprobe_s, PROBE_SHARE_INVERSE * (now - self._probe_started_s))
 
     def _record(self, seconds_per_image: float) -> None:
         """Account one finished step at the current thread count."""
