@@ -104,9 +104,11 @@ def candidate_counts(max_threads: int) -> list[int]:
     return counts
 
 
+# Steps after a probe before a slow-down may start another: the first wait, and the most it doubles to.
 MIN_COOLDOWN_STEPS = 10
-PROBE_SHARE_INVERSE = 10.0
 MAX_COOLDOWN_STEPS = 1000
+# The next periodic probe waits at least this many times the last probe's duration.
+PROBE_SHARE_INVERSE = 10.0
 
 
 class ThreadTuner:
@@ -258,6 +260,6 @@ def configure_threads(requested: int, device: torch.device, *, processes_per_hos
     on one CPU process with no explicit count (--threads, OMP_NUM_THREADS). On a GPU, or with several processes on
     this host, the usable CPUs are shared out and fixed."""
     count = set_threads(requested, processes_per_host=processes_per_host)
-    if _requested_threads(requested) is not None or device.type != "cpu" or processes_per_host > 1:
+    if _requested_threads(requested) is not None or device.type != "cpu" or processes_per_host > 1 or count == 1:
         return None
     return ThreadTuner(count)
