@@ -203,3 +203,16 @@ def test_probes_of_slow_steps_take_at_most_a_tenth_of_the_time() -> None:
     used = machine.run(tuner, 300)
     probing_steps = sum(count != 4 for count in used)
     assert tuner.threads == 4 and probing_steps <= 0.1 * len(used)
+
+
+def test_counts_within_ten_percent_do_not_alternate() -> None:
+    machine = _FakeMachine({2: 1.00e-3, 1: 1.05e-3})
+    tuner = ThreadTuner(2, reprobe_s=0.05, clock=machine.clock, set_threads=machine.set_threads)
+    machine.run(tuner, 20)
+    assert tuner.threads == 2
+    machine.seconds_per_image = {2: 1.05e-3, 1: 1.00e-3}  # now 1 is faster, but only by 5%
+    machine.run(tuner, 100)
+    assert len(tuner.history) >= 2 and tuner.threads == 2  # probed again in this regime, and kept 2
+    machine.seconds_per_image = {2: 1.5e-3, 1: 1.00e-3}  # 1 is 50% faster: switch
+    machine.run(tuner, 100)
+    assert tuner.threads == 1

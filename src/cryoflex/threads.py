@@ -109,6 +109,9 @@ MIN_COOLDOWN_STEPS = 10
 MAX_COOLDOWN_STEPS = 1000
 # The next periodic probe waits at least this many times the last probe's duration.
 PROBE_SHARE_INVERSE = 10.0
+# A probe moves away from the count it started from only to one this much faster (counts within noise of each other
+# would otherwise alternate, and each change resets the slow-down back-off).
+SWITCH_GAIN = 1.1
 
 
 class ThreadTuner:
@@ -177,7 +180,10 @@ class ThreadTuner:
 
     def _finish_probe(self) -> None:
         best = min(self._results, key=self._results.__getitem__)
-        changed = best != self._threads_before_probe
+        before = self._threads_before_probe
+        if before in self._results and self._results[best] * SWITCH_GAIN > self._results[before]:
+            best = before
+        changed = best != before
         if not self.history or changed:
             rates = ", ".join(f"{count}: {1.0 / seconds:,.0f}" for count, seconds in self._results.items())
             logger.info("CPU threads: %d, the fastest of the counts tried (threads: images/s %s)", best, rates)
