@@ -4,14 +4,14 @@ Residue i is rotated successively, for m = 1..M, about segment m's centre c_m by
 (axis omega_m / |omega_m|, angle G_im |omega_m|), then translated by sum_m G_im t_m. With a one-hot G every segment
 moves exactly rigidly (the other segments' rotations have angle 0, i.e. are the identity). The centre c_m is the
 G-weighted centroid of the nominal structure, so a segment's rotation does not also translate it; this keeps rotation
-and translation decoupled for the decoder. Rodrigues' formula is evaluated with Taylor series near angle 0, so angle 0
-is exactly the identity and gradients stay finite.
+and translation decoupled for the decoder. Rodrigues' coefficients are evaluated from the half angle (angle 0 is
+exactly the identity) and their derivatives with Taylor series near 0, so gradients stay finite and accurate.
 
 Speed (eager, CPU): the work is a few flops per residue, so the cost is the number of tensor passes and their
 memory layout. Coordinates are held component-major, (B, 3, n), so every pass runs along residues (a (B, n, 3) layout
 makes each elementwise operation loop over 3 numbers at a time, about 4x slower), and two autograd functions with
-hand-written backward passes replace the graph of small operations: the Rodrigues coefficients (no trigonometry in the
-backward) and the chain of segment rotations (one 6 x 3 matrix product per segment forward, three backward).
+hand-written backward passes replace the graph of small operations: the per-residue coefficients (no trigonometry in
+the backward) and the chain of segment rotations (one 6 x 3 matrix product per segment forward, three backward).
 The result is returned as a (B, n, 3) view of the component-major tensor; elementwise code downstream keeps that layout.
 """
 
@@ -154,7 +154,7 @@ def rotation_matrices(rotation_vectors: torch.Tensor) -> torch.Tensor:
     """Rotation vectors (..., 3) -> matrices (..., 3, 3): the full-weight (G_im = 1) rotation that deform applies.
 
     R = cos t I + sinc(t) K + (1 - cos t) / t^2 w w^T (Rodrigues, K the cross-product matrix of w), with the same
-    Taylor-safe coefficients as deform, so a one-hot segment's motion is R_m (x - c_m) + c_m + t_m exactly.
+    coefficients as deform, so a one-hot segment's motion is R_m (x - c_m) + c_m + t_m exactly.
     """
     cos_t, sinc_t, versine_t = _half_angle_coefficients(rotation_vectors.square().sum(-1))
     identity = torch.eye(3, dtype=rotation_vectors.dtype, device=rotation_vectors.device)
