@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryoflex.io.structure import read_structure
-from cryoflex.model.deformation import deform
+from cryoflex.model.deformation import deform, rotation_matrices
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
 
@@ -169,3 +169,9 @@ def test_deformation_gradients_match_finite_differences(scale: float) -> None:
     vectors = (torch.randn(2, 3, 3, generator=generator, dtype=torch.float64) * scale).requires_grad_()
     translations = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(deform, (coords, assignment, vectors, translations))
+
+
+def test_rotation_matrix_gradients_match_finite_differences_near_zero() -> None:
+    for scale in (1.0, 1e-4, 0.0):
+        vectors = (torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * scale)
+        assert torch.autograd.gradcheck(rotation_matrices, (vectors.requires_grad_(),))

@@ -38,7 +38,8 @@ def _half_angle_coefficients(angle_squared: torch.Tensor) -> tuple[torch.Tensor,
 
 class _RotationCoefficients(torch.autograd.Function):
     """The per-residue coefficients of each segment's partial rotation, for t^2 = G^2 |w|^2:
-    (G (M, 1, n), |w|^2 (M, B, 1)) -> cos t, a = G sin t / t, b = G^2 (1 - cos t) / t^2, each (M, B, n).
+    (G (M, 1, n), |w|^2 (M, B, 1)) -> cos t, a = G sin t / t, b = G^2 (1 - cos t) / t^2, each (M, B, n)
+    (any two shapes that broadcast).
 
     One node instead of a graph of small passes; the backward reuses the outputs (no trigonometry), with s = t^2:
     d cos/ds = -sinc / 2, d sinc/ds = (cos - sinc) / 2s, d versine/ds = (sinc - 2 versine) / 2s (Taylor near 0).
@@ -67,8 +68,8 @@ class _RotationCoefficients(torch.autograd.Function):
         # dL/ds of the three outputs (a = G sinc, b = G^2 versine), then s = G^2 |w|^2
         grad_s = grad_cos * sinc * -0.5 + grad_cross * weights * d_sinc + grad_outer * weights_squared * d_versine
         grad_weights = grad_cross * sinc + (2.0 * weights) * (grad_outer * versine + grad_s * norm_squared)
-        grad_norm_squared = (grad_s * weights_squared).sum(-1, keepdim=True)
-        return grad_weights.sum(1, keepdim=True), grad_norm_squared
+        grad_norm_squared = grad_s * weights_squared
+        return grad_weights.sum_to_size(weights.shape), grad_norm_squared.sum_to_size(norm_squared.shape)
 
 
 def _skew(vectors: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,8 @@ def rotation_matrices(rotation_vectors: torch.Tensor) -> torch.Tensor:
     R = cos t I + sinc(t) K + (1 - cos t) / t^2 w w^T (Rodrigues, K the cross-product matrix of w), with the same
     coefficients as deform, so a one-hot segment's motion is R_m (x - c_m) + c_m + t_m exactly.
     """
-    cos_t, sinc_t, versine_t = _half_angle_coefficients(rotation_vectors.square().sum(-1))
+    norm_squared = rotation_vectors.square().sum(-1)
+    cos_t, sinc_t, versine_t = _RotationCoefficients.apply(torch.ones_like(norm_squared), norm_squared)
     identity = torch.eye(3, dtype=rotation_vectors.dtype, device=rotation_vectors.device)
     outer = rotation_vectors[..., :, None] * rotation_vectors[..., None, :]
     return (
