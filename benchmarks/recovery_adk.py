@@ -6,10 +6,10 @@ on the CPU, reopens the run as analysis does (the best checkpoint by validation 
 posterior-mean structure (the average of 16 structures decoded from samples of q(z | image)) and reports: median per-
 image C-alpha RMSD to the true conformation (and that of the structure decoded at the latent mean) vs three constant
 predictions (the nominal structure; two oracles chosen with the truth: the mean structure and the best single
-trajectory frame), the Spearman correlation of each particle's predicted spread with its error, the correlation of
-predicted vs true LID-NMP centroid distance (LID 122-159, NMP 30-59), the agreement of the learned segments with
-LID/NMP/CORE (F1 of the segments whose majority is LID, resp. NMP), and the wall times. Prints a table and writes
-JSON.
+trajectory frame), the Bayes bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman
+correlation of each particle's predicted spread with its error, the correlation of predicted vs true LID-NMP centroid
+distance (LID 122-159, NMP 30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose
+majority is LID, resp. NMP), and the wall times. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from bayes_oracle import oracle_scores
 from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import domain_f1, recovery_summary, rmsd_A
@@ -37,6 +38,8 @@ from cryoflex.train.loop import train
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 POSTERIOR_SAMPLES = 16
+BAYES_ORACLE_IMAGES = 3000  # the Bayes bound is a per-image expectation: 3,000 images pin it to about +-0.02
+BAYES_FIGURES = ("median_rmsd_A", "distance_correlation", "spread_error_spearman", "n_images")
 LID = (122, 159)
 NMP = (30, 59)
 
@@ -133,6 +136,8 @@ def run_recovery(
         else:
             summary.update(figures)
     summary.update(oracle_baselines(truth["conformations_A"], truth["conformation_index"]))
+    bayes = oracle_scores(out / "data", downsample or box_size_px, BAYES_ORACLE_IMAGES)
+    summary.update({f"bayes_{name}": bayes[name] for name in BAYES_FIGURES})
     model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
@@ -147,18 +152,26 @@ def run_recovery(
 
 def print_table(rows: list[dict]) -> None:
     """One line per run: the posterior-mean RMSD and distance correlation beside the constant predictions."""
-    print("snr     images epochs  RMSD  at-mean  nominal  mean*  frame*  dist r  spread rho  NMP F1  LID F1  train s")
+    print(
+        "snr     images epochs  RMSD  at-mean  nominal  mean*  frame*  Bayes*  dist r (Bayes*)  spread rho (Bayes*)"
+        "  NMP F1  LID F1  train s"
+    )
     for row in rows:
         print(
             f"{row['snr']:<7} {row['n_images']:>6} {row['epochs']:>6} {row['median_rmsd_A']:>5.2f} "
             f"{row['at_latent_mean_median_rmsd_A']:>8.2f} {row['baseline_median_rmsd_A']:>8.2f} "
             f"{row['ensemble_mean_median_rmsd_A']:>6.2f} {row['best_frame_median_rmsd_A']:>7.2f} "
-            f"{row['distance_correlation']:>7.3f} {row['spread_error_spearman']:>11.3f} "
+            f"{row['bayes_median_rmsd_A']:>7.2f} {row['distance_correlation']:>7.3f} "
+            f"({row['bayes_distance_correlation']:.3f}) {row['spread_error_spearman']:>11.3f} "
+            f"({row['bayes_spread_error_spearman']:.3f}) "
             f"{row['nmp_f1']:>7.3f} {row['lid_f1']:>7.3f} {row['train_s']:>8.0f}"
             + (f"   best.pt: epoch {row['best_checkpoint_epoch']}, RMSD {row['best_checkpoint_median_rmsd_A']:.2f}, "
                f"r {row['best_checkpoint_distance_correlation']:.3f}" if "best_checkpoint_epoch" in row else "")
         )
-    print("(* oracles chosen with the truth: the mean structure and the best single frame for every image)")
+    print(
+        "(* oracles chosen with the truth: the mean structure and the best single frame for every image; Bayes: the"
+        " exact posterior over the true frames, bayes_oracle.py)"
+    )
 
 
 def main() -> None:

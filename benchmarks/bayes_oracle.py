@@ -1,0 +1,135 @@
+"""The best any estimator can do on a simulated dataset: the exact posterior over the true conformations.
+
+Run: .venv/bin/python benchmarks/bayes_oracle.py DATA_DIR [DATA_DIR ...] [--box-px 64 32] [--max-images 10000]
+DATA_DIR is a `cryoflex simulate` output (truth.npz, particles.star, stacks/). For every image the oracle knows
+everything but the conformation: the trajectory frames, each image's pose and CTF, the image-formation model and the
+noise variance. It scores each frame by the exact Gaussian log-likelihood of the image, takes the posterior over frames
+(prior = how often the simulation drew each frame) and reports the posterior-mean structure and LID-NMP distance, scored
+as recovery_adk.py scores a trained model. No method that learns the conformations from the images can beat it in
+expectation; it bounds what the benchmark's targets can ask for. --box-px 32 repeats it on the Fourier-cropped images
+that training at --downsample 32 sees (noise variance measured from the residual of the true frame). Prints a table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A
+from cryoflex.data.downsample import downsampled_pixel_size_A, fourier_crop
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.formation import ImageFormation
+from cryoflex.io.atomic import write_text_atomic
+from cryoflex.io.metadata import read_metadata
+
+LID = (122, 159)
+NMP = (30, 59)
+FRAMES_PER_CHUNK_IMAGES = 32
+
+
+def _images(data_dir: Path, count: int) -> np.ndarray:
+    """The first `count` noisy images of the dataset, in star-file order."""
+    out = []
+    for path in sorted((data_dir / "stacks").glob("*.mrcs")):
+        with mrcfile.mmap(path, mode="r", permissive=True) as stack:
+            out.append(np.asarray(stack.data[: count - sum(len(o) for o in out)], dtype=np.float32))
+        if sum(len(o) for o in out) >= count:
+            break
+    return np.concatenate(out)
+
+
+def frame_log_likelihoods(data_dir: Path, box_px: int, n_images: int) -> tuple[np.ndarray, float]:
+    """(n_images, n_frames) Gaussian log-likelihood of every image under every frame, and the noise variance used."""
+    truth = np.load(data_dir / "truth.npz")
+    metadata = read_metadata(data_dir / "particles.star")
+    frames = torch.as_tensor(truth["conformations_A"], dtype=torch.float32)
+    amplitudes = torch.as_tensor(truth["amplitudes_e"], dtype=torch.float32)
+    full_box = metadata.box_size_px
+    pixel_A = downsampled_pixel_size_A(float(truth["pixel_size_A"]), full_box, box_px)
+    formation = ImageFormation(box_px, pixel_A, float(truth["sigma_A"]))
+    poses = PoseBatch(torch.as_tensor(metadata.rotations, dtype=torch.float32),
+                      torch.as_tensor(metadata.shifts_A, dtype=torch.float32))  # fmt: skip
+    ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
+    observed = torch.as_tensor(_images(data_dir, n_images))
+    if box_px != full_box:
+        observed = fourier_crop(observed, box_px)
+    index = truth["conformation_index"][:n_images]
+    n_frames = len(frames)
+    residual_sq = torch.zeros(n_images, n_frames)
+    with torch.no_grad():
+        for start in range(0, n_images, FRAMES_PER_CHUNK_IMAGES):
+            stop = min(n_images, start + FRAMES_PER_CHUNK_IMAGES)
+            b = stop - start
+            rows = torch.arange(start, stop).repeat_interleave(n_frames)
+            coords = frames.repeat(b, 1, 1)
+            clean = formation.images(coords, amplitudes, poses[rows], ctf[rows]).reshape(b, n_frames, box_px, box_px)
+            residual_sq[start:stop] = (observed[start:stop, None] - clean).square().sum((-1, -2))
+    pixels = box_px * box_px
+    noise_variance = float(residual_sq[torch.arange(n_images), torch.as_tensor(index)].mean() / pixels)
+    return (-residual_sq / (2 * noise_variance)).numpy().astype(np.float64), noise_variance
+
+
+def oracle_scores(data_dir: Path, box_px: int, n_images: int) -> dict:
+    """Posterior-mean structure and distance of every image under the exact frame posterior, against the truth."""
+    truth = np.load(data_dir / "truth.npz")
+    n_images = min(n_images, len(truth["conformation_index"]))
+    log_likelihood, noise_variance = frame_log_likelihoods(data_dir, box_px, n_images)
+    frames_A = truth["conformations_A"].astype(np.float64)
+    index = truth["conformation_index"]
+    prior = np.bincount(index, minlength=len(frames_A)) / len(index)
+    log_posterior = log_likelihood + np.log(np.maximum(prior, 1e-300))
+    log_posterior -= log_posterior.max(axis=1, keepdims=True)
+    posterior = np.exp(log_posterior)
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    index = index[:n_images]
+    truth_A = frames_A[index]
+    predicted_A = np.einsum("ik,knd->ind", posterior, frames_A)
+    numbers = np.arange(1, frames_A.shape[1] + 1)
+    lid = (numbers >= LID[0]) & (numbers <= LID[1])
+    nmp = (numbers >= NMP[0]) & (numbers <= NMP[1])
+    frame_distance_A = centroid_distance_A(frames_A, lid, nmp)
+    predicted_distance_A = posterior @ frame_distance_A
+    # RMS distance of the posterior's frames from the posterior mean: E||X||^2 - ||E X||^2 per residue
+    frame_power = np.square(frames_A).sum((1, 2))
+    spread_A = np.sqrt(np.maximum(posterior @ frame_power - np.square(predicted_A).sum((1, 2)), 0) / frames_A.shape[1])
+    entropy = -(posterior * np.log(np.maximum(posterior, 1e-300))).sum(1)
+    prior_entropy = -(prior[prior > 0] * np.log(prior[prior > 0])).sum()
+    return {
+        "data": str(data_dir), "snr": float(truth["snr"]), "box_px": box_px, "n_images": n_images,
+        "noise_variance": noise_variance,
+        "median_rmsd_A": float(np.median(rmsd_A(predicted_A, truth_A))),
+        "distance_correlation": float(np.corrcoef(predicted_distance_A, frame_distance_A[index])[0, 1]),
+        "map_frame_median_rmsd_A": float(np.median(rmsd_A(frames_A[posterior.argmax(1)], truth_A))),
+        "spread_error_spearman": float(spearmanr(spread_A, rmsd_A(predicted_A, truth_A)).statistic),
+        "information_nats": float(prior_entropy - entropy.mean()),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, nargs="+")
+    parser.add_argument("--box-px", type=int, nargs="+", default=[64, 32])
+    parser.add_argument("--max-images", type=int, default=10000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bayes_oracle.json"))
+    args = parser.parse_args()
+    rows = [oracle_scores(data, box, args.max_images) for data in args.data for box in args.box_px]
+    print("snr      box  images  posterior-mean RMSD  MAP frame RMSD  dist r  spread rho  information (nats)")
+    for row in rows:
+        print(
+            f"{row['snr']:<8} {row['box_px']:>3} {row['n_images']:>7} {row['median_rmsd_A']:>20.2f} "
+            f"{row['map_frame_median_rmsd_A']:>15.2f} {row['distance_correlation']:>7.3f} "
+            f"{row['spread_error_spearman']:>11.3f} {row['information_nats']:>19.2f}"
+        )
+    write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
