@@ -13,7 +13,12 @@ import pandas as pd
 import pytest
 
 from cryoflex.analysis import figures
-from cryoflex.analysis.predict import decode_latents
+from cryoflex.analysis.predict import (
+    decode_latents,
+    latent_means,
+    particle_posteriors,
+    posterior_latents,
+)
 from cryoflex.analysis.run import load_run
 from cryoflex.cli import main as cli_main
 from cryoflex.io.metadata import read_metadata
@@ -185,4 +190,9 @@ def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: P
     assert not (at_mean / "per_particle_spread_A.npy").exists()
     assert not (at_mean / "per_particle_uncertainty.csv").exists()
     assert np.abs(coords - decoded).max() > 1e-4  # the posterior mean is not the structure at the mean latent
-    np.testing.assert_array_equal(np.load(out / "latent" / "latents.npy"), latents)  # the embedding uses the means
+    np.testing.assert_array_equal(latents, latent_means(run.model, run.dataset))  # without samples: the means
+    # with samples, the embedding takes each particle's importance-weighted posterior mean of z
+    weighted = particle_posteriors(run.model, run.dataset, weighted=True, samples=4, seed=0)
+    expected = posterior_latents(weighted, 4, 0)
+    np.testing.assert_allclose(np.load(out / "latent" / "latents.npy"), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(expected - latents).max() > 1e-3

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cryoflex.config import TrainConfig, load_config
+from cryoflex.config import TrainConfig, load_config, load_run_config
 from cryoflex.errors import CryoflexInputError
 
 _INPUTS = "particles: p.star\nstructure: s.pdb\n"
@@ -60,3 +61,24 @@ def test_stack_and_duplicate_images_settings(tmp_path: Path) -> None:
     with pytest.raises(CryoflexInputError, match="refuse, first, distinct") as caught:
         load_config(path, {"duplicate_images": "merge"})
     assert caught.value.field == "duplicate_images"
+
+
+def test_the_correlation_loss_takes_its_own_weights_unless_given(tmp_path: Path) -> None:
+    inputs = {"particles": "p.star", "structure": "s.pdb"}
+    gaussian = load_config(None, inputs)
+    assert (gaussian.likelihood, gaussian.latent_kl_weight, gaussian.draws_per_image) == ("gaussian", 1.0, 8)
+    original = load_config(None, {**inputs, "likelihood": "correlation"})
+    assert (original.latent_kl_weight, original.continuity_weight, original.clash_weight) == (1e-3, 1e-2, 1e-2)
+    assert original.draws_per_image == 1  # 1 - correlation is no likelihood: nothing to weigh draws by
+    path = tmp_path / "c.yaml"
+    path.write_text(_INPUTS + "likelihood: correlation\nlatent_kl_weight: 0.01\n")
+    assert load_config(path).latent_kl_weight == 0.01
+
+
+def test_a_run_saved_before_the_likelihood_setting_keeps_its_objective(tmp_path: Path) -> None:
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb", "likelihood": "correlation"}).to_dict()
+    del saved["likelihood"], saved["importance_samples"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).likelihood == "correlation"
+    assert load_run_config(path).latent_kl_weight == 1e-3

@@ -20,7 +20,7 @@ from cryoflex.analysis.evaluate import (
     read_truth,
     truth_rows,
 )
-from cryoflex.analysis.predict import decode_latents, latent_posteriors, posterior_structures
+from cryoflex.analysis.predict import decode_latents, particle_posteriors, posterior_structures
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.cli import main as cli_main
 from cryoflex.cli.eval import summary_lines
@@ -207,7 +207,8 @@ def test_posterior_mean_structures_are_scored_and_their_spread_ranks_errors(
     simulation: Path, trained: TrainedRun, tmp_path: Path
 ) -> None:
     result = evaluate(trained, simulation / "truth.npz", fsc_samples=2, out_dir=tmp_path, posterior_samples=4, seed=1)
-    posterior = latent_posteriors(trained.model, trained.dataset)
+    posterior = particle_posteriors(trained.model, trained.dataset, weighted=True, samples=4, seed=1)
+    assert posterior.log_weights is not None  # trained with the Gaussian likelihood: the draws are weighted
     chunks = list(posterior_structures(trained.model, posterior, samples=4, seed=1))
     coords = np.concatenate([c.coords_A for c in chunks]).astype(np.float64)
     mean_spread = np.concatenate([c.spread_A.mean(axis=1) for c in chunks])

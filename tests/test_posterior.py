@@ -133,3 +133,65 @@ def test_analyze_and_eval_flags_default_to_the_same_number_of_samples() -> None:
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         assert parser.get_default("posterior_samples") == DEFAULT_POSTERIOR_SAMPLES
+
+
+def test_importance_weights_weigh_the_draws(model: CryoSphere) -> None:
+    """With weights, a particle's structure is the weighted mean of its draws and its spread the weighted RMS
+    distance from it (computed here from each draw decoded on its own)."""
+    plain = _posterior(5)
+    log_weights = np.random.default_rng(2).normal(scale=2.0, size=(5, 4))
+    weighted = LatentPosterior(plain.mean, plain.std, log_weights, weights_seed=3)
+    coords, spread = _run(model, weighted, samples=4, seed=3, batch_size=2)
+    for p in range(5):
+        noise = torch.as_tensor(posterior_noise(3, np.array([p]), 4, 2)[0])
+        latents = torch.as_tensor(plain.mean[p]) + torch.as_tensor(plain.std[p]) * noise
+        draws = np.stack([_decode_one(model, latent) for latent in latents])
+        weights = np.exp(log_weights[p]) / np.exp(log_weights[p]).sum()
+        mean = np.einsum("k,knd->nd", weights, draws)
+        rms_distance = np.sqrt(np.einsum("k,kn->n", weights, np.sum((draws - mean) ** 2, axis=-1)))
+        np.testing.assert_allclose(coords[p], mean, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(spread[p], rms_distance, rtol=1e-4, atol=1e-5)
+    unweighted, _ = _run(model, plain, samples=4, seed=3)
+    assert np.abs(unweighted - coords).max() > 0.01  # the weights matter
+    chosen = np.array([4, 1])
+    alone, _ = _run(model, weighted.subset(chosen), samples=4, seed=3, positions=chosen)
+    np.testing.assert_allclose(alone, coords[chosen], rtol=0, atol=1e-5)  # a subset keeps its particles' weights
+    with pytest.raises(ValueError, match="weights are for 4 samples with seed 3"):
+        _run(model, weighted, samples=4, seed=4)
+
+
+def test_importance_log_weights_equal_an_independent_computation(data_dir: Path, tiny_adk_dataset: Path) -> None:
+    """log p(image | z) + log p(z) - log q(z | image) per draw: the likelihood from a least-squares fit of scale and
+    offset in numpy, the densities from scipy."""
+    from scipy.stats import norm
+
+    from cryoflex.analysis.predict import importance_log_weights, latent_posteriors
+    from cryoflex.data.dataset import ParticleDataset
+    from cryoflex.io.metadata import read_metadata
+
+    dataset = ParticleDataset(read_metadata(tiny_adk_dataset / "particles.star"))
+    torch.manual_seed(1)
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+    model = build_model(config, read_structure(tiny_adk_dataset / "nominal.pdb"), 32, 4.0).eval()
+    torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
+    with torch.no_grad():
+        model.log_noise_variance.fill_(0.3)
+    chosen = np.array([5, 0, 17])
+    posterior = latent_posteriors(model, dataset).subset(chosen)
+    log_weights = importance_log_weights(model, dataset, posterior, samples=3, seed=2, positions=chosen)
+    batch = dataset.__getitems__(chosen.tolist())
+    for row, p in enumerate(chosen):
+        noise = posterior_noise(2, np.array([p]), 3, 2)[0]
+        for k in range(3):
+            latent = posterior.mean[row] + posterior.std[row] * noise[k]
+            with torch.no_grad():
+                coords_A, _ = model.decode(torch.as_tensor(latent)[None], sample_segmentation=False)
+                image = model.render(coords_A, batch.poses[[row]], batch.ctf[[row]])[0].double().numpy().ravel()
+            observed = batch.images[row].double().numpy().ravel()
+            design = np.stack([image, np.ones_like(image)], axis=1)
+            fit = design @ np.linalg.lstsq(design, observed, rcond=None)[0]
+            nll = np.square(observed - fit).sum() / (2 * np.exp(0.3)) + 0.5 * observed.size * 0.3
+            log_prior = norm.logpdf(latent).sum()
+            log_q = norm.logpdf(latent, posterior.mean[row], posterior.std[row]).sum()
+            assert log_weights[row, k] == pytest.approx(-nll + log_prior - log_q, rel=1e-5, abs=1e-3)

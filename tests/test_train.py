@@ -72,7 +72,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     before = load_checkpoint(find_checkpoint(tmp_path / "run"))
     import cryoflex.train.objective as objective
 
-    monkeypatch.setattr(objective, "correlation_loss", lambda predicted, observed: predicted.sum((1, 2)) * float("nan"))
+    def not_a_number(predicted: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        return predicted.sum((1, 2)) * float("nan")
+
+    monkeypatch.setattr(objective, "correlation_loss", not_a_number)
+    monkeypatch.setattr(objective, "gaussian_image_nll", not_a_number)
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 2"):
         train(_config(tiny_dataset, epochs=2), tmp_path / "run", resume=True)
     after = load_checkpoint(find_checkpoint(tmp_path / "run"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -16,6 +16,10 @@ from cryoflex.io.atomic import write_text_atomic
 
 DUPLICATE_IMAGES = ("refuse", "first", "distinct")
 LR_SCHEDULES = ("constant", "cosine")
+LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
+# Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
+# the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
+CORRELATION_WEIGHTS = {"latent_kl_weight": 1e-3, "continuity_weight": 1e-2, "clash_weight": 1e-2}
 
 
 @dataclass
@@ -56,12 +60,17 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (per step, down to 10% of the learning rates at the last epoch)
     validation_fraction: float = 0.05  # share of particles held out (fixed per particle name); 0 = none
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation loss; 0 = never
-    # loss weights; each ramps linearly from 0 over its warm-up (in epochs, fractional allowed; 0 = no ramp)
-    latent_kl_weight: float = 1e-3
+    # the objective: "gaussian" (nats: the evidence bound with a Gaussian likelihood) or "correlation" (the original)
+    likelihood: str = "gaussian"
+    # latent draws per image in the importance-weighted evidence bound; 1 = the plain ELBO (correlation: always 1)
+    importance_samples: int = 8
+    # loss weights (with likelihood correlation, unless given: CORRELATION_WEIGHTS); the latent KL's ramps linearly
+    # from 0 over its warm-up (in epochs, fractional allowed; 0 = no ramp)
+    latent_kl_weight: float = 1.0
     latent_kl_warmup_epochs: float = 1.0
     segmentation_kl_weight: float = 1.0
-    continuity_weight: float = 1e-2
-    clash_weight: float = 1e-2
+    continuity_weight: float = 5.0  # per A^2 of mean squared bond-length change (nats per image)
+    clash_weight: float = 5.0  # per A^2 of clash depth, summed over pairs / n_residues
     clash_cutoff_A: float = 4.0
     clash_skin_A: float = 2.0
     neighbour_list_every_steps: int = 10
@@ -97,6 +106,8 @@ class TrainConfig:
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),
+            ("likelihood", self.likelihood in LIKELIHOODS, f"use one of {', '.join(LIKELIHOODS)}"),
+            ("importance_samples", self.importance_samples >= 1, "use 1 (the evidence lower bound) or more"),
             ("duplicate_images", self.duplicate_images in DUPLICATE_IMAGES,
              f"use one of {', '.join(DUPLICATE_IMAGES)}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"use one of {', '.join(LR_SCHEDULES)}"),
@@ -115,6 +126,12 @@ class TrainConfig:
                 source, "more than one way to place the structure was given",
                 "use only one of consensus_map, box_centre_A and centre_structure", field="consensus_map",
             )  # fmt: skip
+
+    @property
+    def draws_per_image(self) -> int:
+        """Latent draws per image in a training step: importance_samples with the Gaussian likelihood; one with
+        1 - correlation, which is not a likelihood and so cannot weigh draws."""
+        return self.importance_samples if self.likelihood == "gaussian" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,8 +152,20 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise CryoflexInputError(path, "the configuration must be a mapping of name: value", "see docs")
     values = _coerce_settings(loaded or {}, path)
     values.update(_coerce_settings({k: v for k, v in (overrides or {}).items() if v is not None}, None))
+    if values.get("likelihood") == "correlation":
+        values = {**CORRELATION_WEIGHTS, **values}
     config = TrainConfig(**values)
     config.validate(path)
+    return config
+
+
+def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A run's saved RUN/config.yaml (then `overrides`). Runs saved before the likelihood setting existed were
+    trained with 1 - correlation: their file states every other setting, so only that one is filled in."""
+    config = load_config(path, overrides)
+    saved = yaml.safe_load(Path(path).read_text())
+    if "likelihood" not in saved and "likelihood" not in (overrides or {}):
+        config = replace(config, likelihood="correlation")
     return config
 
 

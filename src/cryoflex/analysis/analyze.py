@@ -27,7 +27,8 @@ from cryoflex.analysis.predict import (
     LatentPosterior,
     check_posterior_options,
     decode_latents,
-    latent_posteriors,
+    particle_posteriors,
+    posterior_latents,
 )
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
@@ -194,8 +195,9 @@ def analyze_run(
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
     logger.info("encoding %d particles", len(run.dataset))
-    posterior = latent_posteriors(model, run.dataset)
-    latents = posterior.mean
+    samples, seed = options.posterior_samples, options.seed
+    posterior = particle_posteriors(model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed)
+    latents = posterior_latents(posterior, samples, seed)
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
     files = latent.save_embedding(embedding, names, out_dir / "latent")
     latent_figures = latent.plot_embedding(embedding, out_dir / "latent")

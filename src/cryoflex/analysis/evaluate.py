@@ -32,7 +32,7 @@ from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rm
 from cryoflex.analysis.predict import (
     DEFAULT_POSTERIOR_SAMPLES,
     check_posterior_options,
-    latent_posteriors,
+    particle_posteriors,
     posterior_structures,
 )
 from cryoflex.analysis.run import TrainedRun
@@ -238,7 +238,9 @@ def _decode_and_score(
 ) -> _Decoded:
     """Every image's posterior-mean structure chunk by chunk (memory of one chunk), scored against
     true_A(start, stop)."""
-    posterior = latent_posteriors(run.model, run.dataset, batch_size=batch_size)
+    posterior = particle_posteriors(
+        run.model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed, batch_size=batch_size
+    )
     n = len(posterior.mean)
     decoded = _Decoded(np.empty(n), np.empty(n), np.empty((len(groups), n)), np.empty(n), {})
     start = 0

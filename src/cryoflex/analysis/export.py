@@ -132,7 +132,7 @@ def export_structures_cif(
     indices[k]), the same as their rows of export_per_particle with the same samples and seed."""
     posterior = _checked_posterior(posterior)
     index = _checked_indices(indices, posterior.mean.shape[0])
-    chosen = LatentPosterior(posterior.mean[index], posterior.std[index])
+    chosen = posterior.subset(index)
     chunks = posterior_structures(model, chosen, samples=samples, seed=seed, positions=index)
     coords_A = np.concatenate([chunk.coords_A for chunk in chunks])
     write_structure(out_path, nominal.with_coords(coords_A))

@@ -254,7 +254,7 @@ def plot_explained_variance(embedding: LatentEmbedding, path: Path) -> Path:
     positions = np.arange(1, ratio.size + 1)
     axes.bar(positions, 100 * ratio, color="tab:blue")
     axes.set_xticks(positions, [f"PC{p}" for p in positions])
-    axes.set(ylabel="explained variance (%)", title="PCA of the latent means")
+    axes.set(ylabel="explained variance (%)", title="PCA of the particle latents")
     return save_figure(figure, path)
 
 

@@ -1,15 +1,16 @@
 """Per-particle latent posteriors and decoded structures from a trained model (evaluation mode).
 
 Decoding uses the posterior-mean segmentation, so a structure depends only on its latent. A particle's structure
-is the posterior mean of the structure: the average of the structures decoded at samples z ~ q(z | image), which
-also gives its spread (how sure the model is of that particle's structure). Without samples, it is the structure
-decoded at the mean of q(z | image).
+is the posterior mean of the structure: the average of the structures decoded at samples z ~ q(z | image), weighted
+(for a model trained with the Gaussian likelihood) by how well each explains the image, which also gives its spread
+(how sure the model is of that particle's structure). Without samples, it is the structure decoded at the mean of
+q(z | image).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.errors import CryoflexInputError
 from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.model.losses import gaussian_image_nll, log_importance_weights
 
 DEFAULT_POSTERIOR_SAMPLES = 16
 NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
@@ -26,10 +28,18 @@ NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
 
 @dataclass(frozen=True)
 class LatentPosterior:
-    """q(z | image) = N(mean, std^2) of each particle, in dataset order."""
+    """q(z | image) = N(mean, std^2) of each particle, in dataset order, and optionally the importance weights of
+    its posterior draws (importance_log_weights; drawn with weights_seed)."""
 
     mean: np.ndarray  # (n_particles, L) float32
     std: np.ndarray  # (n_particles, L) float32
+    log_weights: np.ndarray | None = None  # (n_particles, samples) float64
+    weights_seed: int | None = None
+
+    def subset(self, index: np.ndarray) -> LatentPosterior:
+        """The particles at `index` (their weights too)."""
+        weights = None if self.log_weights is None else self.log_weights[index]
+        return LatentPosterior(self.mean[index], self.std[index], weights, self.weights_seed)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,45 @@ def latent_posteriors(
         means.append(mean.float().cpu().numpy())
         stds.append(std.float().cpu().numpy())
     return LatentPosterior(np.concatenate(means), np.concatenate(stds))
+
+
+def particle_posteriors(
+    model: CryoSphere,
+    dataset: ParticleDataset,
+    *,
+    weighted: bool,
+    samples: int = DEFAULT_POSTERIOR_SAMPLES,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> LatentPosterior:
+    """q(z | image) of every particle; with `weighted` (a model trained with the Gaussian likelihood) and more than
+    one sample, also the importance weights of the `samples` draws that posterior_structures takes with `seed`."""
+    posterior = latent_posteriors(model, dataset, batch_size=batch_size)
+    if not weighted or samples <= 1:
+        return posterior
+    log_weights = importance_log_weights(model, dataset, posterior, samples=samples, seed=seed, batch_size=batch_size)
+    return replace(posterior, log_weights=log_weights, weights_seed=seed)
+
+
+def _normalised(log_weights: np.ndarray) -> np.ndarray:
+    """(n, K) log weights -> (n, K) weights summing to 1 over each row (self-normalised importance sampling)."""
+    weights = np.exp(log_weights - log_weights.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def posterior_latents(posterior: LatentPosterior, samples: int, seed: int) -> np.ndarray:
+    """(n_particles, L) float32 posterior mean of each particle's latent: the importance-weighted mean of its draws
+    when the posterior has weights (at low SNR the encoder's mean says little; the weighted draws say what the
+    images do), else the mean of q(z | image). For latent-space plots and clustering."""
+    if posterior.log_weights is None:
+        return posterior.mean
+    out = np.empty_like(posterior.mean)
+    for start in range(0, len(out), NOISE_BLOCK):
+        stop = min(start + NOISE_BLOCK, len(out))
+        noise = posterior_noise(seed, np.arange(start, stop), samples, out.shape[1])
+        draws = posterior.mean[start:stop, None] + posterior.std[start:stop, None] * noise
+        out[start:stop] = np.einsum("ik,ikl->il", _normalised(posterior.log_weights[start:stop]), draws)
+    return out
 
 
 def latent_means(
@@ -110,6 +159,50 @@ def posterior_noise(seed: int, positions: np.ndarray, samples: int, latent_dim: 
 
 
 @torch.no_grad()
+def importance_log_weights(
+    model: CryoSphere,
+    dataset: ParticleDataset,
+    posterior: LatentPosterior,
+    *,
+    samples: int = DEFAULT_POSTERIOR_SAMPLES,
+    seed: int = 0,
+    positions: np.ndarray | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """(n, samples) log importance weights of the draws posterior_structures takes with the same samples, seed and
+    positions (the particles' rows in `dataset`, default all; `posterior` holds those particles'):
+    log p(image | z_k) + log p(z_k) - log q(z_k | image), with the model's Gaussian likelihood.
+
+    q(z | image) is the encoder's approximation; weighting its draws by how well their structures explain the image
+    turns them into draws of the model's exact posterior (self-normalised importance sampling), which matters at low
+    SNR, where q is a loose fit. Each particle costs `samples` rendered images. Needs a model trained with the
+    Gaussian likelihood (its noise variance is learned).
+    """
+    model.eval()
+    device = model.nominal_coords_A.device
+    n = len(posterior.mean)
+    positions = np.arange(n) if positions is None else np.asarray(positions)
+    chunks = [positions[start : start + batch_size].tolist() for start in range(0, n, batch_size)]
+    out = np.empty((n, samples), np.float64)
+    start = 0
+    for batch in particle_loader(dataset, chunks, num_workers=num_workers):
+        batch = batch.to(device)
+        stop = start + len(batch)
+        mean = torch.as_tensor(posterior.mean[start:stop], device=device, dtype=torch.float32)
+        std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
+        noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
+        latent = mean[:, None] + std[:, None] * noise
+        coords_A, _ = model.decode(latent.flatten(0, 1), sample_segmentation=False)
+        rows = torch.arange(len(batch), device=device).repeat_interleave(samples)
+        images = model.render(coords_A, batch.poses[rows], batch.ctf[rows])
+        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance).view(len(batch), samples)
+        out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
+        start = stop
+    return out
+
+
+@torch.no_grad()
 def posterior_structures(
     model: CryoSphere,
     posterior: LatentPosterior,
@@ -123,9 +216,10 @@ def posterior_structures(
 
     Each particle's structure is the mean of the structures decoded at `samples` draws z = mean + std * noise
     (posterior_noise of its position in the particle file: `positions`, default 0, 1, ...); its spread is the
-    RMS distance of those structures from their mean, per residue. With 0 or 1 samples, the structure decoded at
-    the latent mean and zero spread (one sample gives no spread and a noisier structure than the mean).
-    Memory is one chunk: the samples are accumulated one at a time (Welford, float64).
+    RMS distance of those structures from their mean, per residue. The posterior's importance weights, when it has
+    them, weight the draws (self-normalised); without them every draw counts the same. With 0 or 1
+    samples, the structure decoded at the latent mean and zero spread (one sample gives no spread and a noisier
+    structure than the mean). Memory is one chunk: the samples are accumulated one at a time (float64).
     """
     check_posterior_options(samples, seed)
     n = len(posterior.mean)
@@ -136,6 +230,12 @@ def posterior_structures(
         for at_mean_A in decode_latents(model, posterior.mean, batch_size=batch_size):
             yield PosteriorChunk(at_mean_A, np.zeros(at_mean_A.shape[:2], np.float32))
         return
+    log_weights = posterior.log_weights
+    if log_weights is not None and (log_weights.shape != (n, samples) or posterior.weights_seed != seed):
+        raise ValueError(
+            f"the posterior's weights are for {log_weights.shape[1]} samples with seed {posterior.weights_seed}, "
+            f"not {samples} with seed {seed}"
+        )
     model.eval()
     device = model.nominal_coords_A.device
     for start in range(0, n, batch_size):
@@ -143,12 +243,19 @@ def posterior_structures(
         mean = torch.as_tensor(posterior.mean[start:stop], device=device, dtype=torch.float32)
         std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
         noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
+        if log_weights is None:
+            weights = np.full((stop - start, samples), 1.0 / samples)
+        else:
+            weights = _normalised(log_weights[start:stop])
         average_A = np.zeros((stop - start, int(model.nominal_coords_A.shape[0]), 3))
         squares_A2 = np.zeros(average_A.shape[:2])
-        for k in range(samples):
+        weight_sum = np.zeros((stop - start, 1))
+        for k in range(samples):  # weighted Welford: stable for spreads far below the coordinates' size
             coords_A, _ = model.decode(mean + std * noise[:, k], sample_segmentation=False)
             sample_A = coords_A.float().cpu().numpy().astype(np.float64)
+            weight = weights[:, k : k + 1]
+            weight_sum += weight
             deviation_A = sample_A - average_A
-            average_A += deviation_A / (k + 1)
-            squares_A2 += np.sum(deviation_A * (sample_A - average_A), axis=-1)
-        yield PosteriorChunk(average_A.astype(np.float32), np.sqrt(squares_A2 / samples).astype(np.float32))
+            average_A += deviation_A * (weight / np.maximum(weight_sum, np.finfo(np.float64).tiny))[..., None]
+            squares_A2 += weight * np.sum(deviation_A * (sample_A - average_A), axis=-1)
+        yield PosteriorChunk(average_A.astype(np.float32), np.sqrt(np.maximum(squares_A2, 0.0)).astype(np.float32))

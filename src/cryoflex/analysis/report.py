@@ -25,11 +25,11 @@ from cryoflex.io.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 # Keys of a metrics.jsonl line that are bookkeeping or timings, not loss terms.
-_NOT_LOSS_TERMS = frozenset({"kind", "epoch", "step", "seconds", "images_per_s", "threads"})
+_NOT_LOSS_TERMS = frozenset({"kind", "epoch", "step", "seconds", "images_per_s", "threads", "noise_variance"})
 # Loss terms renamed since older runs were written: old key -> current key (same values).
 _RENAMED_TERMS = {"correlation": "one_minus_correlation"}
 # Panel titles of terms whose key is not a readable name.
-_TERM_LABELS = {"one_minus_correlation": "1 - correlation"}
+_TERM_LABELS = {"one_minus_correlation": "1 - correlation", "image_nll": "-log p(image | structure), nats"}
 # Table cells show floats to this many significant figures (the configuration table shows them exactly).
 _SIGNIFICANT_DIGITS = 3
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cryoflex.config import TrainConfig, load_config
+from cryoflex.config import TrainConfig, load_run_config
 from cryoflex.data.dataset import ImageNormalisation, ParticleDataset
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import Structure
@@ -36,6 +36,11 @@ class TrainedRun:
     structure: Structure  # the nominal structure in the particles' frame (model frame)
     dataset: ParticleDataset
     metrics_path: Path
+
+    @property
+    def has_likelihood(self) -> bool:
+        """Whether the model was trained with the Gaussian likelihood (so it can weigh structures against images)."""
+        return self.config.likelihood == "gaussian"
 
     @property
     def paths(self) -> RunDir:
@@ -76,7 +81,7 @@ def load_run(
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise CryoflexInputError(run.config, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
-    config = load_config(run.config)
+    config = load_run_config(run.config)
     path = run_checkpoint(run.root, epoch=epoch, checkpoint=checkpoint)
     state = load_checkpoint(path, "cpu")
     logger.info("loaded %s: the model after epoch %d", path, int(state["epoch"]))

@@ -6,7 +6,9 @@ averages every gradient (the original implementation called submodules directly 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,12 +25,14 @@ from cryoflex.model.segmentation import Segmentation
 class ModelOutput:
     """What one forward pass produces for a batch of B images of D x D pixels and n residues, M segments."""
 
-    predicted_images: torch.Tensor  # (B, D, D)
-    coords_A: torch.Tensor  # (B, n, 3), model frame (before the pose)
+    predicted_images: torch.Tensor  # (B K, D, D): K samples per image, image-major
+    coords_A: torch.Tensor  # (B K, n, 3), model frame (before the pose)
+    latent: torch.Tensor  # (B K, L): the latent each structure was decoded from
     latent_mean: torch.Tensor  # (B, L)
     latent_std: torch.Tensor  # (B, L)
     assignment: torch.Tensor  # (n, M)
     segmentation_kl: torch.Tensor  # scalar
+    log_noise_variance: torch.Tensor  # scalar: log of the images' per-pixel noise variance (normalised images)
 
 
 class CryoSphere(nn.Module):
@@ -53,8 +57,18 @@ class CryoSphere(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.formation = formation
+        # The images' per-pixel noise variance, learned (maximum likelihood) on a log scale; normalised images of low
+        # SNR have a noise variance close to 1, where it starts.
+        self.log_noise_variance = nn.Parameter(torch.zeros(()))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
         self.deformation = deform
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As nn.Module's; checkpoints from before the noise variance was learned (trained with 1 - correlation,
+        which does not use it) start it at its initial value."""
+        if "log_noise_variance" not in state_dict:
+            state_dict = {**state_dict, "log_noise_variance": torch.zeros(())}
+        return super().load_state_dict(state_dict, strict, assign)
 
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile: ~4x faster forward + backward where per-operation overhead
@@ -76,22 +90,33 @@ class CryoSphere(nn.Module):
         """Structures (B, n, 3) with this model's amplitudes -> images (B, D, D) at these poses, with this CTF."""
         return self.formation.images(coords_A, self.amplitudes_e, poses, ctf)
 
-    def forward(self, batch: ParticleBatch) -> ModelOutput:
-        """Training mode samples z and the segmentation; evaluation mode uses the posterior means."""
+    def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
+        """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior
+        means once per image. One draw is reparameterised (the encoder learns through it: the evidence lower bound);
+        several are proposals for an importance-weighted bound, detached from the encoder, which learns from their
+        weights instead (cryoflex.model.losses.importance_weighted_bound)."""
         with self._network_precision(batch.images.device):
             latent_mean, latent_std = self.encoder(batch.images)
         latent_mean, latent_std = latent_mean.float(), latent_std.float()
-        if self.training:
+        poses, ctf = batch.poses, batch.ctf
+        if not self.training:
+            latent = latent_mean
+        elif samples == 1:
             latent = latent_mean + latent_std * torch.randn_like(latent_mean)
         else:
-            latent = latent_mean
+            noise = torch.randn(len(latent_mean), samples, latent_mean.shape[1], device=latent_mean.device)
+            latent = (latent_mean[:, None] + latent_std[:, None] * noise).flatten(0, 1).detach()
+            rows = torch.arange(len(latent_mean), device=latent_mean.device).repeat_interleave(samples)
+            poses, ctf = poses[rows], ctf[rows]
         coords_A, assignment = self.decode(latent, sample_segmentation=self.training)
-        images = self.render(coords_A, batch.poses, batch.ctf)
+        images = self.render(coords_A, poses, ctf)
         return ModelOutput(
             predicted_images=images,
             coords_A=coords_A,
+            latent=latent,
             latent_mean=latent_mean,
             latent_std=latent_std,
             assignment=assignment,
             segmentation_kl=self.segmentation.kl_divergence(),
+            log_noise_variance=self.log_noise_variance,
         )

@@ -11,6 +11,7 @@ some recent predicted structure (a Verlet list with a skin, rebuilt every few st
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,11 +33,9 @@ def _safe_log(values: torch.Tensor) -> torch.Tensor:
     return torch.log(values.clamp_min(torch.finfo(values.dtype).tiny))
 
 
-def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
-
-    An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
-    with a finite gradient, instead of the 0/0 of the textbook formula.
+def _correlation_and_power(predicted: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, N) images -> (B,) Pearson correlation over pixels and (B,) sum of the observed image's squared deviations
+    from its mean. A constant image (to rounding) has no defined correlation: it counts as 0, with a finite gradient.
     """
     predicted_flat = predicted.flatten(start_dim=1)
     observed_flat = observed.flatten(start_dim=1)
@@ -51,8 +50,78 @@ def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.T
     one = torch.ones_like(covariance)
     predicted_norm = torch.sqrt(torch.where(defined, predicted_power, one))
     norm = predicted_norm * torch.sqrt(torch.where(defined, observed_power, one))
-    correlation = torch.where(defined, covariance / norm, 0.0)
-    return 1.0 - correlation
+    return torch.where(defined, covariance / norm, 0.0), observed_power
+
+
+def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
+
+    An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
+    with a finite gradient, instead of the 0/0 of the textbook formula.
+    """
+    return 1.0 - _correlation_and_power(predicted, observed)[0]
+
+
+def gaussian_image_nll(
+    predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor
+) -> torch.Tensor:
+    """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
+    a * predicted + b + white Gaussian noise of per-pixel variance sigma^2 = exp(log_noise_variance), at each image's
+    least-squares scale a >= 0 and offset b (the data's amplitude and contrast are not modelled).
+
+    With P pixels and rho the correlation: ||observed - mean||^2 (1 - max(rho, 0)^2) / (2 sigma^2) + P log(sigma^2) / 2.
+    Unlike 1 - rho, its pull on the model shrinks with the signal: at low SNR an image says little, and the KL of the
+    latent (weight 1, the evidence bound) then keeps that image's estimate near the population.
+    """
+    correlation, observed_power = _correlation_and_power(predicted, observed)
+    explained = torch.clamp(correlation, min=0.0) ** 2
+    n_pixels = observed[0].numel()
+    residual_power = observed_power * (1.0 - explained)
+    return residual_power / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
+
+
+def log_importance_weights(
+    image_nll: torch.Tensor,
+    latent: torch.Tensor,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    kl_weight: float = 1.0,
+) -> torch.Tensor:
+    """(B, K) log p(image | z_k) + kl_weight * (log p(z_k) - log q(z_k | image)) of K samples z_k ~ q(z | image).
+
+    image_nll (B, K) is -log p(image | z_k); latent (B, K, L) the samples; latent_mean, latent_std (B, L) define q;
+    p(z) = N(0, I). Normalised over k, they weight the samples into the posterior p(z | image).
+    """
+    standardized = (latent - latent_mean[:, None]) / latent_std[:, None]
+    log_q_over_p = (0.5 * (latent.square() - standardized.square()) - _safe_log(latent_std)[:, None]).sum(-1)
+    return -image_nll - kl_weight * log_q_over_p
+
+
+def importance_weighted_bound(
+    image_nll: torch.Tensor,
+    latent: torch.Tensor,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    kl_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance-weighted evidence bound (Burda et al. 2016) of each image, and the loss that fits the encoder.
+
+    image_nll (B, K) is -log p(image | z_k) of K draws z_k ~ q(z | image), latent (B, K, L) those draws, taken as
+    fixed samples (no gradient through them); latent_mean, latent_std (B, L) define q. Returns
+    - (B,) bound log (1/K) sum_k w_k, w_k = p(image | z_k) (p(z_k) / q(z_k | image))^kl_weight, in nats, with q held
+      fixed: it trains the decoder and the likelihood. K = 1 is the evidence lower bound; more draws tighten it towards
+      log p(image), which rewards a decoder whose population explains images that say little about their own latent.
+    - (B,) -sum_k w~_k log q(z_k | image) with the normalised weights w~ (reweighted wake-sleep, Bornschein & Bengio
+      2015): it moves q towards the posterior the weights describe, however sharp, where the bound's own gradient
+      would let q stay at the prior (the encoder is then the proposal that analysis weighs the same way).
+    """
+    latent = latent.detach()
+    log_weights = log_importance_weights(image_nll, latent, latent_mean.detach(), latent_std.detach(), kl_weight)
+    bound = torch.logsumexp(log_weights, dim=1) - math.log(log_weights.shape[1])
+    standardized = (latent - latent_mean[:, None]) / latent_std[:, None]
+    log_q = (-0.5 * standardized.square() - _safe_log(latent_std)[:, None] - 0.5 * math.log(2 * math.pi)).sum(-1)
+    proposal_loss = -(torch.softmax(log_weights.detach(), dim=1) * log_q).sum(1)
+    return bound, proposal_loss
 
 
 def _rounding_power(flat: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.progress import PLAIN_INTERVAL_S
 from cryoflex.run_dir import RunDir
-from cryoflex.train.objective import IMAGE_TERM
+from cryoflex.train.objective import IMAGE_TERM, NLL_TERM
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Short names of the loss terms for the progress display and log lines.
 SHORT_NAMES = {
-    "total": "loss", IMAGE_TERM: "1-corr", "latent_kl": "kl", "segmentation_kl": "seg", "continuity": "cont",
-    "clash": "clash",
+    "total": "loss", NLL_TERM: "nll", IMAGE_TERM: "1-corr", "latent_kl": "kl", "segmentation_kl": "seg",
+    "continuity": "cont", "clash": "clash",
 }  # fmt: skip
 
 

@@ -109,7 +109,7 @@ def train_step(
 
     A non-finite loss returns before the backward pass, so the parameters are left untouched.
     """
-    output = engine(batch)
+    output = engine(batch, losses.config.draws_per_image)
     terms = losses(output, batch.images, epoch_progress, rebuild_neighbours)
     values = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist(), strict=True))
     if math.isfinite(values["total"]):

@@ -1,12 +1,20 @@
 """The training objective: the loss terms of a batch, their weights and schedules.
 
-Loss per image (then averaged over the batch):
-  (1 - correlation(predicted, observed))
-  + w_latent(epoch) * KL(q(z | image) || N(0, I))
+Loss per image (then averaged over the batch), in nats: minus an evidence bound, plus structural priors,
+  -log (1/K) sum_k p(image | z_k) (p(z_k) / q(z_k | image))^w_latent   (K = importance_samples draws of z)
   + w_segmentation * KL(GMM posteriors || priors) / n_images   (the dataset-level KL, shared out over the images)
-  + w_continuity * mean (d(i, i+1) - d_nominal(i, i+1))^2       (consecutive C-alpha of a chain)
+  + w_continuity * mean (d(i, i+1) - d_nominal(i, i+1))^2       (consecutive C-alpha of a chain, every draw)
   + w_clash * sum over non-consecutive pairs of relu(cutoff - d)^2 / n_residues   (from a neighbour list)
-w_latent ramps linearly from 0 over latent_kl_warmup_epochs.
+p(image | structure) is Gaussian white noise of learned variance about the rendered image at the image's best scale and
+offset. w_latent ramps linearly from 0 over latent_kl_warmup_epochs to 1, where the first term is the importance-
+weighted evidence bound (K = 1: the evidence lower bound, -log p(image | z) + KL(q || N(0, I)), with the KL exact).
+The likelihood's pull shrinks with the images' SNR, so an uninformative image's latent stays at the prior instead of
+following the noise, and with K > 1 the bound rewards a decoder whose population of structures explains images that
+say little about their own latent (at low SNR, where the encoder cannot tell). With K > 1 the draws are fixed
+samples for the encoder, which learns from the loss -sum_k w~_k log q(z_k | image) added to the total (reweighted
+wake-sleep, with the draws' normalised weights w~; logged as "proposal", the bound as "evidence_bound").
+likelihood "correlation" replaces -log p(image | z) by 1 - correlation with K = 1 (the original cryoSPHERE objective;
+its weights, config.CORRELATION_WEIGHTS by default, are then relative to a term in [0, 2]).
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ from cryoflex.model.losses import (
     consecutive_pairs,
     continuity_loss,
     correlation_loss,
+    gaussian_image_nll,
+    importance_weighted_bound,
     standard_normal_kl,
 )
 
 # The name of the image term in metrics.jsonl, TensorBoard and the report: it is 1 - correlation (0 = perfect fit).
 IMAGE_TERM = "one_minus_correlation"
+# The Gaussian likelihood's term: -log p(image | structure) in nats (likelihood "gaussian", the default).
+NLL_TERM = "image_nll"
 
 
 class LossTerms:
@@ -54,16 +66,32 @@ class LossTerms:
         self, output: ModelOutput, observed: torch.Tensor, epoch_progress: float, rebuild_neighbours: bool
     ) -> dict[str, torch.Tensor]:
         config = self.config
+        samples = len(output.latent) // len(observed)
+        observed_per_sample = observed.repeat_interleave(samples, 0) if samples > 1 else observed
         terms = {
-            IMAGE_TERM: correlation_loss(output.predicted_images, observed).mean(),
+            IMAGE_TERM: correlation_loss(output.predicted_images, observed_per_sample).mean(),
             "latent_kl": standard_normal_kl(output.latent_mean, output.latent_std).mean(),
             "segmentation_kl": output.segmentation_kl / self.n_images,
         }
-        total = (
-            terms[IMAGE_TERM]
-            + self.latent_kl_weight(epoch_progress) * terms["latent_kl"]
-            + config.segmentation_kl_weight * terms["segmentation_kl"]
-        )
+        kl_weight = self.latent_kl_weight(epoch_progress)
+        if config.likelihood == "gaussian":
+            image_nll = gaussian_image_nll(
+                output.predicted_images, observed_per_sample, output.log_noise_variance
+            ).view(len(observed), samples)
+            terms[NLL_TERM] = image_nll.mean()
+            terms["noise_variance"] = output.log_noise_variance.detach().exp()  # reported, not a loss
+        if samples > 1:
+            bound, proposal_loss = importance_weighted_bound(
+                image_nll, output.latent.view(len(observed), samples, -1), output.latent_mean, output.latent_std,
+                kl_weight,
+            )
+            terms["proposal"] = proposal_loss.mean()
+            terms["evidence_bound"] = bound.detach().mean()  # reported: the total holds it with the proposal's loss
+            data_term = terms["proposal"] - bound.mean()
+        else:
+            image_term = terms[NLL_TERM if config.likelihood == "gaussian" else IMAGE_TERM]
+            data_term = image_term + kl_weight * terms["latent_kl"]
+        total = data_term + config.segmentation_kl_weight * terms["segmentation_kl"]
         if config.continuity_weight > 0 and len(self.pairs):
             terms["continuity"] = continuity_loss(output.coords_A, self.pairs, self.reference_A).mean()
             total = total + config.continuity_weight * terms["continuity"]
