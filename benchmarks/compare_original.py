@@ -43,7 +43,7 @@ import torch
 from _measure import cpu_name
 from train_throughput import RESULT_PREFIX, WARMUP_STEPS, Row, row_structure, run_single_row, simulate_particles
 
-from cryoflex.config import TrainConfig
+from cryoflex.config import CORRELATION_WEIGHTS, TrainConfig
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.structure import read_structure, write_structure
 
@@ -136,9 +136,9 @@ def original_settings(row: Row, clash: str) -> dict[str, Any]:
         batch_size=row.batch, segments=row.segments, latent_dim=defaults.latent_dim, tau=defaults.tau,
         sigma_A=defaults.sigma_A, encoder_hidden=defaults.encoder_hidden, decoder_hidden=defaults.decoder_hidden,
         learning_rate=defaults.learning_rate, segmentation_learning_rate=defaults.segmentation_learning_rate,
-        num_workers=defaults.num_workers, seed=defaults.seed, latent_kl_weight=defaults.latent_kl_weight,
-        segmentation_kl_weight=defaults.segmentation_kl_weight, continuity_weight=defaults.continuity_weight,
-        clash_weight=defaults.clash_weight, clash_cutoff_A=defaults.clash_cutoff_A, full_clash=clash == "full",
+        num_workers=defaults.num_workers, seed=defaults.seed, segmentation_kl_weight=defaults.segmentation_kl_weight,
+        clash_cutoff_A=defaults.clash_cutoff_A, full_clash=clash == "full",
+        **CORRELATION_WEIGHTS,  # the original's loss is 1 - correlation: cryoflex's weights for that loss
     )  # fmt: skip
 
 

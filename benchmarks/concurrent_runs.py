@@ -41,7 +41,8 @@ def train_command(data: Path, run: Path, row: Row, setting: str) -> list[str]:
         sys.executable, "-m", "cryoflex", "train", "--particles", str(data / "particles.star"),
         "--structure", str(data / "nominal.pdb"), "--out", str(run), "--segments", str(row.segments),
         "--batch-size", str(row.batch), "--epochs", str(EPOCHS), "--validation-fraction", "0", "--no-cache",
-        "--no-progress", "--device", "cpu", "--threads", threads,
+        "--no-progress", "--device", "cpu", "--threads", threads, "--likelihood", "correlation",
+        "--importance-samples", "1",  # the step of the recorded figures (train_throughput.STEP_OBJECTIVE)
     ]  # fmt: skip
 
 

@@ -2,14 +2,15 @@
 
 Run: .venv/bin/python benchmarks/recovery_adk.py --snr 0.1 --n-images 10000 --epochs 20 [--out benchmarks/results/...]
 Simulates from the MD trajectory in tests/data (98 frames, 214 residues, frame 0 = closed = nominal), trains cryoflex
-on the CPU, reopens the run as analysis does (the best checkpoint by validation loss), takes every particle's
-posterior-mean structure (the average of 16 structures decoded from samples of q(z | image)) and reports: median per-
-image C-alpha RMSD to the true conformation (and that of the structure decoded at the latent mean) vs three constant
-predictions (the nominal structure; two oracles chosen with the truth: the mean structure and the best single
-trajectory frame), the Bayes bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman
-correlation of each particle's predicted spread with its error, the correlation of predicted vs true LID-NMP centroid
-distance (LID 122-159, NMP 30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose
-majority is LID, resp. NMP), and the wall times. Prints a table and writes JSON.
+on the CPU, reopens the run as analysis does (the last checkpoint; the best by validation loss is scored too), takes
+every particle's posterior-mean structure (16 structures decoded from samples of q(z | image), importance-weighted for
+a model trained with the Gaussian likelihood, as analysis does) and reports: median per-image C-alpha RMSD to the true
+conformation (and that of the structure decoded at the latent mean) vs three constant predictions (the nominal
+structure; two oracles chosen with the truth: the mean structure and the best single trajectory frame), the Bayes
+bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman correlation of each particle's
+predicted spread with its error, the correlation of predicted vs true LID-NMP centroid distance (LID 122-159, NMP
+30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose majority is LID, resp. NMP),
+and the wall times. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bayes_oracle import oracle_scores
 from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import domain_f1, recovery_summary, rmsd_A
-from cryoflex.analysis.predict import decode_latents, latent_posteriors, posterior_structures
+from cryoflex.analysis.predict import decode_latents, particle_posteriors, posterior_structures
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.config import load_config
 from cryoflex.io.atomic import write_text_atomic
@@ -72,7 +73,7 @@ def oracle_baselines(conformations_A: np.ndarray, conformation_index: np.ndarray
 def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarray, seed: int) -> dict:
     """Posterior-mean structures of every particle (and those decoded at the latent mean) against the truth."""
     model, dataset = run.model, run.dataset
-    posterior = latent_posteriors(model, dataset)
+    posterior = particle_posteriors(model, dataset, weighted=run.has_likelihood, samples=POSTERIOR_SAMPLES, seed=seed)
     chunks = list(posterior_structures(model, posterior, samples=POSTERIOR_SAMPLES, seed=seed))
     predicted = np.concatenate([chunk.coords_A for chunk in chunks])
     spread_A = np.concatenate([chunk.spread_A for chunk in chunks]).mean(axis=1)

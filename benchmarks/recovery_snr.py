@@ -41,6 +41,10 @@ def figure(rows: list[dict], path: Path) -> None:
                               ("ensemble_mean_median_rmsd_A", "mean structure (oracle)", "--"),
                               ("best_frame_median_rmsd_A", "best single frame (oracle)", "-.")):  # fmt: skip
         left.plot(snrs, [row[key] for row in ordered], style, color="grey", label=label)
+    if all("bayes_median_rmsd_A" in row for row in ordered):  # the exact posterior over the true frames
+        left.plot(snrs, [row["bayes_median_rmsd_A"] for row in ordered], ":", color="black", label="Bayes bound")
+        bayes_r = [row["bayes_distance_correlation"] for row in ordered]
+        right.plot(snrs, bayes_r, ":", color="black", label="Bayes bound")
     for axis, ylabel in ((left, "median per-image C-alpha RMSD (A)"), (right, "LID-NMP distance correlation")):
         axis.set_xscale("log")
         axis.set_xlabel("SNR")

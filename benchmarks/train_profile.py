@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _measure import cpu_name
-from train_throughput import Row, row_structure, simulate_particles
+from train_throughput import STEP_OBJECTIVE, Row, row_structure, simulate_particles
 
 from cryoflex.config import load_config
 from cryoflex.data.dataset import particle_loader
@@ -86,6 +86,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
+        **STEP_OBJECTIVE,
     })  # fmt: skip
     device = torch.device("cpu")
     inputs = prepare_inputs(config, run_dir, progress=False)

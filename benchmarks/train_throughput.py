@@ -53,6 +53,10 @@ from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 ADK_RESIDUES = 214
 WARMUP_STEPS = 2
+# The step timed here: one draw per image with the original objective, as every figure in docs/benchmarks.md (and the
+# original's step). The default objective draws importance_samples = 8 latents per image, which renders and deforms 8
+# structures per image: about 3x this step's time at 214 residues and 32 px (docs/low_snr.md).
+STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1}
 BOX_MARGIN = 1.3
 SNR = 0.1
 PERTURBATION_A = 1.0  # std of the noise that makes the ensemble's second model
@@ -209,7 +213,7 @@ def time_steps(
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name, "compile": compile_, "precision": precision,
+        "device": device_name, "compile": compile_, "precision": precision, **STEP_OBJECTIVE,
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
