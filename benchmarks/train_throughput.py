@@ -55,7 +55,7 @@ ADK_RESIDUES = 214
 WARMUP_STEPS = 2
 # The step timed here: one draw per image with the original objective, as every figure in docs/benchmarks.md (and the
 # original's step). The default objective draws importance_samples = 8 latents per image, which renders and deforms 8
-# structures per image: about 3x this step's time at 214 residues and 32 px (docs/low_snr.md).
+# structures per image: 3x this step's time at 214 residues and 32 px, 14x at 2,750 and 64 px (draws_cost.py).
 STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1}
 BOX_MARGIN = 1.3
 SNR = 0.1
@@ -207,13 +207,14 @@ def synchronise(device: torch.device) -> None:
 
 def time_steps(
     row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False,
-    precision: str = "auto",
+    precision: str = "auto", objective: dict | None = None,
 ) -> dict:  # fmt: skip
-    """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share."""
+    """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share.
+    objective: the objective's settings (default STEP_OBJECTIVE)."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name, "compile": compile_, "precision": precision, **STEP_OBJECTIVE,
+        "device": device_name, "compile": compile_, "precision": precision, **(objective or STEP_OBJECTIVE),
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
