@@ -290,3 +290,29 @@ def test_gradcheck_coordinates_rotations_shifts_through_ctf() -> None:
         )
 
     assert torch.autograd.gradcheck(forward, (coords, rotations, shifts))
+
+
+def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches split into chunks (as on a CPU at large sizes) give the same images and gradients as one chunk."""
+    import cryoflex.imaging.projector as projector
+
+    rng = np.random.default_rng(7)
+    coords = torch.as_tensor(rng.uniform(-4, 4, size=(5, 4, 3)), dtype=F64).requires_grad_()
+    amplitudes = torch.as_tensor(rng.uniform(0.5, 2, size=(5, 4)), dtype=F64).requires_grad_()
+    rotations = torch.as_tensor(uniform_random_rotations(5, rng), dtype=F64)
+
+    def forward(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return project_gaussians(c, a, rotations, box_size_px=9, pixel_size_A=1.5, sigma_A=2.0)
+
+    probe = torch.as_tensor(rng.normal(size=(5, 9, 9)), dtype=F64)
+
+    def images_and_gradients() -> list[torch.Tensor]:
+        images = forward(coords, amplitudes)
+        return [images.detach(), *torch.autograd.grad((images * probe).sum(), (coords, amplitudes))]
+
+    whole = images_and_gradients()
+    monkeypatch.setattr(projector, "_CPU_CHUNK_ELEMENTS", 2 * 4 * 9)  # two images per chunk: chunks of 2, 2, 1
+    assert projector._chunk_size(5, 4, 9, torch.device("cpu")) == 2
+    for chunked, reference in zip(images_and_gradients(), whole, strict=True):
+        torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(forward, (coords, amplitudes))
