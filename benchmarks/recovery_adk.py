@@ -10,7 +10,9 @@ structure; two oracles chosen with the truth: the mean structure and the best si
 bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman correlation of each particle's
 predicted spread with its error, the correlation of predicted vs true LID-NMP centroid distance (LID 122-159, NMP
 30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose majority is LID, resp. NMP),
-and the wall times. Prints a table and writes JSON.
+the floor of the learned segmentation (rigid_floor.py: the median RMSD left when each segment is fitted rigidly onto
+each image's true conformation, what a perfect encoder and decoder would reach), and the wall times. Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 from bayes_oracle import oracle_scores
+from rigid_floor import runs_of, segmentation_floor_A
 from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import domain_f1, recovery_summary, rmsd_A
@@ -142,10 +145,14 @@ def run_recovery(
     model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
+    conformations_A = truth["conformations_A"]
+    floor_A = segmentation_floor_A(conformations_A[int(truth["nominal_frame"])], conformations_A, segments)
     summary.update(
         snr=snr, n_images=n_images, epochs=epochs, box_px=box_size_px, downsample=downsample,
         nmp_f1=domain_f1(segments, domain_labels(numbers), 1), lid_f1=domain_f1(segments, domain_labels(numbers), 2),
-        segment_labels="".join(str(s) for s in segments), simulate_s=simulate_s, train_s=train_s,
+        segment_ranges=[f"{numbers[a]}-{numbers[b - 1]}" for a, b in runs_of(segments)],
+        rigid_floor_median_rmsd_A=float(np.median(floor_A[truth["conformation_index"]])),
+        simulate_s=simulate_s, train_s=train_s,
         train_images_per_s=n_images * epochs / train_s, threads=torch.get_num_threads(),
     )  # fmt: skip
     return summary
@@ -155,7 +162,7 @@ def print_table(rows: list[dict]) -> None:
     """One line per run: the posterior-mean RMSD and distance correlation beside the constant predictions."""
     print(
         "snr     images epochs  RMSD  at-mean  nominal  mean*  frame*  Bayes*  dist r (Bayes*)  spread rho (Bayes*)"
-        "  NMP F1  LID F1  train s"
+        "  floor  NMP F1  LID F1  train s"
     )
     for row in rows:
         print(
@@ -165,6 +172,7 @@ def print_table(rows: list[dict]) -> None:
             f"{row['bayes_median_rmsd_A']:>7.2f} {row['distance_correlation']:>7.3f} "
             f"({row['bayes_distance_correlation']:.3f}) {row['spread_error_spearman']:>11.3f} "
             f"({row['bayes_spread_error_spearman']:.3f}) "
+            f"{row['rigid_floor_median_rmsd_A']:>6.2f} "
             f"{row['nmp_f1']:>7.3f} {row['lid_f1']:>7.3f} {row['train_s']:>8.0f}"
             + (f"   best.pt: epoch {row['best_checkpoint_epoch']}, RMSD {row['best_checkpoint_median_rmsd_A']:.2f}, "
                f"r {row['best_checkpoint_distance_correlation']:.3f}" if "best_checkpoint_epoch" in row else "")

@@ -1,0 +1,47 @@
+"""benchmarks/rigid_floor.py: the rigid-segment floor and the exact search for the best contiguous segmentation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import roma
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from rigid_floor import best_contiguous_cuts, labels_of, segment_costs_A2, segmentation_floor_A  # noqa: E402
+
+from cryoflex.analysis.metrics import superposed_rmsd_A  # noqa: E402
+
+CUTS = [0, 9, 21, 30]
+
+
+def _frames(n_frames: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random 30-residue chain and frames in which the residues CUTS[k]..CUTS[k+1]-1 each move rigidly."""
+    generator = torch.Generator().manual_seed(seed)
+    nominal = torch.cumsum(torch.randn(CUTS[-1], 3, generator=generator, dtype=torch.float64) * 2.2, 0)
+    frames = []
+    for _ in range(n_frames):
+        parts = []
+        for a, b in zip(CUTS[:-1], CUTS[1:], strict=True):
+            rotation = roma.rotvec_to_rotmat(0.4 * torch.randn(3, generator=generator, dtype=torch.float64))
+            parts.append(nominal[a:b] @ rotation.T + 3.0 * torch.randn(3, generator=generator, dtype=torch.float64))
+        frames.append(torch.cat(parts))
+    return nominal.numpy(), torch.stack(frames).numpy()
+
+
+def test_the_search_finds_the_segments_that_moved_rigidly() -> None:
+    nominal, frames = _frames(5)
+    cost_A2 = segment_costs_A2(nominal, frames)
+    cuts = best_contiguous_cuts(cost_A2, 3)
+    assert cuts == CUTS
+    assert segmentation_floor_A(nominal, frames, labels_of(cuts)).max() < 1e-6
+    coarser = labels_of(best_contiguous_cuts(cost_A2, 2))
+    assert segmentation_floor_A(nominal, frames, coarser).min() > 0.1
+
+
+def test_one_segment_is_the_superposed_rmsd() -> None:
+    nominal, frames = _frames(4, seed=1)
+    floor_A = segmentation_floor_A(nominal, frames, np.zeros(len(nominal), dtype=int))
+    np.testing.assert_allclose(floor_A, superposed_rmsd_A(np.broadcast_to(nominal, frames.shape), frames), rtol=1e-9)
