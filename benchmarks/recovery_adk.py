@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--box-px", type=int, default=64)
     parser.add_argument("--pixel-size-A", type=float, default=2.0)
     parser.add_argument("--downsample", type=int)
-    parser.add_argument("--segments", type=int, default=6)
+    parser.add_argument("--segments", type=int, help="(default: the training default)")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="training settings (YAML values)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cryoflex_recovery"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery_adk.json"))
@@ -208,7 +208,7 @@ def main() -> None:
         row = run_recovery(
             work, snr=snr, n_images=args.n_images, epochs=args.epochs, box_size_px=args.box_px,
             pixel_size_A=args.pixel_size_A, downsample=args.downsample,
-            train_overrides={"segments": args.segments, **settings},
+            train_overrides={**settings, **({} if args.segments is None else {"segments": args.segments})},
         )  # fmt: skip
         rows.append(row)
         print(json.dumps(row, indent=1))

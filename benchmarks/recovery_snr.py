@@ -45,6 +45,9 @@ def figure(rows: list[dict], path: Path) -> None:
         left.plot(snrs, [row["bayes_median_rmsd_A"] for row in ordered], ":", color="black", label="Bayes bound")
         bayes_r = [row["bayes_distance_correlation"] for row in ordered]
         right.plot(snrs, bayes_r, ":", color="black", label="Bayes bound")
+    if all("rigid_floor_median_rmsd_A" in row for row in ordered):  # the learned segmentation's own limit
+        floors = [row["rigid_floor_median_rmsd_A"] for row in ordered]
+        left.plot(snrs, floors, "--", color="black", label="rigid floor of the learned segments")
     for axis, ylabel in ((left, "median per-image C-alpha RMSD (A)"), (right, "LID-NMP distance correlation")):
         axis.set_xscale("log")
         axis.set_xlabel("SNR")

@@ -38,7 +38,7 @@ class TrainConfig:
     centre_structure: bool = False  # or: the particles are centred on the structure's centroid
     amplitude_contrast: float | None = None  # for RELION 3.0 files without rlnAmplitudeContrast
     # model
-    segments: int = 6
+    segments: int = 12  # the most segments; benchmarks/recovery_snr.py and docs/low_snr.md chose 12 over 6 and 20
     parts: list[str] = field(default_factory=list)  # e.g. ["A:1-120:3", "B:4"]; empty = whole structure
     latent_dim: int = 8
     tau: float = 20.0

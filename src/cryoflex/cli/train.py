@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     placement.add_argument("--centre-structure", action="store_true", default=None,
                            help="the particles are centred on the structure's centroid")
     model = parser.add_argument_group("model")
-    model.add_argument("--segments", type=int, help="number of segments (default 6)")
+    model.add_argument("--segments", type=int, help="number of segments (default 12)")
     model.add_argument("--parts", nargs="+", metavar="PART",
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "correlation (the original cryoSPHERE loss, 1 - correlation with a hand-set KL weight)")
     run.add_argument("--importance-samples", type=int, metavar="K",
                      help="latent draws per image in the evidence bound (default 8; 1 = the plain ELBO, about as "
-                          "good at SNR 0.01 and above, worse at 0.001, and 3x (214 residues) to 14x (2,750 "
+                          "good at SNR 0.01 and above, worse at 0.001, and 3x (214 residues) to 9x (2,750 "
                           "residues, 64 px) faster per step; the correlation loss always takes 1)")
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
