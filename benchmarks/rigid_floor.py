@@ -16,9 +16,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import roma
-import torch
 
+from cryoflex.geometry.superposition import superpose_A
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.trajectory import read_trajectory
 
@@ -28,11 +27,7 @@ MIN_LENGTH = 3  # residues: shorter segments fit anything and say nothing about 
 
 def rigid_fit_sse_A2(nominal_A: np.ndarray, frames_A: np.ndarray) -> np.ndarray:
     """Sum of squared distances (A^2) left after the best rigid fit of nominal (n, 3) onto each frame (f, n, 3)."""
-    mobile = torch.from_numpy(np.broadcast_to(nominal_A, frames_A.shape).astype(np.float64))
-    target = torch.from_numpy(frames_A.astype(np.float64))
-    rotation, translation = roma.rigid_points_registration(mobile, target)
-    fitted = mobile @ rotation.transpose(-1, -2) + translation[:, None, :]
-    return (fitted - target).square().sum((-1, -2)).numpy()
+    return np.square(superpose_A(nominal_A, frames_A) - frames_A).sum((-1, -2))
 
 
 def runs_of(labels: np.ndarray) -> list[tuple[int, int]]:
