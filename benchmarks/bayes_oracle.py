@@ -7,8 +7,8 @@ noise variance. It scores each frame by the exact Gaussian log-likelihood of the
 (prior = how often the simulation drew each frame) and reports the posterior-mean structure and LID-NMP distance, scored
 as recovery_adk.py scores a trained model. No method that learns the conformations from the images can beat it in
 expectation; it bounds what the benchmark's targets can ask for. --box-px 32 repeats it on the Fourier-cropped images
-that training at --downsample 32 sees (noise variance measured from the residual of the true frame). Prints a table and
-writes JSON.
+that training at --downsample 32 sees (noise variance measured from the residual of the true frame); --scale-per-image
+repeats it with each image's scale fitted, as cryoflex 0.1's likelihood did. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -45,8 +45,14 @@ def _images(data_dir: Path, count: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def frame_log_likelihoods(data_dir: Path, box_px: int, n_images: int) -> tuple[np.ndarray, float]:
-    """(n_images, n_frames) Gaussian log-likelihood of every image under every frame, and the noise variance used."""
+def frame_log_likelihoods(
+    data_dir: Path, box_px: int, n_images: int, *, scale_per_image: bool = False
+) -> tuple[np.ndarray, float]:
+    """(n_images, n_frames) Gaussian log-likelihood of every image under every frame, and the noise variance used.
+
+    scale_per_image: each image's own least-squares scale (>= 0) and offset instead of the known ones (the likelihood
+    cryoflex 0.1 trained with), to measure what fitting them costs.
+    """
     truth = np.load(data_dir / "truth.npz")
     metadata = read_metadata(data_dir / "particles.star")
     frames = torch.as_tensor(truth["conformations_A"], dtype=torch.float32)
@@ -60,9 +66,11 @@ def frame_log_likelihoods(data_dir: Path, box_px: int, n_images: int) -> tuple[n
     observed = torch.as_tensor(_images(data_dir, n_images))
     if box_px != full_box:
         observed = fourier_crop(observed, box_px)
+    observed = observed.double()
     index = truth["conformation_index"][:n_images]
     n_frames = len(frames)
-    residual_sq = torch.zeros(n_images, n_frames)
+    residual_sq = torch.zeros(n_images, n_frames, dtype=torch.float64)
+    fitted_residual_sq = torch.zeros_like(residual_sq)
     with torch.no_grad():
         for start in range(0, n_images, FRAMES_PER_CHUNK_IMAGES):
             stop = min(n_images, start + FRAMES_PER_CHUNK_IMAGES)
@@ -70,17 +78,25 @@ def frame_log_likelihoods(data_dir: Path, box_px: int, n_images: int) -> tuple[n
             rows = torch.arange(start, stop).repeat_interleave(n_frames)
             coords = frames.repeat(b, 1, 1)
             clean = formation.images(coords, amplitudes, poses[rows], ctf[rows]).reshape(b, n_frames, box_px, box_px)
-            residual_sq[start:stop] = (observed[start:stop, None] - clean).square().sum((-1, -2))
+            clean = clean.double().flatten(2)
+            images = observed[start:stop, None].flatten(2)
+            residual_sq[start:stop] = (images - clean).square().sum(-1)
+            clean = clean - clean.mean(-1, keepdim=True)
+            images = images - images.mean(-1, keepdim=True)
+            inner = (images * clean).sum(-1).clamp_min(0.0)
+            fitted_residual_sq[start:stop] = images.square().sum(-1) - inner.square() / clean.square().sum(-1)
     pixels = box_px * box_px
     noise_variance = float(residual_sq[torch.arange(n_images), torch.as_tensor(index)].mean() / pixels)
-    return (-residual_sq / (2 * noise_variance)).numpy().astype(np.float64), noise_variance
+    chosen = fitted_residual_sq if scale_per_image else residual_sq
+    return (-chosen / (2 * noise_variance)).numpy(), noise_variance
 
 
-def oracle_scores(data_dir: Path, box_px: int, n_images: int) -> dict:
-    """Posterior-mean structure and distance of every image under the exact frame posterior, against the truth."""
+def oracle_scores(data_dir: Path, box_px: int, n_images: int, *, scale_per_image: bool = False) -> dict:
+    """Posterior-mean structure and distance of every image under the exact frame posterior, against the truth
+    (scale_per_image: under the likelihood that fits each image's scale, see frame_log_likelihoods)."""
     truth = np.load(data_dir / "truth.npz")
     n_images = min(n_images, len(truth["conformation_index"]))
-    log_likelihood, noise_variance = frame_log_likelihoods(data_dir, box_px, n_images)
+    log_likelihood, noise_variance = frame_log_likelihoods(data_dir, box_px, n_images, scale_per_image=scale_per_image)
     frames_A = truth["conformations_A"].astype(np.float64)
     index = truth["conformation_index"]
     prior = np.bincount(index, minlength=len(frames_A)) / len(index)
@@ -103,6 +119,7 @@ def oracle_scores(data_dir: Path, box_px: int, n_images: int) -> dict:
     prior_entropy = -(prior[prior > 0] * np.log(prior[prior > 0])).sum()
     return {
         "data": str(data_dir), "snr": float(truth["snr"]), "box_px": box_px, "n_images": n_images,
+        "scale_per_image": scale_per_image,
         "noise_variance": noise_variance,
         "median_rmsd_A": float(np.median(rmsd_A(predicted_A, truth_A))),
         "distance_correlation": float(np.corrcoef(predicted_distance_A, frame_distance_A[index])[0, 1]),
@@ -117,15 +134,23 @@ def main() -> None:
     parser.add_argument("data", type=Path, nargs="+")
     parser.add_argument("--box-px", type=int, nargs="+", default=[64, 32])
     parser.add_argument("--max-images", type=int, default=10000)
+    parser.add_argument("--scale-per-image", action="store_true",
+                        help="also score under the likelihood that fits each image's scale (cryoflex 0.1's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bayes_oracle.json"))
     args = parser.parse_args()
-    rows = [oracle_scores(data, box, args.max_images) for data in args.data for box in args.box_px]
-    print("snr      box  images  posterior-mean RMSD  MAP frame RMSD  dist r  spread rho  information (nats)")
+    rows = [
+        oracle_scores(data, box, args.max_images, scale_per_image=fitted)
+        for fitted in ((False, True) if args.scale_per_image else (False,))
+        for data in args.data
+        for box in args.box_px
+    ]
+    print("snr      box  images  scale      posterior-mean RMSD  MAP frame RMSD  dist r  spread rho  information")
     for row in rows:
+        scale = "per image" if row["scale_per_image"] else "known"
         print(
-            f"{row['snr']:<8} {row['box_px']:>3} {row['n_images']:>7} {row['median_rmsd_A']:>20.2f} "
+            f"{row['snr']:<8} {row['box_px']:>3} {row['n_images']:>7}  {scale:<9} {row['median_rmsd_A']:>20.2f} "
             f"{row['map_frame_median_rmsd_A']:>15.2f} {row['distance_correlation']:>7.3f} "
-            f"{row['spread_error_spearman']:>11.3f} {row['information_nats']:>19.2f}"
+            f"{row['spread_error_spearman']:>11.3f} {row['information_nats']:>6.2f} nats"
         )
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

@@ -20,7 +20,7 @@ from cryoflex.imaging.projector import apply_ctf, project_gaussians
 from cryoflex.io.metadata import CTFParameters
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
-from cryoflex.train.loop import contrast_report
+from cryoflex.train.loop import nominal_fit
 from cryoflex.train.setup import prepare_inputs, prepare_model
 
 F64 = torch.float64
@@ -78,7 +78,7 @@ def test_model_simulator_and_contrast_check_all_form_images_through_one_formatio
     assert isinstance(model.formation, ImageFormation)
     loader = particle_loader(inputs.dataset, [[0, 1, 2, 3, 4], [5, 6, 7]])
     calls.clear()
-    contrast_report(model, loader, torch.device("cpu"))
+    nominal_fit(model, loader, torch.device("cpu"))
     batch = inputs.dataset.__getitems__([3, 1])
     output = model(batch)
     assert calls == [5, 3, 2]

@@ -242,19 +242,19 @@ def test_real_adenylate_kinase_has_no_clashes(data_dir: Path) -> None:
     assert continuity_loss(coords, consecutive, reference).item() == pytest.approx(0.0, abs=1e-20)
 
 
-def test_gaussian_image_nll_equals_the_likelihood_at_the_best_scale_and_offset() -> None:
-    """Independent computation: least-squares fit of a * predicted + b, then the Gaussian negative log-likelihood."""
+def test_gaussian_image_nll_equals_the_likelihood_at_the_shared_scale_and_each_best_offset() -> None:
+    """Independent computation: the given scale times predicted, each image's least-squares offset b (numpy), then
+    the Gaussian negative log-likelihood."""
     generator = torch.Generator().manual_seed(3)
     predicted = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
     observed = 0.7 * predicted + 0.2 + 0.5 * torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
     log_variance = torch.tensor(-1.2, dtype=torch.float64)
-    nll = gaussian_image_nll(predicted, observed, log_variance)
+    log_scale = torch.tensor(np.log(0.6), dtype=torch.float64)
+    nll = gaussian_image_nll(predicted, observed, log_variance, log_scale)
     for i in range(4):
-        design = np.stack([predicted[i].flatten().numpy(), np.ones(64)], axis=1)
-        coefficients, *_ = np.linalg.lstsq(design, observed[i].flatten().numpy(), rcond=None)
-        assert coefficients[0] > 0
-        residual = observed[i].flatten().numpy() - design @ coefficients
-        expected = np.square(residual).sum() / (2 * np.exp(-1.2)) + 32 * -1.2
+        target = observed[i].flatten().numpy() - 0.6 * predicted[i].flatten().numpy()
+        (offset,), *_ = np.linalg.lstsq(np.ones((64, 1)), target, rcond=None)
+        expected = np.square(target - offset).sum() / (2 * np.exp(-1.2)) + 32 * -1.2
         assert float(nll[i]) == pytest.approx(expected, rel=1e-10)
 
 

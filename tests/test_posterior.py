@@ -161,8 +161,8 @@ def test_importance_weights_weigh_the_draws(model: CryoSphere) -> None:
 
 
 def test_importance_log_weights_equal_an_independent_computation(data_dir: Path, tiny_adk_dataset: Path) -> None:
-    """log p(image | z) + log p(z) - log q(z | image) per draw: the likelihood from a least-squares fit of scale and
-    offset in numpy, the densities from scipy."""
+    """log p(image | z) + log p(z) - log q(z | image) per draw: the likelihood at the model's image scale with a
+    least-squares offset in numpy, the densities from scipy."""
     from scipy.stats import norm
 
     from cryoflex.analysis.predict import importance_log_weights, latent_posteriors
@@ -177,6 +177,7 @@ def test_importance_log_weights_equal_an_independent_computation(data_dir: Path,
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
     with torch.no_grad():
         model.log_noise_variance.fill_(0.3)
+        model.log_image_scale.fill_(-0.4)
     chosen = np.array([5, 0, 17])
     posterior = latent_posteriors(model, dataset).subset(chosen)
     log_weights = importance_log_weights(model, dataset, posterior, samples=3, seed=2, positions=chosen)
@@ -189,9 +190,9 @@ def test_importance_log_weights_equal_an_independent_computation(data_dir: Path,
                 coords_A, _ = model.decode(torch.as_tensor(latent)[None], sample_segmentation=False)
                 image = model.render(coords_A, batch.poses[[row]], batch.ctf[[row]])[0].double().numpy().ravel()
             observed = batch.images[row].double().numpy().ravel()
-            design = np.stack([image, np.ones_like(image)], axis=1)
-            fit = design @ np.linalg.lstsq(design, observed, rcond=None)[0]
-            nll = np.square(observed - fit).sum() / (2 * np.exp(0.3)) + 0.5 * observed.size * 0.3
+            target = observed - np.exp(-0.4) * image
+            (offset,), *_ = np.linalg.lstsq(np.ones((target.size, 1)), target, rcond=None)
+            nll = np.square(target - offset).sum() / (2 * np.exp(0.3)) + 0.5 * observed.size * 0.3
             log_prior = norm.logpdf(latent).sum()
             log_q = norm.logpdf(latent, posterior.mean[row], posterior.std[row]).sum()
             assert log_weights[row, k] == pytest.approx(-nll + log_prior - log_q, rel=1e-5, abs=1e-3)

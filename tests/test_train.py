@@ -16,7 +16,11 @@ import torch.multiprocessing as mp
 
 from cryoflex.cli import main as cli_main
 from cryoflex.config import TrainConfig, load_config
+from cryoflex.data.batch import ParticleBatch
 from cryoflex.errors import CryoflexInputError
+from cryoflex.geometry.rotations import uniform_random_rotations
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import epoch_batches
 from cryoflex.train.loop import TrainingDiverged, train
@@ -284,6 +288,77 @@ def test_contrast_verdict_says_when_the_sign_is_not_significant() -> None:
     line, warn = contrast_verdict(-0.05 + 0.01 * generator.standard_normal(64), inverted=True)
     assert "the opposite sign fits better" in line and warn
     assert "not significant" in contrast_verdict(np.array([0.3]), inverted=False)[0]
+
+
+def _nominal_batches(model: CryoSphere, scale: float) -> list[ParticleBatch]:
+    """Two batches of images = scale x the nominal structure's projection + an offset per image + white noise."""
+    generator = np.random.default_rng(4)
+    batches = []
+    for start in (0, 5):
+        count = 5 if start == 0 else 3
+        rotations = torch.as_tensor(uniform_random_rotations(count, generator), dtype=torch.float32)
+        poses = PoseBatch(rotations, torch.zeros(count, 2))
+        ctf = CTFBatch.from_values(torch.full((count,), 15000.0), 14000.0, 30.0, 300.0, 2.7, 0.1)
+        with torch.no_grad():
+            clean = model.render(model.nominal_coords_A.expand(count, -1, -1), poses, ctf)
+        offsets = torch.as_tensor(generator.normal(size=(count, 1, 1)), dtype=torch.float32)
+        noise = torch.as_tensor(generator.normal(scale=0.2, size=clean.shape), dtype=torch.float32)
+        images = scale * clean + offsets + noise * clean.std()
+        batches.append(ParticleBatch(images, poses, ctf, torch.arange(start, start + count)))
+    return batches
+
+
+def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_dir: Path) -> None:
+    """Scale and noise variance equal numpy's least squares on one design (the projections and one indicator column
+    per image); a scale the images contradict (here negative) starts at the floor instead."""
+    from cryoflex.io.structure import read_structure
+    from cryoflex.train.loop import nominal_fit
+    from cryoflex.train.setup import build_model
+
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0).eval()
+    batches = _nominal_batches(model, scale=0.37)
+    fit = nominal_fit(model, batches, torch.device("cpu"))
+    with torch.no_grad():
+        projections = torch.cat([model.render(model.nominal_coords_A.expand(len(b), -1, -1), b.poses, b.ctf)
+                                 for b in batches]).flatten(1).double().numpy()  # fmt: skip
+    observed = torch.cat([b.images for b in batches]).flatten(1).double().numpy()
+    n, pixels = observed.shape
+    design = np.concatenate([projections.reshape(-1, 1), np.kron(np.eye(n), np.ones((pixels, 1)))], axis=1)
+    coefficients, residual, *_ = np.linalg.lstsq(design, observed.ravel(), rcond=None)
+    assert fit.image_scale == pytest.approx(coefficients[0], rel=1e-6)
+    assert fit.image_scale == pytest.approx(0.37, rel=0.05)
+    assert fit.noise_variance == pytest.approx(float(residual[0]) / observed.size, rel=1e-6)
+    assert fit.correlations.shape == (8,) and np.all(fit.correlations > 0)
+    inverted = [ParticleBatch(-b.images, b.poses, b.ctf, b.indices) for b in batches]
+    floor = nominal_fit(model, inverted, torch.device("cpu"))
+    observed_power = np.square(observed - observed.mean(1, keepdims=True)).sum()
+    projected_power = np.square(projections - projections.mean(1, keepdims=True)).sum()
+    assert floor.image_scale == pytest.approx(0.01 * np.sqrt(observed_power / projected_power), rel=1e-6)
+    assert np.all(floor.correlations < 0)
+
+
+def test_training_starts_the_likelihood_at_the_nominal_fit_and_refuses_checkpoints_of_the_old_likelihood(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first epoch's logged image scale and noise variance are near the nominal fit the log reports; a Gaussian
+    checkpoint without an image scale (cryoflex 0.1 fitted one per image) is refused with the file named."""
+    from cryoflex.analysis.run import load_run
+
+    with caplog.at_level(logging.INFO, logger="cryoflex"):
+        train(_config(tiny_dataset, epochs=1), tmp_path / "run")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("likelihood starts"))
+    start_scale = float(line.split("image scale ")[1].split(",")[0])
+    state = load_checkpoint(find_checkpoint(tmp_path / "run"))
+    learned_scale = float(state["model"]["log_image_scale"].exp())
+    assert start_scale > 0 and learned_scale == pytest.approx(start_scale, rel=0.2) and learned_scale != start_scale
+    del state["model"]["log_image_scale"]
+    torch.save(state, find_checkpoint(tmp_path / "run"))
+    with pytest.raises(CryoflexInputError, match="fitted every image's own scale"):
+        load_run(tmp_path / "run", device="cpu")
+    with pytest.raises(CryoflexInputError, match="fitted every image's own scale"):
+        train(_config(tiny_dataset, epochs=2), tmp_path / "run", resume=True)
 
 
 def test_automatic_threads_train_and_are_logged(

@@ -196,7 +196,8 @@ def importance_log_weights(
         coords_A, _ = model.decode(latent.flatten(0, 1), sample_segmentation=False)
         rows = torch.arange(len(batch), device=device).repeat_interleave(samples)
         images = model.render(coords_A, batch.poses[rows], batch.ctf[rows])
-        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance).view(len(batch), samples)
+        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
+        nll = nll.view(len(batch), samples)
         out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
         start = stop
     return out

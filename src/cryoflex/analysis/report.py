@@ -25,7 +25,9 @@ from cryoflex.io.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 # Keys of a metrics.jsonl line that are bookkeeping or timings, not loss terms.
-_NOT_LOSS_TERMS = frozenset({"kind", "epoch", "step", "seconds", "images_per_s", "threads", "noise_variance"})
+_NOT_LOSS_TERMS = frozenset(
+    {"kind", "epoch", "step", "seconds", "images_per_s", "threads", "noise_variance", "image_scale"}
+)
 # Loss terms renamed since older runs were written: old key -> current key (same values).
 _RENAMED_TERMS = {"correlation": "one_minus_correlation"}
 # Panel titles of terms whose key is not a readable name.

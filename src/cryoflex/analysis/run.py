@@ -17,7 +17,7 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import Structure
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.run_dir import RunDir
-from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
+from cryoflex.train.checkpoint import check_likelihood_state, find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import resolve_device
 from cryoflex.train.setup import build_model, particle_dataset, placed_structure, read_particles
 
@@ -84,6 +84,7 @@ def load_run(
     config = load_run_config(run.config)
     path = run_checkpoint(run.root, epoch=epoch, checkpoint=checkpoint)
     state = load_checkpoint(path, "cpu")
+    check_likelihood_state(path, state, config.likelihood)
     logger.info("loaded %s: the model after epoch %d", path, int(state["epoch"]))
     normalisation = ImageNormalisation(**state["normalisation"])
     dataset = particle_dataset(config, read_particles(config), run, normalisation=normalisation)

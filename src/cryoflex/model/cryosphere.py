@@ -20,6 +20,9 @@ from cryoflex.model.deformation import deform
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import Segmentation
 
+# The Gaussian likelihood's learned constants (parameters of CryoSphere).
+LIKELIHOOD_CONSTANTS = ("log_noise_variance", "log_image_scale")
+
 
 @dataclass
 class ModelOutput:
@@ -33,6 +36,7 @@ class ModelOutput:
     assignment: torch.Tensor  # (n, M)
     segmentation_kl: torch.Tensor  # scalar
     log_noise_variance: torch.Tensor  # scalar: log of the images' per-pixel noise variance (normalised images)
+    log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
 
 
 class CryoSphere(nn.Module):
@@ -57,18 +61,19 @@ class CryoSphere(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.formation = formation
-        # The images' per-pixel noise variance, learned (maximum likelihood) on a log scale; normalised images of low
-        # SNR have a noise variance close to 1, where it starts.
+        # The Gaussian likelihood's two constants, learned (maximum likelihood) on a log scale: the images' per-pixel
+        # noise variance and the scale from rendered to observed images. Training starts them from the nominal
+        # structure's fit to the first images (cryoflex.train.loop.nominal_fit).
         self.log_noise_variance = nn.Parameter(torch.zeros(()))
+        self.log_image_scale = nn.Parameter(torch.zeros(()))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """As nn.Module's; checkpoints from before the noise variance was learned (trained with 1 - correlation,
-        which does not use it) start it at its initial value."""
-        if "log_noise_variance" not in state_dict:
-            state_dict = {**state_dict, "log_noise_variance": torch.zeros(())}
-        return super().load_state_dict(state_dict, strict, assign)
+        """As nn.Module's; checkpoints from before the likelihood's constants were learned start them at their initial
+        values (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them)."""
+        missing = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
+        return super().load_state_dict({**state_dict, **missing}, strict, assign)
 
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile: ~4x faster forward + backward where per-operation overhead
@@ -119,4 +124,5 @@ class CryoSphere(nn.Module):
             assignment=assignment,
             segmentation_kl=self.segmentation.kl_divergence(),
             log_noise_variance=self.log_noise_variance,
+            log_image_scale=self.log_image_scale,
         )

@@ -33,9 +33,11 @@ def _safe_log(values: torch.Tensor) -> torch.Tensor:
     return torch.log(values.clamp_min(torch.finfo(values.dtype).tiny))
 
 
-def _correlation_and_power(predicted: torch.Tensor, observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, N) images -> (B,) Pearson correlation over pixels and (B,) sum of the observed image's squared deviations
-    from its mean. A constant image (to rounding) has no defined correlation: it counts as 0, with a finite gradient.
+def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
+
+    An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
+    with a finite gradient, instead of the 0/0 of the textbook formula.
     """
     predicted_flat = predicted.flatten(start_dim=1)
     observed_flat = observed.flatten(start_dim=1)
@@ -50,34 +52,27 @@ def _correlation_and_power(predicted: torch.Tensor, observed: torch.Tensor) -> t
     one = torch.ones_like(covariance)
     predicted_norm = torch.sqrt(torch.where(defined, predicted_power, one))
     norm = predicted_norm * torch.sqrt(torch.where(defined, observed_power, one))
-    return torch.where(defined, covariance / norm, 0.0), observed_power
-
-
-def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
-
-    An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
-    with a finite gradient, instead of the 0/0 of the textbook formula.
-    """
-    return 1.0 - _correlation_and_power(predicted, observed)[0]
+    return 1.0 - torch.where(defined, covariance / norm, 0.0)
 
 
 def gaussian_image_nll(
-    predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor
+    predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor, log_image_scale: torch.Tensor
 ) -> torch.Tensor:
     """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
-    a * predicted + b + white Gaussian noise of per-pixel variance sigma^2 = exp(log_noise_variance), at each image's
-    least-squares scale a >= 0 and offset b (the data's amplitude and contrast are not modelled).
+    s * predicted + b + white Gaussian noise of per-pixel variance sigma^2, with one scale s = exp(log_image_scale) for
+    every image (learned, as sigma^2 = exp(log_noise_variance) is) and each image's least-squares offset b.
 
-    With P pixels and rho the correlation: ||observed - mean||^2 (1 - max(rho, 0)^2) / (2 sigma^2) + P log(sigma^2) / 2.
-    Unlike 1 - rho, its pull on the model shrinks with the signal: at low SNR an image says little, and the KL of the
-    latent (weight 1, the evidence bound) then keeps that image's estimate near the population.
+    With P pixels and x~ an image minus its mean: ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
+    One shared scale, not one per image: at SNR 0.001 an image's own least-squares scale is as uncertain as its value,
+    and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
+    the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
-    correlation, observed_power = _correlation_and_power(predicted, observed)
-    explained = torch.clamp(correlation, min=0.0) ** 2
-    n_pixels = observed[0].numel()
-    residual_power = observed_power * (1.0 - explained)
-    return residual_power / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
+    predicted_flat = predicted.flatten(start_dim=1)
+    observed_flat = observed.flatten(start_dim=1)
+    residual = observed_flat - torch.exp(log_image_scale) * predicted_flat
+    residual = residual - residual.mean(dim=1, keepdim=True)
+    n_pixels = observed_flat.shape[1]
+    return residual.square().sum(dim=1) / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
 
 
 def log_importance_weights(

@@ -123,3 +123,15 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             "use the cryoflex version that wrote it",
         )
     return state
+
+
+def check_likelihood_state(path: Path, state: dict[str, Any], likelihood: str) -> None:
+    """Refuse a checkpoint trained with the Gaussian likelihood before its image scale was learned (cryoflex 0.1 fitted
+    each image's scale): its noise variance and weights belong to that other likelihood."""
+    if likelihood == "gaussian" and "log_image_scale" not in state["model"]:
+        raise CryoflexInputError(
+            path,
+            "written by an earlier cryoflex, whose Gaussian likelihood fitted every image's own scale; this version "
+            "learns one scale for all images and cannot weigh this model's structures against the images",
+            "train the run again with this version (or analyse it with the version that trained it)",
+        )

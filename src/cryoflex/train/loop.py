@@ -31,6 +31,7 @@ from cryoflex.model.losses import correlation_loss
 from cryoflex.run_dir import RunDir
 from cryoflex.threads import configure_threads
 from cryoflex.train.checkpoint import (
+    check_likelihood_state,
     find_checkpoint,
     load_checkpoint,
     random_states,
@@ -39,7 +40,6 @@ from cryoflex.train.checkpoint import (
 )
 from cryoflex.train.distributed import (
     ProcessContext,
-    epoch_batches,
     start_processes,
     stop_processes,
     training_batches,
@@ -57,7 +57,7 @@ from cryoflex.train.setup import (
 
 logger = logging.getLogger(__name__)
 
-_CONTRAST_CHECK_BATCHES = 4
+_NOMINAL_FIT_BATCHES = 4  # the contrast check and the likelihood's start
 # Fewer particles than this: training runs, with a warning that the result says little.
 FEW_PARTICLES = 1000
 
@@ -152,19 +152,42 @@ def _rank0_decides(decision: bool, context: ProcessContext) -> bool:
     return bool(flag.item())
 
 
-@torch.no_grad()
-def contrast_report(model: CryoSphere, loader: DataLoader, device: torch.device) -> np.ndarray:
-    """Correlation of the nominal structure's projection with every image of `loader`, as the images are used.
+@dataclass(frozen=True)
+class NominalFit:
+    """How the nominal structure's projections fit a few images: their correlation with each image (the contrast
+    check) and, over all of them, the least-squares image scale and the noise variance left about that fit (where
+    the Gaussian likelihood's two constants start)."""
 
-    Its sign says which contrast fits the data; its spread over images says whether the difference is significant.
-    """
-    values = []
+    correlations: np.ndarray  # (images,)
+    image_scale: float
+    noise_variance: float
+
+
+# The image scale starts at least at this share of the scale that would give the projections the images' power:
+# for data without signal (or the wrong contrast), where the least-squares scale is 0 or below.
+_MIN_START_SCALE_SHARE = 0.01
+
+
+@torch.no_grad()
+def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> NominalFit:
+    """The nominal structure's projections against every image of `loader`, as the images are used (NominalFit)."""
+    correlations, inner, predicted_power, observed_power, pixels = [], 0.0, 0.0, 0.0, 0
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         nominal = model.nominal_coords_A.expand(len(batch), -1, -1)
-        predicted = model.render(nominal, batch.poses, batch.ctf)
-        values.append(1.0 - correlation_loss(predicted, batch.images))
-    return torch.cat(values).cpu().numpy()
+        predicted = model.render(nominal, batch.poses, batch.ctf).flatten(1).double()
+        observed = batch.images.flatten(1).double()
+        correlations.append(1.0 - correlation_loss(predicted, observed))
+        predicted = predicted - predicted.mean(1, keepdim=True)
+        observed = observed - observed.mean(1, keepdim=True)
+        inner += float((predicted * observed).sum())
+        predicted_power += float(predicted.square().sum())
+        observed_power += float(observed.square().sum())
+        pixels += observed.numel()
+    floor = _MIN_START_SCALE_SHARE * math.sqrt(observed_power / predicted_power)
+    scale = max(inner / predicted_power, floor)
+    residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power
+    return NominalFit(torch.cat(correlations).float().cpu().numpy(), scale, residual_power / pixels)
 
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
@@ -220,6 +243,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     start_epoch, step = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, device)
+        check_likelihood_state(checkpoint, state, config.likelihood)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints from before schedules had a constant rate: nothing to restore
@@ -239,6 +263,13 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
             return TrainResult(run.root, start_epoch, step, {}, model)
         logger.info("resuming %s after epoch %d (step %d)", run.root, start_epoch, step)
+    fit = None
+    if start_epoch == 0:  # every rank fits the same training images; DDP then starts all from rank 0's parameters
+        first_batches = training_batches(train_indices, config.batch_size, 0, config.seed)[:_NOMINAL_FIT_BATCHES]
+        fit = nominal_fit(model, particle_loader(dataset, first_batches), device)
+        with torch.no_grad():
+            model.log_image_scale.fill_(math.log(fit.image_scale))
+            model.log_noise_variance.fill_(math.log(fit.noise_variance))
     engine: torch.nn.Module = model
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -271,10 +302,13 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                 "no particle fell in the validation share (validation_fraction %g of %d particles): no validation "
                 "loss, best checkpoint or early stopping", config.validation_fraction, len(dataset),
             )  # fmt: skip
-        if start_epoch == 0:
-            first_batches = epoch_batches(len(dataset), config.batch_size, 0, config.seed)[:_CONTRAST_CHECK_BATCHES]
-            correlations = contrast_report(model, particle_loader(dataset, first_batches), device)
-            _log_contrast(correlations, config.invert_contrast)
+        if fit is not None:
+            _log_contrast(fit.correlations, config.invert_contrast)
+            if config.likelihood == "gaussian":
+                logger.info(
+                    "likelihood starts at the nominal structure's fit to %d images: image scale %.4g, noise variance "
+                    "%.4g per pixel", len(fit.correlations), fit.image_scale, fit.noise_variance,
+                )  # fmt: skip
 
     losses = LossTerms(config, model, structure.chain_ids, len(train_indices))
     metrics: dict[str, float] = {}

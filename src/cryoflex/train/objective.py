@@ -5,9 +5,10 @@ Loss per image (then averaged over the batch), in nats: minus an evidence bound,
   + w_segmentation * KL(GMM posteriors || priors) / n_images   (the dataset-level KL, shared out over the images)
   + w_continuity * mean (d(i, i+1) - d_nominal(i, i+1))^2       (consecutive C-alpha of a chain, every draw)
   + w_clash * sum over non-consecutive pairs of relu(cutoff - d)^2 / n_residues   (from a neighbour list)
-p(image | structure) is Gaussian white noise of learned variance about the rendered image at the image's best scale and
-offset. w_latent ramps linearly from 0 over latent_kl_warmup_epochs to 1, where the first term is the importance-
-weighted evidence bound (K = 1: the evidence lower bound, -log p(image | z) + KL(q || N(0, I)), with the KL exact).
+p(image | structure) is Gaussian white noise of learned variance about the rendered image times a learned scale (one
+for all images), at the image's best offset. w_latent ramps linearly from 0 over latent_kl_warmup_epochs to 1, where
+the first term is the importance-weighted evidence bound (K = 1: the evidence lower bound, -log p(image | z) +
+KL(q || N(0, I)), with the KL exact).
 The likelihood's pull shrinks with the images' SNR, so an uninformative image's latent stays at the prior instead of
 following the noise, and with K > 1 the bound rewards a decoder whose population of structures explains images that
 say little about their own latent (at low SNR, where the encoder cannot tell). With K > 1 the draws are fixed
@@ -76,10 +77,11 @@ class LossTerms:
         kl_weight = self.latent_kl_weight(epoch_progress)
         if config.likelihood == "gaussian":
             image_nll = gaussian_image_nll(
-                output.predicted_images, observed_per_sample, output.log_noise_variance
+                output.predicted_images, observed_per_sample, output.log_noise_variance, output.log_image_scale
             ).view(len(observed), samples)
             terms[NLL_TERM] = image_nll.mean()
-            terms["noise_variance"] = output.log_noise_variance.detach().exp()  # reported, not a loss
+            terms["noise_variance"] = output.log_noise_variance.detach().exp()  # reported, not losses
+            terms["image_scale"] = output.log_image_scale.detach().exp()
         if samples > 1:
             bound, proposal_loss = importance_weighted_bound(
                 image_nll, output.latent.view(len(observed), samples, -1), output.latent_mean, output.latent_std,

@@ -25,7 +25,7 @@ from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
 from cryoflex.io.particles import open_particle_images
 from cryoflex.io.structure import Structure, read_structure
-from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.model.cryosphere import LIKELIHOOD_CONSTANTS, CryoSphere
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import Segmentation, SegmentedPart, parse_parts
 from cryoflex.run_dir import RunDir
@@ -185,15 +185,16 @@ def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) 
 
 
 def build_optimizer(config: TrainConfig, model: CryoSphere) -> torch.optim.Optimizer:
-    """Adam with the networks at learning_rate, and the segmentation mixture and (with the Gaussian likelihood) the
-    noise variance, a few parameters on a unit scale, at segmentation_learning_rate.
+    """Adam with the networks at learning_rate, and the segmentation mixture and (with the Gaussian likelihood) its
+    noise variance and image scale, a few parameters on a unit scale, at segmentation_learning_rate.
 
     The fused implementation (CPU and CUDA) updates all parameters in one kernel (4x faster than the default here).
     """
     scalars = list(model.segmentation.parameters())
     if config.likelihood == "gaussian":  # unused otherwise; runs from before it existed resume with their groups
-        scalars.append(model.log_noise_variance)
-    networks = [p for name, p in model.named_parameters() if not name.startswith(("segmentation.", "log_noise"))]
+        scalars += [getattr(model, name) for name in LIKELIHOOD_CONSTANTS]
+    constants = ("segmentation.", *LIKELIHOOD_CONSTANTS)
+    networks = [p for name, p in model.named_parameters() if not name.startswith(constants)]
     return torch.optim.Adam([
         {"params": networks, "lr": config.learning_rate},
         {"params": scalars, "lr": config.segmentation_learning_rate},
