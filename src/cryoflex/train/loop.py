@@ -187,7 +187,9 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     floor = _MIN_START_SCALE_SHARE * math.sqrt(observed_power / predicted_power)
     scale = max(inner / predicted_power, floor)
     residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power
-    return NominalFit(torch.cat(correlations).float().cpu().numpy(), scale, residual_power / pixels)
+    # noise-free images that the nominal structure fits exactly would leave none: start at a millionth of their power
+    noise_variance = max(residual_power, 1e-6 * observed_power) / pixels
+    return NominalFit(torch.cat(correlations).float().cpu().numpy(), scale, noise_variance)
 
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
