@@ -35,7 +35,10 @@ def figure(rows: list[dict], path: Path) -> None:
         snrs = [row["snr"] for row in chosen]
         left.plot(snrs, [row["median_rmsd_A"] for row in chosen], "o-", label=f"cryoflex, {n_images:,} images")
         right.plot(snrs, [row["distance_correlation"] for row in chosen], "o-", label=f"{n_images:,} images")
-    ordered = sorted(rows, key=lambda row: row["snr"])
+    # the constant predictions and bounds of the size run at the most SNRs (each size has its own images)
+    sizes = [row["n_images"] for row in rows]
+    reference = max(set(sizes), key=sizes.count)
+    ordered = sorted((row for row in rows if row["n_images"] == reference), key=lambda row: row["snr"])
     snrs = [row["snr"] for row in ordered]
     for key, label, style in (("baseline_median_rmsd_A", "nominal for every image", ":"),
                               ("ensemble_mean_median_rmsd_A", "mean structure (oracle)", "--"),
