@@ -28,6 +28,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,10 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     def loss_terms(
         predicted: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     ) -> torch.Tensor:
-        fake = type(output)(predicted, coords, mean, std, assignment, model.segmentation.kl_divergence())
+        fake = replace(
+            output, predicted_images=predicted, coords_A=coords, latent_mean=mean, latent_std=std,
+            assignment=assignment, segmentation_kl=model.segmentation.kl_divergence(),
+        )  # fmt: skip
         return losses(fake, batch.images, 1.0, False)["total"]
 
     def segmentation_step() -> None:
