@@ -8,7 +8,7 @@ noise variance. It scores each frame by the exact Gaussian log-likelihood of the
 as recovery_adk.py scores a trained model. No method that learns the conformations from the images can beat it in
 expectation; it bounds what the benchmark's targets can ask for. --box-px 32 repeats it on the Fourier-cropped images
 that training at --downsample 32 sees (noise variance measured from the residual of the true frame); --scale-per-image
-repeats it with each image's scale fitted, as cryoflex 0.1's likelihood did. Prints a table and writes JSON.
+repeats it with each image's scale fitted, as cryoflex's likelihood once did. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def frame_log_likelihoods(
     """(n_images, n_frames) Gaussian log-likelihood of every image under every frame, and the noise variance used.
 
     scale_per_image: each image's own least-squares scale (>= 0) and offset instead of the known ones (the likelihood
-    cryoflex 0.1 trained with), to measure what fitting them costs.
+    cryoflex trained with before it learned one scale), to measure what fitting them costs.
     """
     truth = np.load(data_dir / "truth.npz")
     metadata = read_metadata(data_dir / "particles.star")
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--box-px", type=int, nargs="+", default=[64, 32])
     parser.add_argument("--max-images", type=int, default=10000)
     parser.add_argument("--scale-per-image", action="store_true",
-                        help="also score under the likelihood that fits each image's scale (cryoflex 0.1's)")
+                        help="also score under the likelihood that fits each image's scale (cryoflex's earlier one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bayes_oracle.json"))
     args = parser.parse_args()
     rows = [

@@ -343,7 +343,7 @@ def test_training_starts_the_likelihood_at_the_nominal_fit_and_refuses_checkpoin
     tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The first epoch's logged image scale and noise variance are near the nominal fit the log reports; a Gaussian
-    checkpoint without an image scale (cryoflex 0.1 fitted one per image) is refused with the file named."""
+    checkpoint without an image scale (earlier versions fitted one per image) is refused with the file named."""
     from cryoflex.analysis.run import load_run
 
     with caplog.at_level(logging.INFO, logger="cryoflex"):

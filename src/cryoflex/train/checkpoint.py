@@ -126,8 +126,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
 
 
 def check_likelihood_state(path: Path, state: dict[str, Any], likelihood: str) -> None:
-    """Refuse a checkpoint trained with the Gaussian likelihood before its image scale was learned (cryoflex 0.1 fitted
-    each image's scale): its noise variance and weights belong to that other likelihood."""
+    """Refuse a checkpoint trained with the Gaussian likelihood before its image scale was learned (earlier versions
+    fitted each image's scale): its noise variance and weights belong to that other likelihood."""
     if likelihood == "gaussian" and "log_image_scale" not in state["model"]:
         raise CryoflexInputError(
             path,
