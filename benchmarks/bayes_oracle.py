@@ -8,22 +8,28 @@ noise variance. It scores each frame by the exact Gaussian log-likelihood of the
 as recovery_adk.py scores a trained model. No method that learns the conformations from the images can beat it in
 expectation; it bounds what the benchmark's targets can ask for. --box-px 32 repeats it on the Fourier-cropped images
 that training at --downsample 32 sees (noise variance measured from the residual of the true frame); --scale-per-image
-repeats it with each image's scale fitted, as cryoflex's likelihood once did. Prints a table and writes JSON.
+repeats it with each image's scale fitted, as cryoflex's likelihood once did. --segments K [K ...] adds, for each K,
+the ideal K-segment model: the same exact posterior, but every frame replaced by its best rigid fit with the best
+contiguous K-segmentation of the trajectory (rigid_floor.py), which is what a cryoSPHERE model with K segments, a
+perfect decoder and an exact posterior would average. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import torch
+from rigid_floor import best_contiguous_cuts, labels_of, runs_of, segment_costs_A2
 from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A
 from cryoflex.data.downsample import downsampled_pixel_size_A, fourier_crop
+from cryoflex.geometry.superposition import superpose_A
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.atomic import write_text_atomic
@@ -91,9 +97,40 @@ def frame_log_likelihoods(
     return (-chosen / (2 * noise_variance)).numpy(), noise_variance
 
 
-def oracle_scores(data_dir: Path, box_px: int, n_images: int, *, scale_per_image: bool = False) -> dict:
+def rigid_segment_frames_A(
+    frames_A: np.ndarray, nominal_frame: int, segments: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """For each K in segments: every frame (f, n, 3) as the best rigid fit of each segment of the nominal frame onto
+    it, with the contiguous K-segmentation that fits the whole trajectory best."""
+    if not segments:
+        return {}
+    nominal_A = frames_A[nominal_frame]
+    cost_A2 = segment_costs_A2(nominal_A, frames_A)
+    return {k: fitted_frames_A(nominal_A, frames_A, labels_of(best_contiguous_cuts(cost_A2, k))) for k in segments}
+
+
+def fitted_frames_A(nominal_A: np.ndarray, frames_A: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """frames_A with each contiguous run of labels (one per residue) replaced by the rigid fit of the nominal's
+    residues onto it."""
+    fitted = np.empty_like(frames_A)
+    for a, b in runs_of(labels):
+        fitted[:, a:b] = superpose_A(nominal_A[a:b], frames_A[:, a:b])
+    return fitted
+
+
+def oracle_scores(
+    data_dir: Path,
+    box_px: int,
+    n_images: int,
+    *,
+    scale_per_image: bool = False,
+    segments: Sequence[int] = (),
+    segmentation: np.ndarray | None = None,
+) -> dict:
     """Posterior-mean structure and distance of every image under the exact frame posterior, against the truth
-    (scale_per_image: under the likelihood that fits each image's scale, see frame_log_likelihoods)."""
+    (scale_per_image: under the likelihood that fits each image's scale, see frame_log_likelihoods). Also the ideal
+    model with each number of rigid segments in `segments` (rigid_segment_frames_A) and, as "given", with the
+    segmentation `segmentation` (a segment label per residue, e.g. a trained model's)."""
     truth = np.load(data_dir / "truth.npz")
     n_images = min(n_images, len(truth["conformation_index"]))
     log_likelihood, noise_variance = frame_log_likelihoods(data_dir, box_px, n_images, scale_per_image=scale_per_image)
@@ -115,6 +152,20 @@ def oracle_scores(data_dir: Path, box_px: int, n_images: int, *, scale_per_image
     # RMS distance of the posterior's frames from the posterior mean: E||X||^2 - ||E X||^2 per residue
     frame_power = np.square(frames_A).sum((1, 2))
     spread_A = np.sqrt(np.maximum(posterior @ frame_power - np.square(predicted_A).sum((1, 2)), 0) / frames_A.shape[1])
+    nominal_frame = int(truth["nominal_frame"])
+    by_count = rigid_segment_frames_A(frames_A, nominal_frame, segments)
+    models = {f"segments_{k}": fitted_A for k, fitted_A in by_count.items()}
+    if segmentation is not None:
+        models["given"] = fitted_frames_A(frames_A[nominal_frame], frames_A, segmentation)
+    ideal = {}
+    for name, fitted_A in models.items():
+        ideal[name] = {
+            "median_rmsd_A": float(np.median(rmsd_A(np.einsum("ik,knd->ind", posterior, fitted_A), truth_A))),
+            "distance_correlation": float(np.corrcoef(
+                posterior @ centroid_distance_A(fitted_A, lid, nmp), frame_distance_A[index])[0, 1]),
+            "floor_median_rmsd_A": float(np.median(rmsd_A(fitted_A[index], truth_A))),
+            "best_frame_median_rmsd_A": min(float(np.median(rmsd_A(frame[None], truth_A))) for frame in fitted_A),
+        }  # fmt: skip
     entropy = -(posterior * np.log(np.maximum(posterior, 1e-300))).sum(1)
     prior_entropy = -(prior[prior > 0] * np.log(prior[prior > 0])).sum()
     return {
@@ -126,6 +177,7 @@ def oracle_scores(data_dir: Path, box_px: int, n_images: int, *, scale_per_image
         "map_frame_median_rmsd_A": float(np.median(rmsd_A(frames_A[posterior.argmax(1)], truth_A))),
         "spread_error_spearman": float(spearmanr(spread_A, rmsd_A(predicted_A, truth_A)).statistic),
         "information_nats": float(prior_entropy - entropy.mean()),
+        "ideal_rigid_segments": ideal,
     }  # fmt: skip
 
 
@@ -136,10 +188,12 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=10000)
     parser.add_argument("--scale-per-image", action="store_true",
                         help="also score under the likelihood that fits each image's scale (cryoflex's earlier one)")
+    parser.add_argument("--segments", type=int, nargs="+", default=[],
+                        help="also score the ideal model with each of these numbers of rigid segments")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bayes_oracle.json"))
     args = parser.parse_args()
     rows = [
-        oracle_scores(data, box, args.max_images, scale_per_image=fitted)
+        oracle_scores(data, box, args.max_images, scale_per_image=fitted, segments=args.segments)
         for fitted in ((False, True) if args.scale_per_image else (False,))
         for data in args.data
         for box in args.box_px
@@ -152,6 +206,13 @@ def main() -> None:
             f"{row['map_frame_median_rmsd_A']:>15.2f} {row['distance_correlation']:>7.3f} "
             f"{row['spread_error_spearman']:>11.3f} {row['information_nats']:>6.2f} nats"
         )
+    for row in rows:
+        for name, ideal in row["ideal_rigid_segments"].items():
+            print(
+                f"{row['snr']:<8} {row['box_px']:>3}  ideal model, {name.replace('_', ' ')}: posterior-mean RMSD "
+                f"{ideal['median_rmsd_A']:.2f}, dist r {ideal['distance_correlation']:.3f}, floor "
+                f"{ideal['floor_median_rmsd_A']:.2f}, its best frame {ideal['best_frame_median_rmsd_A']:.2f}"
+            )
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -11,8 +11,9 @@ bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman 
 predicted spread with its error, the correlation of predicted vs true LID-NMP centroid distance (LID 122-159, NMP
 30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose majority is LID, resp. NMP),
 the floor of the learned segmentation (rigid_floor.py: the median RMSD left when each segment is fitted rigidly onto
-each image's true conformation, what a perfect encoder and decoder would reach), and the wall times. Prints a table
-and writes JSON.
+each image's true conformation) and the Bayes bound with it (the exact posterior's average of the frames as the
+learned segments fit them: what a perfect encoder and decoder with this segmentation would reach), and the wall
+times. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import time
+from math import nan
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +142,12 @@ def run_recovery(
         else:
             summary.update(figures)
     summary.update(oracle_baselines(truth["conformations_A"], truth["conformation_index"]))
-    bayes = oracle_scores(out / "data", downsample or box_size_px, BAYES_ORACLE_IMAGES)
-    summary.update({f"bayes_{name}": bayes[name] for name in BAYES_FIGURES})
     model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
+    bayes = oracle_scores(out / "data", downsample or box_size_px, BAYES_ORACLE_IMAGES, segmentation=segments)
+    summary.update({f"bayes_{name}": bayes[name] for name in BAYES_FIGURES})
+    summary["bayes_learned_segmentation_median_rmsd_A"] = bayes["ideal_rigid_segments"]["given"]["median_rmsd_A"]
     conformations_A = truth["conformations_A"]
     floor_A = segmentation_floor_A(conformations_A[int(truth["nominal_frame"])], conformations_A, segments)
     summary.update(
@@ -162,7 +165,7 @@ def print_table(rows: list[dict]) -> None:
     """One line per run: the posterior-mean RMSD and distance correlation beside the constant predictions."""
     print(
         "snr     images epochs  RMSD  at-mean  nominal  mean*  frame*  Bayes*  dist r (Bayes*)  spread rho (Bayes*)"
-        "  floor  NMP F1  LID F1  train s"
+        "  floor  Bayes|seg*  NMP F1  LID F1  train s"
     )
     for row in rows:
         print(
@@ -173,13 +176,15 @@ def print_table(rows: list[dict]) -> None:
             f"({row['bayes_distance_correlation']:.3f}) {row['spread_error_spearman']:>11.3f} "
             f"({row['bayes_spread_error_spearman']:.3f}) "
             f"{row['rigid_floor_median_rmsd_A']:>6.2f} "
+            f"{row.get('bayes_learned_segmentation_median_rmsd_A', nan):>11.2f} "
             f"{row['nmp_f1']:>7.3f} {row['lid_f1']:>7.3f} {row['train_s']:>8.0f}"
             + (f"   best.pt: epoch {row['best_checkpoint_epoch']}, RMSD {row['best_checkpoint_median_rmsd_A']:.2f}, "
                f"r {row['best_checkpoint_distance_correlation']:.3f}" if "best_checkpoint_epoch" in row else "")
         )
     print(
         "(* oracles chosen with the truth: the mean structure and the best single frame for every image; Bayes: the"
-        " exact posterior over the true frames, bayes_oracle.py)"
+        " exact posterior over the true frames, bayes_oracle.py; Bayes|seg: the same posterior's average of the"
+        " frames as the learned segments fit them rigidly, what a perfect decoder with this segmentation would reach)"
     )
 
 

@@ -51,3 +51,19 @@ def test_one_segment_is_the_kabsch_rmsd() -> None:
         rotation = u @ np.diag([1.0, 1.0, sign]) @ vt
         expected.append(np.sqrt(np.square(mobile @ rotation - target).sum(-1).mean()))
     np.testing.assert_allclose(floor_A, expected, rtol=1e-9)
+
+
+def test_bayes_oracle_ideal_model_frames_are_the_rigid_fits() -> None:
+    """bayes_oracle.py's ideal K-segment model: each frame replaced by the rigid fit of the best K-segmentation, so
+    with the true segments nothing changes, and with fewer the change is that segmentation's floor."""
+    from bayes_oracle import fitted_frames_A, rigid_segment_frames_A
+
+    nominal, moved = _frames(5, seed=2)
+    frames = np.concatenate([moved[:2], nominal[None], moved[2:]])  # the nominal structure is frame 2
+    fitted = rigid_segment_frames_A(frames, 2, [3, 2])
+    np.testing.assert_allclose(fitted[3], frames, atol=1e-9)
+    coarser = labels_of(best_contiguous_cuts(segment_costs_A2(nominal, frames), 2))
+    floor_A = segmentation_floor_A(nominal, frames, coarser)
+    np.testing.assert_allclose(np.sqrt(np.square(fitted[2] - frames).sum(-1).mean(-1)), floor_A, rtol=1e-9, atol=1e-9)
+    assert floor_A.max() > 0.1
+    np.testing.assert_allclose(fitted_frames_A(nominal, frames, coarser), fitted[2], atol=1e-12)
