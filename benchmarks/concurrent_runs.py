@@ -5,9 +5,11 @@ Run: .venv/bin/python benchmarks/concurrent_runs.py [--rows 214:32:32 2750:64:32
      [--images 12000] [--out benchmarks/results/concurrent_cpu.json]
 Rows are RESIDUES:BOX_PX:BATCH (structures and particles as in train_throughput.py, simulated once per row). A setting
 is a --threads value: a number pins the count, auto is the default (threads 0: timed choice, cryoflex.threads).
-Every run is a fresh `cryoflex train` process (2 epochs, no validation share, no cache, no progress bar) with
-OMP_NUM_THREADS unset; its images/s is the training loop's rate in the last epoch (metrics.jsonl). "kept" = rate when
-shared / rate alone: the issue asks >= 40% for two runs started together. Measure on an otherwise idle machine.
+Every run is a fresh `cryoflex train` process (2 epochs, no validation share, no cache, no progress bar; one draw
+per image with the original objective, as the other step figures, or training's default objective with
+--default-objective) with OMP_NUM_THREADS unset; its images/s is the training loop's rate in the last epoch
+(metrics.jsonl). "kept" = rate when shared / rate alone: the issue asks >= 40% for two runs started together.
+Measure on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ EPOCHS = 2
 BUSY_LOOP = "while True: pass"
 
 
-def train_command(data: Path, run: Path, row: Row, setting: str) -> list[str]:
+def train_command(data: Path, run: Path, row: Row, setting: str, default_objective: bool) -> list[str]:
+    """The training command of one run; default_objective keeps training's own objective (8 draws per image) instead
+    of the step of the recorded figures (train_throughput.STEP_OBJECTIVE: one draw, the original objective)."""
     threads = "0" if setting == "auto" else setting
+    objective = [] if default_objective else ["--likelihood", "correlation", "--importance-samples", "1"]
     return [
         sys.executable, "-m", "cryoflex", "train", "--particles", str(data / "particles.star"),
         "--structure", str(data / "nominal.pdb"), "--out", str(run), "--segments", str(row.segments),
         "--batch-size", str(row.batch), "--epochs", str(EPOCHS), "--validation-fraction", "0", "--no-cache",
-        "--no-progress", "--device", "cpu", "--threads", threads, "--likelihood", "correlation",
-        "--importance-samples", "1",  # the step of the recorded figures (train_throughput.STEP_OBJECTIVE)
+        "--no-progress", "--device", "cpu", "--threads", threads, *objective,
     ]  # fmt: skip
 
 
@@ -75,14 +79,15 @@ def run_together(commands: list[list[str]], with_busy_loop: bool) -> list[str]:
             busy.wait()
 
 
-def measure(row: Row, setting: str, data: Path, work: Path) -> dict:
+def measure(row: Row, setting: str, data: Path, work: Path, default_objective: bool) -> dict:
     """Images/s alone, each of two runs started together, and beside a busy loop."""
     label = f"{row.label.replace(':', '_')}_{setting}"
-    figures: dict = {"row": row.label, "setting": setting}
+    figures: dict = {"row": row.label, "setting": setting, "default_objective": default_objective}
     for scenario, runs, busy in (("alone", 1, False), ("pair", 2, False), ("busy_loop", 1, True)):
         paths = [work / f"{label}_{scenario}_{k}" for k in range(runs)]
         started = time.perf_counter()
-        logs = run_together([train_command(data, path, row, setting) for path in paths], busy)
+        commands = [train_command(data, path, row, setting, default_objective) for path in paths]
+        logs = run_together(commands, busy)
         epochs = [last_epoch(path) for path in paths]
         figures[scenario] = {
             "images_per_s": [e["images_per_s"] for e in epochs],
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=Row.parse, default=[Row.parse(r) for r in DEFAULT_ROWS])
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="--threads values or auto")
     parser.add_argument("--images", type=int, default=12000, help="particles per row (default 12000)")
+    parser.add_argument("--default-objective", action="store_true",
+                        help="train with the default objective (8 draws per image) instead of the recorded step's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/concurrent_cpu.json"))
     args = parser.parse_args()
     print(f"{cpu_name()}, {os.cpu_count()} CPUs ({usable_cpus()} usable), torch {torch.__version__}")
@@ -126,7 +133,7 @@ def main() -> None:
         for row in args.rows:
             data = simulate_particles(row_structure(row.residues, work), row.box_px, args.images, work / "data")
             for setting in args.settings:
-                results.append(measure(row, setting, data, work))
+                results.append(measure(row, setting, data, work, args.default_objective))
                 print_row(results[-1])
             shutil.rmtree(work / "data")
     write_text_atomic(args.out, json.dumps(dict(
