@@ -11,9 +11,10 @@ bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman 
 predicted spread with its error, the correlation of predicted vs true LID-NMP centroid distance (LID 122-159, NMP
 30-59), the agreement of the learned segments with LID/NMP/CORE (F1 of the segments whose majority is LID, resp. NMP),
 the floor of the learned segmentation (rigid_floor.py: the median RMSD left when each segment is fitted rigidly onto
-each image's true conformation) and the Bayes bound with it (the exact posterior's average of the frames as the
-learned segments fit them: what a perfect encoder and decoder with this segmentation would reach), and the wall
-times. Prints a table and writes JSON.
+each image's true conformation), the learned population (structures decoded from the prior: LID-NMP distance
+quantiles beside the truth's, RMSD to the nearest trajectory frame), the Bayes bound with the learned segmentation
+(the exact posterior's average of the frames as the learned segments fit them: what a perfect encoder and decoder
+with this segmentation would reach) and the wall times. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from bayes_oracle import oracle_scores
 from rigid_floor import runs_of, segmentation_floor_A
 from scipy.stats import spearmanr
 
-from cryoflex.analysis.metrics import domain_f1, recovery_summary, rmsd_A
+from cryoflex.analysis.metrics import centroid_distance_A, domain_f1, recovery_summary, rmsd_A
 from cryoflex.analysis.predict import decode_latents, particle_posteriors, posterior_structures
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.config import load_config
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.trajectory import read_trajectory
+from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.run_dir import RunDir
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
@@ -45,6 +47,8 @@ from cryoflex.train.loop import train
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 POSTERIOR_SAMPLES = 16
 BAYES_ORACLE_IMAGES = 3000  # the Bayes bound is a per-image expectation: 3,000 images pin it to about +-0.02
+POPULATION_DRAWS = 1000  # latents from the prior decoded to describe the learned population
+QUANTILES = (5, 25, 50, 75, 95)
 BAYES_FIGURES = ("median_rmsd_A", "distance_correlation", "spread_error_spearman", "n_images")
 LID = (122, 159)
 NMP = (30, 59)
@@ -72,6 +76,22 @@ def oracle_baselines(conformations_A: np.ndarray, conformation_index: np.ndarray
         "ensemble_mean_median_rmsd_A": float(np.median(rmsd_A(np.broadcast_to(mean_A, truth_A.shape), truth_A))),
         "best_frame_median_rmsd_A": min(frame_medians),
         "best_frame": int(np.argmin(frame_medians)),
+    }
+
+
+def population_figures(
+    model: CryoSphere, frames_A: np.ndarray, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarray, seed: int
+) -> dict:
+    """The model's population without any image: structures decoded from POPULATION_DRAWS latents of the prior, their
+    LID-NMP distance quantiles beside the true conformations', and their median RMSD to the nearest trajectory frame
+    (how far the decoder's structures lie off the trajectory; compare with the segmentation's floor)."""
+    latents = np.random.default_rng(seed).standard_normal((POPULATION_DRAWS, model.encoder.latent_dim))
+    decoded = np.concatenate(list(decode_latents(model, latents.astype(np.float32))))
+    nearest = [float(rmsd_A(np.broadcast_to(structure, frames_A.shape), frames_A).min()) for structure in decoded]
+    return {
+        "population_distance_quantiles_A": np.percentile(centroid_distance_A(decoded, lid, nmp), QUANTILES).tolist(),
+        "truth_distance_quantiles_A": np.percentile(centroid_distance_A(truth_A, lid, nmp), QUANTILES).tolist(),
+        "population_nearest_frame_median_rmsd_A": float(np.median(nearest)),
     }
 
 
@@ -142,6 +162,7 @@ def run_recovery(
         else:
             summary.update(figures)
     summary.update(oracle_baselines(truth["conformations_A"], truth["conformation_index"]))
+    summary.update(population_figures(run.model, truth["conformations_A"], truth_A, lid, nmp, seed))
     model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
