@@ -6,11 +6,14 @@ Run: .venv/bin/python benchmarks/compare_original.py [--rows 214:64:128:6 2750:6
 Both programs train on the same simulated particles (train_throughput.py's structures and simulation: 214 residues =
 AdK, other sizes synthetic chains), with the same batch, segments, latent size, network widths, segmentation
 temperature, Gaussian width, learning rates, loss weights (as constant schedules in the original; cryoflex ramps
-its latent KL), seed and data-loader workers: cryoflex's defaults. Each row and each program runs in a fresh process:
+its latent KL), seed and data-loader workers: cryoflex's defaults. cryoflex runs twice: with the original's encoder,
+which reads the full box (encoder_downsample 1: equal work), and with its default, which reads the image
+Fourier-cropped to half the box (never below 32 px). Each row and each program runs in a fresh process:
 WARMUP_STEPS untimed steps, then --steps timed ones, a step counting from the batch's loading to the optimizer step.
-Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. Each row alternates the two programs --rounds times (original, cryoflex,
-original, ...) and reports each one's median ms/step over the rounds: on a shared machine, timings of one process can
-drift by 1.4x from one minute to the next, and alternating spreads that drift over both sides.
+Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. Each row alternates the programs --rounds times (original, cryoflex
+full-box, cryoflex default, original, ...) and reports each one's median ms/step over the rounds: on a shared
+machine, timings of one process can drift by 1.4x from one minute to the next, and alternating spreads that drift
+over every side.
 
 The original runs in a virtual environment of its own (--venv; made on first use and re-used while it imports):
 torch==2.13.0 first (a CPU build on this project's machines), then cryosphere==0.6.1 without its declared
@@ -41,7 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 from _measure import cpu_name
-from train_throughput import RESULT_PREFIX, WARMUP_STEPS, Row, row_structure, run_single_row, simulate_particles
+from train_throughput import (
+    RESULT_PREFIX,
+    WARMUP_STEPS,
+    Row,
+    encoder_flags,
+    row_structure,
+    run_single_row,
+    simulate_particles,
+)
 
 from cryoflex.config import CORRELATION_WEIGHTS, TrainConfig
 from cryoflex.io.atomic import write_text_atomic
@@ -182,11 +193,14 @@ def measure_original(
     return result
 
 
-def measure_cryoflex(row: Row, data_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict:
-    """cryoflex's figures for the row, from this script's --cryoflex-row mode in a fresh process."""
+def measure_cryoflex(
+    row: Row, data_dir: Path, run_dir: Path, args: argparse.Namespace, encoder_downsample: int | None
+) -> dict:
+    """cryoflex's figures for the row, from this script's --cryoflex-row mode in a fresh process; encoder_downsample
+    1 is the original's full-box encoder (equal work), None cryoflex's default."""
     command = [
         sys.executable, str(Path(__file__).resolve()), "--cryoflex-row", row.label, "--data-dir", str(data_dir),
-        "--run-dir", str(run_dir), "--steps", str(args.steps), *thread_flags(args),
+        "--run-dir", str(run_dir), "--steps", str(args.steps), *thread_flags(args), *encoder_flags(encoder_downsample),
     ]  # fmt: skip
     return measured(command, f"cryoflex, row {row.label}")
 
@@ -197,7 +211,7 @@ def run_cryoflex_row(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     row_args = argparse.Namespace(
         single_row=args.cryoflex_row, data_dir=args.data_dir, run_dir=args.run_dir, steps=args.steps, device="cpu",
-        compile=False, precision="fp32",
+        compile=False, precision="fp32", encoder_downsample=args.encoder_downsample,
     )  # fmt: skip
     run_single_row(row_args)
 
@@ -205,15 +219,16 @@ def run_cryoflex_row(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- all rows
 
 
-def print_row(label: str, original: dict, cryoflex: dict) -> None:
-    """One line of the table; notes the original's steps whose loss was NaN or infinite (it is not stopped)."""
+def print_row(label: str, original: dict, equal: dict, default: dict) -> None:
+    """One line of the table (cryoflex with the original's full-box encoder, then with its default encoder); notes the
+    original's steps whose loss was NaN or infinite (it is not stopped)."""
     nonfinite = original["nonfinite_loss_steps"]
     note = f"  (original: {nonfinite} non-finite losses)" if nonfinite else ""
     print(
-        f"{label:>14} {original['ms_per_step']:>9.1f} {cryoflex['ms_per_step']:>9.1f} "
-        f"{original['ms_per_step'] / cryoflex['ms_per_step']:>8.2f} {original['peak_rss_MB']:>8.0f} "
-        f"{cryoflex['peak_rss_MB']:>8.0f} {original['peak_anonymous_rss_MB']:>8.0f} "
-        f"{cryoflex['peak_anonymous_rss_MB']:>8.0f}{note}",
+        f"{label:>14} {original['ms_per_step']:>9.1f} {equal['ms_per_step']:>9.1f} "
+        f"{original['ms_per_step'] / equal['ms_per_step']:>8.2f} {default['ms_per_step']:>9.1f} "
+        f"{original['ms_per_step'] / default['ms_per_step']:>8.2f} {original['peak_anonymous_rss_MB']:>8.0f} "
+        f"{equal['peak_anonymous_rss_MB']:>8.0f}{note}",
         flush=True,
     )
 
@@ -222,8 +237,9 @@ def run_all(args: argparse.Namespace, python: Path, work: Path) -> list[dict]:
     """Simulate each (structure, box) once, then measure every row with both programs; prints the table."""
     datasets: dict[tuple[int, int], Path] = {}
     results = []
-    print("               ---- ms/step ----           -- peak RSS MB --  -- anon RSS MB --")
-    print("row            original  cryoflex speed-up original cryoflex original cryoflex")
+    print("               ------------------ ms/step ------------------  -- anon RSS MB --")
+    print("                          cryoflex, full-box encoder  default")
+    print("row            original  cryoflex speed-up  cryoflex speed-up original cryoflex")
     for row in args.rows:
         key = (row.residues, row.box_px)
         if key not in datasets:
@@ -239,19 +255,24 @@ def run_all(args: argparse.Namespace, python: Path, work: Path) -> list[dict]:
         rounds = [
             (
                 measure_original(python, row, settings, datasets[key], work / f"original_{name}_{k}", args),
-                measure_cryoflex(row, datasets[key], work / f"cryoflex_{name}_{k}", args),
+                measure_cryoflex(row, datasets[key], work / f"cryoflex_{name}_{k}", args, encoder_downsample=1),
+                measure_cryoflex(row, datasets[key], work / f"cryoflex_default_{name}_{k}", args, None),
             )
             for k in range(args.rounds)
         ]
-        original = dict(rounds[0][0], ms_per_step=statistics.median(o["ms_per_step"] for o, _ in rounds))
-        cryoflex = dict(rounds[0][1], ms_per_step=statistics.median(c["ms_per_step"] for _, c in rounds))
-        print_row(row.label, original, cryoflex)
+        original, equal, default = (
+            dict(rounds[0][side], ms_per_step=statistics.median(r[side]["ms_per_step"] for r in rounds))
+            for side in range(3)
+        )
+        print_row(row.label, original, equal, default)
         result = dict(
             label=row.label, residues=row.residues, box_px=row.box_px, batch=row.batch, segments=row.segments,
-            speed_up=original["ms_per_step"] / cryoflex["ms_per_step"], original_settings=settings,
-            original_ms_per_round=[o["ms_per_step"] for o, _ in rounds],
-            cryoflex_ms_per_round=[c["ms_per_step"] for _, c in rounds],
-            original=original, cryoflex=cryoflex,
+            speed_up=original["ms_per_step"] / equal["ms_per_step"],
+            speed_up_default_encoder=original["ms_per_step"] / default["ms_per_step"], original_settings=settings,
+            original_ms_per_round=[r[0]["ms_per_step"] for r in rounds],
+            cryoflex_ms_per_round=[r[1]["ms_per_step"] for r in rounds],
+            cryoflex_default_encoder_ms_per_round=[r[2]["ms_per_step"] for r in rounds],
+            original=original, cryoflex=equal, cryoflex_default_encoder=default,
         )  # fmt: skip
         results.append(result)
     return results
@@ -273,6 +294,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_original_cpu.json"))
     parser.add_argument("--cryoflex-row", type=Row.parse, help=argparse.SUPPRESS)
+    parser.add_argument("--encoder-downsample", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -6,7 +6,9 @@ Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS] as in train_throughput.py (same struct
 Stages, each timed with its inputs taken from a real batch and detached, forward then backward of a fixed random
 linear functional of its output (so every stage pays its backward pass once):
   data read     one batch from the ParticleDataset (on-disk cache) through particle_loader
-  encoder       images -> q(z | image), and the reparametrised sample
+  encoder       images -> q(z | image), and the reparametrised sample (the default encoder, which reads the image
+                Fourier-cropped to half the box; "encoder, full box" below the table times the original's, which
+                reads the whole box, and is not part of the step)
   segmentation  the GMM mixture -> G (n, M)
   decoder       z -> rotation vectors and translations
   deformation   nominal structure, G and motions -> structures (B, n, 3)
@@ -40,6 +42,7 @@ from cryoflex.config import load_config
 from cryoflex.data.dataset import particle_loader
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.model.networks import Encoder
 from cryoflex.train.distributed import epoch_batches
 from cryoflex.train.loop import train_step
 from cryoflex.train.objective import LossTerms
@@ -114,9 +117,14 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     projections = model.formation.images(coords_A, model.amplitudes_e, batch.poses, None)
     formation = model.formation
 
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        mean, std = model.encoder(images)
+    full_box_encoder = Encoder(row.box_px, config.latent_dim, config.encoder_hidden)
+
+    def encode(images: torch.Tensor, encoder: Encoder = model.encoder) -> torch.Tensor:
+        mean, std = encoder(images)
         return mean + std * torch.randn_like(mean)
+
+    def encode_full_box(images: torch.Tensor) -> torch.Tensor:
+        return encode(images, full_box_encoder)
 
     def segment() -> torch.Tensor:
         return model.segmentation(True)
@@ -165,8 +173,10 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
         train_step(model, optimizer, losses, batch, 1.0, False)
 
     step_ms = median_ms(whole_step, repeats) + stages["data read"]
+    full_box_ms = median_ms(forward_backward(encode_full_box, batch.images, constant=(0,)), repeats)
     return dict(
-        row.__dict__, label=row.label, stages_ms=stages, step_ms=step_ms,
+        row.__dict__, label=row.label, stages_ms=stages, step_ms=step_ms, encoder_box_px=model.encoder.input_box_px,
+        encoder_full_box_ms=full_box_ms,
         other_ms=step_ms - sum(stages.values()), images_per_s=1000.0 * row.batch / step_ms,
         x_projector=step_ms / stages["projector"], threads=torch.get_num_threads(),
     )  # fmt: skip
@@ -177,7 +187,9 @@ def print_table(results: list[dict]) -> None:
     print(" | ".join(f"{h:>16}" for h in header))
     for stage in STAGES:
         print(" | ".join([f"{stage:>16}"] + [f"{r['stages_ms'][stage]:>16.1f}" for r in results]))
-    for key, fmt in (("other_ms", ".1f"), ("step_ms", ".1f"), ("images_per_s", ".0f"), ("x_projector", ".2f")):
+    keys = (("other_ms", ".1f"), ("step_ms", ".1f"), ("images_per_s", ".0f"), ("x_projector", ".2f"),
+            ("encoder_full_box_ms", ".1f"))  # fmt: skip
+    for key, fmt in keys:
         print(" | ".join([f"{key:>16}"] + [f"{r[key]:>16{fmt}}" for r in results]))
 
 

@@ -6,8 +6,9 @@ A step is what one iteration of cryoflex.train.loop._train does: load a batch fr
 mapped), forward, every loss term (correlation, both KLs, continuity, clash from the neighbour list, rebuilt every
 neighbour_list_every_steps steps), backward, Adam step, and the loop's read-back of the loss values. The set-up
 (simulation, cache build, model build) is not timed; the first WARMUP_STEPS steps are run but not timed.
---precision and --compile set the run's config fields of the same names (bf16 autocast of the encoder and decoder;
-torch.compile of the deformation). With --work, simulated datasets already there are reused (a dataset's folder names
+--precision, --compile and --encoder-downsample set the run's config fields of the same names (bf16 autocast of the
+encoder and decoder; torch.compile of the deformation; the Fourier-cropping of the encoder's input, 1 = the full box as
+in the original). With --work, simulated datasets already there are reused (a dataset's folder names
 its residues, box and image count), so that several runs with other settings share one simulation.
 
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. 214 residues = the AdK trajectory's first frame (tests/data); other sizes are
@@ -207,14 +208,15 @@ def synchronise(device: torch.device) -> None:
 
 def time_steps(
     row: Row, data_dir: Path, run_dir: Path, steps: int, device_name: str, compile_: bool = False,
-    precision: str = "auto", objective: dict | None = None,
+    precision: str = "auto", objective: dict | None = None, encoder_downsample: int | None = None,
 ) -> dict:  # fmt: skip
     """Run WARMUP_STEPS + steps training steps of the row and time each; seconds per step and the loader's share.
-    objective: the objective's settings (default STEP_OBJECTIVE)."""
+    objective: the objective's settings (default STEP_OBJECTIVE); encoder_downsample: None = the training default."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        "device": device_name, "compile": compile_, "precision": precision, **(objective or STEP_OBJECTIVE),
+        "device": device_name, "compile": compile_, "precision": precision, "encoder_downsample": encoder_downsample,
+        **(objective or STEP_OBJECTIVE),
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -253,6 +255,8 @@ def time_steps(
         chains=len(set(structure.chain_ids.tolist())),
         pixel_size_A=dataset.pixel_size_A,
         network_bf16=model.network_bf16,
+        encoder_downsample=config.encoder_downsample,
+        encoder_box_px=model.encoder.input_box_px,
         steps=steps,
         ms_per_step=1000.0 * sum(timed) / len(timed),
         median_ms_per_step=1000.0 * float(np.median(timed)),
@@ -275,7 +279,8 @@ def run_single_row(args: argparse.Namespace) -> None:
     baseline_MB = peak_rss_MB()
     with AnonymousPeak() as anonymous:
         result = time_steps(
-            args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile, args.precision
+            args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile, args.precision,
+            encoder_downsample=args.encoder_downsample,
         )
     peak_MB = peak_rss_MB()
     result.update(
@@ -288,11 +293,16 @@ def run_single_row(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- all rows
 
 
+def encoder_flags(encoder_downsample: int | None) -> list[str]:
+    """--encoder-downsample for a measuring process, when given."""
+    return [] if encoder_downsample is None else ["--encoder-downsample", str(encoder_downsample)]
+
+
 def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--single-row", row.label, "--data-dir", str(data_dir),
         "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
-        *(["--compile"] if args.compile else []),
+        *(["--compile"] if args.compile else []), *encoder_flags(args.encoder_downsample),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -355,6 +365,10 @@ def main() -> None:
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
         help="config precision: bf16 autocast of the encoder and decoder (auto: bf16 on CUDA only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--encoder-downsample", type=int, metavar="FACTOR",
+        help="config encoder_downsample: 1 = the encoder reads the full box, as the original's (default: the default)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
     parser.add_argument("--work", type=Path, help="keep and reuse simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cpu.json"))
@@ -380,7 +394,8 @@ def main() -> None:
     result = dict(
         device=args.device, device_name=device_description(args.device), machine=platform.machine(),
         cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), steps=args.steps,
-        warmup_steps=WARMUP_STEPS, quick=args.quick, precision=args.precision, compile=args.compile, rows=rows,
+        warmup_steps=WARMUP_STEPS, quick=args.quick, precision=args.precision, compile=args.compile,
+        encoder_downsample=args.encoder_downsample, rows=rows,
     )  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

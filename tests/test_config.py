@@ -82,3 +82,14 @@ def test_a_run_saved_before_the_likelihood_setting_keeps_its_objective(tmp_path:
     path.write_text(yaml.safe_dump(saved))
     assert load_run_config(path).likelihood == "correlation"
     assert load_run_config(path).latent_kl_weight == 1e-3
+
+
+def test_a_run_saved_before_the_encoder_setting_keeps_its_full_box_encoder(tmp_path: Path) -> None:
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
+    assert saved["encoder_downsample"] == 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).encoder_downsample == 2
+    del saved["encoder_downsample"]
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).encoder_downsample == 1

@@ -7,9 +7,10 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from cryoflex.data.downsample import fourier_crop
 from cryoflex.io.structure import read_structure
 from cryoflex.model.deformation import deform, rotation_matrices
-from cryoflex.model.networks import Decoder, Encoder
+from cryoflex.model.networks import Decoder, Encoder, encoder_box_px
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
 
 
@@ -139,6 +140,25 @@ def test_networks_shapes_and_identity_start() -> None:
     vectors, translations = decoder(mean)
     assert vectors.shape == translations.shape == (5, 3, 3)
     assert torch.all(vectors == 0) and torch.all(translations == 0)
+
+
+@pytest.mark.parametrize(
+    ("box_px", "factor", "expected_px"), [(128, 2, 64), (64, 2, 32), (48, 2, 32), (32, 2, 32), (30, 2, 30),
+                                          (256, 4, 64), (100, 3, 32), (130, 2, 64), (64, 1, 64)],
+)  # fmt: skip
+def test_encoder_box_is_reduced_but_never_below_32_px(box_px: int, factor: int, expected_px: int) -> None:
+    assert encoder_box_px(box_px, factor) == expected_px
+
+
+def test_encoder_reads_the_fourier_cropped_image() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(5, 64, 64)
+    reduced = Encoder(64, latent_dim=4, hidden=(32,), input_box_px=32)
+    assert reduced.net[0].in_features == 32 * 32
+    same_weights = Encoder(32, latent_dim=4, hidden=(32,))
+    same_weights.load_state_dict(reduced.state_dict())
+    for got, expected in zip(reduced(images), same_weights(fourier_crop(images, 32)), strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.slow

@@ -13,10 +13,11 @@ STAGES = ("data read", "encoder", "segmentation", "decoder", "deformation", "pro
 
 def test_train_profile_times_every_stage_and_the_whole_step(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    command = [sys.executable, str(BENCHMARKS / "train_profile.py"), "--rows", "214:32:8:3", "--repeats", "1",
+    command = [sys.executable, str(BENCHMARKS / "train_profile.py"), "--rows", "214:64:8:3", "--repeats", "1",
                "--threads", "1", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert tuple(row["stages_ms"]) == STAGES and all(value > 0 for value in row["stages_ms"].values())
     assert row["step_ms"] > 0 and row["x_projector"] == row["step_ms"] / row["stages_ms"]["projector"]
+    assert row["encoder_box_px"] == 32 and row["encoder_full_box_ms"] > 0  # the default reads half the 64 px box

@@ -44,6 +44,8 @@ class TrainConfig:
     tau: float = 20.0
     sigma_A: float = 2.0
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
+    # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px; 1 = the training box
+    encoder_downsample: int = 2
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 256])
     translation_scale_A: float = 10.0
     # data
@@ -92,6 +94,7 @@ class TrainConfig:
             ("particles", bool(self.particles), "give the particle file (--particles)"),
             ("structure", bool(self.structure), "give the nominal structure (--structure)"),
             ("segments", self.segments >= 1, "use at least 1 segment"),
+            ("encoder_downsample", self.encoder_downsample >= 1, "use 1 (the full box) or a larger factor, e.g. 2"),
             ("latent_dim", self.latent_dim >= 1, "use a latent dimension of at least 1"),
             ("epochs", self.epochs >= 1, "train for at least 1 epoch"),
             ("batch_size", self.batch_size >= 1, "use a batch size of at least 1"),
@@ -160,13 +163,12 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A run's saved RUN/config.yaml (then `overrides`). Runs saved before the likelihood setting existed were
-    trained with 1 - correlation: their file states every other setting, so only that one is filled in."""
+    """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
+    the code then worked: with 1 - correlation (likelihood) and an encoder that read the full box."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
-    if "likelihood" not in saved and "likelihood" not in (overrides or {}):
-        config = replace(config, likelihood="correlation")
-    return config
+    earlier: dict[str, Any] = {"likelihood": "correlation", "encoder_downsample": 1}
+    return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 
 
 def _coerce_settings(values: dict[str, Any], source: Path | None) -> dict[str, Any]:

@@ -14,7 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cryoflex.data.downsample import fourier_crop
+
 _MIN_LATENT_STD = 1e-4
+ENCODER_MIN_BOX_PX = 32  # automatic encoder boxes stop here: enough pixels for a particle's domains at any box
+
+
+def encoder_box_px(box_size_px: int, downsample_factor: int) -> int:
+    """The box the encoder reads: the training box over `downsample_factor`, even, at least ENCODER_MIN_BOX_PX
+    (and never more than the training box); factor 1 is the full box."""
+    if downsample_factor == 1:
+        return box_size_px
+    reduced = box_size_px // downsample_factor
+    return min(box_size_px, max(ENCODER_MIN_BOX_PX, reduced - reduced % 2))
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -28,15 +40,22 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """Image (B, D, D) -> mean and std (B, L) of q(z | image); std = softplus + 1e-4, never 0."""
+    """Image (B, D, D) -> mean and std (B, L) of q(z | image); std = softplus + 1e-4, never 0.
 
-    def __init__(self, box_size_px: int, latent_dim: int, hidden: Sequence[int] = (512, 256)):
+    The image is first Fourier-cropped to `input_box_px` (the full box by default). Its first layer is most of the
+    encoder's cost, in proportion to the pixels it reads, and domain motions show at half the training resolution.
+    """
+
+    def __init__(
+        self, box_size_px: int, latent_dim: int, hidden: Sequence[int] = (512, 256), input_box_px: int | None = None
+    ):
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = mlp([box_size_px * box_size_px, *hidden, 2 * latent_dim])
+        self.input_box_px = box_size_px if input_box_px is None else input_box_px
+        self.net = mlp([self.input_box_px * self.input_box_px, *hidden, 2 * latent_dim])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(images.flatten(1))
+        out = self.net(fourier_crop(images, self.input_box_px).flatten(1))
         mean, raw_std = out.split(self.latent_dim, dim=1)
         return mean, F.softplus(raw_std) + _MIN_LATENT_STD
 

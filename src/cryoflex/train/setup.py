@@ -26,7 +26,7 @@ from cryoflex.io.metadata import ParticleMetadata, read_metadata
 from cryoflex.io.particles import open_particle_images
 from cryoflex.io.structure import Structure, read_structure
 from cryoflex.model.cryosphere import LIKELIHOOD_CONSTANTS, CryoSphere
-from cryoflex.model.networks import Decoder, Encoder
+from cryoflex.model.networks import Decoder, Encoder, encoder_box_px
 from cryoflex.model.segmentation import Segmentation, SegmentedPart, parse_parts
 from cryoflex.run_dir import RunDir
 
@@ -159,7 +159,9 @@ def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> Run
 def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
     """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
     segmentation = Segmentation(structure.n_residues, segmented_parts(config, structure), tau=config.tau)
-    encoder = Encoder(box_size_px, config.latent_dim, config.encoder_hidden)
+    encoder = Encoder(
+        box_size_px, config.latent_dim, config.encoder_hidden, encoder_box_px(box_size_px, config.encoder_downsample)
+    )
     decoder = Decoder(
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
     )
