@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from train_throughput import Row, row_structure, simulate_particles, time_steps
+from train_throughput import Row, alternated_ms_per_step, row_structure, simulate_particles
 
 from cryoflex.io.atomic import write_text_atomic
 
@@ -40,12 +40,8 @@ def main() -> None:
         for row in args.rows:
             data = simulate_particles(row_structure(row.residues, work), row.box_px, 4 * row.batch * (args.steps + 2),
                                       work / f"data_{row.label}")  # fmt: skip
-            times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
-            for round_ in range(args.rounds):
-                for name, objective in OBJECTIVES.items():
-                    run_dir = work / f"run_{row.label}_{round_}_{len(times[name])}"
-                    measured = time_steps(row, data, run_dir, args.steps, "cpu", objective=objective)
-                    times[name].append(measured["median_ms_per_step"])
+            variants = {name: {"objective": objective} for name, objective in OBJECTIVES.items()}
+            times = alternated_ms_per_step(row, data, work, variants, args.steps, args.rounds)
             base = statistics.median(times["correlation, 1 draw"])
             for name, values in times.items():
                 ms = statistics.median(values)

@@ -274,6 +274,19 @@ def time_steps(
     return result
 
 
+def alternated_ms_per_step(
+    row: Row, data_dir: Path, work: Path, variants: dict[str, dict], steps: int, rounds: int
+) -> dict[str, list[float]]:
+    """Median ms per step of each variant (keyword arguments of time_steps), `rounds` times in turn in this one
+    process, so that ratios between variants compare like with like on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        for k, (name, settings) in enumerate(variants.items()):
+            run_dir = work / f"run_{row.label.replace(':', '_')}_{round_}_{k}"
+            times[name].append(time_steps(row, data_dir, run_dir, steps, "cpu", **settings)["median_ms_per_step"])
+    return times
+
+
 def run_single_row(args: argparse.Namespace) -> None:
     """Child process: measure one row and print its figures as one JSON line."""
     baseline_MB = peak_rss_MB()

@@ -44,7 +44,8 @@ class TrainConfig:
     tau: float = 20.0
     sigma_A: float = 2.0
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
-    # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px; 1 = the training box
+    # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);
+    # 1 = the whole training box (the original's encoder)
     encoder_downsample: int = 2
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 256])
     translation_scale_A: float = 10.0
