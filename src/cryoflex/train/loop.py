@@ -280,8 +280,9 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     validation_loader = None
     if context.is_main:
         logger.info(
-            "%d particles, box %d px at %.3f A/px, %d residues, %d segments, latent %d, device %s, %d process(es)",
-            len(dataset), dataset.box_size_px, dataset.pixel_size_A, structure.n_residues,
+            "%d particles, box %d px at %.3f A/px (the encoder reads %d px), %d residues, %d segments, latent %d, "
+            "device %s, %d process(es)",
+            len(dataset), dataset.box_size_px, dataset.pixel_size_A, model.encoder.input_box_px, structure.n_residues,
             model.segmentation.n_segments, config.latent_dim, device, context.world_size,
         )  # fmt: skip
         if len(dataset) < FEW_PARTICLES:
