@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.io.structure import read_structure
-from cryoflex.model.deformation import deform, rotation_matrices
+from cryoflex.model.deformation import assignment_bands, deform, rotation_matrices
 from cryoflex.model.networks import Decoder, Encoder, encoder_box_px
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
 
@@ -189,6 +189,34 @@ def test_deformation_gradients_match_finite_differences(scale: float) -> None:
     vectors = (torch.randn(2, 3, 3, generator=generator, dtype=torch.float64) * scale).requires_grad_()
     translations = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(deform, (coords, assignment, vectors, translations))
+
+
+def test_banded_deformation_equals_the_dense_one() -> None:
+    """Each segment's rotation touches only its band of residues (a sharp segmentation, two parts); the structures and
+    the gradients of every input and of the mixtures' parameters equal those of rotating every residue by every
+    segment, in float64."""
+    torch.manual_seed(6)
+    n = 150
+    segmentation = Segmentation(n, [SegmentedPart("A", np.arange(100), 6), SegmentedPart("B", np.arange(100, n), 2)])
+    segmentation.double()
+    coords = (torch.randn(n, 3, dtype=torch.float64) * 10).requires_grad_()
+    vectors = (torch.randn(3, 8, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    translations = torch.randn(3, 8, 3, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(3, n, 3, dtype=torch.float64)
+    results = []
+    for dense in (False, True):
+        assignment = segmentation(False)
+        moved = deform(coords, assignment, vectors, translations, dense=dense)
+        inputs = (coords, vectors, translations, *segmentation.parameters())
+        gradients = torch.autograd.grad((moved * weights).sum(), inputs, allow_unused=True)
+        results.append((moved, *(g for g in gradients if g is not None)))
+    assert len(results[0]) == 10  # the structures, three inputs, and mu, s and alpha of both mixtures
+    for banded, dense in zip(*results, strict=True):
+        torch.testing.assert_close(banded, dense, rtol=1e-12, atol=1e-12)
+    bands = assignment_bands(segmentation(False))
+    assert [m for m, *_ in bands] == list(range(8))
+    assert sum(end - first for _, first, end, _ in bands) < 2 * n  # not 8 n: each band is about one segment
+    assert all(first >= 100 for m, first, _, _ in bands if m >= 6)  # part B's segments stay in part B
 
 
 def test_rotation_matrix_gradients_match_finite_differences_near_zero() -> None:

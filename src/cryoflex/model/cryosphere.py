@@ -6,6 +6,7 @@ averages every gradient (the original implementation called submodules directly 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,7 @@ class CryoSphere(nn.Module):
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile: ~4x faster forward + backward where per-operation overhead
         dominates (small structures, many segments), after a one-off compilation of about a minute on a CPU."""
-        self.deformation = torch.compile(deform, dynamic=True)
+        self.deformation = torch.compile(functools.partial(deform, dense=True), dynamic=True)
 
     def _network_precision(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.network_bf16)
