@@ -21,3 +21,13 @@ def test_train_profile_times_every_stage_and_the_whole_step(tmp_path: Path) -> N
     assert tuple(row["stages_ms"]) == STAGES and all(value > 0 for value in row["stages_ms"].values())
     assert row["step_ms"] > 0 and row["x_projector"] == row["step_ms"] / row["stages_ms"]["projector"]
     assert row["encoder_box_px"] == 32 and row["encoder_full_box_ms"] > 0  # the default reads half the 64 px box
+
+
+def test_deformation_bands_benchmark_runs_and_bands_hold_fewer_residues(tmp_path: Path) -> None:
+    out = tmp_path / "bands.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "deformation_bands.py"), "--rows", "4:60:6", "--repeats", "1",
+                    "--rounds", "1", "--out", str(out)], check=True, capture_output=True)  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["dense_residues"] == 360
+    assert 60 <= row["band_residues"] < 180  # every residue in some band, each band about one segment
+    assert row["dense_ms"] > 0 and row["banded_ms"] > 0
