@@ -13,8 +13,8 @@ linear functional of its output (so every stage pays its backward pass once):
   decoder       z -> rotation vectors and translations
   deformation   nominal structure, G and motions -> structures (B, n, 3)
   projector     structures -> images without CTF (the floor: ImageFormation's own work)
-  CTF           the CTF on the rfft grid times the projections' half spectra (the images the losses compare)
-  losses        every loss term of LossTerms (neighbour list not rebuilt), from the rendered half spectra
+  CTF           the CTF on the rfft grid and its convolution with the projections
+  losses        every loss term of LossTerms (neighbour list not rebuilt)
   optimiser     fused Adam step over all parameters
 The whole step is train_step as the training loop runs it. "other" = whole step - sum of the stages (autograd
 bookkeeping, the read-back of the loss values, what the isolated timings do not see). "x projector" = whole step /
@@ -80,7 +80,7 @@ def forward_backward(
     def run() -> None:
         result = function(*leaves)
         results = result if isinstance(result, tuple) else (result,)
-        torch.stack([(r * w).sum().real for r, w in zip(results, weights, strict=True)]).sum().backward()
+        torch.stack([(r * w).sum() for r, w in zip(results, weights, strict=True)]).sum().backward()
 
     return run
 
@@ -130,7 +130,9 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
         return model.segmentation(True)
 
     def convolve(projected: torch.Tensor) -> torch.Tensor:
-        return formation.ctf_spectra(projected, batch.ctf)
+        from cryoflex.imaging.projector import apply_ctf
+
+        return apply_ctf(projected, formation.ctf_rfft(batch.ctf))
 
     def project(coords: torch.Tensor) -> torch.Tensor:
         return formation.images(coords, model.amplitudes_e, batch.poses, None)
@@ -139,7 +141,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
         predicted: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     ) -> torch.Tensor:
         fake = replace(
-            output, predicted_spectra=predicted, coords_A=coords, latent_mean=mean, latent_std=std,
+            output, predicted_images=predicted, coords_A=coords, latent_mean=mean, latent_std=std,
             assignment=assignment, segmentation_kl=model.segmentation.kl_divergence(),
         )  # fmt: skip
         return losses(fake, batch.images, 1.0, False)["total"]
@@ -161,7 +163,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
         "projector": median_ms(forward_backward(project, coords_A), repeats),
         "CTF": median_ms(forward_backward(convolve, projections), repeats),
         "losses": median_ms(
-            forward_backward(loss_terms, output.predicted_spectra, coords_A, output.latent_mean, output.latent_std),
+            forward_backward(loss_terms, output.predicted_images, coords_A, output.latent_mean, output.latent_std),
             repeats,
         ),
         "optimiser": median_ms(optimizer.step, repeats),

@@ -188,8 +188,7 @@ def test_importance_log_weights_equal_an_independent_computation(data_dir: Path,
             latent = posterior.mean[row] + posterior.std[row] * noise[k]
             with torch.no_grad():
                 coords_A, _ = model.decode(torch.as_tensor(latent)[None], sample_segmentation=False)
-                images = model.formation.images(coords_A, model.amplitudes_e, batch.poses[[row]], batch.ctf[[row]])
-                image = images[0].double().numpy().ravel()
+                image = model.render(coords_A, batch.poses[[row]], batch.ctf[[row]])[0].double().numpy().ravel()
             observed = batch.images[row].double().numpy().ravel()
             target = observed - np.exp(-0.4) * image
             (offset,), *_ = np.linalg.lstsq(np.ones((target.size, 1)), target, rcond=None)

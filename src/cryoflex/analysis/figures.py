@@ -11,7 +11,6 @@ from matplotlib.collections import LineCollection
 
 from cryoflex.analysis.latent import new_figure, save_figure
 from cryoflex.analysis.run import TrainedRun
-from cryoflex.imaging.spectra import images_from_spectra
 
 _SEGMENT_COLOURS = ("#6495ed", "#ffa500", "#3cb371", "#dc143c", "#9370db", "#a0522d", "#ff69b4", "#ffd700",
                     "#40e0d0", "#6b8e23", "#6a5acd", "#fa8072")  # fmt: skip
@@ -28,8 +27,7 @@ def particle_images_figure(run: TrainedRun, path: Path, n_images: int = 6) -> Pa
     """The first particles (normalised, as the model sees them) above the model's predicted images at their poses."""
     count = min(n_images, len(run.dataset))
     batch = run.dataset.__getitems__(list(range(count))).to(run.device)
-    spectra = run.model(batch).predicted_spectra
-    predicted = images_from_spectra(spectra, spectra.shape[-2]).float().cpu().numpy()
+    predicted = run.model(batch).predicted_images.float().cpu().numpy()
     observed = batch.images.float().cpu().numpy()
     figure = new_figure(1.6 * count, 3.4)
     for k in range(count):

@@ -19,7 +19,6 @@ from torch.utils.data import BatchSampler, SequentialSampler
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.errors import CryoflexInputError
-from cryoflex.imaging.spectra import centred_sum_weights, half_spectra
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.losses import gaussian_image_nll, log_importance_weights
 
@@ -196,11 +195,9 @@ def importance_log_weights(
         latent = mean[:, None] + std[:, None] * noise
         coords_A, _ = model.decode(latent.flatten(0, 1), sample_segmentation=False)
         rows = torch.arange(len(batch), device=device).repeat_interleave(samples)
-        predicted = model.render_spectra(coords_A, batch.poses[rows], batch.ctf[rows])
-        predicted = predicted.unflatten(0, (len(batch), samples))
-        observed = half_spectra(batch.images)[:, None]
-        weights = centred_sum_weights(observed.shape[-2], dtype=batch.images.dtype, device=device)
-        nll = gaussian_image_nll(predicted, observed, model.log_noise_variance, model.log_image_scale, weights)
+        images = model.render(coords_A, batch.poses[rows], batch.ctf[rows])
+        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
+        nll = nll.view(len(batch), samples)
         out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
         start = stop
     return out

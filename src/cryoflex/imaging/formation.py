@@ -2,9 +2,8 @@
 
 ImageFormation owns one image geometry (box, pixel size, Gaussian width): the pixel grid, the Gaussian projector
 (cryoflex.imaging.projector) and the CTF on the torch.fft.rfft2 grid (cryoflex.imaging.ctf). The model's render, the
-simulator's clean images and the figures call images(); the likelihoods compare spectra() (the CTF-weighted half
-spectra, cryoflex.imaging.spectra), and code that works in Fourier space on the same grid (e.g. back-projection for
-a reconstruction) takes the CTF from ctf_rfft().
+simulator's clean images, the training loop's contrast check and the figures all call images(); code that works
+in Fourier space on the same grid (e.g. back-projection for a reconstruction) takes the CTF from ctf_rfft().
 Images are noise-free; the simulator adds its noise itself.
 
 The physics runs in the structures' dtype: poses and CTF parameters are cast to it (a no-op for the float32 batches
@@ -18,7 +17,6 @@ import torch
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.ctf import ctf_rfft
 from cryoflex.imaging.projector import pixel_coordinates_A, project_on_grid
-from cryoflex.imaging.spectra import half_spectra, images_from_spectra, real_image_transfer
 
 
 class ImageFormation:
@@ -46,31 +44,18 @@ class ImageFormation:
         """The CTF of this batch on the torch.fft.rfft2 grid of these images: (B, N, N//2+1), RELION's sign."""
         return ctf_rfft(self.box_size_px, self.pixel_size_A, ctf)
 
-    def projections(self, coords_A: torch.Tensor, amplitudes: torch.Tensor, poses: PoseBatch) -> torch.Tensor:
-        """Noise-free projections (B, N, N), before the CTF, of structures (n, 3) or (B, n, 3) in A with amplitudes (n,)
-        or (B, n); poses: rotations x' = R x and RELION origins. Differentiable in coordinates, amplitudes and poses."""
-        dtype, device = coords_A.dtype, coords_A.device
-        poses = poses.to(device, dtype=dtype)
-        grid_A = self.pixel_grid_A(device, dtype)
-        return project_on_grid(coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A, poses.shifts_A, None)
-
-    def spectra(
-        self, coords_A: torch.Tensor, amplitudes: torch.Tensor, poses: PoseBatch, ctf: CTFBatch
-    ) -> torch.Tensor:
-        """The images' half spectra (B, N, N//2+1): the projections' rfft2 times the CTF. What the likelihoods compare
-        (cryoflex.imaging.spectra): no inverse FFT. Differentiable as projections(), and in the CTF parameters."""
-        return self.ctf_spectra(self.projections(coords_A, amplitudes, poses), ctf)
-
-    def ctf_spectra(self, projections: torch.Tensor, ctf: CTFBatch) -> torch.Tensor:
-        """Projections (B, N, N) -> the half spectra (B, N, N//2+1) of their images with this CTF: rfft2 times the
-        CTF, its Nyquist column made that of a real image (cryoflex.imaging.spectra.real_image_transfer)."""
-        transfer = self.ctf_rfft(ctf.to(projections.device, dtype=projections.dtype))
-        return half_spectra(projections) * real_image_transfer(transfer)
-
     def images(
         self, coords_A: torch.Tensor, amplitudes: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None
     ) -> torch.Tensor:
-        """Noise-free images (B, N, N): the projections convolved with the CTF (ctf None leaves them unfiltered)."""
-        if ctf is None:
-            return self.projections(coords_A, amplitudes, poses)
-        return images_from_spectra(self.spectra(coords_A, amplitudes, poses, ctf), self.box_size_px)
+        """Noise-free images (B, N, N) of structures (n, 3) or (B, n, 3) in A with amplitudes (n,) or (B, n).
+
+        poses: rotations x' = R x and RELION origins; ctf None leaves the projections unfiltered. Differentiable in
+        coordinates, amplitudes, poses and CTF parameters.
+        """
+        dtype, device = coords_A.dtype, coords_A.device
+        poses = poses.to(device, dtype=dtype)
+        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        grid_A = self.pixel_grid_A(device, dtype)
+        return project_on_grid(
+            coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A, poses.shifts_A, transfer
+        )

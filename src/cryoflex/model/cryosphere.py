@@ -29,7 +29,7 @@ LIKELIHOOD_CONSTANTS = ("log_noise_variance", "log_image_scale")
 class ModelOutput:
     """What one forward pass produces for a batch of B images of D x D pixels and n residues, M segments."""
 
-    predicted_spectra: torch.Tensor  # (B K, D, D//2+1): half spectra of the rendered images, K samples per image
+    predicted_images: torch.Tensor  # (B K, D, D): K samples per image, image-major
     coords_A: torch.Tensor  # (B K, n, 3), model frame (before the pose)
     latent: torch.Tensor  # (B K, L): the latent each structure was decoded from
     latent_mean: torch.Tensor  # (B, L)
@@ -92,10 +92,9 @@ class CryoSphere(nn.Module):
         coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors.float(), translations_A.float())
         return coords_A, assignment
 
-    def render_spectra(self, coords_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
-        """Structures (B, n, 3) with this model's amplitudes -> the half spectra (B, D, D//2+1) of their images at these
-        poses, with this CTF: what the likelihoods compare (cryoflex.imaging.spectra)."""
-        return self.formation.spectra(coords_A, self.amplitudes_e, poses, ctf)
+    def render(self, coords_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
+        """Structures (B, n, 3) with this model's amplitudes -> images (B, D, D) at these poses, with this CTF."""
+        return self.formation.images(coords_A, self.amplitudes_e, poses, ctf)
 
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
         """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior
@@ -116,8 +115,9 @@ class CryoSphere(nn.Module):
             rows = torch.arange(len(latent_mean), device=latent_mean.device).repeat_interleave(samples)
             poses, ctf = poses[rows], ctf[rows]
         coords_A, assignment = self.decode(latent, sample_segmentation=self.training)
+        images = self.render(coords_A, poses, ctf)
         return ModelOutput(
-            predicted_spectra=self.render_spectra(coords_A, poses, ctf),
+            predicted_images=images,
             coords_A=coords_A,
             latent=latent,
             latent_mean=latent_mean,

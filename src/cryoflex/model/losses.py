@@ -1,7 +1,4 @@
-"""cryoSPHERE losses: image correlation and likelihood, KL terms, chain continuity and residue clashes.
-
-The image terms compare half spectra (cryoflex.imaging.spectra): the sums over pixels they need equal weighted sums
-over the spectrum (Parseval), so a rendered image is never transformed back to real space.
+"""cryoSPHERE losses: image correlation, KL terms, chain continuity and residue clashes.
 
 Every function is batched over the leading dimension, differentiable, works in float32 and float64, and never
 produces 0/0 or NaN, in value or gradient (the original implementation's clash loss divided 0/0 when nothing
@@ -23,8 +20,6 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from cryoflex.imaging.spectra import centred_inner, centred_power
-
 
 def _safe_distance(diff: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """|diff| over axis `dim`; exactly 0 (with zero, finite gradient) where diff is exactly 0."""
@@ -38,18 +33,21 @@ def _safe_log(values: torch.Tensor) -> torch.Tensor:
     return torch.log(values.clamp_min(torch.finfo(values.dtype).tiny))
 
 
-def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Half spectra (..., N, N//2+1) of two sets of images (broadcastable) -> (...) 1 - their Pearson correlation over
-    pixels: 0 for a match, 2 for anti-correlation. weights: cryoflex.imaging.spectra.centred_sum_weights (Parseval).
+def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) images -> (B,) 1 - Pearson correlation over pixels: 0 for a match, 2 for anti-correlation.
 
     An image that is constant (to rounding) has no defined correlation; it counts as correlation 0 (loss 1),
     with a finite gradient, instead of the 0/0 of the textbook formula.
     """
-    covariance = centred_inner(predicted, observed, weights)
-    predicted_power = centred_power(predicted, weights)
-    observed_power = centred_power(observed, weights)
-    defined = (predicted_power > _rounding_power(predicted, predicted_power)) & (
-        observed_power > _rounding_power(observed, observed_power)
+    predicted_flat = predicted.flatten(start_dim=1)
+    observed_flat = observed.flatten(start_dim=1)
+    predicted_centred = predicted_flat - predicted_flat.mean(dim=1, keepdim=True)
+    observed_centred = observed_flat - observed_flat.mean(dim=1, keepdim=True)
+    covariance = (predicted_centred * observed_centred).sum(dim=1)
+    predicted_power = (predicted_centred * predicted_centred).sum(dim=1)
+    observed_power = (observed_centred * observed_centred).sum(dim=1)
+    defined = (predicted_power > _rounding_power(predicted_flat)) & (
+        observed_power > _rounding_power(observed_flat)
     )
     one = torch.ones_like(covariance)
     predicted_norm = torch.sqrt(torch.where(defined, predicted_power, one))
@@ -58,25 +56,23 @@ def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor, weights: t
 
 
 def gaussian_image_nll(
-    predicted: torch.Tensor,
-    observed: torch.Tensor,
-    log_noise_variance: torch.Tensor,
-    log_image_scale: torch.Tensor,
-    weights: torch.Tensor,
+    predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor, log_image_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Half spectra (..., N, N//2+1) of rendered and observed images (broadcastable) -> (...) -log p(observed |
-    predicted) in nats (up to a constant): the observed image is s * predicted + b + white Gaussian noise of per-pixel
-    variance sigma^2, with one scale s = exp(log_image_scale) for every image (learned, as sigma^2 =
-    exp(log_noise_variance) is) and each image's least-squares offset b. weights: centred_sum_weights (Parseval).
+    """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
+    s * predicted + b + white Gaussian noise of per-pixel variance sigma^2, with one scale s = exp(log_image_scale) for
+    every image (learned, as sigma^2 = exp(log_noise_variance) is) and each image's least-squares offset b.
 
     With P pixels and x~ an image minus its mean: ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
     One shared scale, not one per image: at SNR 0.001 an image's own least-squares scale is as uncertain as its value,
     and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
     the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
-    residual_power = centred_power(observed - torch.exp(log_image_scale) * predicted, weights)
-    n_pixels = predicted.shape[-2] ** 2
-    return residual_power / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
+    predicted_flat = predicted.flatten(start_dim=1)
+    observed_flat = observed.flatten(start_dim=1)
+    residual = observed_flat - torch.exp(log_image_scale) * predicted_flat
+    residual = residual - residual.mean(dim=1, keepdim=True)
+    n_pixels = observed_flat.shape[1]
+    return residual.square().sum(dim=1) / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
 
 
 def log_importance_weights(
@@ -123,12 +119,10 @@ def importance_weighted_bound(
     return bound, proposal_loss
 
 
-def _rounding_power(spectra: torch.Tensor, centred_power: torch.Tensor) -> torch.Tensor:
-    """(...) sum of squared deviations that rounding alone can leave in a constant image: a few ulps per pixel of
-    its total power (the centred power plus the mean's, |DC|^2 / N^2)."""
-    mean_power = spectra[..., 0, 0].detach().abs().square() / spectra.shape[-2] ** 2
-    ulp = 8.0 * torch.finfo(centred_power.dtype).eps
-    return ulp * ulp * (centred_power.detach() + mean_power)
+def _rounding_power(flat: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of squared deviations that rounding alone can leave in a constant image (a few ulps/pixel)."""
+    ulp = 8.0 * torch.finfo(flat.dtype).eps * flat.detach().abs().amax(dim=1)
+    return flat.shape[1] * ulp * ulp
 
 
 def standard_normal_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

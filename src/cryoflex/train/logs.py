@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 from tqdm.auto import tqdm
 
-from cryoflex.imaging.spectra import images_from_spectra
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.progress import PLAIN_INTERVAL_S
@@ -95,10 +94,7 @@ class RunLogs:
             high = images.amax(dim=(1, 2), keepdim=True)
             return ((images - low) / (high - low).clamp_min(1e-12)).unsqueeze(1)
 
-        samples = len(output.predicted_spectra) // len(observed)  # the first of each image's latent draws
-        first_draws = output.predicted_spectra[::samples][:count].detach()
-        predicted = images_from_spectra(first_draws, observed.shape[-1]).float()
-        pairs = torch.cat([scaled(predicted), scaled(observed[:count].float())])
+        pairs = torch.cat([scaled(output.predicted_images[:count].detach().float()), scaled(observed[:count].float())])
         self.tensorboard.add_images("predicted (top) vs observed (bottom)", pairs.cpu(), step)
 
     def close(self) -> None:

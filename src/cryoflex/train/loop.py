@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 from cryoflex.config import TrainConfig
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import particle_loader
-from cryoflex.imaging.spectra import centred_inner, centred_power, centred_sum_weights, half_spectra
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import correlation_loss
 from cryoflex.run_dir import RunDir
@@ -176,14 +175,15 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         nominal = model.nominal_coords_A.expand(len(batch), -1, -1)
-        predicted = model.render_spectra(nominal, batch.poses, batch.ctf).to(torch.complex128)
-        observed = half_spectra(batch.images.double())
-        weights = centred_sum_weights(observed.shape[-2], dtype=torch.float64, device=device)
-        correlations.append(1.0 - correlation_loss(predicted, observed, weights))
-        inner += float(centred_inner(predicted, observed, weights).sum())
-        predicted_power += float(centred_power(predicted, weights).sum())
-        observed_power += float(centred_power(observed, weights).sum())
-        pixels += batch.images[0].numel() * len(batch)
+        predicted = model.render(nominal, batch.poses, batch.ctf).flatten(1).double()
+        observed = batch.images.flatten(1).double()
+        correlations.append(1.0 - correlation_loss(predicted, observed))
+        predicted = predicted - predicted.mean(1, keepdim=True)
+        observed = observed - observed.mean(1, keepdim=True)
+        inner += float((predicted * observed).sum())
+        predicted_power += float(predicted.square().sum())
+        observed_power += float(observed.square().sum())
+        pixels += observed.numel()
     floor = _MIN_START_SCALE_SHARE * math.sqrt(observed_power / predicted_power)
     scale = max(inner / predicted_power, floor)
     residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from cryoflex.config import TrainConfig
-from cryoflex.imaging.spectra import centred_sum_weights, half_spectra
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
@@ -57,14 +56,6 @@ class LossTerms:
         else:
             self.reference_A = nominal.new_zeros(0)
         self.neighbours = ClashNeighbourList(chain_ids, cutoff_A=config.clash_cutoff_A, skin_A=config.clash_skin_A)
-        self._spectrum_weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def _weights(self, observed: torch.Tensor) -> torch.Tensor:
-        """The Parseval weights (centred_sum_weights) of these images' box, dtype and device, built once."""
-        key = (observed.shape[-1], observed.dtype, observed.device)
-        if key not in self._spectrum_weights:
-            self._spectrum_weights[key] = centred_sum_weights(key[0], dtype=key[1], device=key[2])
-        return self._spectrum_weights[key]
 
     def latent_kl_weight(self, epoch_progress: float) -> float:
         """The latent KL weight after `epoch_progress` epochs (linear warm-up from 0)."""
@@ -77,22 +68,17 @@ class LossTerms:
     ) -> dict[str, torch.Tensor]:
         config = self.config
         samples = len(output.latent) // len(observed)
-        # Half spectra, (B, K, D, D//2+1) rendered against (B, 1, ...) observed: each image is transformed once
-        predicted = output.predicted_spectra.unflatten(0, (len(observed), samples))
-        observed_spectra = half_spectra(observed)[:, None]
-        weights = self._weights(observed)
-        # with the Gaussian likelihood 1 - correlation is only reported: no graph for it
-        reported = predicted.detach() if config.likelihood == "gaussian" else predicted
+        observed_per_sample = observed.repeat_interleave(samples, 0) if samples > 1 else observed
         terms = {
-            IMAGE_TERM: correlation_loss(reported, observed_spectra, weights).mean(),
+            IMAGE_TERM: correlation_loss(output.predicted_images, observed_per_sample).mean(),
             "latent_kl": standard_normal_kl(output.latent_mean, output.latent_std).mean(),
             "segmentation_kl": output.segmentation_kl / self.n_images,
         }
         kl_weight = self.latent_kl_weight(epoch_progress)
         if config.likelihood == "gaussian":
             image_nll = gaussian_image_nll(
-                predicted, observed_spectra, output.log_noise_variance, output.log_image_scale, weights
-            )  # (B, K)
+                output.predicted_images, observed_per_sample, output.log_noise_variance, output.log_image_scale
+            ).view(len(observed), samples)
             terms[NLL_TERM] = image_nll.mean()
             terms["noise_variance"] = output.log_noise_variance.detach().exp()  # reported, not losses
             terms["image_scale"] = output.log_image_scale.detach().exp()
