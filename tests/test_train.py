@@ -375,3 +375,24 @@ def test_automatic_threads_train_and_are_logged(
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     counts = [record["threads"] for record in epochs if record["kind"] == "epoch"]
     assert len(counts) == 2 and set(counts) <= {1, 2}
+
+
+def test_tensorboard_pairs_each_observed_image_with_its_own_prediction(tmp_path: Path) -> None:
+    """With K latent draws per image the predictions are image-major (B K): the figure shows the first draw of each
+    of the first images above those images, not K draws of the first image."""
+    from types import SimpleNamespace
+
+    from cryoflex.run_dir import RunDir
+    from cryoflex.train.logs import RunLogs
+
+    logged: dict[str, torch.Tensor] = {}
+    logs = RunLogs(RunDir(tmp_path / "run"))
+    logs.tensorboard = SimpleNamespace(add_figure=lambda *args: None,
+                                       add_images=lambda tag, images, step: logged.update(images=images))  # fmt: skip
+    images, draws = 5, 3
+    predicted = torch.eye(16)[: images * draws].view(-1, 4, 4)  # prediction k lights pixel k: scaling keeps it
+    output = SimpleNamespace(assignment=torch.ones(8, 1), predicted_images=predicted)
+    logs.figures(None, output, torch.randn(images, 4, 4), step=0)  # type: ignore[arg-type]
+    assert logged["images"].shape == (8, 1, 4, 4)  # four predictions above four observed images
+    shown = [int(image.argmax()) for image in logged["images"][:4, 0]]
+    assert shown == [0, 3, 6, 9]  # images 0-3, the first of their three draws each

@@ -94,7 +94,9 @@ class RunLogs:
             high = images.amax(dim=(1, 2), keepdim=True)
             return ((images - low) / (high - low).clamp_min(1e-12)).unsqueeze(1)
 
-        pairs = torch.cat([scaled(output.predicted_images[:count].detach().float()), scaled(observed[:count].float())])
+        samples = len(output.predicted_images) // len(observed)  # the first of each image's latent draws
+        predicted = output.predicted_images[::samples][:count].detach().float()
+        pairs = torch.cat([scaled(predicted), scaled(observed[:count].float())])
         self.tensorboard.add_images("predicted (top) vs observed (bottom)", pairs.cpu(), step)
 
     def close(self) -> None:
