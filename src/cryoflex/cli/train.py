@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", help=DEVICE_HELP)
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 networks on CUDA")
     run.add_argument("--compile", action="store_true", default=None,
-                     help="torch.compile the deformation (faster steps for long runs; ~1 min to compile)")
+                     help="torch.compile the deformation, for GPUs (slower on a CPU; ~1 min to compile)")
     run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")
     run.add_argument("--threads", type=int, help=THREADS_HELP)
     run.add_argument("--seed", type=int, help="random seed (default 0)")

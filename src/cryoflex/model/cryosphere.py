@@ -77,8 +77,9 @@ class CryoSphere(nn.Module):
         return super().load_state_dict({**state_dict, **missing}, strict, assign)
 
     def compile_deformation(self) -> None:
-        """Compile the deformation with torch.compile: ~4x faster forward + backward where per-operation overhead
-        dominates (small structures, many segments), after a one-off compilation of about a minute on a CPU."""
+        """Compile the deformation with torch.compile, after a one-off compilation of about a minute. It compiles the
+        dense chain (every residue through every segment: static shapes), which on a CPU is slower than the default
+        banded one (docs/benchmarks.md); on a GPU, fewer kernel launches may outweigh the extra work (not measured)."""
         self.deformation = torch.compile(functools.partial(deform, dense=True), dynamic=True)
 
     def _network_precision(self, device: torch.device) -> torch.autocast:

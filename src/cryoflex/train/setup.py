@@ -182,6 +182,11 @@ def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) 
     model = build_model(config, inputs.structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
     model.network_bf16 = use_bf16_networks(config, device)
     if config.compile:
+        if device.type == "cpu":
+            logger.warning(
+                "compile: the compiled deformation moves every residue with every segment; on a CPU the default, "
+                "which moves each segment's residues only, measured 1.6-2.1x faster per step: compile is for GPUs"
+            )
         model.compile_deformation()  # compiled on the first step
     return model
 
