@@ -56,7 +56,7 @@ ADK_RESIDUES = 214
 WARMUP_STEPS = 2
 # The step timed here: one draw per image with the original objective, as every figure in docs/benchmarks.md (and the
 # original's step). The default objective draws importance_samples = 8 latents per image, which renders and deforms 8
-# structures per image: 3x this step's time at 214 residues and 32 px, 14x at 2,750 and 64 px (draws_cost.py).
+# structures per image: 3.1x this step's time at 214 residues and 32 px, 7.3x at 2,750 and 64 px (draws_cost.py).
 STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1}
 BOX_MARGIN = 1.3
 SNR = 0.1

@@ -11,9 +11,9 @@ Speed (eager, CPU): the work is a few flops per residue, so the cost is the numb
 the number of passes and their memory layout.
 - Bands: with the mixture's sharp softmax (tau = 20) a segment's G is below rounding a few residues outside the
   segment, where its rotation is the identity to rounding. Each segment's rotation is applied to its band only
-  (assignment_bands), so a step touches about n residues instead of M x n: forward + backward ran 5.8x faster than
-  with every residue in every band at 214 residues, 12 segments and 256 structures, and 13.5x at 2,750 residues and
-  20 segments (one thread, alternated in one process).
+  (assignment_bands), so a step touches about n residues instead of M x n: forward + backward 4.7x faster than
+  the dense chain at 214 residues, 12 segments and 256 structures, 8-19x at 2,750 and 13,941 residues with 20
+  segments (benchmarks/deformation_bands.py).
 - Coordinates are held component-major, (B, 3, n), so every pass runs along residues (a (B, n, 3) layout makes each
   elementwise operation loop over 3 numbers at a time, about 4x slower).
 - Two autograd functions with hand-written backward passes replace the graph of small operations: the per-residue
