@@ -33,6 +33,7 @@ from bayes_oracle import oracle_scores
 from rigid_floor import runs_of, segmentation_floor_A
 from scipy.stats import spearmanr
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.metrics import centroid_distance_A, domain_f1, recovery_summary, rmsd_A
 from cryoflex.analysis.predict import decode_latents, particle_posteriors, posterior_structures
 from cryoflex.analysis.run import TrainedRun, load_run
@@ -45,7 +46,7 @@ from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-POSTERIOR_SAMPLES = 16
+POSTERIOR_SAMPLES = DEFAULT_POSTERIOR_SAMPLES
 BAYES_ORACLE_IMAGES = 3000  # the Bayes bound is a per-image expectation: 3,000 images pin it to about +-0.02
 POPULATION_DRAWS = 1000  # latents from the prior decoded to describe the learned population
 QUANTILES = (5, 25, 50, 75, 95)

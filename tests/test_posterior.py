@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import kstest
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.predict import (
-    DEFAULT_POSTERIOR_SAMPLES,
     LatentPosterior,
     decode_latents,
     posterior_noise,
@@ -59,8 +60,7 @@ def test_posterior_mean_and_spread_match_samples_decoded_one_by_one(model: CryoS
     coords, spread = _run(model, posterior, samples=5, seed=3, batch_size=3)
     assert coords.dtype == spread.dtype == np.float32 and coords.shape == (7, 214, 3) and spread.shape == (7, 214)
     for p in range(7):
-        block = np.random.default_rng([3, p // 1024]).standard_normal((1024, 5, 2), dtype=np.float32)
-        noise = torch.as_tensor(block[p % 1024])
+        noise = torch.as_tensor(posterior_noise(3, np.array([p]), 5, 2)[0])  # its draws (their law: tested below)
         latents = torch.as_tensor(posterior.mean[p]) + torch.as_tensor(posterior.std[p]) * noise
         samples = np.stack([_decode_one(model, latent) for latent in latents])  # (5, 214, 3)
         mean = samples.mean(axis=0)
@@ -119,6 +119,16 @@ def test_each_particle_has_its_own_draws_across_noise_blocks() -> None:
     np.testing.assert_array_equal(posterior_noise(4, chosen, 3, 2), every[chosen])
     assert len(np.unique(every.reshape(2100, -1), axis=0)) == 2100  # no two particles share their draws
     assert np.abs(posterior_noise(5, chosen, 3, 2) - every[chosen]).min() > 0  # another seed, other draws
+
+
+def test_posterior_draws_are_standard_normal_and_spread_more_evenly_than_independent_ones() -> None:
+    """Each coordinate of the draws is N(0, 1) (Kolmogorov-Smirnov over 4,000 particles), and a particle's 16 draws
+    average closer to 0 than 16 independent draws would (their mean's std 1/4): randomised quasi-Monte Carlo."""
+    draws = posterior_noise(0, np.arange(4000), 16, 8).astype(np.float64)
+    for k in (0, 7):
+        assert kstest(draws[:, k, 3], "norm").pvalue > 0.01  # draw k of every particle
+    assert kstest(draws[:, :, 0].ravel(), "norm").pvalue > 0.01
+    assert (draws.mean(axis=1).std(axis=0) < 0.16).all()
 
 
 def test_negative_samples_or_seed_are_refused(model: CryoSphere) -> None:

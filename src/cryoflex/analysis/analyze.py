@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoflex.analysis import export, figures, latent, report, structures
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES, export, figures, latent, report, structures
 from cryoflex.analysis.predict import (
-    DEFAULT_POSTERIOR_SAMPLES,
     LatentPosterior,
     check_posterior_options,
     decode_latents,

@@ -26,11 +26,11 @@ from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
 from scipy.stats import pearsonr, spearmanr
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
 from cryoflex.analysis.latent import new_figure, save_figure
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rmsd_A
 from cryoflex.analysis.predict import (
-    DEFAULT_POSTERIOR_SAMPLES,
     check_posterior_options,
     particle_posteriors,
     posterior_structures,

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.latent import CSV_FLOAT_FORMAT
-from cryoflex.analysis.predict import DEFAULT_POSTERIOR_SAMPLES, LatentPosterior, posterior_structures
+from cryoflex.analysis.predict import LatentPosterior, posterior_structures
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import atomic_path, reserve_space, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, write_cryosparc_subset, write_relion_star

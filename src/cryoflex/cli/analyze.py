@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
 
 
@@ -39,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the particles of these k-means clusters (1-based, as in the CSV)")
     parser.add_argument("--subset-region", type=float, nargs=4, metavar=("PC1_MIN", "PC1_MAX", "PC2_MIN", "PC2_MAX"),
                         help="write the particles inside this box of the PC1/PC2 plane")
-    parser.add_argument("--posterior-samples", type=int, default=16, metavar="K",
+    parser.add_argument("--posterior-samples", type=int, default=DEFAULT_POSTERIOR_SAMPLES, metavar="K",
                         help="per-particle structures: mean of K structures decoded from q(z | image), with their "
-                             "spread (drawn with --seed; default 16; 0: decode at the latent mean, no spread)")
+                             f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
+                             "mean, no spread)")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)

@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
 
 
@@ -38,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--voxel-size-A", type=float, help="voxel of the FSC volumes (default: the run's pixel size, at most 1.5 A)"
     )
-    parser.add_argument("--posterior-samples", type=int, default=16, metavar="K",
+    parser.add_argument("--posterior-samples", type=int, default=DEFAULT_POSTERIOR_SAMPLES, metavar="K",
                         help="score the mean of K structures decoded from q(z | image), and rank errors by their "
-                             "spread (drawn with --seed; default 16; 0: decode at the latent mean)")
+                             f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
+                             "mean)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)
