@@ -65,8 +65,13 @@ def start_processes(requested_device: str) -> ProcessContext:
     return ProcessContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def stop_processes(context: ProcessContext) -> None:
+def stop_processes(context: ProcessContext, *, finished: bool) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others: a rank that closed its
+    connections while another still read the last broadcast made that one abort (gloo: connection closed by peer).
+    After an error there is no waiting, since the other ranks may never get there."""
     if context.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

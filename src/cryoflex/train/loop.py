@@ -196,9 +196,12 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainR
     """Train (or continue, with resume) the run in run_dir; one process, or one rank of a torchrun launch."""
     context = start_processes(config.device)
     try:
-        return _train(config, RunDir(run_dir), resume, context)
-    finally:
-        stop_processes(context)
+        result = _train(config, RunDir(run_dir), resume, context)
+    except BaseException:
+        stop_processes(context, finished=False)
+        raise
+    stop_processes(context, finished=True)
+    return result
 
 
 def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -> RunInputs:
