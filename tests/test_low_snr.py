@@ -22,7 +22,7 @@ def test_pure_noise_gives_a_latent_at_the_prior_and_the_nominal_structure(data_d
     simulation = SimulationConfig(n_images=256, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1e-6, seed=5)
     star = simulate_dataset(ensemble, simulation, tmp_path / "data", progress=False)
     config = load_config(None, dict(
-        particles=str(star), structure=str(tmp_path / "data" / "nominal.pdb"), segments=3, latent_dim=2, epochs=3,
+        particles=str(star), structure=str(tmp_path / "data" / "nominal.pdb"), segments=3, latent_dim=2, epochs=8,
         batch_size=32, sigma_A=4.0, encoder_hidden=[32], decoder_hidden=[32], progress=False, device="cpu", seed=1,
     ))  # fmt: skip
     assert config.likelihood == "gaussian" and config.draws_per_image > 1  # the defaults are under test

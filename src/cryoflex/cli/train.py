@@ -5,10 +5,12 @@ the nominal structure (PDB/mmCIF) in the particles' frame: give the consensus ma
 or the box centre in its coordinates (--box-centre-A), or --centre-structure when the particles are centred on its
 centroid.
 Settings: defaults < --config YAML < flags; the full configuration is saved as RUN/config.yaml. Every epoch writes an
-atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly. A fixed share of the particles
-(--validation-fraction, by particle name) is never trained on: its loss is logged every epoch (val_*), the best epoch
-by it is RUN/checkpoints/best.pt (what analyze, eval and reconstruct load), and --early-stopping-patience N stops
-after N epochs without improvement. Logs: RUN/metrics.jsonl and TensorBoard (tensorboard --logdir RUN/tensorboard).
+atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly, and --resume --epochs N extends it
+(the cosine learning-rate decay then spans the N epochs). A fixed share of the particles (--validation-fraction, by
+particle name) is never trained on: its loss is logged every epoch (val_*), the best epoch by it is
+RUN/checkpoints/best.pt (analyze, eval and reconstruct load it with --checkpoint best; the last epoch by default), and
+--early-stopping-patience N stops after N epochs without improvement. Logs: RUN/metrics.jsonl and TensorBoard
+(tensorboard --logdir RUN/tensorboard).
 Several GPUs (or CPU processes):
   torchrun --nproc-per-node K -m cryoflex train ...
 
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     placement.add_argument("--centre-structure", action="store_true", default=None,
                            help="the particles are centred on the structure's centroid")
     model = parser.add_argument_group("model")
-    model.add_argument("--segments", type=int, help="number of segments (default 12)")
+    model.add_argument("--segments", type=int, help="number of segments (default 20)")
     model.add_argument("--parts", nargs="+", metavar="PART",
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
     run.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                     help="constant (default), or cosine: down to 10%% of the learning rates by the last epoch")
+                     help="cosine (default): down to 10%% of the learning rates by the last epoch; or constant")
     run.add_argument("--validation-fraction", type=float,
                      help="share of the particles held out for validation, fixed by particle name (default 0.05; "
                           "0 = none); the best epoch by its loss is RUN/checkpoints/best.pt")
