@@ -206,3 +206,6 @@ def test_importance_log_weights_equal_an_independent_computation(data_dir: Path,
             log_prior = norm.logpdf(latent).sum()
             log_q = norm.logpdf(latent, posterior.mean[row], posterior.std[row]).sum()
             assert log_weights[row, k] == pytest.approx(-nll + log_prior - log_q, rel=1e-5, abs=1e-3)
+    # positions for other particles than the posterior's: a clear error, not one from deep inside the FFTs
+    with pytest.raises(ValueError, match=r"positions must have shape \(3,\), one per posterior row"):
+        importance_log_weights(model, dataset, posterior, samples=3, seed=2, positions=np.arange(2))

@@ -168,6 +168,14 @@ def posterior_noise(seed: int, positions: np.ndarray, samples: int, latent_dim: 
     return ndtri(np.clip(uniform, _UNIFORM_CLIP, 1.0 - _UNIFORM_CLIP)).astype(np.float32)
 
 
+def _particle_positions(n_particles: int, positions: np.ndarray | None) -> np.ndarray:
+    """Each posterior row's position in the particle file (default 0, 1, ...): one per row, or a clear error."""
+    positions = np.arange(n_particles) if positions is None else np.asarray(positions)
+    if positions.shape != (n_particles,):
+        raise ValueError(f"positions must have shape ({n_particles},), one per posterior row; got {positions.shape}")
+    return positions
+
+
 @torch.no_grad()
 def importance_log_weights(
     model: CryoSphere,
@@ -192,7 +200,7 @@ def importance_log_weights(
     model.eval()
     device = model.nominal_coords_A.device
     n = len(posterior.mean)
-    positions = np.arange(n) if positions is None else np.asarray(positions)
+    positions = _particle_positions(n, positions)
     chunks = [positions[start : start + batch_size].tolist() for start in range(0, n, batch_size)]
     out = np.empty((n, samples), np.float64)
     start = 0
@@ -234,9 +242,7 @@ def posterior_structures(
     """
     check_posterior_options(samples, seed)
     n = len(posterior.mean)
-    positions = np.arange(n) if positions is None else np.asarray(positions)
-    if positions.shape != (n,):
-        raise ValueError(f"positions must have shape ({n},), got {positions.shape}")
+    positions = _particle_positions(n, positions)
     if samples <= 1:
         for at_mean_A in decode_latents(model, posterior.mean, batch_size=batch_size):
             yield PosteriorChunk(at_mean_A, np.zeros(at_mean_A.shape[:2], np.float32))
