@@ -66,9 +66,9 @@ def start_processes(requested_device: str) -> ProcessContext:
 
 
 def stop_processes(context: ProcessContext, *, finished: bool) -> None:
-    """Leave the process group. After a finished run every rank first waits for the others: a rank that closed its
-    connections while another still read the last broadcast made that one abort (gloo: connection closed by peer).
-    After an error there is no waiting, since the other ranks may never get there."""
+    """Leave the process group. After a finished run every rank first waits for the others: a rank that closes its
+    connections while another still reads the last broadcast can make that one abort (gloo: connection closed by
+    peer). After an error there is no waiting, since the other ranks may never get there."""
     if context.distributed and dist.is_initialized():
         if finished:
             dist.barrier()
