@@ -7,8 +7,12 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.downsample import fourier_crop
+from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.structure import read_structure
+from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.deformation import assignment_bands, deform, rotation_matrices
 from cryoflex.model.networks import Decoder, Encoder, encoder_box_px
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
@@ -164,8 +168,6 @@ def test_encoder_reads_the_fourier_cropped_image() -> None:
 @pytest.mark.slow
 def test_compiled_deformation_matches_eager() -> None:
     """`compile: true` runs the same deformation through torch.compile (about a minute to compile on this CPU)."""
-    from cryoflex.model.cryosphere import CryoSphere
-
     torch.manual_seed(3)
     segmentation = _segmentation(n=30, segments=3)
     model = CryoSphere(torch.randn(30, 3) * 10, torch.ones(30), segmentation, Encoder(8, 2, (8,)),
@@ -223,3 +225,75 @@ def test_rotation_matrix_gradients_match_finite_differences_near_zero() -> None:
     for scale in (1.0, 1e-4, 0.0):
         vectors = (torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * scale)
         assert torch.autograd.gradcheck(rotation_matrices, (vectors.requires_grad_(),))
+
+
+def _model_with_density_offsets(n: int = 45, segments: int = 3) -> CryoSphere:
+    """A small model whose residues are rendered 1-2 A off their pseudo-atoms, with a decoder that moves them."""
+    torch.manual_seed(4)
+    model = CryoSphere(torch.randn(n, 3) * 8, torch.ones(n), _segmentation(n, segments), Encoder(16, 2, (8,)),
+                       Decoder(2, segments, (8,)), ImageFormation(16, 4.0),
+                       density_offsets_A=torch.nn.functional.normalize(torch.randn(n, 3), dim=1) * 1.5)  # fmt: skip
+    torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.5)
+    return model.eval()
+
+
+def test_density_centres_move_rigidly_with_their_pseudo_atoms() -> None:
+    model = _model_with_density_offsets()
+    latent = torch.randn(6, 2)
+    coords, density, assignment = model.decode_with_density(latent, sample_segmentation=False)
+    alone, _ = model.decode(latent, sample_segmentation=False)
+    torch.testing.assert_close(coords, alone, rtol=0, atol=1e-5)  # the pseudo-atoms are unchanged by the pairing
+    assert not torch.allclose(coords, model.nominal_coords_A.expand(6, -1, -1), atol=0.1)  # the decoder moves them
+    # every residue's offset turns by a rotation (a chain of partial ones where the segmentation is soft): same length
+    torch.testing.assert_close((density - coords).norm(dim=-1), model.density_offsets_A.norm(dim=-1).expand(6, -1))
+    # inside a segment, exactly that segment's full rotation
+    vectors, _ = model.decoder(latent)
+    inside = assignment.max(1).values > 1 - 1e-6
+    segment = assignment.argmax(1)
+    rotations = rotation_matrices(vectors)[:, segment]  # (B, n, 3, 3)
+    expected = torch.einsum("bnij,nj->bni", rotations, model.density_offsets_A)
+    torch.testing.assert_close((density - coords)[:, inside], expected[:, inside], rtol=0, atol=1e-5)
+    assert inside.sum() > 30
+    from cryoflex.analysis.predict import decode_latents  # what the model's maps are rendered from
+
+    np.testing.assert_allclose(np.concatenate(list(decode_latents(model, latent.numpy(), density=True))),
+                               density.detach().numpy(), rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_images_are_rendered_from_the_density_centres() -> None:
+    model = _model_with_density_offsets()
+    poses = PoseBatch(torch.as_tensor(Rotation.random(3, random_state=0).as_matrix(), dtype=torch.float32),
+                      torch.zeros(3, 2))  # fmt: skip
+    ctf = CTFBatch.from_values(torch.full((3,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1)
+    batch = ParticleBatch(torch.randn(3, 16, 16), poses, ctf, torch.arange(3))
+    output = model(batch)
+    _, density, _ = model.decode_with_density(output.latent_mean, sample_segmentation=False)
+    torch.testing.assert_close(output.predicted_images, model.render(density, poses, ctf))
+    at_pseudo_atoms = model.render(output.coords_A, poses, ctf)
+    assert (output.predicted_images - at_pseudo_atoms).abs().max() > 0.05 * output.predicted_images.abs().max()
+
+
+def test_checkpoints_from_before_the_density_offsets_render_at_the_pseudo_atoms() -> None:
+    model = _model_with_density_offsets()
+    state = {name: value for name, value in model.state_dict().items() if name != "density_offsets_A"}
+    assert model.has_density_offsets
+    model.load_state_dict(state)
+    assert not model.has_density_offsets and not model.density_offsets_A.any()
+    latent = torch.randn(2, 2)
+    coords, density, _ = model.decode_with_density(latent, sample_segmentation=False)
+    assert density is coords
+
+
+@pytest.mark.parametrize("density", ["residue_centroid", "pseudo_atom"])
+def test_the_density_setting_reaches_the_model(data_dir, density: str) -> None:
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import build_model
+
+    structure = read_structure(data_dir / "adk_open.pdb")  # every atom: the centroids are off the C-alphas
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "density": density})
+    model = build_model(config, structure, 32, 4.0)
+    if density == "residue_centroid":
+        np.testing.assert_allclose(model.density_offsets_A.numpy(), structure.density_offsets_A[0], atol=1e-6)
+        assert model.has_density_offsets
+    else:
+        assert not model.has_density_offsets and not model.density_offsets_A.any()

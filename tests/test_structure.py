@@ -103,6 +103,37 @@ def test_amplitudes_are_heavy_atom_electrons(data_dir: Path) -> None:
     assert glycine.amplitudes_e[6] == 27.0  # N + CA + C + O = 7 + 6 + 6 + 8
 
 
+def test_density_offsets_point_to_the_heavy_atom_electron_centroids(data_dir: Path, tmp_path: Path) -> None:
+    """Against the file's text columns: each residue's Z-weighted heavy-atom centroid minus its C-alpha."""
+    path = data_dir / "4akeA_alg_fixed.pdb"
+    electrons = {"C": 6, "N": 7, "O": 8, "S": 16}
+    sums: dict[str, np.ndarray] = {}
+    ca: dict[str, np.ndarray] = {}
+    for line in path.read_text().splitlines():
+        if line[:4] != "ATOM" or line[76:78].strip() == "H":
+            continue
+        key, xyz = line[21:27], np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])])
+        z = electrons[line[76:78].strip()]
+        sums[key] = sums.get(key, np.zeros(4)) + np.r_[z * xyz, z]
+        if line[12:16] == " CA ":
+            ca[key] = xyz
+    expected = np.array([sums[key][:3] / sums[key][3] - ca[key] for key in sums])
+    structure = read_structure(path)
+    assert structure.density_offsets_A.shape == (1, 214, 3)
+    np.testing.assert_allclose(structure.density_offsets_A[0], expected, atol=1e-9)
+    assert 0.5 < np.linalg.norm(expected, axis=1).mean() < 3.0  # side chains pull the centroid off the C-alpha
+    write_structure(tmp_path / "ca.pdb", structure)
+    assert not read_structure(tmp_path / "ca.pdb").density_offsets_A.any()  # C-alphas alone: on the pseudo-atom
+
+
+def test_density_offsets_follow_models_and_translations_only(data_dir: Path) -> None:
+    structure = read_structure(data_dir / "4akeA_alg_fixed.pdb")
+    moved = structure.with_coords(structure.coords_A + 5.0, translated=True)
+    np.testing.assert_array_equal(moved.density_offsets_A, structure.density_offsets_A)
+    assert structure.with_coords(structure.coords_A[0][::-1].copy()).density_offsets_A is None
+    assert structure.model(0).density_offsets_A.shape == (1, 214, 3)
+
+
 def test_duplicate_atoms_without_altloc_letter_count_once(data_dir: Path) -> None:
     # pdb1ake.pdb ARG 167 lists CD, NE, CZ, NH1, NH2 twice at occupancy 0.5 with the altloc letters stripped.
     structure = read_structure(data_dir / "pdb1ake.pdb")

@@ -302,7 +302,7 @@ def _nominal_batches(model: CryoSphere, scale: float) -> list[ParticleBatch]:
         poses = PoseBatch(rotations, torch.zeros(count, 2))
         ctf = CTFBatch.from_values(torch.full((count,), 15000.0), 14000.0, 30.0, 300.0, 2.7, 0.1)
         with torch.no_grad():
-            clean = model.render(model.nominal_coords_A.expand(count, -1, -1), poses, ctf)
+            clean = model.render(model.nominal_density_A.expand(count, -1, -1), poses, ctf)
         offsets = torch.as_tensor(generator.normal(size=(count, 1, 1)), dtype=torch.float32)
         noise = torch.as_tensor(generator.normal(scale=0.2, size=clean.shape), dtype=torch.float32)
         images = scale * clean + offsets + noise * clean.std()
@@ -323,7 +323,7 @@ def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_di
     batches = _nominal_batches(model, scale=0.37)
     fit = nominal_fit(model, batches, torch.device("cpu"))
     with torch.no_grad():
-        projections = torch.cat([model.render(model.nominal_coords_A.expand(len(b), -1, -1), b.poses, b.ctf)
+        projections = torch.cat([model.render(model.nominal_density_A.expand(len(b), -1, -1), b.poses, b.ctf)
                                  for b in batches]).flatten(1).double().numpy()  # fmt: skip
     observed = torch.cat([b.images for b in batches]).flatten(1).double().numpy()
     n, pixels = observed.shape

@@ -16,6 +16,9 @@ from cryoflex.io.atomic import write_text_atomic
 
 DUPLICATE_IMAGES = ("refuse", "first", "distinct")
 LR_SCHEDULES = ("constant", "cosine")
+# where each residue's Gaussian sits: the electron centroid of its heavy atoms (as the structure file gives them; the
+# pseudo-atom itself where the file has no other atom), or the C-alpha / C1' pseudo-atom (the original's)
+DENSITIES = ("residue_centroid", "pseudo_atom")
 LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
@@ -43,6 +46,7 @@ class TrainConfig:
     latent_dim: int = 8
     tau: float = 20.0
     sigma_A: float = 2.0
+    density: str = "residue_centroid"  # residue_centroid | pseudo_atom (DENSITIES)
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
     # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);
     # 1 = the whole training box (the original's encoder)
@@ -103,6 +107,7 @@ class TrainConfig:
             ("segmentation_learning_rate", self.segmentation_learning_rate > 0, "use a positive learning rate"),
             ("sigma_A", self.sigma_A > 0, "use a positive Gaussian width"),
             ("tau", self.tau > 0, "use a positive temperature"),
+            ("density", self.density in DENSITIES, f"use one of {', '.join(DENSITIES)}"),
             ("downsample", self.downsample is None or (self.downsample >= 8 and self.downsample % 2 == 0),
              "downsample to an even box of at least 8 pixels"),
             ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "use auto, cpu or cuda"),
@@ -165,10 +170,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
-    the code then worked: with 1 - correlation (likelihood) and an encoder that read the full box."""
+    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box and every residue
+    rendered at its pseudo-atom (density)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
-    earlier: dict[str, Any] = {"likelihood": "correlation", "encoder_downsample": 1}
+    earlier: dict[str, Any] = {"likelihood": "correlation", "encoder_downsample": 1, "density": "pseudo_atom"}
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 
 

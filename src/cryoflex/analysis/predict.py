@@ -123,14 +123,20 @@ def latent_means(
 
 
 @torch.no_grad()
-def decode_latents(model: CryoSphere, latents: np.ndarray, *, batch_size: int = 256) -> Iterator[np.ndarray]:
-    """Structures (k, n_residues, 3) float32 in A, model frame, for successive chunks of at most batch_size latents."""
+def decode_latents(
+    model: CryoSphere, latents: np.ndarray, *, batch_size: int = 256, density: bool = False
+) -> Iterator[np.ndarray]:
+    """Structures (k, n_residues, 3) float32 in A, model frame, for successive chunks of at most batch_size latents;
+    with `density`, the points the model renders instead (each residue's density centre: for maps of the model)."""
     model.eval()
     device = model.nominal_coords_A.device
     for start in range(0, len(latents), batch_size):
         chunk = torch.as_tensor(latents[start : start + batch_size], device=device, dtype=torch.float32)
-        coords_A, _ = model.decode(chunk, sample_segmentation=False)
-        yield coords_A.float().cpu().numpy()
+        if density:
+            _, points_A, _ = model.decode_with_density(chunk, sample_segmentation=False)
+        else:
+            points_A, _ = model.decode(chunk, sample_segmentation=False)
+        yield points_A.float().cpu().numpy()
 
 
 def check_posterior_options(samples: int, seed: int) -> None:
@@ -211,9 +217,9 @@ def importance_log_weights(
         std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
         noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
         latent = mean[:, None] + std[:, None] * noise
-        coords_A, _ = model.decode(latent.flatten(0, 1), sample_segmentation=False)
+        _, density_A, _ = model.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
         rows = torch.arange(len(batch), device=device).repeat_interleave(samples)
-        images = model.render(coords_A, batch.poses[rows], batch.ctf[rows])
+        images = model.render(density_A, batch.poses[rows], batch.ctf[rows])
         nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
         nll = nll.view(len(batch), samples)
         out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()

@@ -312,14 +312,15 @@ def reconstruct_groups(
 
 @torch.no_grad()
 def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_size_A: float) -> torch.Tensor:
-    """(D, D, D) mean Gaussian map of the structures decoded from `latents` (the model's amplitudes and width).
+    """(D, D, D) mean Gaussian map of the structures decoded from `latents` (the model's amplitudes, width and
+    density centres: the density the model renders).
 
     A map of Gaussians is linear in them, so each chunk of structures is rendered as one set of pseudo-atoms.
     """
     device = run.device
     amplitudes = run.model.amplitudes_e.to(device)
     total = torch.zeros((box_size_px,) * 3, dtype=torch.float32, device=device)
-    for chunk in decode_latents(run.model, latents, batch_size=_STRUCTURES_PER_RENDER):
+    for chunk in decode_latents(run.model, latents, batch_size=_STRUCTURES_PER_RENDER, density=True):
         coords_A = torch.as_tensor(chunk, device=device).reshape(-1, 3)
         total += gaussian_volume(coords_A, amplitudes.repeat(len(chunk)), box_size_px, voxel_size_A,
                                  run.config.sigma_A)  # fmt: skip

@@ -109,8 +109,9 @@ def write_volumes(
     voxel_size_A: float,
     sigma_A: float,
 ) -> list[Path]:
-    """NAME.mrc for each latent (e.g. traversal points, k-means centres): the decoded structure's Gaussian density,
-    centred so that it superposes the decoded PDB in ChimeraX."""
+    """NAME.mrc for each latent (e.g. traversal points, k-means centres): the decoded structure's Gaussian density as
+    the model renders it (at the residues' density centres), centred so that it superposes the decoded PDB in
+    ChimeraX."""
     latents = np.asarray(latents, dtype=np.float32)
     if latents.ndim != 2 or len(names) != latents.shape[0]:
         raise ValueError(f"need one name per latent, got {len(names)} names for latents of shape {latents.shape}")
@@ -120,8 +121,9 @@ def write_volumes(
     out_dir = Path(out_dir)
     amplitudes = model.amplitudes_e.detach().cpu().numpy()
     paths = []
-    for name, coords_A in zip(names, _decode(model, latents), strict=True):
-        volume = gaussian_volume(coords_A.astype(np.float64), amplitudes, box_size_px, voxel_size_A, sigma_A)
+    density_A = np.concatenate(list(decode_latents(model, latents, density=True)))
+    for name, centres_A in zip(names, density_A, strict=True):
+        volume = gaussian_volume(centres_A.astype(np.float64), amplitudes, box_size_px, voxel_size_A, sigma_A)
         path = out_dir / f"{name}.mrc"
         write_volume_mrc(path, volume, voxel_size_A)
         paths.append(path)

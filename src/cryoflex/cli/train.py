@@ -28,7 +28,15 @@ import logging
 from pathlib import Path
 
 from cryoflex.cli import DEVICE_HELP, THREADS_HELP
-from cryoflex.config import DUPLICATE_IMAGES, LIKELIHOODS, LR_SCHEDULES, TrainConfig, load_config, load_run_config
+from cryoflex.config import (
+    DENSITIES,
+    DUPLICATE_IMAGES,
+    LIKELIHOODS,
+    LR_SCHEDULES,
+    TrainConfig,
+    load_config,
+    load_run_config,
+)
 from cryoflex.errors import CryoflexInputError
 from cryoflex.run_dir import RunDir
 
@@ -64,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
     model.add_argument("--sigma-A", type=float, help="Gaussian width of a residue (default 2 A)")
+    model.add_argument("--density", choices=DENSITIES,
+                       help="where each residue's Gaussian sits: residue_centroid (default: the electron centroid of "
+                            "its heavy atoms, when the structure file has them) or pseudo_atom (its C-alpha / C1')")
     run = parser.add_argument_group("training")
     run.add_argument("--likelihood", choices=LIKELIHOODS,
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "
@@ -99,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
-        "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "likelihood",
+        "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "density", "likelihood",
         "importance_samples", "epochs", "batch_size", "learning_rate", "lr_schedule", "validation_fraction",
         "early_stopping_patience", "downsample", "invert_contrast", "device", "precision", "compile", "num_workers",
         "threads", "seed", "cache", "progress",

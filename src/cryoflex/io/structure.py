@@ -80,6 +80,9 @@ class Structure:
     atom_names: np.ndarray  # (n_residues,) str: 'CA' or "C1'"
     amplitudes_e: np.ndarray  # (n_residues,) float64: electrons of the residue's heavy atoms
     source_path: str | None = None
+    # (n_models, n_residues, 3) float64: from each pseudo-atom to the electron-weighted centroid of its residue's heavy
+    # atoms (0 where the file has the pseudo-atom only); None when unknown (trajectories, structures built in code)
+    density_offsets_A: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         coords = np.asarray(self.coords_A, dtype=np.float64)
@@ -95,6 +98,11 @@ class Structure:
             if values.shape != (n_residues,):
                 raise ValueError(f"{name} must have shape ({n_residues},), got {values.shape}")
             object.__setattr__(self, name, values)
+        if self.density_offsets_A is not None:
+            offsets = np.asarray(self.density_offsets_A, dtype=np.float64)
+            if offsets.shape != coords.shape or not np.isfinite(offsets).all():
+                raise ValueError(f"density_offsets_A must be finite with shape {coords.shape}, not {offsets.shape}")
+            object.__setattr__(self, "density_offsets_A", offsets)
 
     @property
     def n_models(self) -> int:
@@ -113,12 +121,19 @@ class Structure:
         if not -self.n_models <= index < self.n_models:
             raise IndexError(f"model {index} out of range for {self.n_models} models")
         position = index % self.n_models
-        return replace(self, coords_A=self.coords_A[position:position + 1])
+        offsets = None if self.density_offsets_A is None else self.density_offsets_A[position:position + 1]
+        return replace(self, coords_A=self.coords_A[position:position + 1], density_offsets_A=offsets)
 
-    def with_coords(self, coords_A: np.ndarray) -> Structure:
-        """Same residues, new coordinates: (n_models, n_residues, 3), or (n_residues, 3) for one model."""
+    def with_coords(self, coords_A: np.ndarray, *, translated: bool = False) -> Structure:
+        """Same residues, new coordinates: (n_models, n_residues, 3), or (n_residues, 3) for one model.
+
+        The density offsets are kept only for a translation of the same models (`translated`): any other move would
+        turn the residues' centroids away from where the offsets point.
+        """
         coords = np.asarray(coords_A, dtype=np.float64)
-        return replace(self, coords_A=coords[None] if coords.ndim == 2 else coords)
+        coords = coords[None] if coords.ndim == 2 else coords
+        keep = translated and coords.shape == self.coords_A.shape
+        return replace(self, coords_A=coords, density_offsets_A=self.density_offsets_A if keep else None)
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,17 @@ def residue_electrons(residue: gemmi.Residue) -> int:
         logger.warning("residue %s %s: no element for atoms %s; they add no electrons", residue.name,
                        residue.seqid, ", ".join(unknown))
     return sum(z for z in numbers if z > 1)
+
+
+def density_offset_A(residue: gemmi.Residue, pseudo_atom: gemmi.Atom) -> list[float]:
+    """From the pseudo-atom to the centroid of the residue's heavy atoms weighted by their electrons (A): where the
+    residue's density sits. Exactly 0 for a residue given by its pseudo-atom alone (or without known elements)."""
+    atoms = [(atom.pos - pseudo_atom.pos, atomic_number(atom)) for atom in residue if not atom.is_hydrogen()]
+    atoms = [(relative, z) for relative, z in atoms if z > 1]
+    electrons = sum(z for _, z in atoms)
+    if electrons == 0:
+        return [0.0, 0.0, 0.0]
+    return [sum(relative[axis] * z for relative, z in atoms) / electrons for axis in range(3)]
 
 
 def _pseudo_atom(residue: gemmi.Residue, kind: str) -> gemmi.Atom | None:
@@ -270,6 +296,7 @@ def read_structure(path: str | Path) -> Structure:
                                  "give a protein or nucleic-acid structure")
     first_keys = [s.key for s in first]
     coords = [[s.atom.pos.tolist() for s in first]]
+    offsets = [[density_offset_A(s.residue, s.atom) for s in first]]
     for model in list(gemmi_structure)[1:]:
         selected, _ = _select_residues(model, path, warn=False)
         keys = [s.key for s in selected]
@@ -279,6 +306,7 @@ def read_structure(path: str | Path) -> Structure:
             problem = f"model {model.num} has other residues than the first model ({difference})"
             raise CryoflexInputError(path, problem, "give models that all have the same residues")
         coords.append([s.atom.pos.tolist() for s in selected])
+        offsets.append([density_offset_A(s.residue, s.atom) for s in selected])
     kinds = [residue_kind(s.residue.name) for s in first]
     logger.info("read %d models x %d residues from %s", len(coords), len(first), path)
     structure = Structure(
@@ -290,6 +318,7 @@ def read_structure(path: str | Path) -> Structure:
         atom_names=np.array([AMINO_ACID_ATOM if kind == "amino acid" else NUCLEOTIDE_ATOM for kind in kinds]),
         amplitudes_e=np.array([residue_electrons(s.residue) for s in first], dtype=np.float64),
         source_path=str(path),
+        density_offsets_A=np.array(offsets, dtype=np.float64),
     )
     warn_chain_gaps(structure, path)
     return structure

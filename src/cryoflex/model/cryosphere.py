@@ -17,7 +17,7 @@ from torch import nn
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
-from cryoflex.model.deformation import deform
+from cryoflex.model.deformation import deform, segment_centres_A
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import Segmentation
 
@@ -43,8 +43,9 @@ class ModelOutput:
 class CryoSphere(nn.Module):
     """Nominal structure + segmentation + encoder/decoder + the image formation (Gaussian projector with CTF)."""
 
-    nominal_coords_A: torch.Tensor  # buffer (n, 3)
+    nominal_coords_A: torch.Tensor  # buffer (n, 3): the pseudo-atoms (C-alpha / C1')
     amplitudes_e: torch.Tensor  # buffer (n,)
+    density_offsets_A: torch.Tensor  # buffer (n, 3): from each pseudo-atom to where its residue's density is rendered
 
     def __init__(
         self,
@@ -54,10 +55,17 @@ class CryoSphere(nn.Module):
         encoder: Encoder,
         decoder: Decoder,
         formation: ImageFormation,
+        density_offsets_A: torch.Tensor | None = None,
     ):
         super().__init__()
         self.register_buffer("nominal_coords_A", nominal_coords_A.float())
         self.register_buffer("amplitudes_e", amplitudes_e.float())
+        # Each residue's Gaussian sits at its heavy atoms' electron centroid, which moves rigidly with its pseudo-atom
+        # (docs/conventions.md, "Density"); zeros put it on the pseudo-atom (a C-alpha-only structure).
+        offsets = torch.zeros_like(self.nominal_coords_A) if density_offsets_A is None else density_offsets_A.float()
+        self.register_buffer("density_offsets_A", offsets)
+        # whether any residue is rendered off its pseudo-atom, kept as a Python bool so a GPU step never waits on it
+        self.has_density_offsets = bool(offsets.any())
         self.segmentation = segmentation
         self.encoder = encoder
         self.decoder = decoder
@@ -74,7 +82,11 @@ class CryoSphere(nn.Module):
         """As nn.Module's; checkpoints from before the likelihood's constants were learned start them at their initial
         values (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them)."""
         missing = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
-        return super().load_state_dict({**state_dict, **missing}, strict, assign)
+        if "density_offsets_A" not in state_dict:  # trained before the density offsets: rendered at the pseudo-atoms
+            missing["density_offsets_A"] = torch.zeros_like(self.density_offsets_A)
+        result = super().load_state_dict({**state_dict, **missing}, strict, assign)
+        self.has_density_offsets = bool(self.density_offsets_A.any())
+        return result
 
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile, after a one-off compilation of about a minute. It compiles the
@@ -85,17 +97,46 @@ class CryoSphere(nn.Module):
     def _network_precision(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.network_bf16)
 
+    @property
+    def nominal_density_A(self) -> torch.Tensor:
+        """(n, 3) where the nominal structure's residues are rendered: pseudo-atoms plus density offsets."""
+        return self.nominal_coords_A + self.density_offsets_A
+
     def decode(self, latent: torch.Tensor, *, sample_segmentation: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, L) -> structures (B, n, 3) in the model frame and the assignment G (n, M) used."""
         assignment = self.segmentation(sample_segmentation)
-        with self._network_precision(latent.device):
-            rotation_vectors, translations_A = self.decoder(latent)
-        coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors.float(), translations_A.float())
+        rotation_vectors, translations_A = self._motions(latent)
+        coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors, translations_A)
         return coords_A, assignment
 
-    def render(self, coords_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
-        """Structures (B, n, 3) with this model's amplitudes -> images (B, D, D) at these poses, with this CTF."""
-        return self.formation.images(coords_A, self.amplitudes_e, poses, ctf)
+    def decode_with_density(
+        self, latent: torch.Tensor, *, sample_segmentation: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As decode, and also the points the images are rendered from (B, n, 3): each residue's density centre,
+        moved with exactly its pseudo-atom's motion (both in one deformation, about the pseudo-atoms' segment centres).
+        Without density offsets these are the structures themselves."""
+        assignment = self.segmentation(sample_segmentation)
+        rotation_vectors, translations_A = self._motions(latent)
+        if not self.has_density_offsets:
+            coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors, translations_A)
+            return coords_A, coords_A, assignment
+        points_A = torch.stack([self.nominal_coords_A, self.nominal_density_A], dim=1).flatten(0, 1)  # (2n, 3)
+        moved_A = self.deformation(
+            points_A, assignment.repeat_interleave(2, dim=0), rotation_vectors, translations_A,
+            centres_A=segment_centres_A(self.nominal_coords_A, assignment),
+        )  # fmt: skip
+        return moved_A[:, 0::2], moved_A[:, 1::2], assignment
+
+    def _motions(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's per-segment rotation vectors and translations (B, M, 3) in float32."""
+        with self._network_precision(latent.device):
+            rotation_vectors, translations_A = self.decoder(latent)
+        return rotation_vectors.float(), translations_A.float()
+
+    def render(self, density_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
+        """Residue density centres (B, n, 3) (decode_with_density) with this model's amplitudes -> images (B, D, D)
+        at these poses, with this CTF."""
+        return self.formation.images(density_A, self.amplitudes_e, poses, ctf)
 
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
         """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior
@@ -115,8 +156,8 @@ class CryoSphere(nn.Module):
             latent = (latent_mean[:, None] + latent_std[:, None] * noise).flatten(0, 1).detach()
             rows = torch.arange(len(latent_mean), device=latent_mean.device).repeat_interleave(samples)
             poses, ctf = poses[rows], ctf[rows]
-        coords_A, assignment = self.decode(latent, sample_segmentation=self.training)
-        images = self.render(coords_A, poses, ctf)
+        coords_A, density_A, assignment = self.decode_with_density(latent, sample_segmentation=self.training)
+        images = self.render(density_A, poses, ctf)
         return ModelOutput(
             predicted_images=images,
             coords_A=coords_A,

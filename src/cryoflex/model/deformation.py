@@ -221,9 +221,14 @@ def deform(
     rotation_vectors: torch.Tensor,
     translations_A: torch.Tensor,
     *,
+    centres_A: torch.Tensor | None = None,
     dense: bool = False,
 ) -> torch.Tensor:
     """Nominal coords (n, 3), G (n, M), per-image rotation vectors (B, M, 3) and translations (B, M, 3) -> (B, n, 3).
+
+    The segments rotate about centres_A (M, 3), by default segment_centres_A of these coordinates; points that are
+    not the nominal pseudo-atoms (e.g. the residues' density centres beside them) pass the pseudo-atoms' centres, so
+    they move with exactly the same motion.
 
     Rotating p by G_im w_m (Rodrigues, with t = G_im |w_m|):
         p cos t + G_im sinc(t) (w_m x p) + G_im^2 (1 - cos t) / t^2 (w_m . p) w_m,
@@ -239,7 +244,8 @@ def deform(
             f"G has {assignment.shape[1]} segments, rotations {tuple(rotation_vectors.shape)}, "
             f"translations {tuple(translations_A.shape)}"
         )
-    centres_A = segment_centres_A(coords_A, assignment)
+    if centres_A is None:
+        centres_A = segment_centres_A(coords_A, assignment)
     bands = assignment_bands(assignment, dense=dense)
     residues = _packed([np.arange(first, end) for _, first, end, _ in bands], coords_A.device)
     segments = _packed([np.full(end - first, m) for m, first, end, _ in bands], coords_A.device)

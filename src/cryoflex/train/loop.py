@@ -168,13 +168,25 @@ class NominalFit:
 _MIN_START_SCALE_SHARE = 0.01
 
 
+def density_description(model: CryoSphere, density: str) -> str:
+    """One log line on where each residue's Gaussian is rendered (config density)."""
+    if model.has_density_offsets:
+        distance_A = float(model.density_offsets_A.norm(dim=1).mean())
+        return (f"each residue is rendered at its heavy atoms' electron centroid, {distance_A:.2f} A from its "
+                "pseudo-atom on average (density: residue_centroid)")
+    if density == "residue_centroid":
+        return ("each residue is rendered at its pseudo-atom: the structure file has no other atoms "
+                "(a full-atom model, e.g. AlphaFold's, renders side chains where they are)")
+    return "each residue is rendered at its pseudo-atom (density: pseudo_atom)"
+
+
 @torch.no_grad()
 def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> NominalFit:
     """The nominal structure's projections against every image of `loader`, as the images are used (NominalFit)."""
     correlations, inner, predicted_power, observed_power, pixels = [], 0.0, 0.0, 0.0, 0
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
-        nominal = model.nominal_coords_A.expand(len(batch), -1, -1)
+        nominal = model.nominal_density_A.expand(len(batch), -1, -1)
         predicted = model.render(nominal, batch.poses, batch.ctf).flatten(1).double()
         observed = batch.images.flatten(1).double()
         correlations.append(1.0 - correlation_loss(predicted, observed))
@@ -288,6 +300,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             len(dataset), dataset.box_size_px, dataset.pixel_size_A, model.encoder.input_box_px, structure.n_residues,
             model.segmentation.n_segments, config.latent_dim, device, context.world_size,
         )  # fmt: skip
+        logger.info("%s", density_description(model, config.density))
         if len(dataset) < FEW_PARTICLES:
             logger.warning(
                 "training on only %d particles: under %d, the segments and motions mostly fit noise; "

@@ -78,7 +78,7 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
         structure.coords_A[0], structure_path=path, box_size_A=box_size_A, box_centre_A=box_centre_A,
         centre_on_centroid=config.centre_structure,
     )  # fmt: skip
-    return structure.with_coords(coords_A[None])
+    return structure.with_coords(coords_A[None], translated=True)
 
 
 def segmented_parts(config: TrainConfig, structure: Structure, *, warn: bool = False) -> list[SegmentedPart]:
@@ -165,6 +165,9 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
     decoder = Decoder(
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
     )
+    offsets = structure.density_offsets_A
+    if config.density == "pseudo_atom" or offsets is None:
+        offsets = np.zeros_like(structure.coords_A)
     return CryoSphere(
         torch.as_tensor(structure.coords_A[0], dtype=torch.float32),
         torch.as_tensor(structure.amplitudes_e, dtype=torch.float32),
@@ -172,6 +175,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         encoder,
         decoder,
         ImageFormation(box_size_px, pixel_size_A, config.sigma_A),
+        torch.as_tensor(offsets[0], dtype=torch.float32),
     )
 
 
