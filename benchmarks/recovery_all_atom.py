@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from recovery_adk import DATA, LID, NMP, _scores, oracle_baselines
 from rigid_floor import segmentation_floor_A
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--downsample", type=int, default=32)
     parser.add_argument("--atom-sigma-A", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=0, help="training threads (0: automatic)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="training settings (YAML values)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cryoflex_all_atom"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery_all_atom.json"))
     args = parser.parse_args()
@@ -112,24 +114,27 @@ def main() -> None:
     data = work / "data"
     if not (data / "truth.npz").is_file():
         simulate_all_atom(work, snr=args.snr, n_images=args.n_images, atom_sigma_A=args.atom_sigma_A)
+    settings = {name: yaml.safe_load(value) for name, value in (item.split("=", 1) for item in args.set)}
     rows = []
     for density in args.density:
         values = dict(
             particles=str(data / "particles.star"), structure=str(data / "nominal.pdb"), epochs=args.epochs,
             downsample=args.downsample, density=density, threads=args.threads, progress=False, device="cpu",
+            **settings,
         )  # fmt: skip
+        run_name = "_".join([density, *args.set]).replace("=", "")
         started = time.perf_counter()
-        train(load_config(None, values), work / density)
-        row = dict(snr=args.snr, density=density, n_images=args.n_images, epochs=args.epochs,
+        train(load_config(None, values), work / run_name)
+        row = dict(snr=args.snr, density=density, settings=settings, n_images=args.n_images, epochs=args.epochs,
                    atom_sigma_A=args.atom_sigma_A, train_s=time.perf_counter() - started)
-        row.update(score(work / density, data))
+        row.update(score(work / run_name, data))
         rows.append(row)
-    print("snr      density            RMSD   r      spread rho  floor  mean*  frame*")
+    print("snr      density            RMSD   r      spread rho  floor  mean*  frame*  settings")
     for row in rows:
         print(
             f"{row['snr']:<8} {row['density']:<18} {row['median_rmsd_A']:.2f}  {row['distance_correlation']:.3f}  "
             f"{row['spread_error_spearman']:>9.3f}  {row['rigid_floor_median_rmsd_A']:.2f}   "
-            f"{row['ensemble_mean_median_rmsd_A']:.2f}   {row['best_frame_median_rmsd_A']:.2f}"
+            f"{row['ensemble_mean_median_rmsd_A']:.2f}   {row['best_frame_median_rmsd_A']:.2f}   {args.set or ''}"
         )
     print("(* oracle constants chosen with the truth: the mean structure and the best single frame for every image)")
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))

@@ -158,7 +158,9 @@ def test_mmcif_gives_both_chains_without_ligands_or_water(data_dir: Path) -> Non
     summary = structure_summary(structure)
     chains = [{"chain_id": c, "n_residues": 214, "first_residue": 1, "last_residue": 214} for c in "AB"]
     counts = {"n_models": 1, "n_residues": 428, "n_amino_acids": 428, "n_nucleotides": 0}
-    assert summary == {**counts, "chains": chains}
+    offset_A = round(float(np.linalg.norm(structure.density_offsets_A[0], axis=1).mean()), 2)
+    assert summary == {**counts, "chains": chains, "density_offset_mean_A": offset_A}
+    assert 0.5 < offset_A < 3.0  # a full-atom file: the residues' density sits off the C-alphas
 
 
 def test_format_is_detected_from_content(data_dir: Path, tmp_path: Path) -> None:

@@ -442,7 +442,8 @@ def write_structure(path: str | Path, structure: Structure, b_factors: np.ndarra
 
 
 def structure_summary(structure: Structure) -> dict[str, Any]:
-    """Counts for `cryoflex info`: models, residues, amino acids, nucleotides, each chain's residue range."""
+    """Counts for `cryoflex info`: models, residues, amino acids, nucleotides, each chain's residue range, and how far
+    the residues' density centres lie from their pseudo-atoms on average (0: the file has the pseudo-atoms only)."""
     chains = []
     for chain_id, count in structure.chains():
         numbers = structure.residue_numbers[structure.chain_ids == chain_id]
@@ -455,4 +456,6 @@ def structure_summary(structure: Structure) -> dict[str, Any]:
         "n_amino_acids": n_amino_acids,
         "n_nucleotides": structure.n_residues - n_amino_acids,
         "chains": chains,
-    }
+        "density_offset_mean_A": (None if structure.density_offsets_A is None
+                                  else round(float(np.linalg.norm(structure.density_offsets_A[0], axis=1).mean()), 2)),
+    }  # fmt: skip
