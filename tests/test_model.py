@@ -171,14 +171,15 @@ def test_compiled_deformation_matches_eager() -> None:
     torch.manual_seed(3)
     segmentation = _segmentation(n=30, segments=3)
     model = CryoSphere(torch.randn(30, 3) * 10, torch.ones(30), segmentation, Encoder(8, 2, (8,)),
-                       Decoder(2, 3, (8,)), formation=None)  # fmt: skip
+                       Decoder(2, 3, (8,)), formation=None, density_offsets_A=torch.randn(30, 3))  # fmt: skip
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
     latent = torch.randn(4, 2)
-    eager, _ = model.decode(latent, sample_segmentation=False)
+    eager = model.decode_with_density(latent, sample_segmentation=False)[:2]
     model.compile_deformation()
-    compiled, _ = model.decode(latent, sample_segmentation=False)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
-    assert not torch.equal(eager, model.nominal_coords_A.expand(4, -1, -1))  # the decoder really moves residues
+    compiled = model.decode_with_density(latent, sample_segmentation=False)[:2]
+    for got, expected in zip(compiled, eager, strict=True):  # the C-alphas and the density centres
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(eager[0], model.nominal_coords_A.expand(4, -1, -1))  # the decoder really moves residues
 
 
 @pytest.mark.parametrize("scale", [0.5, 1e-3, 0.0])
@@ -297,3 +298,16 @@ def test_the_density_setting_reaches_the_model(data_dir, density: str) -> None:
         assert model.has_density_offsets
     else:
         assert not model.has_density_offsets and not model.density_offsets_A.any()
+
+
+def test_placing_the_nominal_structure_keeps_its_density_offsets(data_dir) -> None:
+    """Training moves the structure into the particles' frame by a translation: the offsets must survive it."""
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import placed_structure
+
+    path = data_dir / "adk_open.pdb"
+    config = load_config(None, {"particles": "p.star", "structure": str(path), "centre_structure": True})
+    placed = placed_structure(config, box_size_A=200.0)
+    read = read_structure(path)
+    assert not np.allclose(placed.coords_A, read.coords_A)  # it was moved
+    np.testing.assert_array_equal(placed.density_offsets_A, read.density_offsets_A)
