@@ -71,7 +71,7 @@ def simulate_all_atom(out: Path, *, snr: float, n_images: int, atom_sigma_A: flo
     truth["conformations_A"] = atoms.coords_A[:, is_ca].astype(np.float32)
     truth["amplitudes_e"] = read_trajectory(DATA / "adk.psf", DATA / "adk_dims.dcd").amplitudes_e
     np.savez(data / "truth.npz", **truth)
-    universe.trajectory[0]
+    universe.trajectory[0]  # seek the nominal frame, then give it the centred coordinates the particles were made of
     heavy.positions = atoms.coords_A[0]
     with warnings.catch_warnings():  # MDAnalysis fills the columns the topology lacks (elements, chain) with defaults
         warnings.simplefilter("ignore")
