@@ -115,11 +115,11 @@ class CryoSphere(nn.Module):
         """As decode, and also the points the images are rendered from (B, n, 3): each residue's density centre,
         moved with exactly its pseudo-atom's motion (both in one deformation, about the pseudo-atoms' segment centres).
         Without density offsets these are the structures themselves."""
+        if not self.has_density_offsets:
+            coords_A, assignment = self.decode(latent, sample_segmentation=sample_segmentation)
+            return coords_A, coords_A, assignment
         assignment = self.segmentation(sample_segmentation)
         rotation_vectors, translations_A = self._motions(latent)
-        if not self.has_density_offsets:
-            coords_A = self.deformation(self.nominal_coords_A, assignment, rotation_vectors, translations_A)
-            return coords_A, coords_A, assignment
         points_A = torch.stack([self.nominal_coords_A, self.nominal_density_A], dim=1).flatten(0, 1)  # (2n, 3)
         moved_A = self.deformation(
             points_A, assignment.repeat_interleave(2, dim=0), rotation_vectors, translations_A,
