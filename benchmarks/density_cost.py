@@ -1,11 +1,12 @@
-"""What rendering each residue at its heavy-atom centroid costs per training step (density residue_centroid against
-pseudo_atom), with the default objective (8 importance-weighted draws).
+"""What rendering each residue off its C-alpha costs per training step (density residue_centroid and
+backbone_side_chain against pseudo_atom), with the default objective (8 importance-weighted draws).
 
 Run: .venv/bin/python benchmarks/density_cost.py [--box-px 64 --batch 32 --steps 10 --rounds 3]
      [--out benchmarks/results/density_cost.json]
 The particles and the full-atom nominal structure are recovery_all_atom.py's (AdK, 214 residues), a few hundred of
-them. With centroids the deformation moves two points per residue (the C-alpha and its centroid) instead of one; the
-rest of the step is unchanged. The two settings alternate `--rounds` times in this one process, so that the ratio
+them. With one centroid the deformation moves two points per residue (the C-alpha and its centroid) instead of one;
+with two, three points, and the projector renders two Gaussians per residue. The settings alternate `--rounds` times
+in this one process, so that the ratio
 compares like with like on a shared machine. Prints ms per step and the ratio, and writes JSON.
 """
 

@@ -171,7 +171,8 @@ def test_compiled_deformation_matches_eager() -> None:
     torch.manual_seed(3)
     segmentation = _segmentation(n=30, segments=3)
     model = CryoSphere(torch.randn(30, 3) * 10, torch.ones(30), segmentation, Encoder(8, 2, (8,)),
-                       Decoder(2, 3, (8,)), formation=None, density_offsets_A=torch.randn(30, 3))  # fmt: skip
+                       Decoder(2, 3, (8,)), formation=None, density_offsets_A=torch.randn(30, 2, 3),
+                       density_shares=torch.full((30, 2), 0.5))  # fmt: skip
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
     latent = torch.randn(4, 2)
     eager = model.decode_with_density(latent, sample_segmentation=False)[:2]
@@ -228,32 +229,37 @@ def test_rotation_matrix_gradients_match_finite_differences_near_zero() -> None:
         assert torch.autograd.gradcheck(rotation_matrices, (vectors.requires_grad_(),))
 
 
-def _model_with_density_offsets(n: int = 45, segments: int = 3) -> CryoSphere:
-    """A small model whose residues are rendered 1-2 A off their pseudo-atoms, with a decoder that moves them."""
+def _model_with_density_offsets(points: int = 1, n: int = 45, segments: int = 3) -> CryoSphere:
+    """A small model whose residues are rendered as `points` Gaussians 1.5 A off their pseudo-atoms (with random shares
+    of the electrons), with a decoder that moves them."""
     torch.manual_seed(4)
-    model = CryoSphere(torch.randn(n, 3) * 8, torch.ones(n), _segmentation(n, segments), Encoder(16, 2, (8,)),
-                       Decoder(2, segments, (8,)), ImageFormation(16, 4.0),
-                       density_offsets_A=torch.nn.functional.normalize(torch.randn(n, 3), dim=1) * 1.5)  # fmt: skip
+    offsets_A = torch.nn.functional.normalize(torch.randn(n, points, 3), dim=-1) * 1.5
+    shares = torch.softmax(torch.randn(n, points), dim=1)
+    model = CryoSphere(torch.randn(n, 3) * 8, torch.rand(n) + 0.5, _segmentation(n, segments), Encoder(16, 2, (8,)),
+                       Decoder(2, segments, (8,)), ImageFormation(16, 4.0), offsets_A, shares)  # fmt: skip
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.5)
     return model.eval()
 
 
-def test_density_centres_move_rigidly_with_their_pseudo_atoms() -> None:
-    model = _model_with_density_offsets()
+@pytest.mark.parametrize("points", [1, 2])
+def test_density_centres_move_rigidly_with_their_pseudo_atoms(points: int) -> None:
+    model = _model_with_density_offsets(points)
     latent = torch.randn(6, 2)
     coords, density, assignment = model.decode_with_density(latent, sample_segmentation=False)
+    assert density.shape == (6, 45 * points, 3)
     alone, _ = model.decode(latent, sample_segmentation=False)
-    torch.testing.assert_close(coords, alone, rtol=0, atol=1e-5)  # the pseudo-atoms are unchanged by the pairing
+    torch.testing.assert_close(coords, alone, rtol=0, atol=1e-5)  # the pseudo-atoms are unchanged by the grouping
     assert not torch.allclose(coords, model.nominal_coords_A.expand(6, -1, -1), atol=0.1)  # the decoder moves them
-    # every residue's offset turns by a rotation (a chain of partial ones where the segmentation is soft): same length
-    torch.testing.assert_close((density - coords).norm(dim=-1), model.density_offsets_A.norm(dim=-1).expand(6, -1))
+    offsets = density.unflatten(1, (45, points)) - coords[:, :, None]  # (B, n, P, 3)
+    # every residue's offsets turn by a rotation (a chain of partial ones where the segmentation is soft): same length
+    torch.testing.assert_close(offsets.norm(dim=-1), model.density_offsets_A.norm(dim=-1).expand(6, -1, -1))
     # inside a segment, exactly that segment's full rotation
     vectors, _ = model.decoder(latent)
     inside = assignment.max(1).values > 1 - 1e-6
     segment = assignment.argmax(1)
     rotations = rotation_matrices(vectors)[:, segment]  # (B, n, 3, 3)
-    expected = torch.einsum("bnij,nj->bni", rotations, model.density_offsets_A)
-    torch.testing.assert_close((density - coords)[:, inside], expected[:, inside], rtol=0, atol=1e-5)
+    expected = torch.einsum("bnij,npj->bnpi", rotations, model.density_offsets_A)
+    torch.testing.assert_close(offsets[:, inside], expected[:, inside], rtol=0, atol=1e-5)
     assert inside.sum() > 30
     from cryoflex.analysis.predict import decode_latents  # what the model's maps are rendered from
 
@@ -261,31 +267,47 @@ def test_density_centres_move_rigidly_with_their_pseudo_atoms() -> None:
                                density.detach().numpy(), rtol=0, atol=1e-5)  # fmt: skip
 
 
-def test_images_are_rendered_from_the_density_centres() -> None:
-    model = _model_with_density_offsets()
+@pytest.mark.parametrize("points", [1, 2])
+def test_images_are_rendered_from_the_density_centres(points: int) -> None:
+    """Each Gaussian with its share of its residue's electrons: by linearity, the image is the sum of the images of
+    each group of Gaussians."""
+    model = _model_with_density_offsets(points)
     poses = PoseBatch(torch.as_tensor(Rotation.random(3, random_state=0).as_matrix(), dtype=torch.float32),
                       torch.zeros(3, 2))  # fmt: skip
     ctf = CTFBatch.from_values(torch.full((3,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1)
     batch = ParticleBatch(torch.randn(3, 16, 16), poses, ctf, torch.arange(3))
     output = model(batch)
     _, density, _ = model.decode_with_density(output.latent_mean, sample_segmentation=False)
-    torch.testing.assert_close(output.predicted_images, model.render(density, poses, ctf))
-    at_pseudo_atoms = model.render(output.coords_A, poses, ctf)
+    by_group = sum(model.formation.images(density[:, p::points], model.amplitudes_e * model.density_shares[:, p],
+                                          poses, ctf) for p in range(points))  # fmt: skip
+    torch.testing.assert_close(output.predicted_images, by_group)
+    at_pseudo_atoms = model.render(output.coords_A.repeat_interleave(points, dim=1), poses, ctf)
     assert (output.predicted_images - at_pseudo_atoms).abs().max() > 0.05 * output.predicted_images.abs().max()
 
 
 def test_checkpoints_from_before_the_density_offsets_render_at_the_pseudo_atoms() -> None:
     model = _model_with_density_offsets()
-    state = {name: value for name, value in model.state_dict().items() if name != "density_offsets_A"}
-    assert model.has_density_offsets
+    state = {name: value for name, value in model.state_dict().items() if not name.startswith("density_")}
+    assert not model.renders_pseudo_atoms
     model.load_state_dict(state)
-    assert not model.has_density_offsets and not model.density_offsets_A.any()
+    assert model.renders_pseudo_atoms and not model.density_offsets_A.any()
     latent = torch.randn(2, 2)
     coords, density, _ = model.decode_with_density(latent, sample_segmentation=False)
     assert density is coords
 
 
-@pytest.mark.parametrize("density", ["residue_centroid", "pseudo_atom"])
+def test_checkpoints_with_one_centroid_per_residue_load_as_one_gaussian() -> None:
+    """Saved before the Gaussians were grouped: offsets (n, 3) and no shares."""
+    model = _model_with_density_offsets()
+    offsets = model.density_offsets_A[:, 0].clone()
+    state = {**model.state_dict(), "density_offsets_A": offsets}
+    del state["density_shares"]
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.density_offsets_A, offsets[:, None], rtol=0, atol=0)
+    torch.testing.assert_close(model.density_amplitudes_e, model.amplitudes_e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("density", ["residue_centroid", "backbone_side_chain", "pseudo_atom"])
 def test_the_density_setting_reaches_the_model(data_dir, density: str) -> None:
     from cryoflex.config import load_config
     from cryoflex.train.setup import build_model
@@ -293,11 +315,36 @@ def test_the_density_setting_reaches_the_model(data_dir, density: str) -> None:
     structure = read_structure(data_dir / "adk_open.pdb")  # every atom: the centroids are off the C-alphas
     config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "density": density})
     model = build_model(config, structure, 32, 4.0)
+    amplitudes = model.density_amplitudes_e.numpy()
     if density == "residue_centroid":
+        np.testing.assert_allclose(model.density_offsets_A[:, 0].numpy(), structure.centroid_offsets_A[0], atol=1e-6)
+        np.testing.assert_allclose(amplitudes, structure.amplitudes_e, rtol=1e-6)
+    elif density == "backbone_side_chain":
         np.testing.assert_allclose(model.density_offsets_A.numpy(), structure.density_offsets_A[0], atol=1e-6)
-        assert model.has_density_offsets
+        np.testing.assert_allclose(amplitudes, (structure.amplitudes_e[:, None] * structure.density_shares).ravel(),
+                                   rtol=1e-6)  # fmt: skip
     else:
-        assert not model.has_density_offsets and not model.density_offsets_A.any()
+        assert model.renders_pseudo_atoms and not model.density_offsets_A.any()
+    assert model.renders_pseudo_atoms == (density == "pseudo_atom")
+    from cryoflex.train.loop import density_description  # the training log says which it is
+
+    words = {"residue_centroid": "electron centroid", "backbone_side_chain": "two Gaussians",
+             "pseudo_atom": "pseudo-atom"}  # fmt: skip
+    line = density_description(model, density)
+    assert words[density] in line and density in line
+
+
+def test_a_structure_without_side_chains_gets_one_gaussian_per_residue(data_dir, tmp_path) -> None:
+    """backbone_side_chain on C-alphas alone: no second Gaussian to render."""
+    from cryoflex.config import load_config
+    from cryoflex.io.structure import write_structure
+    from cryoflex.train.setup import build_model
+
+    write_structure(tmp_path / "ca.pdb", read_structure(data_dir / "adk_open.pdb"))
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2,
+                                "density": "backbone_side_chain"})  # fmt: skip
+    model = build_model(config, read_structure(tmp_path / "ca.pdb"), 32, 4.0)
+    assert model.density_offsets_A.shape[1] == 1 and model.renders_pseudo_atoms
 
 
 def test_placing_the_nominal_structure_keeps_its_density_offsets(data_dir) -> None:

@@ -104,34 +104,51 @@ def test_amplitudes_are_heavy_atom_electrons(data_dir: Path) -> None:
 
 
 def test_density_offsets_point_to_the_heavy_atom_electron_centroids(data_dir: Path, tmp_path: Path) -> None:
-    """Against the file's text columns: each residue's Z-weighted heavy-atom centroid minus its C-alpha."""
+    """Against the file's text columns: the Z-weighted centroids of each residue's backbone (N CA C O OXT), of its
+    other heavy atoms and of all of them, minus its C-alpha, and the groups' shares of the electrons."""
     path = data_dir / "4akeA_alg_fixed.pdb"
     electrons = {"C": 6, "N": 7, "O": 8, "S": 16}
-    sums: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}  # per residue: z x, z y, z z, z for the backbone, then the side chain
     ca: dict[str, np.ndarray] = {}
     for line in path.read_text().splitlines():
         if line[:4] != "ATOM" or line[76:78].strip() == "H":
             continue
         key, xyz = line[21:27], np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])])
         z = electrons[line[76:78].strip()]
-        sums[key] = sums.get(key, np.zeros(4)) + np.r_[z * xyz, z]
+        backbone = line[12:16].strip() in ("N", "CA", "C", "O", "OXT")
+        sums.setdefault(key, np.zeros((2, 4)))[0 if backbone else 1] += np.r_[z * xyz, z]
         if line[12:16] == " CA ":
             ca[key] = xyz
-    expected = np.array([sums[key][:3] / sums[key][3] - ca[key] for key in sums])
+    totals = np.array([sums[key].sum(0) for key in sums])
+    centroids = np.array([totals[i, :3] / totals[i, 3] - ca[key] for i, key in enumerate(sums)])
+    backbone = np.array([sums[key][0, :3] / sums[key][0, 3] - ca[key] for key in sums])
+    side_chain = np.array([sums[key][1, :3] / max(sums[key][1, 3], 1) - ca[key] * (sums[key][1, 3] > 0)
+                           for key in sums])  # fmt: skip
     structure = read_structure(path)
-    assert structure.density_offsets_A.shape == (1, 214, 3)
-    np.testing.assert_allclose(structure.density_offsets_A[0], expected, atol=1e-9)
-    assert 0.5 < np.linalg.norm(expected, axis=1).mean() < 3.0  # side chains pull the centroid off the C-alpha
+    assert structure.density_offsets_A.shape == (1, 214, 2, 3)
+    np.testing.assert_allclose(structure.density_offsets_A[0, :, 0], backbone, atol=1e-9)
+    np.testing.assert_allclose(structure.density_offsets_A[0, :, 1], side_chain, atol=1e-9)
+    shares = np.array([sums[key][:, 3] / sums[key][:, 3].sum() for key in sums])
+    np.testing.assert_allclose(structure.density_shares, shares, atol=1e-12)
+    np.testing.assert_allclose(structure.centroid_offsets_A[0], centroids, atol=1e-9)
+    glycines = structure.residue_names == "GLY"
+    assert glycines.any() and not structure.density_offsets_A[0, glycines, 1].any()  # no side chain: share 0
+    np.testing.assert_array_equal(structure.density_shares[glycines, 1], 0.0)
+    assert 0.5 < np.linalg.norm(centroids, axis=1).mean() < 3.0  # side chains pull the centroid off the C-alpha
     write_structure(tmp_path / "ca.pdb", structure)
-    assert not read_structure(tmp_path / "ca.pdb").density_offsets_A.any()  # C-alphas alone: on the pseudo-atom
+    ca_only = read_structure(tmp_path / "ca.pdb")  # C-alphas alone: everything on the pseudo-atom
+    assert not ca_only.density_offsets_A.any()
+    np.testing.assert_array_equal(ca_only.density_shares, np.tile([1.0, 0.0], (214, 1)))
 
 
 def test_density_offsets_follow_models_and_translations_only(data_dir: Path) -> None:
     structure = read_structure(data_dir / "4akeA_alg_fixed.pdb")
     moved = structure.with_coords(structure.coords_A + 5.0, translated=True)
     np.testing.assert_array_equal(moved.density_offsets_A, structure.density_offsets_A)
-    assert structure.with_coords(structure.coords_A[0][::-1].copy()).density_offsets_A is None
-    assert structure.model(0).density_offsets_A.shape == (1, 214, 3)
+    np.testing.assert_array_equal(moved.density_shares, structure.density_shares)
+    turned = structure.with_coords(structure.coords_A[0][::-1].copy())
+    assert turned.density_offsets_A is None and turned.density_shares is None
+    assert structure.model(0).density_offsets_A.shape == (1, 214, 2, 3)
 
 
 def test_duplicate_atoms_without_altloc_letter_count_once(data_dir: Path) -> None:
@@ -158,7 +175,7 @@ def test_mmcif_gives_both_chains_without_ligands_or_water(data_dir: Path) -> Non
     summary = structure_summary(structure)
     chains = [{"chain_id": c, "n_residues": 214, "first_residue": 1, "last_residue": 214} for c in "AB"]
     counts = {"n_models": 1, "n_residues": 428, "n_amino_acids": 428, "n_nucleotides": 0}
-    offset_A = round(float(np.linalg.norm(structure.density_offsets_A[0], axis=1).mean()), 2)
+    offset_A = round(float(np.linalg.norm(structure.centroid_offsets_A[0], axis=1).mean()), 2)
     assert summary == {**counts, "chains": chains, "density_offset_mean_A": offset_A}
     assert 0.5 < offset_A < 3.0  # a full-atom file: the residues' density sits off the C-alphas
 
@@ -190,6 +207,10 @@ def test_nucleotide_gives_c1_prime_and_skips_ions_and_water(tmp_path: Path) -> N
     np.testing.assert_array_equal(structure.coords_A[0], [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     np.testing.assert_array_equal(structure.amplitudes_e, [15 + 8 + 6 + 7, 27])  # the H1' adds nothing
     assert structure_summary(structure)["n_nucleotides"] == 1
+    # density groups, by hand: the DNA's backbone P, OP1, C1' and its base N9; the glycine's backbone is all of it
+    np.testing.assert_allclose(structure.density_offsets_A[0, 0], [[-65 / 29] * 3, [0.5] * 3], atol=1e-12)
+    np.testing.assert_allclose(structure.density_offsets_A[0, 1], [[11 / 27, 0, 0], [0, 0, 0]], atol=1e-12)
+    np.testing.assert_allclose(structure.density_shares, [[29 / 36, 7 / 36], [1, 0]], atol=1e-12)
 
 
 def test_residue_without_calpha_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

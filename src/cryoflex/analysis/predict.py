@@ -127,7 +127,8 @@ def decode_latents(
     model: CryoSphere, latents: np.ndarray, *, batch_size: int = 256, density: bool = False
 ) -> Iterator[np.ndarray]:
     """Structures (k, n_residues, 3) float32 in A, model frame, for successive chunks of at most batch_size latents;
-    with `density`, the points the model renders instead (each residue's density centre: for maps of the model)."""
+    with `density`, the Gaussians the model renders instead ((k, n P, 3), CryoSphere.decode_with_density: for maps of
+    the model)."""
     model.eval()
     device = model.nominal_coords_A.device
     for start in range(0, len(latents), batch_size):

@@ -318,7 +318,7 @@ def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_
     A map of Gaussians is linear in them, so each chunk of structures is rendered as one set of pseudo-atoms.
     """
     device = run.device
-    amplitudes = run.model.amplitudes_e.to(device)
+    amplitudes = run.model.density_amplitudes_e.to(device)
     total = torch.zeros((box_size_px,) * 3, dtype=torch.float32, device=device)
     for chunk in decode_latents(run.model, latents, batch_size=_STRUCTURES_PER_RENDER, density=True):
         coords_A = torch.as_tensor(chunk, device=device).reshape(-1, 3)

@@ -119,7 +119,7 @@ def write_volumes(
     if bad or len(set(names)) != len(names):
         raise ValueError(f"volume names must be distinct plain file names, got {list(names)}")
     out_dir = Path(out_dir)
-    amplitudes = model.amplitudes_e.detach().cpu().numpy()
+    amplitudes = model.density_amplitudes_e.detach().cpu().numpy()
     paths = []
     density_A = np.concatenate(list(decode_latents(model, latents, density=True)))
     for name, centres_A in zip(names, density_A, strict=True):

@@ -66,6 +66,14 @@ _GZIP_MAGIC = b"\x1f\x8b"  # gemmi reads gzipped PDB/mmCIF files
 MAX_AMINO_ACID_STEP_A = 4.5
 MAX_NUCLEOTIDE_STEP_A = 9.0
 _GAPS_LISTED = 10
+# A residue's heavy atoms in two groups, each of whose electron centroids can carry a Gaussian (docs/conventions.md,
+# "Density"): the backbone (amino acids: N CA C O OXT; nucleotides: the phosphate and the sugar) and the rest (the
+# side chain or the base). Old nucleotide names with * are read as '.
+DENSITY_GROUPS = ("backbone", "side chain")
+_BACKBONE_ATOMS = frozenset(
+    {"N", "CA", "C", "O", "OXT"}
+    | {"P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P", "O5'", "C5'", "C4'", "O4'", "C3'", "O3'", "C2'", "O2'", "C1'"}
+)
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,13 @@ class Structure:
     atom_names: np.ndarray  # (n_residues,) str: 'CA' or "C1'"
     amplitudes_e: np.ndarray  # (n_residues,) float64: electrons of the residue's heavy atoms
     source_path: str | None = None
-    # (n_models, n_residues, 3) float64: from each pseudo-atom to the electron-weighted centroid of its residue's heavy
-    # atoms (0 where the file has the pseudo-atom only); None when unknown (trajectories, structures built in code)
+    # Where each residue's electrons are (docs/conventions.md, "Density"), for its two groups of heavy atoms
+    # (DENSITY_GROUPS: the backbone, and the side chain or base); both None when unknown (trajectories, structures
+    # built in code). (n_models, n_residues, 2, 3) float64: from the pseudo-atom to each group's electron-weighted
+    # centroid, 0 for an empty group and where the file has the pseudo-atom only.
     density_offsets_A: np.ndarray | None = None
+    # (n_residues, 2) float64: each group's share of the residue's heavy-atom electrons (1, 0 for a pseudo-atom alone)
+    density_shares: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         coords = np.asarray(self.coords_A, dtype=np.float64)
@@ -98,11 +110,19 @@ class Structure:
             if values.shape != (n_residues,):
                 raise ValueError(f"{name} must have shape ({n_residues},), got {values.shape}")
             object.__setattr__(self, name, values)
+        if (self.density_offsets_A is None) != (self.density_shares is None):
+            raise ValueError("density_offsets_A and density_shares are given together or not at all")
         if self.density_offsets_A is not None:
+            groups = len(DENSITY_GROUPS)
             offsets = np.asarray(self.density_offsets_A, dtype=np.float64)
-            if offsets.shape != coords.shape or not np.isfinite(offsets).all():
-                raise ValueError(f"density_offsets_A must be finite with shape {coords.shape}, not {offsets.shape}")
+            shape = (*coords.shape[:2], groups, 3)
+            if offsets.shape != shape or not np.isfinite(offsets).all():
+                raise ValueError(f"density_offsets_A must be finite with shape {shape}, not {offsets.shape}")
+            shares = np.asarray(self.density_shares, dtype=np.float64)
+            if shares.shape != (n_residues, groups) or (shares < 0).any() or not np.allclose(shares.sum(1), 1.0):
+                raise ValueError(f"density_shares must be ({n_residues}, {groups}) non-negative shares summing to 1")
             object.__setattr__(self, "density_offsets_A", offsets)
+            object.__setattr__(self, "density_shares", shares)
 
     @property
     def n_models(self) -> int:
@@ -111,6 +131,14 @@ class Structure:
     @property
     def n_residues(self) -> int:
         return self.coords_A.shape[1]
+
+    @property
+    def centroid_offsets_A(self) -> np.ndarray | None:
+        """(n_models, n_residues, 3): from each pseudo-atom to its residue's heavy-atom electron centroid (None when
+        unknown)."""
+        if self.density_offsets_A is None or self.density_shares is None:
+            return None
+        return np.einsum("mngk,ng->mnk", self.density_offsets_A, self.density_shares)
 
     def chains(self) -> list[tuple[str, int]]:
         """(chain id, residue count) for each chain, in order of first appearance in the file."""
@@ -132,8 +160,9 @@ class Structure:
         """
         coords = np.asarray(coords_A, dtype=np.float64)
         coords = coords[None] if coords.ndim == 2 else coords
-        keep = translated and coords.shape == self.coords_A.shape
-        return replace(self, coords_A=coords, density_offsets_A=self.density_offsets_A if keep else None)
+        if translated and coords.shape == self.coords_A.shape:
+            return replace(self, coords_A=coords)
+        return replace(self, coords_A=coords, density_offsets_A=None, density_shares=None)
 
 
 @dataclass(frozen=True)
@@ -200,15 +229,26 @@ def residue_electrons(residue: gemmi.Residue) -> int:
     return sum(z for z in numbers if z > 1)
 
 
-def density_offset_A(residue: gemmi.Residue, pseudo_atom: gemmi.Atom) -> list[float]:
-    """From the pseudo-atom to the centroid of the residue's heavy atoms weighted by their electrons (A): where the
-    residue's density sits. Exactly 0 for a residue given by its pseudo-atom alone (or without known elements)."""
-    atoms = [(atom.pos - pseudo_atom.pos, atomic_number(atom)) for atom in residue if not atom.is_hydrogen()]
-    atoms = [(relative, z) for relative, z in atoms if z > 1]
-    electrons = sum(z for _, z in atoms)
-    if electrons == 0:
-        return [0.0, 0.0, 0.0]
-    return [sum(relative[axis] * z for relative, z in atoms) / electrons for axis in range(3)]
+def density_groups(residue: gemmi.Residue, pseudo_atom: gemmi.Atom) -> tuple[list[list[float]], list[float]]:
+    """For the residue's two groups of heavy atoms (DENSITY_GROUPS): the offsets (A) from the pseudo-atom to each
+    group's centroid weighted by the atoms' electrons, and each group's share of the electrons. A residue given by its
+    pseudo-atom alone (or without known elements) gets offsets of exactly 0 and shares (1, 0)."""
+    sums = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    electrons = [0, 0]
+    for atom in residue:
+        z = atomic_number(atom)
+        if atom.is_hydrogen() or z <= 1:
+            continue
+        group = 0 if atom.name.replace("*", "'") in _BACKBONE_ATOMS else 1
+        relative = atom.pos - pseudo_atom.pos
+        electrons[group] += z
+        for axis in range(3):
+            sums[group][axis] += relative[axis] * z
+    total = sum(electrons)
+    if total == 0:
+        return [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [1.0, 0.0]
+    offsets = [[value / count if count else 0.0 for value in sums[group]] for group, count in enumerate(electrons)]
+    return offsets, [count / total for count in electrons]
 
 
 def _pseudo_atom(residue: gemmi.Residue, kind: str) -> gemmi.Atom | None:
@@ -296,7 +336,9 @@ def read_structure(path: str | Path) -> Structure:
                                  "give a protein or nucleic-acid structure")
     first_keys = [s.key for s in first]
     coords = [[s.atom.pos.tolist() for s in first]]
-    offsets = [[density_offset_A(s.residue, s.atom) for s in first]]
+    groups = [density_groups(s.residue, s.atom) for s in first]
+    offsets = [[offset for offset, _ in groups]]
+    shares = [share for _, share in groups]
     for model in list(gemmi_structure)[1:]:
         selected, _ = _select_residues(model, path, warn=False)
         keys = [s.key for s in selected]
@@ -306,7 +348,7 @@ def read_structure(path: str | Path) -> Structure:
             problem = f"model {model.num} has other residues than the first model ({difference})"
             raise CryoflexInputError(path, problem, "give models that all have the same residues")
         coords.append([s.atom.pos.tolist() for s in selected])
-        offsets.append([density_offset_A(s.residue, s.atom) for s in selected])
+        offsets.append([density_groups(s.residue, s.atom)[0] for s in selected])
     kinds = [residue_kind(s.residue.name) for s in first]
     logger.info("read %d models x %d residues from %s", len(coords), len(first), path)
     structure = Structure(
@@ -319,6 +361,7 @@ def read_structure(path: str | Path) -> Structure:
         amplitudes_e=np.array([residue_electrons(s.residue) for s in first], dtype=np.float64),
         source_path=str(path),
         density_offsets_A=np.array(offsets, dtype=np.float64),
+        density_shares=np.array(shares, dtype=np.float64),
     )
     warn_chain_gaps(structure, path)
     return structure
@@ -456,6 +499,6 @@ def structure_summary(structure: Structure) -> dict[str, Any]:
         "n_amino_acids": n_amino_acids,
         "n_nucleotides": structure.n_residues - n_amino_acids,
         "chains": chains,
-        "density_offset_mean_A": (None if structure.density_offsets_A is None
-                                  else round(float(np.linalg.norm(structure.density_offsets_A[0], axis=1).mean()), 2)),
+        "density_offset_mean_A": (None if structure.centroid_offsets_A is None
+                                  else round(float(np.linalg.norm(structure.centroid_offsets_A[0], axis=1).mean()), 2)),
     }  # fmt: skip

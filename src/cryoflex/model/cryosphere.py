@@ -44,8 +44,9 @@ class CryoSphere(nn.Module):
     """Nominal structure + segmentation + encoder/decoder + the image formation (Gaussian projector with CTF)."""
 
     nominal_coords_A: torch.Tensor  # buffer (n, 3): the pseudo-atoms (C-alpha / C1')
-    amplitudes_e: torch.Tensor  # buffer (n,)
-    density_offsets_A: torch.Tensor  # buffer (n, 3): from each pseudo-atom to where its residue's density is rendered
+    amplitudes_e: torch.Tensor  # buffer (n,): each residue's electrons
+    density_offsets_A: torch.Tensor  # buffer (n, P, 3): from each pseudo-atom to its residue's P Gaussians
+    density_shares: torch.Tensor  # buffer (n, P): each Gaussian's share of its residue's electrons
 
     def __init__(
         self,
@@ -56,16 +57,23 @@ class CryoSphere(nn.Module):
         decoder: Decoder,
         formation: ImageFormation,
         density_offsets_A: torch.Tensor | None = None,
+        density_shares: torch.Tensor | None = None,
     ):
         super().__init__()
         self.register_buffer("nominal_coords_A", nominal_coords_A.float())
         self.register_buffer("amplitudes_e", amplitudes_e.float())
-        # Each residue's Gaussian sits at its heavy atoms' electron centroid, which moves rigidly with its pseudo-atom
-        # (docs/conventions.md, "Density"); zeros put it on the pseudo-atom (a C-alpha-only structure).
-        offsets = torch.zeros_like(self.nominal_coords_A) if density_offsets_A is None else density_offsets_A.float()
+        # Each residue is rendered as P Gaussians at fixed offsets from its pseudo-atom, moving rigidly with it, each
+        # with its share of the residue's electrons (docs/conventions.md, "Density"): one at the heavy atoms' electron
+        # centroid, or one each at the backbone's and the side chain's. Zeros put one on the pseudo-atom (C-alphas).
+        n = len(self.nominal_coords_A)
+        offsets = torch.zeros(n, 1, 3) if density_offsets_A is None else density_offsets_A.float()
+        shares = torch.ones(offsets.shape[:2]) if density_shares is None else density_shares.float()
+        if offsets.shape != (n, offsets.shape[1], 3) or shares.shape != offsets.shape[:2]:
+            raise ValueError(f"density offsets {tuple(offsets.shape)} and shares {tuple(shares.shape)} do not fit "
+                             f"{n} residues")
         self.register_buffer("density_offsets_A", offsets)
-        # whether any residue is rendered off its pseudo-atom, kept as a Python bool so a GPU step never waits on it
-        self.has_density_offsets = bool(offsets.any())
+        self.register_buffer("density_shares", shares)
+        self._note_density()
         self.segmentation = segmentation
         self.encoder = encoder
         self.decoder = decoder
@@ -82,11 +90,23 @@ class CryoSphere(nn.Module):
         """As nn.Module's; checkpoints from before the likelihood's constants were learned start them at their initial
         values (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them)."""
         missing = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
-        if "density_offsets_A" not in state_dict:  # trained before the density offsets: rendered at the pseudo-atoms
-            missing["density_offsets_A"] = torch.zeros_like(self.density_offsets_A)
+        offsets = state_dict.get("density_offsets_A")
+        if offsets is None:  # trained before the density offsets: rendered at the pseudo-atoms
+            offsets = torch.zeros(len(self.nominal_coords_A), 1, 3)
+        if offsets.dim() == 2:  # one Gaussian per residue, saved as (n, 3)
+            offsets = offsets[:, None]
+        missing["density_offsets_A"] = offsets
+        if "density_shares" not in state_dict:  # saved with one Gaussian per residue
+            missing["density_shares"] = torch.ones(offsets.shape[:2])
         result = super().load_state_dict({**state_dict, **missing}, strict, assign)
-        self.has_density_offsets = bool(self.density_offsets_A.any())
+        self._note_density()
         return result
+
+    def _note_density(self) -> None:
+        """Whether each residue is rendered as one Gaussian on its pseudo-atom (the images come from the structures
+        themselves), kept as a Python bool so that a GPU step never waits on it."""
+        offsets = self.density_offsets_A
+        self.renders_pseudo_atoms = offsets.shape[1] == 1 and not bool(offsets.any())
 
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile, after a one-off compilation of about a minute. It compiles the
@@ -99,8 +119,13 @@ class CryoSphere(nn.Module):
 
     @property
     def nominal_density_A(self) -> torch.Tensor:
-        """(n, 3) where the nominal structure's residues are rendered: pseudo-atoms plus density offsets."""
-        return self.nominal_coords_A + self.density_offsets_A
+        """(n P, 3) the nominal structure's Gaussians, residue-major: pseudo-atoms plus density offsets."""
+        return (self.nominal_coords_A[:, None] + self.density_offsets_A).flatten(0, 1)
+
+    @property
+    def density_amplitudes_e(self) -> torch.Tensor:
+        """(n P,) the electrons of each Gaussian, in the order of nominal_density_A."""
+        return (self.amplitudes_e[:, None] * self.density_shares).flatten()
 
     def decode(self, latent: torch.Tensor, *, sample_segmentation: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, L) -> structures (B, n, 3) in the model frame and the assignment G (n, M) used."""
@@ -112,20 +137,21 @@ class CryoSphere(nn.Module):
     def decode_with_density(
         self, latent: torch.Tensor, *, sample_segmentation: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As decode, and also the points the images are rendered from (B, n, 3): each residue's density centre,
-        moved with exactly its pseudo-atom's motion (both in one deformation, about the pseudo-atoms' segment centres).
-        Without density offsets these are the structures themselves."""
-        if not self.has_density_offsets:
+        """As decode, and also the Gaussians the images are rendered from (B, n P, 3, as nominal_density_A), each
+        moved with exactly its pseudo-atom's motion (all in one deformation, about the pseudo-atoms' segment centres).
+        With one Gaussian per residue on its pseudo-atom these are the structures themselves."""
+        if self.renders_pseudo_atoms:
             coords_A, assignment = self.decode(latent, sample_segmentation=sample_segmentation)
             return coords_A, coords_A, assignment
         assignment = self.segmentation(sample_segmentation)
         rotation_vectors, translations_A = self._motions(latent)
-        points_A = torch.stack([self.nominal_coords_A, self.nominal_density_A], dim=1).flatten(0, 1)  # (2n, 3)
+        nominal_A = self.nominal_coords_A[:, None]
+        points_A = torch.cat([nominal_A, nominal_A + self.density_offsets_A], dim=1)  # (n, 1 + P, 3)
         moved_A = self.deformation(
-            points_A, assignment.repeat_interleave(2, dim=0), rotation_vectors, translations_A,
-            centres_A=segment_centres_A(self.nominal_coords_A, assignment),
-        )  # fmt: skip
-        return moved_A[:, 0::2], moved_A[:, 1::2], assignment
+            points_A.flatten(0, 1), assignment.repeat_interleave(points_A.shape[1], dim=0), rotation_vectors,
+            translations_A, centres_A=segment_centres_A(self.nominal_coords_A, assignment),
+        ).unflatten(1, points_A.shape[:2])  # fmt: skip
+        return moved_A[:, :, 0], moved_A[:, :, 1:].flatten(1, 2), assignment
 
     def _motions(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's per-segment rotation vectors and translations (B, M, 3) in float32."""
@@ -134,9 +160,9 @@ class CryoSphere(nn.Module):
         return rotation_vectors.float(), translations_A.float()
 
     def render(self, density_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
-        """Residue density centres (B, n, 3) (decode_with_density) with this model's amplitudes -> images (B, D, D)
-        at these poses, with this CTF."""
-        return self.formation.images(density_A, self.amplitudes_e, poses, ctf)
+        """The Gaussians of decode_with_density (B, n P, 3) with this model's amplitudes -> images (B, D, D) at these
+        poses, with this CTF."""
+        return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf)
 
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
         """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior

@@ -170,14 +170,19 @@ _MIN_START_SCALE_SHARE = 0.01
 
 def density_description(model: CryoSphere, density: str) -> str:
     """One log line on where each residue's Gaussian is rendered (config density)."""
-    if model.has_density_offsets:
-        distance_A = float(model.density_offsets_A.norm(dim=1).mean())
-        return (f"each residue is rendered at its heavy atoms' electron centroid, {distance_A:.2f} A from its "
-                "pseudo-atom on average (density: residue_centroid)")
-    if density == "residue_centroid":
+    if model.renders_pseudo_atoms:
+        if density == "pseudo_atom":
+            return "each residue is rendered at its pseudo-atom (density: pseudo_atom)"
         return ("each residue is rendered at its pseudo-atom: the structure file has no other atoms "
                 "(a full-atom model, e.g. AlphaFold's, renders side chains where they are)")
-    return "each residue is rendered at its pseudo-atom (density: pseudo_atom)"
+    # how far the electrons sit from the pseudo-atoms on average
+    distance_A = float((model.density_offsets_A.norm(dim=-1) * model.density_shares).sum(1).mean())
+    if model.density_offsets_A.shape[1] == 1:
+        return (f"each residue is rendered at its heavy atoms' electron centroid, {distance_A:.2f} A from its "
+                f"pseudo-atom on average (density: {density})")
+    return (f"each residue is rendered as two Gaussians, at the electron centroids of its backbone and of its side "
+            f"chain, {distance_A:.2f} A from its pseudo-atom on average, weighted by their electrons "
+            f"(density: {density})")
 
 
 @torch.no_grad()

@@ -165,9 +165,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
     decoder = Decoder(
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
     )
-    offsets = structure.density_offsets_A
-    if config.density == "pseudo_atom" or offsets is None:
-        offsets = np.zeros_like(structure.coords_A)
+    offsets_A, shares = density_gaussians(structure, config.density)
     return CryoSphere(
         torch.as_tensor(structure.coords_A[0], dtype=torch.float32),
         torch.as_tensor(structure.amplitudes_e, dtype=torch.float32),
@@ -175,8 +173,22 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         encoder,
         decoder,
         ImageFormation(box_size_px, pixel_size_A, config.sigma_A),
-        torch.as_tensor(offsets[0], dtype=torch.float32),
+        torch.as_tensor(offsets_A, dtype=torch.float32),
+        torch.as_tensor(shares, dtype=torch.float32),
     )
+
+
+def density_gaussians(structure: Structure, density: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each residue's Gaussians for config `density` (DENSITIES), from the structure's first model: their offsets
+    from the pseudo-atom (n, P, 3) in A and their shares of the residue's electrons (n, P). Two Gaussians only where
+    some residue has a side chain or base in the file; otherwise one, on the pseudo-atom."""
+    n = structure.n_residues
+    offsets_A, shares, centroids_A = structure.density_offsets_A, structure.density_shares, structure.centroid_offsets_A
+    if density == "pseudo_atom" or offsets_A is None or shares is None or centroids_A is None:
+        return np.zeros((n, 1, 3)), np.ones((n, 1))
+    if density == "backbone_side_chain" and shares[:, 1].any():
+        return offsets_A[0], shares
+    return centroids_A[0][:, None], np.ones((n, 1))
 
 
 def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) -> CryoSphere:
