@@ -286,7 +286,7 @@ def test_images_are_rendered_from_the_density_centres(points: int) -> None:
 
 
 def test_checkpoints_from_before_the_density_offsets_render_at_the_pseudo_atoms() -> None:
-    model = _model_with_density_offsets()
+    model = _model_with_density_offsets(points=2)  # built from a full-atom file: loading the checkpoint overrides it
     state = {name: value for name, value in model.state_dict().items() if not name.startswith("density_")}
     assert not model.renders_pseudo_atoms
     model.load_state_dict(state)
@@ -297,14 +297,27 @@ def test_checkpoints_from_before_the_density_offsets_render_at_the_pseudo_atoms(
 
 
 def test_checkpoints_with_one_centroid_per_residue_load_as_one_gaussian() -> None:
-    """Saved before the Gaussians were grouped: offsets (n, 3) and no shares."""
-    model = _model_with_density_offsets()
-    offsets = model.density_offsets_A[:, 0].clone()
+    """Saved before the Gaussians were grouped: offsets (n, 3) and no shares; loaded into a model that the structure
+    file now gives two Gaussians per residue, the checkpoint's one wins."""
+    offsets = _model_with_density_offsets(points=1).density_offsets_A[:, 0].clone()
+    model = _model_with_density_offsets(points=2)
     state = {**model.state_dict(), "density_offsets_A": offsets}
     del state["density_shares"]
     model.load_state_dict(state)
     torch.testing.assert_close(model.density_offsets_A, offsets[:, None], rtol=0, atol=0)
     torch.testing.assert_close(model.density_amplitudes_e, model.amplitudes_e, rtol=0, atol=0)
+    assert not model.renders_pseudo_atoms
+
+
+def test_checkpoints_render_the_gaussians_they_were_trained_with() -> None:
+    trained = _model_with_density_offsets(points=2)
+    model = _model_with_density_offsets(points=1)
+    model.load_state_dict(trained.state_dict())
+    latent = torch.randn(3, 2)
+    for got, expected in zip(model.decode_with_density(latent, sample_segmentation=False),
+                             trained.decode_with_density(latent, sample_segmentation=False), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.density_amplitudes_e, trained.density_amplitudes_e)
 
 
 @pytest.mark.parametrize("density", ["residue_centroid", "backbone_side_chain", "pseudo_atom"])

@@ -141,6 +141,12 @@ def test_density_offsets_point_to_the_heavy_atom_electron_centroids(data_dir: Pa
     np.testing.assert_array_equal(ca_only.density_shares, np.tile([1.0, 0.0], (214, 1)))
 
 
+def test_charmm_c_terminal_oxygens_belong_to_the_backbone(data_dir: Path) -> None:
+    structure = read_structure(data_dir / "adk_closed.pdb")  # ends with GLY 214 and its OT1, OT2
+    assert structure.residue_names[-1] == "GLY"
+    assert structure.density_shares[-1, 1] == 0.0 and not structure.density_offsets_A[0, -1, 1].any()
+
+
 def test_density_offsets_follow_models_and_translations_only(data_dir: Path) -> None:
     structure = read_structure(data_dir / "4akeA_alg_fixed.pdb")
     moved = structure.with_coords(structure.coords_A + 5.0, translated=True)

@@ -312,8 +312,8 @@ def reconstruct_groups(
 
 @torch.no_grad()
 def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_size_A: float) -> torch.Tensor:
-    """(D, D, D) mean Gaussian map of the structures decoded from `latents` (the model's amplitudes, width and
-    density centres: the density the model renders).
+    """(D, D, D) mean Gaussian map of the structures decoded from `latents`: the model's Gaussians, amplitudes and
+    width, the density the model renders.
 
     A map of Gaussians is linear in them, so each chunk of structures is rendered as one set of pseudo-atoms.
     """

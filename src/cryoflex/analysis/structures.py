@@ -110,7 +110,7 @@ def write_volumes(
     sigma_A: float,
 ) -> list[Path]:
     """NAME.mrc for each latent (e.g. traversal points, k-means centres): the decoded structure's Gaussian density as
-    the model renders it (at the residues' density centres), centred so that it superposes the decoded PDB in
+    the model renders it (CryoSphere.decode_with_density), centred so that it superposes the decoded PDB in
     ChimeraX."""
     latents = np.asarray(latents, dtype=np.float32)
     if latents.ndim != 2 or len(names) != latents.shape[0]:

@@ -67,11 +67,11 @@ MAX_AMINO_ACID_STEP_A = 4.5
 MAX_NUCLEOTIDE_STEP_A = 9.0
 _GAPS_LISTED = 10
 # A residue's heavy atoms in two groups, each of whose electron centroids can carry a Gaussian (docs/conventions.md,
-# "Density"): the backbone (amino acids: N CA C O OXT; nucleotides: the phosphate and the sugar) and the rest (the
-# side chain or the base). Old nucleotide names with * are read as '.
+# "Density"): the backbone (amino acids: N CA C O and the C-terminal oxygens; nucleotides: the phosphate and the
+# sugar) and the rest (the side chain or the base). Old nucleotide names with * are read as '.
 DENSITY_GROUPS = ("backbone", "side chain")
 _BACKBONE_ATOMS = frozenset(
-    {"N", "CA", "C", "O", "OXT"}
+    {"N", "CA", "C", "O", "OXT", "OT1", "OT2", "OC1", "OC2"}  # the last four: CHARMM / GROMACS C-terminal oxygens
     | {"P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P", "O5'", "C5'", "C4'", "O4'", "C3'", "O3'", "C2'", "O2'", "C1'"}
 )
 
@@ -338,7 +338,7 @@ def read_structure(path: str | Path) -> Structure:
     coords = [[s.atom.pos.tolist() for s in first]]
     groups = [density_groups(s.residue, s.atom) for s in first]
     offsets = [[offset for offset, _ in groups]]
-    shares = [share for _, share in groups]
+    shares = [share for _, share in groups]  # the first model's: the amplitudes are the first model's too
     for model in list(gemmi_structure)[1:]:
         selected, _ = _select_residues(model, path, warn=False)
         keys = [s.key for s in selected]
@@ -486,7 +486,7 @@ def write_structure(path: str | Path, structure: Structure, b_factors: np.ndarra
 
 def structure_summary(structure: Structure) -> dict[str, Any]:
     """Counts for `cryoflex info`: models, residues, amino acids, nucleotides, each chain's residue range, and how far
-    the residues' density centres lie from their pseudo-atoms on average (0: the file has the pseudo-atoms only)."""
+    the residues' heavy-atom centroids lie from their pseudo-atoms on average (0: the file has pseudo-atoms only)."""
     chains = []
     for chain_id, count in structure.chains():
         numbers = structure.residue_numbers[structure.chain_ids == chain_id]

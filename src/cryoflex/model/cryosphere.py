@@ -65,15 +65,9 @@ class CryoSphere(nn.Module):
         # Each residue is rendered as P Gaussians at fixed offsets from its pseudo-atom, moving rigidly with it, each
         # with its share of the residue's electrons (docs/conventions.md, "Density"): one at the heavy atoms' electron
         # centroid, or one each at the backbone's and the side chain's. Zeros put one on the pseudo-atom (C-alphas).
-        n = len(self.nominal_coords_A)
-        offsets = torch.zeros(n, 1, 3) if density_offsets_A is None else density_offsets_A.float()
-        shares = torch.ones(offsets.shape[:2]) if density_shares is None else density_shares.float()
-        if offsets.shape != (n, offsets.shape[1], 3) or shares.shape != offsets.shape[:2]:
-            raise ValueError(f"density offsets {tuple(offsets.shape)} and shares {tuple(shares.shape)} do not fit "
-                             f"{n} residues")
-        self.register_buffer("density_offsets_A", offsets)
-        self.register_buffer("density_shares", shares)
-        self._note_density()
+        self.register_buffer("density_offsets_A", torch.empty(0))
+        self.register_buffer("density_shares", torch.empty(0))
+        self._set_density(density_offsets_A, density_shares)
         self.segmentation = segmentation
         self.encoder = encoder
         self.decoder = decoder
@@ -87,26 +81,32 @@ class CryoSphere(nn.Module):
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """As nn.Module's; checkpoints from before the likelihood's constants were learned start them at their initial
-        values (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them)."""
-        missing = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
+        """As nn.Module's, except that:
+        - checkpoints from before the likelihood's constants were learned start them at their initial values
+          (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them);
+        - the model renders the Gaussians the checkpoint was trained with, whatever the structure file holds now:
+          saved as (n, 3) offsets without shares, one per residue; saved without offsets, one on each pseudo-atom."""
+        defaults = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
         offsets = state_dict.get("density_offsets_A")
-        if offsets is None:  # trained before the density offsets: rendered at the pseudo-atoms
-            offsets = torch.zeros(len(self.nominal_coords_A), 1, 3)
-        if offsets.dim() == 2:  # one Gaussian per residue, saved as (n, 3)
+        if offsets is not None and offsets.dim() == 2:
             offsets = offsets[:, None]
-        missing["density_offsets_A"] = offsets
-        if "density_shares" not in state_dict:  # saved with one Gaussian per residue
-            missing["density_shares"] = torch.ones(offsets.shape[:2])
-        result = super().load_state_dict({**state_dict, **missing}, strict, assign)
-        self._note_density()
-        return result
+        self._set_density(offsets, state_dict.get("density_shares"))
+        density = {"density_offsets_A": self.density_offsets_A, "density_shares": self.density_shares}
+        return super().load_state_dict({**state_dict, **defaults, **density}, strict, assign)
 
-    def _note_density(self) -> None:
-        """Whether each residue is rendered as one Gaussian on its pseudo-atom (the images come from the structures
-        themselves), kept as a Python bool so that a GPU step never waits on it."""
-        offsets = self.density_offsets_A
-        self.renders_pseudo_atoms = offsets.shape[1] == 1 and not bool(offsets.any())
+    def _set_density(self, offsets_A: torch.Tensor | None, shares: torch.Tensor | None) -> None:
+        """Set the (n, P, 3) density offsets and (n, P) shares (None: one Gaussian on each pseudo-atom), and note
+        whether that is what is rendered: a Python bool, so that a GPU step never waits on it."""
+        n, device = len(self.nominal_coords_A), self.nominal_coords_A.device
+        offsets_A = torch.zeros(n, 1, 3) if offsets_A is None else offsets_A
+        shares = torch.ones(offsets_A.shape[:2]) if shares is None else shares
+        fits = offsets_A.dim() == 3 and offsets_A.shape[0] == n and offsets_A.shape[2] == 3
+        if not fits or shares.shape != offsets_A.shape[:2]:
+            raise ValueError(f"density offsets {tuple(offsets_A.shape)} and shares {tuple(shares.shape)} do not fit "
+                             f"{n} residues")  # fmt: skip
+        self.density_offsets_A = offsets_A.to(device, torch.float32)
+        self.density_shares = shares.to(device, torch.float32)
+        self.renders_pseudo_atoms = offsets_A.shape[1] == 1 and not bool(offsets_A.any())
 
     def compile_deformation(self) -> None:
         """Compile the deformation with torch.compile, after a one-off compilation of about a minute. It compiles the

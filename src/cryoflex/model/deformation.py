@@ -227,7 +227,7 @@ def deform(
     """Nominal coords (n, 3), G (n, M), per-image rotation vectors (B, M, 3) and translations (B, M, 3) -> (B, n, 3).
 
     The segments rotate about centres_A (M, 3), by default segment_centres_A of these coordinates; points that are
-    not the nominal pseudo-atoms (e.g. the residues' density centres beside them) pass the pseudo-atoms' centres, so
+    not the nominal pseudo-atoms (e.g. the residues' Gaussians beside them) pass the pseudo-atoms' centres, so
     they move with exactly the same motion.
 
     Rotating p by G_im w_m (Rodrigues, with t = G_im |w_m|):

@@ -169,7 +169,7 @@ _MIN_START_SCALE_SHARE = 0.01
 
 
 def density_description(model: CryoSphere, density: str) -> str:
-    """One log line on where each residue's Gaussian is rendered (config density)."""
+    """One log line on where each residue's Gaussians are rendered (config density)."""
     if model.renders_pseudo_atoms:
         if density == "pseudo_atom":
             return "each residue is rendered at its pseudo-atom (density: pseudo_atom)"
@@ -178,10 +178,11 @@ def density_description(model: CryoSphere, density: str) -> str:
     # how far the electrons sit from the pseudo-atoms on average
     distance_A = float((model.density_offsets_A.norm(dim=-1) * model.density_shares).sum(1).mean())
     if model.density_offsets_A.shape[1] == 1:
+        why = "; no residue has side-chain atoms in the structure file" if density == "backbone_side_chain" else ""
         return (f"each residue is rendered at its heavy atoms' electron centroid, {distance_A:.2f} A from its "
-                f"pseudo-atom on average (density: {density})")
+                f"pseudo-atom on average (density: {density}{why})")
     return (f"each residue is rendered as two Gaussians, at the electron centroids of its backbone and of its side "
-            f"chain, {distance_A:.2f} A from its pseudo-atom on average, weighted by their electrons "
+            f"chain or base, {distance_A:.2f} A from its pseudo-atom on average, weighted by their electrons "
             f"(density: {density})")
 
 
