@@ -1,6 +1,6 @@
 """Recovery on particles cryoflex's own image model did not make: the AdK motion simulated from every heavy atom.
 
-Run: .venv/bin/python benchmarks/recovery_all_atom.py --snr 0.01 --density backbone_side_chain residue_centroid
+Run: .venv/bin/python benchmarks/recovery_all_atom.py --snr 0.01 --density residue_centroid backbone_side_chain
      [--n-images 10000 --epochs 20 --downsample 32 --atom-sigma-A 1.5 --work DIR --out JSON]
 
 recovery_adk.py simulates each residue as one Gaussian at its C-alpha, which is exactly what the model renders. Real

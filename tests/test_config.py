@@ -97,7 +97,7 @@ def test_a_run_saved_before_the_encoder_setting_keeps_its_full_box_encoder(tmp_p
 
 def test_a_run_saved_before_the_density_setting_renders_at_the_pseudo_atoms(tmp_path: Path) -> None:
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
-    assert saved["density"] == "backbone_side_chain"
+    assert saved["density"] == "residue_centroid"
     path = tmp_path / "config.yaml"
     del saved["density"]
     path.write_text(yaml.safe_dump(saved))

@@ -16,10 +16,11 @@ from cryoflex.io.atomic import write_text_atomic
 
 DUPLICATE_IMAGES = ("refuse", "first", "distinct")
 LR_SCHEDULES = ("constant", "cosine")
-# where each residue's density is rendered (docs/conventions.md, "Density"): two Gaussians, at the electron centroids
-# of its backbone and of its side chain or base, one at the centroid of all its heavy atoms (each as the structure file
-# gives them; the pseudo-atom itself where the file has no other atom), or one at the C-alpha / C1' (the original's)
-DENSITIES = ("backbone_side_chain", "residue_centroid", "pseudo_atom")
+# where each residue's density is rendered (docs/conventions.md, "Density"): one Gaussian at the electron centroid of
+# its heavy atoms, two (at the electron centroids of its backbone and of its side chain or base), each as the structure
+# file gives them (the pseudo-atom itself where the file has no other atom), or one at the C-alpha / C1' (the
+# original's)
+DENSITIES = ("residue_centroid", "backbone_side_chain", "pseudo_atom")
 LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
@@ -47,7 +48,7 @@ class TrainConfig:
     latent_dim: int = 8
     tau: float = 20.0
     sigma_A: float = 2.0
-    density: str = "backbone_side_chain"  # backbone_side_chain | residue_centroid | pseudo_atom (DENSITIES)
+    density: str = "residue_centroid"  # residue_centroid | backbone_side_chain | pseudo_atom (DENSITIES)
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
     # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);
     # 1 = the whole training box (the original's encoder)
