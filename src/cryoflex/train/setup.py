@@ -180,8 +180,9 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
 
 def density_gaussians(structure: Structure, density: str) -> tuple[np.ndarray, np.ndarray]:
     """Each residue's Gaussians for config `density` (DENSITIES), from the structure's first model: their offsets
-    from the pseudo-atom (n, P, 3) in A and their shares of the residue's electrons (n, P). Two Gaussians only where
-    some residue has a side chain or base in the file; otherwise one, on the pseudo-atom."""
+    from the pseudo-atom (n, P, 3) in A and their shares of the residue's electrons (n, P). backbone_side_chain gives
+    two only where some residue has a side chain or base in the file; otherwise one at each residue's centroid (on
+    the pseudo-atom where the file has nothing else)."""
     n = structure.n_residues
     offsets_A, shares, centroids_A = structure.density_offsets_A, structure.density_shares, structure.centroid_offsets_A
     if density == "pseudo_atom" or offsets_A is None or shares is None or centroids_A is None:
