@@ -1,14 +1,15 @@
 """How far each per-residue density model is from particles made from every heavy atom (noise-free, one frame).
 
-Run: .venv/bin/python benchmarks/density_models.py [--images 64 --box-px 32]
-     [--out benchmarks/results/density_models.json]
-The particles: AdK's first trajectory frame, every heavy atom a Gaussian of 1.5 A with its own electrons, rendered at
+Run: .venv/bin/python benchmarks/density_models.py [--images 64 --box-px 32 --atom-sigma-A 1.5 2.5]
+     [--widths-A 1.5 2 2.5 3 3.5] [--out benchmarks/results/density_models.json]
+The particles: AdK's first trajectory frame, every heavy atom a Gaussian of --atom-sigma-A (each value in turn: how
+blurred the particles are, by the atoms' motion and the microscope's envelope) with its own electrons, rendered at
 64 px and 2 A/px with a CTF (defocus 0.5-2 um) and Fourier-cropped to --box-px (what training sees with
 --downsample). Each model renders the same poses and CTF directly at --box-px: one Gaussian per residue at its C-alpha,
 or at its heavy atoms' electron centroid (with one width, or a per-residue width that adds the atoms' spread), two
 per residue (the backbone's and the side chain's centroids), or every heavy atom. Each image is fitted with its own
-least-squares scale; the figure is the median residual power as a share of the particles' power. Prints a table
-and writes JSON.
+least-squares scale; the figure is the median residual power as a share of the particles' power, for each model
+width in --widths-A (a learned width finds the best of them). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.trajectory import atomic_numbers_from_masses
 
-ATOM_SIGMA_A = 1.5
 BACKBONE = ("N", "CA", "C", "O")
 WIDTH_BINS = 8  # per-residue widths are rendered in this many groups of equal width (the projector takes one width)
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--box-px", type=int, default=32)
+    parser.add_argument("--atom-sigma-A", type=float, nargs="+", default=[1.5, 2.5])
+    parser.add_argument("--widths-A", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 3.5])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/density_models.json"))
     args = parser.parse_args()
     import MDAnalysis as mda
@@ -69,10 +71,9 @@ def main() -> None:
                       torch.zeros(count, 2, dtype=torch.float64))  # fmt: skip
     defocus_A = torch.linspace(5000.0, 20000.0, count, dtype=torch.float64)
     ctf = CTFBatch.from_values(defocus_A, defocus_A, 0.0, 300.0, 2.7, 0.1)
-    particles = fourier_crop(ImageFormation(64, 2.0, ATOM_SIGMA_A).images(coords_A, electrons, poses, ctf), args.box_px)
     pixel_A = 2.0 * 64 / args.box_px
 
-    def residual(images: torch.Tensor) -> float:
+    def residual(images: torch.Tensor, particles: torch.Tensor) -> float:
         scale = (images * particles).sum((1, 2)) / images.square().sum((1, 2))
         left = (scale[:, None, None] * images - particles).square().sum((1, 2))
         return float((left / particles.square().sum((1, 2))).median())
@@ -86,29 +87,35 @@ def main() -> None:
     sc_electrons, sc_centroids, _ = residue_groups(coords_A, electrons, residue, ~backbone)
     c_alpha = coords_A[torch.as_tensor(heavy.names == "CA")]
     rows = []
-    for sigma_A in (1.5, 2.0, 2.5):
-        widths_A = torch.sqrt(sigma_A**2 + spread_A2)
-        edges = torch.quantile(widths_A, torch.linspace(0, 1, WIDTH_BINS + 1, dtype=widths_A.dtype))
-        group = torch.bucketize(widths_A, edges[1:-1], right=True)
-        per_residue_width = sum(
-            render(centroids[group == k], amplitudes[group == k], float(widths_A[group == k].mean()))
-            for k in range(WIDTH_BINS) if (group == k).any()
-        )  # fmt: skip
-        models = {
-            "C-alpha": render(c_alpha, amplitudes, sigma_A),
-            "residue centroid": render(centroids, amplitudes, sigma_A),
-            "residue centroid, per-residue width": per_residue_width,
-            "backbone + side-chain centroids": render(
-                torch.cat([bb_centroids, sc_centroids]), torch.cat([bb_electrons, sc_electrons]), sigma_A
-            ),
-            "every heavy atom": render(coords_A, electrons, sigma_A),
-        }
-        rows += [dict(model=name, sigma_A=sigma_A, residual=residual(images)) for name, images in models.items()]
-    print(f"{'model':<38} {'sigma A':>7} {'residual':>9}")
-    for row in rows:
-        print(f"{row['model']:<38} {row['sigma_A']:>7.1f} {100 * row['residual']:>8.1f}%")
-    note = (f"AdK frame 0, heavy atoms as {ATOM_SIGMA_A} A Gaussians at 64 px / 2 A with CTF, Fourier-cropped to "
-            f"{args.box_px} px; models rendered at {args.box_px} px; median over {count} poses")  # fmt: skip
+    for atom_sigma_A in args.atom_sigma_A:
+        particles = fourier_crop(ImageFormation(64, 2.0, atom_sigma_A).images(coords_A, electrons, poses, ctf),
+                                 args.box_px)  # fmt: skip
+        for sigma_A in args.widths_A:
+            widths_A = torch.sqrt(sigma_A**2 + spread_A2)
+            edges = torch.quantile(widths_A, torch.linspace(0, 1, WIDTH_BINS + 1, dtype=widths_A.dtype))
+            group = torch.bucketize(widths_A, edges[1:-1], right=True)
+            per_residue_width = sum(
+                render(centroids[group == k], amplitudes[group == k], float(widths_A[group == k].mean()))
+                for k in range(WIDTH_BINS) if (group == k).any()
+            )  # fmt: skip
+            models = {
+                "C-alpha": render(c_alpha, amplitudes, sigma_A),
+                "residue centroid": render(centroids, amplitudes, sigma_A),
+                "residue centroid, per-residue width": per_residue_width,
+                "backbone + side-chain centroids": render(
+                    torch.cat([bb_centroids, sc_centroids]), torch.cat([bb_electrons, sc_electrons]), sigma_A
+                ),
+                "every heavy atom": render(coords_A, electrons, sigma_A),
+            }
+            rows += [dict(model=name, atom_sigma_A=atom_sigma_A, sigma_A=sigma_A, residual=residual(images, particles))
+                     for name, images in models.items()]  # fmt: skip
+    print(f"{'atoms A':>7} {'model':<38} " + " ".join(f"{f'width {w:g} A':>11}" for w in args.widths_A))
+    for atom_sigma_A in args.atom_sigma_A:
+        for name in dict.fromkeys(row["model"] for row in rows):
+            cells = [100 * r["residual"] for r in rows if r["model"] == name and r["atom_sigma_A"] == atom_sigma_A]
+            print(f"{atom_sigma_A:>7.1f} {name:<38} " + " ".join(f"{cell:>10.1f}%" for cell in cells))
+    note = (f"AdK frame 0, heavy atoms as Gaussians of atom_sigma_A at 64 px / 2 A with CTF, Fourier-cropped to "
+            f"{args.box_px} px; models rendered at {args.box_px} px with width sigma_A; median over {count} poses")
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "note": note, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 

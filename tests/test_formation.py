@@ -60,9 +60,9 @@ def test_model_simulator_and_contrast_check_all_form_images_through_one_formatio
     calls: list[int] = []
     original = ImageFormation.images
 
-    def counted(self, coords_A, amplitudes, poses, ctf):
+    def counted(self, coords_A, amplitudes, poses, ctf, sigma_A=None):
         calls.append(len(poses))
-        return original(self, coords_A, amplitudes, poses, ctf)
+        return original(self, coords_A, amplitudes, poses, ctf, sigma_A)
 
     monkeypatch.setattr(ImageFormation, "images", counted)
     ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=40)

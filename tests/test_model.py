@@ -371,3 +371,32 @@ def test_placing_the_nominal_structure_keeps_its_density_offsets(data_dir) -> No
     read = read_structure(path)
     assert not np.allclose(placed.coords_A, read.coords_A)  # it was moved
     np.testing.assert_array_equal(placed.density_offsets_A, read.density_offsets_A)
+
+
+def test_the_model_renders_at_its_learned_width_and_old_checkpoints_keep_the_configured_one() -> None:
+    model = _model_with_density_offsets(points=1)
+    assert float(model.sigma_A.detach()) == pytest.approx(model.formation.sigma_A)
+    poses = PoseBatch(torch.as_tensor(Rotation.random(2, random_state=1).as_matrix(), dtype=torch.float32),
+                      torch.zeros(2, 2))  # fmt: skip
+    ctf = CTFBatch.from_values(torch.full((2,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1)
+    density = model.nominal_density_A.expand(2, -1, -1)
+    with torch.no_grad():
+        model.log_sigma_A.fill_(np.log(3.0))
+    expected = model.formation.images(density, model.density_amplitudes_e, poses, ctf, sigma_A=3.0)
+    torch.testing.assert_close(model.render(density, poses, ctf), expected)
+    state = {name: value for name, value in model.state_dict().items() if name != "log_sigma_A"}
+    model.load_state_dict(state)
+    assert float(model.sigma_A.detach()) == pytest.approx(model.formation.sigma_A)
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_learn_sigma_decides_whether_the_optimiser_moves_the_width(data_dir, learn: bool) -> None:
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import build_model, build_optimizer
+
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "sigma_A": 2.5,
+                                "learn_sigma": learn})  # fmt: skip
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0)
+    assert float(model.sigma_A.detach()) == pytest.approx(2.5)
+    optimised = {id(p) for group in build_optimizer(config, model).param_groups for p in group["params"]}
+    assert model.log_sigma_A.requires_grad == learn and (id(model.log_sigma_A) in optimised) == learn

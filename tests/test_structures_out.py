@@ -91,13 +91,14 @@ def test_traversals_clip_to_the_available_components(tmp_path: Path) -> None:
         coords_A=np.array([[[0.0, 0, 0], [3.8, 0, 0]]]), chain_ids=["A", "A"], residue_numbers=[1, 2],
         insertion_codes=["", ""], residue_names=["GLY", "ALA"], atom_names=["CA", "CA"], amplitudes_e=[27.0, 33.0],
     )  # fmt: skip
+    from cryoflex.imaging.formation import ImageFormation
     from cryoflex.model.cryosphere import CryoSphere
     from cryoflex.model.networks import Decoder
     from cryoflex.model.segmentation import Segmentation, SegmentedPart
 
     segmentation = Segmentation(2, [SegmentedPart("all", np.arange(2), 1)])
     model = CryoSphere(torch.as_tensor(structure.coords_A[0]), torch.tensor([27.0, 33.0]), segmentation,
-                       torch.nn.Identity(), Decoder(1, 1, hidden=[4]), torch.nn.Identity()).eval()
+                       torch.nn.Identity(), Decoder(1, 1, hidden=[4]), ImageFormation(8, 2.0)).eval()
     embedding = embed(np.linspace(-1, 1, 9)[:, None], n_clusters=2)
     paths = write_traversals(model, structure, embedding, tmp_path, n_components=2, n_points=3)
     assert [p.name for p in paths] == ["traversal_pc1.pdb", "traversal_pc1.cxc"]  # L = 1: one component

@@ -398,3 +398,25 @@ def test_tensorboard_pairs_each_observed_image_with_its_own_prediction(tmp_path:
     assert logged["images"].shape == (8, 1, 4, 4)  # four predictions above four observed images
     shown = [int(image.argmax()) for image in logged["images"][:4, 0]]
     assert shown == [0, 3, 6, 9]  # images 0-3, the first of their three draws each
+
+
+def test_training_learns_the_width_and_runs_from_before_it_resume_at_their_width(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The width moves from where it starts and is logged every epoch; a checkpoint saved before the width was
+    learned (no log_sigma_A, nothing for it in the optimiser) resumes with the configured width, fixed."""
+    run = tmp_path / "run"
+    train(_config(tiny_dataset, epochs=1), run)
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["sigma_A"] for line in epochs if line["kind"] == "epoch"]
+    assert len(logged) == 1 and logged[0] != pytest.approx(4.0, abs=1e-4)
+    checkpoint = find_checkpoint(run)
+    state = load_checkpoint(checkpoint)
+    assert float(state["model"]["log_sigma_A"].exp()) == pytest.approx(logged[0], rel=1e-2)  # logged: epoch mean
+    del state["model"]["log_sigma_A"]
+    scalars = state["optimizer"]["param_groups"][1]["params"]
+    state["optimizer"]["state"].pop(scalars.pop())  # the width is the scalar group's last parameter
+    torch.save(state, checkpoint)
+    resumed = train(_config(tiny_dataset, epochs=2), run, resume=True)
+    assert float(resumed.model.sigma_A.detach()) == pytest.approx(4.0)
+    assert not resumed.model.log_sigma_A.requires_grad

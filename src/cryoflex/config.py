@@ -47,7 +47,8 @@ class TrainConfig:
     parts: list[str] = field(default_factory=list)  # e.g. ["A:1-120:3", "B:4"]; empty = whole structure
     latent_dim: int = 8
     tau: float = 20.0
-    sigma_A: float = 2.0
+    sigma_A: float = 2.0  # the Gaussians' width; with learn_sigma, where the learned width starts
+    learn_sigma: bool = True  # learn the width from the images (a maximum-likelihood constant, like the noise)
     density: str = "residue_centroid"  # residue_centroid | backbone_side_chain | pseudo_atom (DENSITIES)
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
     # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);

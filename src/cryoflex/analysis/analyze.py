@@ -74,7 +74,7 @@ def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: Analyz
     """Maps along each traversal and at the k-means centres."""
     voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
     box_px = int(np.ceil(run.dataset.box_size_px * run.dataset.pixel_size_A / voxel_A / 2) * 2)
-    sigma_A = run.config.sigma_A
+    sigma_A = float(run.model.sigma_A.detach())  # the width the model renders (learned, unless fixed)
     paths = []
     for component in range(1, min(options.n_components, embedding.n_components) + 1):
         points = latent.traversal_latents(embedding, component, options.n_points)

@@ -319,11 +319,12 @@ def structure_map(run: TrainedRun, latents: np.ndarray, box_size_px: int, voxel_
     """
     device = run.device
     amplitudes = run.model.density_amplitudes_e.to(device)
+    sigma_A = float(run.model.sigma_A.detach())
     total = torch.zeros((box_size_px,) * 3, dtype=torch.float32, device=device)
     for chunk in decode_latents(run.model, latents, batch_size=_STRUCTURES_PER_RENDER, density=True):
         coords_A = torch.as_tensor(chunk, device=device).reshape(-1, 3)
         total += gaussian_volume(coords_A, amplitudes.repeat(len(chunk)), box_size_px, voxel_size_A,
-                                 run.config.sigma_A)  # fmt: skip
+                                 sigma_A)  # fmt: skip
     return (total / max(len(latents), 1)).cpu()
 
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of a metrics.jsonl line that are bookkeeping or timings, not loss terms.
 _NOT_LOSS_TERMS = frozenset(
-    {"kind", "epoch", "step", "seconds", "images_per_s", "threads", "noise_variance", "image_scale"}
+    {"kind", "epoch", "step", "seconds", "images_per_s", "threads", "noise_variance", "image_scale", "sigma_A"}
 )
 # Loss terms renamed since older runs were written: old key -> current key (same values).
 _RENAMED_TERMS = {"correlation": "one_minus_correlation"}

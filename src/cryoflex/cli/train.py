@@ -71,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--parts", nargs="+", metavar="PART",
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
-    model.add_argument("--sigma-A", type=float, help="Gaussian width of a residue (default 2 A)")
+    model.add_argument("--sigma-A", type=float,
+                       help="Gaussian width of a residue's density (default 2 A): where the learned width starts")
+    model.add_argument("--fixed-sigma", dest="learn_sigma", action="store_false", default=None,
+                       help="keep --sigma-A fixed instead of learning the width from the images")
     model.add_argument("--density", choices=DENSITIES,
                        help="where each residue's density is rendered, when the structure file has its atoms: "
                             "residue_centroid (default: one Gaussian at the electron centroid of its heavy atoms), "
@@ -113,10 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
-        "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "density", "likelihood",
-        "importance_samples", "epochs", "batch_size", "learning_rate", "lr_schedule", "validation_fraction",
-        "early_stopping_patience", "downsample", "invert_contrast", "device", "precision", "compile", "num_workers",
-        "threads", "seed", "cache", "progress",
+        "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "learn_sigma", "density",
+        "likelihood", "importance_samples", "epochs", "batch_size", "learning_rate", "lr_schedule",
+        "validation_fraction", "early_stopping_patience", "downsample", "invert_contrast", "device", "precision",
+        "compile", "num_workers", "threads", "seed", "cache", "progress",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

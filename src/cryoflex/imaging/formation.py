@@ -45,17 +45,24 @@ class ImageFormation:
         return ctf_rfft(self.box_size_px, self.pixel_size_A, ctf)
 
     def images(
-        self, coords_A: torch.Tensor, amplitudes: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None
+        self,
+        coords_A: torch.Tensor,
+        amplitudes: torch.Tensor,
+        poses: PoseBatch,
+        ctf: CTFBatch | None,
+        sigma_A: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise-free images (B, N, N) of structures (n, 3) or (B, n, 3) in A with amplitudes (n,) or (B, n).
 
-        poses: rotations x' = R x and RELION origins; ctf None leaves the projections unfiltered. Differentiable in
-        coordinates, amplitudes, poses and CTF parameters.
+        poses: rotations x' = R x and RELION origins; ctf None leaves the projections unfiltered; sigma_A replaces
+        this geometry's Gaussian width (a model's learned width, a 0-dim tensor). Differentiable in coordinates,
+        amplitudes, poses, CTF parameters and a tensor width.
         """
         dtype, device = coords_A.dtype, coords_A.device
         poses = poses.to(device, dtype=dtype)
         transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
         grid_A = self.pixel_grid_A(device, dtype)
         return project_on_grid(
-            coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A, poses.shifts_A, transfer
-        )
+            coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A if sigma_A is None else sigma_A,
+            poses.shifts_A, transfer,
+        )  # fmt: skip

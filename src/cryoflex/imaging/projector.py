@@ -52,11 +52,18 @@ def rotate_coordinates(coords_A: torch.Tensor, rotations: torch.Tensor) -> torch
     return torch.einsum("bij,baj->bai", rotations, coords_A)
 
 
-def _gaussian_table(centres_A: torch.Tensor, grid_A: torch.Tensor, inverse_variance: float) -> torch.Tensor:
+def _gaussian_table(
+    centres_A: torch.Tensor, grid_A: torch.Tensor, inverse_variance: float | torch.Tensor
+) -> torch.Tensor:
     """exp(-(c - g)^2 / (2 sigma^2)) for centres (B, n) and grid (N,) -> (B, n, N), built in one buffer, the exponent
     clamped at _MIN_EXPONENT."""
     table = centres_A.unsqueeze(-1) - grid_A
     return table.square_().mul_(-0.5 * inverse_variance).clamp_min_(_MIN_EXPONENT).exp_()
+
+
+def _squared_distance_sums(centres_A: torch.Tensor, grid_A: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
+    """sum_p along[b, j, p] (c[b, j] - g[p])^2 for centres (B, n), grid (N,), along (B, n, N) -> (B, n)."""
+    return (centres_A.unsqueeze(-1) - grid_A).square_().mul_(along).sum(-1)
 
 
 def _chunk_size(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
@@ -76,14 +83,24 @@ class _SeparableProjection(torch.autograd.Function):
     cache. With A = table_y G (G = dL/dimages) and C = table_x G^T, the gradients are
       dL/dw = sum_p C * table_y,
       dL/dy = -w / sigma^2 * (y sum_p V - V g)  with V = C * table_y,   (likewise x with U = w A * table_x)
-    so each chunk costs two exp tables and two batched products in each direction.
+    so each chunk costs two exp tables and two batched products in each direction. With a width sigma that needs a
+    gradient (a learned one), dL/d(1/sigma^2) = -1/2 sum_j w_j sum_p (U_jp (x_j - g_p)^2 + V_jp (y_j - g_p)^2) / w_j,
+    one more pass over each chunk's tables.
     """
 
     @staticmethod
     def forward(
-        ctx, x_A: torch.Tensor, y_A: torch.Tensor, weights: torch.Tensor, grid_A: torch.Tensor, sigma_A: float
+        ctx,
+        x_A: torch.Tensor,
+        y_A: torch.Tensor,
+        weights: torch.Tensor,
+        grid_A: torch.Tensor,
+        sigma_A: float | torch.Tensor,
     ) -> torch.Tensor:
-        inverse_variance = 1.0 / sigma_A**2
+        ctx.sigma_needs_grad = isinstance(sigma_A, torch.Tensor) and sigma_A.requires_grad
+        ctx.sigma_dtype = sigma_A.dtype if isinstance(sigma_A, torch.Tensor) else None
+        # a tensor width stays a tensor (no host sync on a GPU); its gradient is computed by hand in backward
+        inverse_variance = (sigma_A.detach() if isinstance(sigma_A, torch.Tensor) else sigma_A) ** -2
         batch, n = x_A.shape
         size = grid_A.shape[0]
         chunk = _chunk_size(batch, n, size, x_A.device)
@@ -105,6 +122,7 @@ class _SeparableProjection(torch.autograd.Function):
         inverse_variance = ctx.inverse_variance
         grad = grad_images.contiguous()  # the gradient from the CTF's FFTs is strided: products of it copy per image
         grad_x, grad_y, grad_weights = torch.empty_like(x_A), torch.empty_like(y_A), torch.empty_like(weights)
+        grad_inverse_variance = x_A.new_zeros(())
         for start in range(0, len(x_A), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             x, y, w, g = x_A[rows], y_A[rows], weights[rows], grad[rows]
@@ -115,7 +133,13 @@ class _SeparableProjection(torch.autograd.Function):
             grad_y[rows] = (y * grad_weights[rows] - along_y @ grid_A) * w
             along_x = torch.bmm(table_y, g).mul_(table_x)  # U / w
             grad_x[rows] = (x * along_x.sum(-1) - along_x @ grid_A) * w
-        return grad_x * -inverse_variance, grad_y * -inverse_variance, grad_weights, None, None
+            if ctx.sigma_needs_grad:
+                spread = _squared_distance_sums(x, grid_A, along_x) + _squared_distance_sums(y, grid_A, along_y)
+                grad_inverse_variance -= 0.5 * (w * spread).sum()
+        grad_sigma = None
+        if ctx.sigma_needs_grad:
+            grad_sigma = (grad_inverse_variance * (-2.0 * inverse_variance**1.5)).to(ctx.sigma_dtype)
+        return grad_x * -inverse_variance, grad_y * -inverse_variance, grad_weights, None, grad_sigma
 
 
 def _batched_amplitudes(amplitudes: torch.Tensor, batch: int, n: int) -> torch.Tensor:
@@ -138,7 +162,7 @@ def project_on_grid(
     amplitudes: torch.Tensor,
     rotations: torch.Tensor,
     grid_A: torch.Tensor,
-    sigma_A: float,
+    sigma_A: float | torch.Tensor,
     shifts_A: torch.Tensor | None,
     ctf: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -167,14 +191,15 @@ def project_gaussians(
     *,
     box_size_px: int,
     pixel_size_A: float,
-    sigma_A: float = 2.0,
+    sigma_A: float | torch.Tensor = 2.0,
     shifts_A: torch.Tensor | None = None,
     ctf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Project Gaussian pseudo-atoms along z after rotation: -> images (B, N, N) (see module docstring).
 
-    coords_A (n, 3) or (B, n, 3); amplitudes (n,) or (B, n); rotations (B, 3, 3); shifts_A (B, 2) = RELION
-    (originX, originY) in A; ctf (B, N, N//2+1) on the torch.fft.rfft2 grid. Differentiable in all tensors.
+    coords_A (n, 3) or (B, n, 3); amplitudes (n,) or (B, n); rotations (B, 3, 3); sigma_A a float or a 0-dim tensor
+    (a learned width); shifts_A (B, 2) = RELION (originX, originY) in A; ctf (B, N, N//2+1) on the torch.fft.rfft2
+    grid. Differentiable in all tensors.
     """
     grid_A = pixel_coordinates_A(box_size_px, pixel_size_A, device=coords_A.device, dtype=coords_A.dtype)
     return project_on_grid(coords_A, amplitudes, rotations, grid_A, sigma_A, shifts_A, ctf)

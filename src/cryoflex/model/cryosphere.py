@@ -7,6 +7,7 @@ averages every gradient (the original implementation called submodules directly 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ class ModelOutput:
     segmentation_kl: torch.Tensor  # scalar
     log_noise_variance: torch.Tensor  # scalar: log of the images' per-pixel noise variance (normalised images)
     log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
+    sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
 
 
 class CryoSphere(nn.Module):
@@ -77,16 +79,23 @@ class CryoSphere(nn.Module):
         # structure's fit to the first images (cryoflex.train.loop.nominal_fit).
         self.log_noise_variance = nn.Parameter(torch.zeros(()))
         self.log_image_scale = nn.Parameter(torch.zeros(()))
+        # The Gaussians' width, started at the configured one; learned unless training freezes it (learn_sigma). Real
+        # particles are blurred by their atoms' motion and the microscope's envelope by an amount no fixed width
+        # matches, and a width the images prefer renders them better (docs/conventions.md, "Density").
+        self.log_sigma_A = nn.Parameter(torch.tensor(math.log(formation.sigma_A)))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As nn.Module's, except that:
         - checkpoints from before the likelihood's constants were learned start them at their initial values
-          (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them);
+          (checkpoint.check_likelihood_state refuses those that were trained with a likelihood that used them),
+          and those from before the width was learned keep the configured width;
         - the model renders the Gaussians the checkpoint was trained with, whatever the structure file holds now:
           saved as (n, 3) offsets without shares, one per residue; saved without offsets, one on each pseudo-atom."""
         defaults = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
+        if "log_sigma_A" not in state_dict:
+            defaults["log_sigma_A"] = torch.tensor(math.log(self.formation.sigma_A))
         offsets = state_dict.get("density_offsets_A")
         if offsets is not None and offsets.dim() == 2:
             offsets = offsets[:, None]
@@ -116,6 +125,12 @@ class CryoSphere(nn.Module):
 
     def _network_precision(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.network_bf16)
+
+    @property
+    def sigma_A(self) -> torch.Tensor:
+        """The width of the Gaussians this model renders, in A (a 0-dim tensor: learned, or fixed at the configured
+        width)."""
+        return self.log_sigma_A.exp()
 
     @property
     def nominal_density_A(self) -> torch.Tensor:
@@ -161,8 +176,8 @@ class CryoSphere(nn.Module):
 
     def render(self, density_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
         """The Gaussians of decode_with_density (B, n P, 3) with this model's amplitudes -> images (B, D, D) at these
-        poses, with this CTF."""
-        return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf)
+        poses, with this CTF, at this model's width."""
+        return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
 
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
         """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior
@@ -194,4 +209,5 @@ class CryoSphere(nn.Module):
             segmentation_kl=self.segmentation.kl_divergence(),
             log_noise_variance=self.log_noise_variance,
             log_image_scale=self.log_image_scale,
+            sigma_A=self.sigma_A,
         )

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # Short names of the loss terms for the progress display and log lines.
 SHORT_NAMES = {
     "total": "loss", NLL_TERM: "nll", IMAGE_TERM: "1-corr", "latent_kl": "kl", "segmentation_kl": "seg",
-    "continuity": "cont", "clash": "clash",
+    "continuity": "cont", "clash": "clash", "sigma_A": "width_A",
 }  # fmt: skip
 
 

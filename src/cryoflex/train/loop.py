@@ -256,6 +256,9 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     train_indices = np.flatnonzero(~inputs.validation)
     validation_indices = np.flatnonzero(inputs.validation)
     model = prepare_model(config, inputs, device)
+    state = None if checkpoint is None else load_checkpoint(checkpoint, device)
+    if state is not None and "log_sigma_A" not in state["model"]:
+        model.log_sigma_A.requires_grad_(False)  # a run from before the width was learned goes on as it began
     optimizer = build_optimizer(config, model)
     steps_per_epoch = len(
         training_batches(train_indices, config.batch_size, 0, config.seed, context.rank, context.world_size)
@@ -264,8 +267,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     patience = config.early_stopping_patience
     record = ValidationRecord()
     start_epoch, step = 0, 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, device)
+    if checkpoint is not None and state is not None:
         check_likelihood_state(checkpoint, state, config.likelihood)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -104,4 +104,5 @@ class LossTerms:
             terms["clash"] = clash_loss(output.coords_A, pairs, cutoff_A=config.clash_cutoff_A).mean()
             total = total + config.clash_weight * terms["clash"]
         terms["total"] = total
+        terms["sigma_A"] = output.sigma_A.detach()  # reported, not a loss: the Gaussians' (learned) width
         return terms

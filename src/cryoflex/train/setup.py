@@ -166,7 +166,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
     )
     offsets_A, shares = density_gaussians(structure, config.density)
-    return CryoSphere(
+    model = CryoSphere(
         torch.as_tensor(structure.coords_A[0], dtype=torch.float32),
         torch.as_tensor(structure.amplitudes_e, dtype=torch.float32),
         segmentation,
@@ -176,6 +176,8 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         torch.as_tensor(offsets_A, dtype=torch.float32),
         torch.as_tensor(shares, dtype=torch.float32),
     )
+    model.log_sigma_A.requires_grad_(config.learn_sigma)
+    return model
 
 
 def density_gaussians(structure: Structure, density: str) -> tuple[np.ndarray, np.ndarray]:
@@ -209,15 +211,18 @@ def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) 
 
 
 def build_optimizer(config: TrainConfig, model: CryoSphere) -> torch.optim.Optimizer:
-    """Adam with the networks at learning_rate, and the segmentation mixture and (with the Gaussian likelihood) its
-    noise variance and image scale, a few parameters on a unit scale, at segmentation_learning_rate.
+    """Adam with the networks at learning_rate, and the segmentation mixture, (with the Gaussian likelihood) its
+    noise variance and image scale, and the learned width, a few parameters on a unit scale, at
+    segmentation_learning_rate.
 
     The fused implementation (CPU and CUDA) updates all parameters in one kernel (4x faster than the default here).
     """
     scalars = list(model.segmentation.parameters())
     if config.likelihood == "gaussian":  # unused otherwise; runs from before it existed resume with their groups
         scalars += [getattr(model, name) for name in LIKELIHOOD_CONSTANTS]
-    constants = ("segmentation.", *LIKELIHOOD_CONSTANTS)
+    if model.log_sigma_A.requires_grad:  # a fixed width, or a run from before it was learned, has no state for it
+        scalars.append(model.log_sigma_A)
+    constants = ("segmentation.", "log_sigma_A", *LIKELIHOOD_CONSTANTS)
     networks = [p for name, p in model.named_parameters() if not name.startswith(constants)]
     return torch.optim.Adam([
         {"params": networks, "lr": config.learning_rate},
