@@ -1,16 +1,19 @@
-"""What rendering each residue off its C-alpha costs per training step (density backbone_side_chain and
-residue_centroid against pseudo_atom), with the default objective (8 importance-weighted draws).
+"""What rendering each residue off its C-alpha, and learning the Gaussians' width, cost per training step (density
+backbone_side_chain and residue_centroid against pseudo_atom; learn_sigma on and off), with the default objective
+(8 importance-weighted draws).
 
 Run: .venv/bin/python benchmarks/density_cost.py [--residues 214 --box-px 64 --batch 32 --steps 10 --rounds 3]
-     [--out benchmarks/results/density_cost.json]
+     [--widths learned fixed] [--out benchmarks/results/density_cost.json]
 At 214 residues the particles and the full-atom nominal structure are recovery_all_atom.py's (AdK, 64 px; a smaller
 --box-px trains on them downsampled), a few hundred of them. At any other size they are train_throughput.py's
 synthetic chain at --box-px, whose nominal structure is rewritten as alanines with a C-beta 1.5 A from each C-alpha,
 so that every residue has a side chain (their amplitudes are then the two atoms' 12 electrons, split in half): the
 step's time depends on the number of Gaussians, not on where they are or what they weigh. With one centroid the
 deformation moves two points per residue (the C-alpha and its centroid) instead of one; with two, three points, and
-the projector renders two Gaussians per residue. The settings alternate `--rounds` times in this one process, so
-that the ratio compares like with like on a shared machine. Prints ms per step and the ratio, and writes JSON.
+the projector renders two Gaussians per residue. A learned width adds one pass over each chunk of the projector's
+tables in the backward. The settings alternate `--rounds` times in this one process, so that the ratio (to
+pseudo_atom with the first of --widths) compares like with like on a shared machine. Prints ms per step and the
+ratio, and writes JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cryoflex.io.atomic import write_text_atomic
 DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 C_BETA_OFFSET_A = 1.5
 ALL_ATOM_BOX_PX = 64  # recovery_all_atom.simulate_all_atom's box
+WIDTHS = {"learned": True, "fixed": False}  # --widths: the learn_sigma setting of each
 
 
 def add_side_chains(path: Path) -> None:
@@ -63,33 +67,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--widths", nargs="+", choices=WIDTHS, default=list(WIDTHS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/density_cost.json"))
     args = parser.parse_args()
     row = Row(args.residues, args.box_px, args.batch, segments=20)
     if args.residues == ADK_RESIDUES and args.box_px > ALL_ATOM_BOX_PX:
         parser.error(f"the AdK particles are {ALL_ATOM_BOX_PX} px: --box-px can be at most that")
     downsample = {"downsample": args.box_px} if args.residues == ADK_RESIDUES and args.box_px < ALL_ATOM_BOX_PX else {}
-    times: dict[str, list[float]] = {density: [] for density in DENSITIES}
+    variants = [(density, width) for width in args.widths for density in DENSITIES]
+    times: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory() as work_name:
         work = Path(work_name)
         data = particles(args.residues, args.box_px, 4 * args.batch * (args.steps + 2), work)
         for round_ in range(args.rounds):
-            for density in DENSITIES:
-                objective = {**DEFAULT_OBJECTIVE, "density": density, **downsample}
-                step = time_steps(row, data, work / f"run_{density}_{round_}", args.steps, "cpu",
+            for density, width in variants:
+                objective = {**DEFAULT_OBJECTIVE, "density": density, "learn_sigma": WIDTHS[width], **downsample}
+                step = time_steps(row, data, work / f"run_{density}_{width}_{round_}", args.steps, "cpu",
                                   objective=objective)  # fmt: skip
-                times[density].append(step["median_ms_per_step"])
-    base = statistics.median(times["pseudo_atom"])
+                times[density, width].append(step["median_ms_per_step"])
+    base = statistics.median(times["pseudo_atom", args.widths[0]])
     results = [
-        dict(row=f"{args.residues}:{args.box_px}:{args.batch}", density=density,
+        dict(row=f"{args.residues}:{args.box_px}:{args.batch}", density=density, width=width,
              median_ms_per_step=statistics.median(values), ratio=statistics.median(values) / base, rounds_ms=values,
              threads=torch.get_num_threads())
-        for density, values in times.items()
+        for (density, width), values in times.items()
     ]  # fmt: skip
-    print(f"{'row':<12} {'density':<20} {'ms/step':>8} {'ratio':>6}")
+    print(f"{'row':<12} {'density':<20} {'width':<8} {'ms/step':>8} {'ratio':>6}")
     for result in results:
         ms, ratio = result["median_ms_per_step"], result["ratio"]
-        print(f"{result['row']:<12} {result['density']:<20} {ms:>8.1f} {ratio:>6.2f}")
+        print(f"{result['row']:<12} {result['density']:<20} {result['width']:<8} {ms:>8.1f} {ratio:>6.2f}")
     note = "default objective (Gaussian likelihood, 8 draws), 20 segments, alternated in one process"
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "note": note, "rows": results}, indent=1))
     print(f"wrote {args.out}")

@@ -112,6 +112,7 @@ def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarr
         at_latent_mean_median_rmsd_A=at_mean_figures["median_rmsd_A"],
         at_latent_mean_distance_correlation=at_mean_figures["distance_correlation"],
         spread_error_spearman=float(spearmanr(spread_A, rmsd_A(predicted, truth_A)).statistic),
+        sigma_A=float(model.sigma_A.detach()),  # the width the model renders (learned unless fixed)
     )  # fmt: skip
     return figures
 

@@ -171,7 +171,7 @@ def test_compiled_deformation_matches_eager() -> None:
     torch.manual_seed(3)
     segmentation = _segmentation(n=30, segments=3)
     model = CryoSphere(torch.randn(30, 3) * 10, torch.ones(30), segmentation, Encoder(8, 2, (8,)),
-                       Decoder(2, 3, (8,)), formation=None, density_offsets_A=torch.randn(30, 2, 3),
+                       Decoder(2, 3, (8,)), formation=ImageFormation(8, 4.0), density_offsets_A=torch.randn(30, 2, 3),
                        density_shares=torch.full((30, 2), 0.5))  # fmt: skip
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
     latent = torch.randn(4, 2)

@@ -61,11 +61,6 @@ def _gaussian_table(
     return table.square_().mul_(-0.5 * inverse_variance).clamp_min_(_MIN_EXPONENT).exp_()
 
 
-def _squared_distance_sums(centres_A: torch.Tensor, grid_A: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
-    """sum_p along[b, j, p] (c[b, j] - g[p])^2 for centres (B, n), grid (N,), along (B, n, N) -> (B, n)."""
-    return (centres_A.unsqueeze(-1) - grid_A).square_().mul_(along).sum(-1)
-
-
 def _chunk_size(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
     """Images per chunk of the separable projection: the whole batch on accelerators; on CPUs few enough that a
     chunk's (chunk, n, N) tables stay in cache (_CPU_CHUNK_ELEMENTS each)."""
@@ -83,9 +78,10 @@ class _SeparableProjection(torch.autograd.Function):
     cache. With A = table_y G (G = dL/dimages) and C = table_x G^T, the gradients are
       dL/dw = sum_p C * table_y,
       dL/dy = -w / sigma^2 * (y sum_p V - V g)  with V = C * table_y,   (likewise x with U = w A * table_x)
-    so each chunk costs two exp tables and two batched products in each direction. With a width sigma that needs a
-    gradient (a learned one), dL/d(1/sigma^2) = -1/2 sum_j w_j sum_p (U_jp (x_j - g_p)^2 + V_jp (y_j - g_p)^2) / w_j,
-    one more pass over each chunk's tables.
+    so each chunk costs two exp tables and two batched products in each direction (the sums over p are one product
+    of U or V with [1, g] each). With a width sigma that needs a gradient (a learned one),
+    dL/d(1/sigma^2) = -1/2 sum_j (U_jp (x_j - g_p)^2 + w_j V_jp (y_j - g_p)^2) summed over p, which those products
+    give with one more column, g^2.
     """
 
     @staticmethod
@@ -123,18 +119,20 @@ class _SeparableProjection(torch.autograd.Function):
         grad = grad_images.contiguous()  # the gradient from the CTF's FFTs is strided: products of it copy per image
         grad_x, grad_y, grad_weights = torch.empty_like(x_A), torch.empty_like(y_A), torch.empty_like(weights)
         grad_inverse_variance = x_A.new_zeros(())
+        # sum_p, sum_p g_p (and sum_p g_p^2 for the width) of U and V over the pixels, in one product each
+        powers = torch.stack([torch.ones_like(grid_A), grid_A, grid_A.square()][: 3 if ctx.sigma_needs_grad else 2], 1)
         for start in range(0, len(x_A), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             x, y, w, g = x_A[rows], y_A[rows], weights[rows], grad[rows]
             table_x = _gaussian_table(x, grid_A, inverse_variance)
             table_y = _gaussian_table(y, grid_A, inverse_variance)
-            along_y = torch.bmm(table_x, g.transpose(1, 2)).mul_(table_y)  # V = C * table_y
-            grad_weights[rows] = along_y.sum(-1)
-            grad_y[rows] = (y * grad_weights[rows] - along_y @ grid_A) * w
-            along_x = torch.bmm(table_y, g).mul_(table_x)  # U / w
-            grad_x[rows] = (x * along_x.sum(-1) - along_x @ grid_A) * w
-            if ctx.sigma_needs_grad:
-                spread = _squared_distance_sums(x, grid_A, along_x) + _squared_distance_sums(y, grid_A, along_y)
+            moments_y = (torch.bmm(table_x, g.transpose(1, 2)).mul_(table_y) @ powers).unbind(-1)  # of V = C * table_y
+            moments_x = (torch.bmm(table_y, g).mul_(table_x) @ powers).unbind(-1)  # of U / w
+            grad_weights[rows] = moments_y[0]
+            grad_y[rows] = (y * moments_y[0] - moments_y[1]) * w
+            grad_x[rows] = (x * moments_x[0] - moments_x[1]) * w
+            if ctx.sigma_needs_grad:  # sum_p U (x - g_p)^2 + V (y - g_p)^2, expanded in the moments
+                spread = sum(c * (c * m[0] - 2.0 * m[1]) + m[2] for c, m in ((x, moments_x), (y, moments_y)))
                 grad_inverse_variance -= 0.5 * (w * spread).sum()
         grad_sigma = None
         if ctx.sigma_needs_grad:
