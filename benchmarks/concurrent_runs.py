@@ -39,9 +39,12 @@ BUSY_LOOP = "while True: pass"
 
 def train_command(data: Path, run: Path, row: Row, setting: str, default_objective: bool) -> list[str]:
     """The training command of one run; default_objective keeps training's own objective (8 draws per image) instead
-    of the step of the recorded figures (train_throughput.STEP_OBJECTIVE: one draw, the original objective)."""
+    of the step of the recorded figures (train_throughput.STEP_OBJECTIVE: one draw, the original objective and
+    rendering)."""
     threads = "0" if setting == "auto" else setting
-    objective = [] if default_objective else ["--likelihood", "correlation", "--importance-samples", "1"]
+    objective = [] if default_objective else [
+        "--likelihood", "correlation", "--importance-samples", "1", "--rendering", "point",
+    ]  # fmt: skip
     return [
         sys.executable, "-m", "cryoflex", "train", "--particles", str(data / "particles.star"),
         "--structure", str(data / "nominal.pdb"), "--out", str(run), "--segments", str(row.segments),

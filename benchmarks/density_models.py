@@ -1,20 +1,22 @@
 """How far each per-residue density model is from particles made from every heavy atom (noise-free, one frame).
 
 Run: .venv/bin/python benchmarks/density_models.py [--images 64 --box-px 32 --atom-sigma-A 1.5 2.5]
-     [--widths-A 1.5 2 2.5 3 3.5] [--out benchmarks/results/density_models.json]
+     [--widths-A 1.5 2 2.5 3 3.5] [--rendering band_limited point] [--out benchmarks/results/density_models.json]
 The particles: AdK's first trajectory frame, every heavy atom a Gaussian of --atom-sigma-A (each value in turn: how
 blurred the particles are, by the atoms' motion and the microscope's envelope) with its own electrons, rendered at
 64 px and 2 A/px with a CTF (defocus 0.5-2 um) and Fourier-cropped to --box-px (what training sees with
 --downsample). Each model renders the same poses and CTF directly at --box-px: one Gaussian per residue at its C-alpha,
 or at its heavy atoms' electron centroid (with one width, or a per-residue width that adds the atoms' spread), two
-per residue (the backbone's and the side chain's centroids), or every heavy atom. Each image is fitted with its own
-least-squares scale; the figure is the median residual power as a share of the particles' power, for each model
+per residue (the backbone's and the side chain's centroids), or every heavy atom, band-limited (the model's default)
+or sampled at the pixel centres (`rendering: point`), each value of --rendering in turn. Each image is fitted with its
+own least-squares scale; the figure is the median residual power as a share of the particles' power, for each model
 width in --widths-A (a learned width finds the best of them). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from recovery_adk import DATA
 
+from cryoflex.config import RENDERINGS
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--box-px", type=int, default=32)
     parser.add_argument("--atom-sigma-A", type=float, nargs="+", default=[1.5, 2.5])
     parser.add_argument("--widths-A", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 3.5])
+    parser.add_argument("--rendering", nargs="+", choices=RENDERINGS, default=["band_limited"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/density_models.json"))
     args = parser.parse_args()
     import MDAnalysis as mda
@@ -79,7 +83,8 @@ def main() -> None:
         return float((left / particles.square().sum((1, 2))).median())
 
     def render(points_A: torch.Tensor, amplitudes: torch.Tensor, sigma_A: float) -> torch.Tensor:
-        return ImageFormation(args.box_px, pixel_A, sigma_A).images(points_A, amplitudes, poses, ctf)
+        formation = ImageFormation(args.box_px, pixel_A, sigma_A, band_limited=rendering == "band_limited")
+        return formation.images(points_A, amplitudes, poses, ctf)
 
     everything = torch.ones_like(backbone)
     amplitudes, centroids, spread_A2 = residue_groups(coords_A, electrons, residue, everything)
@@ -87,7 +92,7 @@ def main() -> None:
     sc_electrons, sc_centroids, _ = residue_groups(coords_A, electrons, residue, ~backbone)
     c_alpha = coords_A[torch.as_tensor(heavy.names == "CA")]
     rows = []
-    for atom_sigma_A in args.atom_sigma_A:
+    for rendering, atom_sigma_A in itertools.product(args.rendering, args.atom_sigma_A):
         particles = fourier_crop(ImageFormation(64, 2.0, atom_sigma_A).images(coords_A, electrons, poses, ctf),
                                  args.box_px)  # fmt: skip
         for sigma_A in args.widths_A:
@@ -107,13 +112,16 @@ def main() -> None:
                 ),
                 "every heavy atom": render(coords_A, electrons, sigma_A),
             }
-            rows += [dict(model=name, atom_sigma_A=atom_sigma_A, sigma_A=sigma_A, residual=residual(images, particles))
-                     for name, images in models.items()]  # fmt: skip
-    print(f"{'atoms A':>7} {'model':<38} " + " ".join(f"{f'width {w:g} A':>11}" for w in args.widths_A))
-    for atom_sigma_A in args.atom_sigma_A:
+            rows += [dict(model=name, rendering=rendering, atom_sigma_A=atom_sigma_A, sigma_A=sigma_A,
+                          residual=residual(images, particles)) for name, images in models.items()]  # fmt: skip
+    widths = " ".join(f"{f'width {w:g} A':>11}" for w in args.widths_A)
+    print(f"{'rendering':<13} {'atoms A':>7} {'model':<38} {widths}")
+    for rendering, atom_sigma_A in itertools.product(args.rendering, args.atom_sigma_A):
         for name in dict.fromkeys(row["model"] for row in rows):
-            cells = [100 * r["residual"] for r in rows if r["model"] == name and r["atom_sigma_A"] == atom_sigma_A]
-            print(f"{atom_sigma_A:>7.1f} {name:<38} " + " ".join(f"{cell:>10.1f}%" for cell in cells))
+            cells = [100 * r["residual"] for r in rows
+                     if (r["model"], r["rendering"], r["atom_sigma_A"]) == (name, rendering, atom_sigma_A)]
+            shares = " ".join(f"{cell:>10.1f}%" for cell in cells)
+            print(f"{rendering:<13} {atom_sigma_A:>7.1f} {name:<38} {shares}")
     note = (f"AdK frame 0, heavy atoms as Gaussians of atom_sigma_A at 64 px / 2 A with CTF, Fourier-cropped to "
             f"{args.box_px} px; models rendered at {args.box_px} px with width sigma_A; median over {count} poses")
     write_text_atomic(args.out, json.dumps({"torch": torch.__version__, "note": note, "rows": rows}, indent=1))

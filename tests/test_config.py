@@ -104,3 +104,14 @@ def test_a_run_saved_before_the_density_setting_renders_at_the_pseudo_atoms(tmp_
     assert load_run_config(path).density == "pseudo_atom"
     with pytest.raises(CryoflexInputError, match="density"):
         load_config(None, {"particles": "p.star", "structure": "s.pdb", "density": "atoms"})
+
+
+def test_a_run_saved_before_the_rendering_setting_samples_at_the_pixel_centres(tmp_path: Path) -> None:
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
+    assert saved["rendering"] == "band_limited"
+    path = tmp_path / "config.yaml"
+    del saved["rendering"]
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).rendering == "point"
+    with pytest.raises(CryoflexInputError, match="rendering"):
+        load_config(None, {"particles": "p.star", "structure": "s.pdb", "rendering": "fourier"})

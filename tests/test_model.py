@@ -400,3 +400,13 @@ def test_learn_sigma_decides_whether_the_optimiser_moves_the_width(data_dir, lea
     assert float(model.sigma_A.detach()) == pytest.approx(2.5)
     optimised = {id(p) for group in build_optimizer(config, model).param_groups for p in group["params"]}
     assert model.log_sigma_A.requires_grad == learn and (id(model.log_sigma_A) in optimised) == learn
+
+
+@pytest.mark.parametrize("rendering", ["band_limited", "point"])
+def test_the_rendering_setting_reaches_the_image_formation(data_dir, rendering: str) -> None:
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import build_model
+
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "rendering": rendering})
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0)
+    assert model.formation.band_limited == (rendering == "band_limited")

@@ -21,6 +21,10 @@ LR_SCHEDULES = ("constant", "cosine")
 # file gives them (the pseudo-atom itself where the file has no other atom), or one at the C-alpha / C1' (the
 # original's)
 DENSITIES = ("residue_centroid", "backbone_side_chain", "pseudo_atom")
+# how the model renders its Gaussians on the pixels: their spectrum up to the box's Nyquist frequency, what a
+# Fourier-cropped particle holds (docs/conventions.md, "Rendering on the pixels"), or their values at the pixel
+# centres (the original's)
+RENDERINGS = ("band_limited", "point")
 LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
@@ -50,6 +54,7 @@ class TrainConfig:
     sigma_A: float = 2.0  # the Gaussians' width; with learn_sigma, where the learned width starts
     learn_sigma: bool = True  # learn the width from the images (a maximum-likelihood constant, like the noise)
     density: str = "residue_centroid"  # residue_centroid | backbone_side_chain | pseudo_atom (DENSITIES)
+    rendering: str = "band_limited"  # band_limited (as Fourier-cropped particles are) | point (RENDERINGS)
     encoder_hidden: list[int] = field(default_factory=lambda: [512, 256])
     # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);
     # 1 = the whole training box (the original's encoder)
@@ -111,6 +116,7 @@ class TrainConfig:
             ("sigma_A", self.sigma_A > 0, "use a positive Gaussian width"),
             ("tau", self.tau > 0, "use a positive temperature"),
             ("density", self.density in DENSITIES, f"use one of {', '.join(DENSITIES)}"),
+            ("rendering", self.rendering in RENDERINGS, f"use one of {', '.join(RENDERINGS)}"),
             ("downsample", self.downsample is None or (self.downsample >= 8 and self.downsample % 2 == 0),
              "downsample to an even box of at least 8 pixels"),
             ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "use auto, cpu or cuda"),
@@ -173,11 +179,13 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
-    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box and every residue
-    rendered at its pseudo-atom (density)."""
+    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box, every residue
+    rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
-    earlier: dict[str, Any] = {"likelihood": "correlation", "encoder_downsample": 1, "density": "pseudo_atom"}
+    earlier: dict[str, Any] = {
+        "likelihood": "correlation", "encoder_downsample": 1, "density": "pseudo_atom", "rendering": "point",
+    }  # fmt: skip
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 
 

@@ -33,6 +33,7 @@ from cryoflex.config import (
     DUPLICATE_IMAGES,
     LIKELIHOODS,
     LR_SCHEDULES,
+    RENDERINGS,
     TrainConfig,
     load_config,
     load_run_config,
@@ -81,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "backbone_side_chain (two, at the centroids of the backbone and of the side chain: more "
                             "accurate at SNR 0.01-0.1, for a 1.5-2.2x longer step) or pseudo_atom (one at its "
                             "C-alpha / C1')")
+    model.add_argument("--rendering", choices=RENDERINGS,
+                       help="band_limited (default: each image's spectrum up to the box's Nyquist frequency, as a "
+                            "Fourier-cropped particle holds it) or point (the Gaussians' values at the pixel "
+                            "centres, the original's; these alias where the pixels are coarse against sigma)")
     run = parser.add_argument_group("training")
     run.add_argument("--likelihood", choices=LIKELIHOODS,
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "
@@ -117,6 +122,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "learn_sigma", "density",
+        "rendering",
         "likelihood", "importance_samples", "epochs", "batch_size", "learning_rate", "lr_schedule",
         "validation_fraction", "early_stopping_patience", "downsample", "invert_contrast", "device", "precision",
         "compile", "num_workers", "threads", "seed", "cache", "progress",

@@ -1,9 +1,11 @@
 """The one image-formation model: structures + poses + CTF -> images, for training, simulation and checks.
 
-ImageFormation owns one image geometry (box, pixel size, Gaussian width): the pixel grid, the Gaussian projector
-(cryoflex.imaging.projector) and the CTF on the torch.fft.rfft2 grid (cryoflex.imaging.ctf). The model's render, the
-simulator's clean images, the training loop's contrast check and the figures all call images(); code that works
-in Fourier space on the same grid (e.g. back-projection for a reconstruction) takes the CTF from ctf_rfft().
+ImageFormation owns one image geometry (box, pixel size, Gaussian width) and how the Gaussians are rendered: sampled
+at the pixel centres (cryoflex.imaging.projector), or band-limited to the box's Nyquist frequency as a Fourier-cropped
+image is (cryoflex.imaging.band_limited); then the CTF on the torch.fft.rfft2 grid (cryoflex.imaging.ctf). The
+model's render, the simulator's clean images, the training loop's contrast check and the figures all call images();
+code that works in Fourier space on the same grid (e.g. back-projection for a reconstruction) takes the CTF from
+ctf_rfft().
 Images are noise-free; the simulator adds its noise itself.
 
 The physics runs in the structures' dtype: poses and CTF parameters are cast to it (a no-op for the float32 batches
@@ -14,15 +16,21 @@ from __future__ import annotations
 
 import torch
 
+from cryoflex.imaging.band_limited import band_limited_images
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
-from cryoflex.imaging.ctf import ctf_rfft
-from cryoflex.imaging.projector import pixel_coordinates_A, project_on_grid
+from cryoflex.imaging.ctf import ctf_rfft, rfft_frequencies_A
+from cryoflex.imaging.projector import batched_amplitudes, pixel_coordinates_A, project_on_grid, projected_positions_A
 
 
 class ImageFormation:
-    """Gaussian pseudo-atoms projected along z at given poses, convolved with each particle's CTF; N x N images."""
+    """Gaussian pseudo-atoms projected along z at given poses, convolved with each particle's CTF; N x N images.
 
-    def __init__(self, box_size_px: int, pixel_size_A: float, sigma_A: float = 2.0):
+    band_limited renders each image's spectrum up to the box's Nyquist frequency, exactly what a Fourier crop of a
+    finer image holds (the model, which trains on Fourier-cropped particles); otherwise the projected Gaussians are
+    sampled at the pixel centres (the simulator, which makes particles at their own pixel size).
+    """
+
+    def __init__(self, box_size_px: int, pixel_size_A: float, sigma_A: float = 2.0, *, band_limited: bool = False):
         if box_size_px < 1 or not pixel_size_A > 0 or not sigma_A > 0:
             raise ValueError(
                 "need box_size_px >= 1, pixel_size_A > 0, sigma_A > 0; "
@@ -31,7 +39,9 @@ class ImageFormation:
         self.box_size_px = box_size_px
         self.pixel_size_A = pixel_size_A
         self.sigma_A = sigma_A
+        self.band_limited = band_limited
         self._grids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._squared_frequencies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def pixel_grid_A(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The (N,) pixel-centre coordinates (index - N//2) * pixel_size_A on `device` with `dtype`, built once."""
@@ -39,6 +49,14 @@ class ImageFormation:
         if key not in self._grids:
             self._grids[key] = pixel_coordinates_A(self.box_size_px, self.pixel_size_A, device=device, dtype=dtype)
         return self._grids[key]
+
+    def squared_frequency_A2(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """|k|^2 in 1/A^2 on the torch.fft.rfft2 grid, (N, N//2 + 1), built once per device and dtype."""
+        key = (device, dtype)
+        if key not in self._squared_frequencies:
+            kx, ky = rfft_frequencies_A(self.box_size_px, self.pixel_size_A, device=device, dtype=dtype)
+            self._squared_frequencies[key] = kx.square() + ky.square()
+        return self._squared_frequencies[key]
 
     def ctf_rfft(self, ctf: CTFBatch) -> torch.Tensor:
         """The CTF of this batch on the torch.fft.rfft2 grid of these images: (B, N, N//2+1), RELION's sign."""
@@ -61,8 +79,13 @@ class ImageFormation:
         dtype, device = coords_A.dtype, coords_A.device
         poses = poses.to(device, dtype=dtype)
         transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        sigma_A = self.sigma_A if sigma_A is None else sigma_A
+        if self.band_limited:
+            x_A, y_A = projected_positions_A(coords_A, poses.rotations, poses.shifts_A)
+            return band_limited_images(
+                x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
+                pixel_size_A=self.pixel_size_A, sigma_A=sigma_A, transfer=transfer,
+                squared_frequency_A2=self.squared_frequency_A2(device, dtype),
+            )  # fmt: skip
         grid_A = self.pixel_grid_A(device, dtype)
-        return project_on_grid(
-            coords_A, amplitudes, poses.rotations, grid_A, self.sigma_A if sigma_A is None else sigma_A,
-            poses.shifts_A, transfer,
-        )  # fmt: skip
+        return project_on_grid(coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer)

@@ -1,4 +1,6 @@
-"""Pseudo-atom Gaussians -> 2-D projection images (cryoSPHERE's forward model), with origin shift and CTF.
+"""Pseudo-atom Gaussians -> 2-D projection images sampled at the pixel centres (cryoSPHERE's forward model), with
+origin shift and CTF. The simulator renders this way; the model renders band-limited images by default
+(cryoflex.imaging.band_limited; docs/conventions.md, "Rendering on the pixels").
 
 Conventions (docs/conventions.md: "Image pixel grid", "Rotations and projection", "Origins (particle shifts)"):
 - Image N x N, row = y, column = x; pixel (i, j) sits at ((j - N//2) * apix, (i - N//2) * apix).
@@ -140,7 +142,24 @@ class _SeparableProjection(torch.autograd.Function):
         return grad_x * -inverse_variance, grad_y * -inverse_variance, grad_weights, None, grad_sigma
 
 
-def _batched_amplitudes(amplitudes: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+def projected_positions_A(
+    coords_A: torch.Tensor, rotations: torch.Tensor, shifts_A: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each Gaussian's projected image position (x, y), each (B, n) in A from the box centre: x' = R x, then moved
+    by -origin (RELION's observed(x) = centred(x + origin))."""
+    if rotations.ndim != 3 or rotations.shape[-2:] != (3, 3):
+        raise ValueError(f"rotations must have shape (B, 3, 3), got {tuple(rotations.shape)}")
+    if coords_A.shape[-1] != 3 or coords_A.ndim not in (2, 3):
+        raise ValueError(f"coords_A must have shape (n, 3) or (B, n, 3), got {tuple(coords_A.shape)}")
+    rotated = rotate_coordinates(coords_A, rotations)
+    x_A, y_A = rotated[..., 0], rotated[..., 1]
+    if shifts_A is not None:
+        x_A = x_A - shifts_A[:, 0:1]
+        y_A = y_A - shifts_A[:, 1:2]
+    return x_A, y_A
+
+
+def batched_amplitudes(amplitudes: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     """Amplitudes (n,) or (B, n) -> (B, n)."""
     if amplitudes.shape not in ((n,), (batch, n)):
         raise ValueError(
@@ -165,17 +184,8 @@ def project_on_grid(
     ctf: torch.Tensor | None,
 ) -> torch.Tensor:
     """project_gaussians on a given (N,) pixel-centre grid in A (ImageFormation keeps that grid built once)."""
-    if rotations.ndim != 3 or rotations.shape[-2:] != (3, 3):
-        raise ValueError(f"rotations must have shape (B, 3, 3), got {tuple(rotations.shape)}")
-    if coords_A.shape[-1] != 3 or coords_A.ndim not in (2, 3):
-        raise ValueError(f"coords_A must have shape (n, 3) or (B, n, 3), got {tuple(coords_A.shape)}")
-    batch, n = rotations.shape[0], coords_A.shape[-2]
-    rotated = rotate_coordinates(coords_A, rotations)
-    x_A, y_A = rotated[..., 0], rotated[..., 1]
-    if shifts_A is not None:
-        x_A = x_A - shifts_A[:, 0:1]
-        y_A = y_A - shifts_A[:, 1:2]
-    weights = _batched_amplitudes(amplitudes, batch, n) * (_SQRT_2PI * sigma_A)
+    x_A, y_A = projected_positions_A(coords_A, rotations, shifts_A)
+    weights = batched_amplitudes(amplitudes, *x_A.shape) * (_SQRT_2PI * sigma_A)
     images = _SeparableProjection.apply(x_A.contiguous(), y_A.contiguous(), weights.contiguous(), grid_A, sigma_A)
     if ctf is not None:
         images = apply_ctf(images, ctf)

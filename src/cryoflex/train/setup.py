@@ -172,7 +172,9 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         segmentation,
         encoder,
         decoder,
-        ImageFormation(box_size_px, pixel_size_A, config.sigma_A),
+        ImageFormation(
+            box_size_px, pixel_size_A, config.sigma_A, band_limited=config.rendering == "band_limited"
+        ),
         torch.as_tensor(offsets_A, dtype=torch.float32),
         torch.as_tensor(shares, dtype=torch.float32),
     )
