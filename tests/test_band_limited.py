@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import cryoflex.imaging.band_limited as band_limited
+import cryoflex.imaging.projector as projector
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.imaging.band_limited import _PhaseSums, phase_terms
@@ -75,7 +75,7 @@ def test_phase_sums_backward_is_exact(box: int) -> None:
     rng = np.random.default_rng(3)
     x, y = (torch.as_tensor(rng.uniform(0, 30, size=(2, 5)), dtype=F64).requires_grad_() for _ in range(2))
     weights = torch.as_tensor(rng.uniform(0.5, 2, size=(2, 5)), dtype=F64).requires_grad_()
-    terms = phase_terms(box, 4.0, dtype=F64)
+    terms = phase_terms(box, 4.0, F64, torch.device("cpu"))
     assert terms.omega.shape == (box,)  # as many table columns as pixels
     assert torch.autograd.gradcheck(lambda a, b, w: _PhaseSums.apply(a, b, w, terms), (x, y, weights))
 
@@ -94,7 +94,7 @@ def test_gradients_through_positions_width_and_ctf_and_chunks_change_nothing(mon
     assert torch.autograd.gradcheck(render, (coords, sigma_A, shifts))
     whole = render(coords, sigma_A, shifts)
     gradients = torch.autograd.grad(whole.square().sum(), (coords, sigma_A))
-    monkeypatch.setattr(band_limited, "_CPU_CHUNK_ELEMENTS", 1)  # one image per chunk
+    monkeypatch.setattr(projector, "_CPU_CHUNK_ELEMENTS", 1)  # one image per chunk (the chunks are projector's)
     chunked = render(coords, sigma_A, shifts)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
     for got, expected in zip(torch.autograd.grad(chunked.square().sum(), (coords, sigma_A)), gradients, strict=True):

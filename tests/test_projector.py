@@ -312,7 +312,7 @@ def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypat
 
     whole = images_and_gradients()
     monkeypatch.setattr(projector, "_CPU_CHUNK_ELEMENTS", 2 * 4 * 9)  # two images per chunk: chunks of 2, 2, 1
-    assert projector._chunk_size(5, 4, 9, torch.device("cpu")) == 2
+    assert projector.images_per_chunk(5, 4, 9, torch.device("cpu")) == 2
     for chunked, reference in zip(images_and_gradients(), whole, strict=True):
         torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(forward, (coords, amplitudes))

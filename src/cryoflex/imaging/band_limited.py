@@ -22,15 +22,15 @@ forward FFT.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-# Elements of one phase table per chunk of images on a CPU, as projector._CPU_CHUNK_ELEMENTS: a chunk's tables
-# stay in cache.
-_CPU_CHUNK_ELEMENTS = 2**19
+from cryoflex.imaging.ctf import rfft_frequencies_A
+from cryoflex.imaging.projector import images_per_chunk
 
 
 class PhaseTerms(NamedTuple):
@@ -43,22 +43,26 @@ class PhaseTerms(NamedTuple):
     cosines: int  # N//2 + 1
 
 
-def phase_terms(
-    box_size_px: int, pixel_size_A: float, *, device: torch.device | None = None, dtype: torch.dtype | None = None
-) -> PhaseTerms:
-    """The phase table's columns for an N-pixel box with pixels of pixel_size_A (angular frequencies 2 pi k / (N p))."""
+@functools.lru_cache(maxsize=16)
+def phase_terms(box_size_px: int, pixel_size_A: float, dtype: torch.dtype, device: torch.device) -> PhaseTerms:
+    """The phase table's columns for an N-pixel box with pixels of pixel_size_A (angular frequencies 2 pi k / (N p)),
+    built once per box, pixel size, dtype and device (outside inference mode, so autograd may save them later)."""
     cosines = box_size_px // 2 + 1
-    k = torch.cat([torch.arange(cosines), torch.arange(1, box_size_px - cosines + 1)]).to(device=device, dtype=dtype)
-    phase = torch.zeros_like(k)
-    phase[cosines:] = -0.5 * math.pi
-    return PhaseTerms(k * (2.0 * math.pi / (box_size_px * pixel_size_A)), phase, cosines)
+    with torch.inference_mode(False):
+        k = torch.cat([torch.arange(cosines), torch.arange(1, box_size_px - cosines + 1)]).to(device, dtype)
+        phase = torch.zeros_like(k)
+        phase[cosines:] = -0.5 * math.pi
+        return PhaseTerms(k * (2.0 * math.pi / (box_size_px * pixel_size_A)), phase, cosines)
 
 
-def _chunk_size(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
-    """Images per chunk: the whole batch on accelerators; on CPUs few enough that a chunk's tables stay in cache."""
-    if device.type != "cpu":
-        return batch
-    return max(1, min(batch, _CPU_CHUNK_ELEMENTS // (n * box_size_px)))
+@functools.lru_cache(maxsize=16)
+def _squared_frequency_A2(
+    box_size_px: int, pixel_size_A: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """|k|^2 in 1/A^2 on the rfft2 grid, (N, N//2 + 1), built once per box, pixel size, dtype and device."""
+    with torch.inference_mode(False):
+        kx, ky = rfft_frequencies_A(box_size_px, pixel_size_A, dtype=dtype, device=device)
+        return kx.square() + ky.square()
 
 
 def _table(positions_A: torch.Tensor, terms: PhaseTerms) -> torch.Tensor:
@@ -96,7 +100,7 @@ class _PhaseSums(torch.autograd.Function):
     def forward(ctx, x_A: torch.Tensor, y_A: torch.Tensor, weights: torch.Tensor, terms: PhaseTerms) -> torch.Tensor:
         batch, n = x_A.shape
         size = terms.omega.shape[0]
-        chunk = _chunk_size(batch, n, size, x_A.device)
+        chunk = images_per_chunk(batch, n, size, x_A.device)
         sums = x_A.new_empty(batch, size, size)
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
@@ -158,20 +162,18 @@ def band_limited_images(
     pixel_size_A: float,
     sigma_A: float | torch.Tensor,
     transfer: torch.Tensor | None,
-    squared_frequency_A2: torch.Tensor,
 ) -> torch.Tensor:
     """Images (B, N, N) of Gaussians at projected positions x_A, y_A (B, n) in A from the box centre, amplitudes
     (B, n), band-limited to the box's Nyquist frequency; transfer the CTF on the rfft2 grid (B or 1, N, N//2 + 1) or
-    None; squared_frequency_A2 |k|^2 on that grid (N, N//2 + 1). Differentiable in positions, amplitudes, a tensor
-    width and the transfer."""
-    terms = phase_terms(box_size_px, pixel_size_A, device=x_A.device, dtype=x_A.dtype)
+    None. Differentiable in positions, amplitudes, a tensor width and the transfer."""
+    terms = phase_terms(box_size_px, pixel_size_A, x_A.dtype, x_A.device)
     # phases from pixel 0, where the DFT puts its origin: the box centre is pixel N//2
     origin_A = (box_size_px // 2) * pixel_size_A
     x_A, y_A = (x_A + origin_A).contiguous(), (y_A + origin_A).contiguous()
     sums = _PhaseSums.apply(x_A, y_A, amplitudes.contiguous(), terms)
     spectrum = spectrum_from_sums(sums, box_size_px, terms.cosines)
     envelope = (2.0 * math.pi) ** 1.5 * sigma_A**3 / pixel_size_A**2 * torch.exp(
-        (-2.0 * math.pi**2) * sigma_A**2 * squared_frequency_A2
+        (-2.0 * math.pi**2) * sigma_A**2 * _squared_frequency_A2(box_size_px, pixel_size_A, x_A.dtype, x_A.device)
     )
     if transfer is not None:
         envelope = envelope * transfer

@@ -18,7 +18,7 @@ import torch
 
 from cryoflex.imaging.band_limited import band_limited_images
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
-from cryoflex.imaging.ctf import ctf_rfft, rfft_frequencies_A
+from cryoflex.imaging.ctf import ctf_rfft
 from cryoflex.imaging.projector import batched_amplitudes, pixel_coordinates_A, project_on_grid, projected_positions_A
 
 
@@ -41,7 +41,6 @@ class ImageFormation:
         self.sigma_A = sigma_A
         self.band_limited = band_limited
         self._grids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._squared_frequencies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def pixel_grid_A(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The (N,) pixel-centre coordinates (index - N//2) * pixel_size_A on `device` with `dtype`, built once."""
@@ -49,14 +48,6 @@ class ImageFormation:
         if key not in self._grids:
             self._grids[key] = pixel_coordinates_A(self.box_size_px, self.pixel_size_A, device=device, dtype=dtype)
         return self._grids[key]
-
-    def squared_frequency_A2(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """|k|^2 in 1/A^2 on the torch.fft.rfft2 grid, (N, N//2 + 1), built once per device and dtype."""
-        key = (device, dtype)
-        if key not in self._squared_frequencies:
-            kx, ky = rfft_frequencies_A(self.box_size_px, self.pixel_size_A, device=device, dtype=dtype)
-            self._squared_frequencies[key] = kx.square() + ky.square()
-        return self._squared_frequencies[key]
 
     def ctf_rfft(self, ctf: CTFBatch) -> torch.Tensor:
         """The CTF of this batch on the torch.fft.rfft2 grid of these images: (B, N, N//2+1), RELION's sign."""
@@ -85,7 +76,6 @@ class ImageFormation:
             return band_limited_images(
                 x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
                 pixel_size_A=self.pixel_size_A, sigma_A=sigma_A, transfer=transfer,
-                squared_frequency_A2=self.squared_frequency_A2(device, dtype),
             )  # fmt: skip
         grid_A = self.pixel_grid_A(device, dtype)
         return project_on_grid(coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer)

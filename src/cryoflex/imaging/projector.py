@@ -63,9 +63,10 @@ def _gaussian_table(
     return table.square_().mul_(-0.5 * inverse_variance).clamp_min_(_MIN_EXPONENT).exp_()
 
 
-def _chunk_size(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
-    """Images per chunk of the separable projection: the whole batch on accelerators; on CPUs few enough that a
-    chunk's (chunk, n, N) tables stay in cache (_CPU_CHUNK_ELEMENTS each)."""
+def images_per_chunk(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
+    """Images per chunk of a separable projection (this module's and cryoflex.imaging.band_limited's): the whole
+    batch on accelerators; on CPUs few enough that a chunk's (chunk, n, N) tables stay in cache (_CPU_CHUNK_ELEMENTS
+    each)."""
     if device.type != "cpu":
         return batch
     return max(1, min(batch, _CPU_CHUNK_ELEMENTS // (n * box_size_px)))
@@ -101,7 +102,7 @@ class _SeparableProjection(torch.autograd.Function):
         inverse_variance = (sigma_A.detach() if isinstance(sigma_A, torch.Tensor) else sigma_A) ** -2
         batch, n = x_A.shape
         size = grid_A.shape[0]
-        chunk = _chunk_size(batch, n, size, x_A.device)
+        chunk = images_per_chunk(batch, n, size, x_A.device)
         images = x_A.new_empty(batch, size, size)
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
