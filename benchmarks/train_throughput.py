@@ -58,7 +58,7 @@ WARMUP_STEPS = 2
 # sampled at the pixel centres), as every figure in docs/benchmarks.md (and the original's step). The default objective
 # draws importance_samples = 8 latents per image, which renders and deforms 8 structures per image: 3.1x this step's
 # time at 214 residues and 32 px, 7.3x at 2,750 and 64 px (draws_cost.py); the default band-limited rendering costs
-# 1.10-1.22x per default step (rendering_cost.py).
+# 0.95-1.22x per default step (rendering_cost.py, two runs).
 STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1, "rendering": "point"}
 BOX_MARGIN = 1.3
 SNR = 0.1

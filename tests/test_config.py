@@ -95,23 +95,19 @@ def test_a_run_saved_before_the_encoder_setting_keeps_its_full_box_encoder(tmp_p
     assert load_run_config(path).encoder_downsample == 1
 
 
-def test_a_run_saved_before_the_density_setting_renders_at_the_pseudo_atoms(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "default", "earlier", "invalid"),
+    [("density", "residue_centroid", "pseudo_atom", "atoms"), ("rendering", "band_limited", "point", "fourier")],
+)
+def test_a_run_saved_before_a_density_or_rendering_setting_renders_as_the_original(
+    tmp_path: Path, setting: str, default: str, earlier: str, invalid: str
+) -> None:
+    """Runs saved before `density` rendered at the pseudo-atoms; before `rendering`, sampled at the pixel centres."""
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
-    assert saved["density"] == "residue_centroid"
+    assert saved[setting] == default
     path = tmp_path / "config.yaml"
-    del saved["density"]
+    del saved[setting]
     path.write_text(yaml.safe_dump(saved))
-    assert load_run_config(path).density == "pseudo_atom"
-    with pytest.raises(CryoflexInputError, match="density"):
-        load_config(None, {"particles": "p.star", "structure": "s.pdb", "density": "atoms"})
-
-
-def test_a_run_saved_before_the_rendering_setting_samples_at_the_pixel_centres(tmp_path: Path) -> None:
-    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
-    assert saved["rendering"] == "band_limited"
-    path = tmp_path / "config.yaml"
-    del saved["rendering"]
-    path.write_text(yaml.safe_dump(saved))
-    assert load_run_config(path).rendering == "point"
-    with pytest.raises(CryoflexInputError, match="rendering"):
-        load_config(None, {"particles": "p.star", "structure": "s.pdb", "rendering": "fourier"})
+    assert getattr(load_run_config(path), setting) == earlier
+    with pytest.raises(CryoflexInputError, match=setting):
+        load_config(None, {"particles": "p.star", "structure": "s.pdb", setting: invalid})
