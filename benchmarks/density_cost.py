@@ -10,10 +10,11 @@ synthetic chain at --box-px, whose nominal structure is rewritten as alanines wi
 so that every residue has a side chain (their amplitudes are then the two atoms' 12 electrons, split in half): the
 step's time depends on the number of Gaussians, not on where they are or what they weigh. With one centroid the
 deformation moves two points per residue (the C-alpha and its centroid) instead of one; with two, three points, and
-the projector renders two Gaussians per residue. A learned width adds one pass over each chunk of the projector's
-tables in the backward. The settings alternate `--rounds` times in this one process, so that the ratio (to
-pseudo_atom with the first of --widths) compares like with like on a shared machine. Prints ms per step and the
-ratio, and writes JSON.
+the projector renders two Gaussians per residue. A learned width needs its gradient from the rendering: one more
+column in the point projector's backward products, or through the band-limited spectrum's envelope (the default
+rendering since 3d374c4; the recorded width figures are from before it, with point samples). The settings alternate
+`--rounds` times in this one process, so that the ratio (to pseudo_atom with the first of --widths) compares like
+with like on a shared machine. Prints ms per step and the ratio, and writes JSON.
 """
 
 from __future__ import annotations
