@@ -28,12 +28,11 @@ from pathlib import Path
 import gemmi
 import torch
 from recovery_all_atom import simulate_all_atom
-from train_throughput import ADK_RESIDUES, Row, row_dataset, time_steps
+from train_throughput import ADK_RESIDUES, DEFAULT_OBJECTIVE, Row, row_dataset, time_steps
 
 from cryoflex.config import DENSITIES
 from cryoflex.io.atomic import write_text_atomic
 
-DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 C_BETA_OFFSET_A = 1.5
 ALL_ATOM_BOX_PX = 64  # recovery_all_atom.simulate_all_atom's box
 WIDTHS = {"learned": True, "fixed": False}  # --widths: the learn_sigma setting of each

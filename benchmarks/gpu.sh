@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# GPU benchmark run: the training step (fp32 and bf16 networks, eager and torch.compile), the projector and the
-# reconstruction at 13,941 residues / 128 px and 214 residues / 64 px on CUDA, all JSON into one folder, then a summary
-# with the time of an EMPIAR-10180-sized epoch (benchmarks/gpu_summary.py; also saved as summary.txt).
+# GPU benchmark run: the training step (fp32 and bf16 networks, eager and torch.compile; the original's objective, and
+# training's default one in bf16, eager), the projector and the reconstruction at 13,941 residues / 128 px and 214
+# residues / 64 px on CUDA, all JSON into one folder, then a summary with the time of an EMPIAR-10180-sized epoch
+# (benchmarks/gpu_summary.py; also saved as summary.txt).
 #
 #   benchmarks/gpu.sh [OUTDIR]               CUDA; OUTDIR defaults to $OUT, else benchmarks/results/gpu
 #   benchmarks/gpu.sh --cpu-smoke [OUTDIR]   the same pipeline on CPU at tiny sizes (default benchmarks/results/gpu_smoke)
 #
-# Sized to finish in about 8 minutes on one H200 (mostly process start-up and the compilations). Simulated data goes
-# to a temporary folder, shared by the four training runs and removed at exit. Uses the repository's .venv python if
+# Sized to finish in about 10 minutes on one H200 (mostly process start-up and the compilations). Simulated data goes
+# to a temporary folder, shared by the five training runs and removed at exit. Uses the repository's .venv python if
 # there is one, else `python`; src/ is put on PYTHONPATH so that an uninstalled checkout runs.
 set -euo pipefail
 
-usage() { sed -n '2,7s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,8s/^# \{0,1\}//p' "$0"; }
 
 smoke=0
 case "${1:-}" in
@@ -57,8 +58,13 @@ started=$SECONDS
 
 stage() { echo "== [$((SECONDS - started)) s] $*"; }
 
-train() {  # train PRECISION [--compile]: one training-step run over every row
-    local name="train_$1${2:+_compiled}"
+train() {  # train PRECISION [--compile | --default-objective]: one training-step run over every row
+    local suffix=""
+    case "${2:-}" in
+        --compile) suffix=_compiled ;;
+        --default-objective) suffix=_default_objective ;;
+    esac
+    local name="train_$1$suffix"
     stage "$name"
     "$py" "$root/benchmarks/train_throughput.py" --device "$device" --precision "$1" ${2:+"$2"} \
         --rows "${train_rows[@]}" --steps "$steps" --work "$work" --out "$out/$name.json"
@@ -67,6 +73,7 @@ train() {  # train PRECISION [--compile]: one training-step run over every row
 # eager runs first: their figures come back even if the compiled runs outlast the machine's time
 train fp32
 train bf16
+train bf16 --default-objective
 stage projector
 "$py" "$root/benchmarks/projector.py" --device "$device" --rows "${projector_rows[@]}" --out "$out/projector.json"
 stage reconstruct

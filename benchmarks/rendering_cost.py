@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from train_throughput import Row, alternated_ms_per_step, row_dataset
+from train_throughput import DEFAULT_OBJECTIVE, Row, alternated_ms_per_step, row_dataset
 
 from cryoflex.config import RENDERINGS
 from cryoflex.geometry.rotations import uniform_random_rotations
@@ -32,7 +32,6 @@ from cryoflex.io.atomic import write_text_atomic
 
 BOX_A = 128.0
 CALLS, WARMUP_CALLS = 10, 2
-DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 
 
 def formation_ms(residues: int, box_px: int, images: int, rendering: str, seed: int = 0) -> float:

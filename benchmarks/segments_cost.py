@@ -17,11 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from train_throughput import Row, row_structure, simulate_particles, time_steps
+from train_throughput import DEFAULT_OBJECTIVE, Row, row_structure, simulate_particles, time_steps
 
 from cryoflex.io.atomic import write_text_atomic
-
-DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 
 
 def main() -> None:

@@ -1,14 +1,16 @@
 """Training throughput (images/s of a full step) and peak memory through the real training objects.
 
 Run: .venv/bin/python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 10] [--rows 214:64:32 ...]
-     [--precision auto|fp32|bf16] [--compile] [--quick] [--work DIR] [--out benchmarks/results/train_cpu.json]
+     [--precision auto|fp32|bf16] [--compile] [--default-objective] [--quick] [--work DIR]
+     [--out benchmarks/results/train_cpu.json]
 A step is what one iteration of cryoflex.train.loop._train does: load a batch from the ParticleDataset (cached, memory
 mapped), forward, every loss term (correlation, both KLs, continuity, clash from the neighbour list, rebuilt every
 neighbour_list_every_steps steps), backward, Adam step, and the loop's read-back of the loss values. The set-up
 (simulation, cache build, model build) is not timed; the first WARMUP_STEPS steps are run but not timed.
 --precision, --compile and --encoder-downsample set the run's config fields of the same names (bf16 autocast of the
 encoder and decoder; torch.compile of the deformation; the Fourier-cropping of the encoder's input, 1 = the full box as
-in the original). With --work, simulated datasets already there are reused (a dataset's folder names
+in the original); --default-objective times training's own objective (8 draws per image) instead of the original's
+one draw. With --work, simulated datasets already there are reused (a dataset's folder names
 its residues, box and image count), so that several runs with other settings share one simulation.
 
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. 214 residues = the AdK trajectory's first frame (tests/data); other sizes are
@@ -60,6 +62,9 @@ WARMUP_STEPS = 2
 # time at 214 residues and 32 px, 7.3x at 2,750 and 64 px (draws_cost.py); the default band-limited rendering costs
 # 0.95-1.22x per default step (rendering_cost.py, two runs).
 STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1, "rendering": "point"}
+# Training's own default objective (the Gaussian likelihood's importance-weighted bound over 8 draws per image), for
+# the benchmarks that time the step a user runs (--default-objective; the rendering is training's default too).
+DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 BOX_MARGIN = 1.3
 SNR = 0.1
 PERTURBATION_A = 1.0  # std of the noise that makes the ensemble's second model
@@ -218,7 +223,7 @@ def time_steps(
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
         "device": device_name, "compile": compile_, "precision": precision, "encoder_downsample": encoder_downsample,
-        **(objective or STEP_OBJECTIVE),
+        **(STEP_OBJECTIVE if objective is None else objective),
     })  # fmt: skip
     device = resolve_device(config.device)
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -295,7 +300,7 @@ def run_single_row(args: argparse.Namespace) -> None:
     with AnonymousPeak() as anonymous:
         result = time_steps(
             args.single_row, args.data_dir, args.run_dir, args.steps, args.device, args.compile, args.precision,
-            encoder_downsample=args.encoder_downsample,
+            objective=DEFAULT_OBJECTIVE if args.default_objective else None, encoder_downsample=args.encoder_downsample,
         )
     peak_MB = peak_rss_MB()
     result.update(
@@ -317,7 +322,8 @@ def measure_in_subprocess(row: Row, data_dir: Path, run_dir: Path, args: argpars
     command = [
         sys.executable, str(Path(__file__).resolve()), "--single-row", row.label, "--data-dir", str(data_dir),
         "--run-dir", str(run_dir), "--steps", str(args.steps), "--device", args.device, "--precision", args.precision,
-        *(["--compile"] if args.compile else []), *encoder_flags(args.encoder_downsample),
+        *(["--compile"] if args.compile else []), *(["--default-objective"] if args.default_objective else []),
+        *encoder_flags(args.encoder_downsample),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -384,6 +390,10 @@ def main() -> None:
         "--encoder-downsample", type=int, metavar="FACTOR",
         help="config encoder_downsample: 1 = the encoder reads the full box, as the original's (default: the default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--default-objective", action="store_true",
+        help="time training's default objective (8 draws per image) instead of the original's (one draw)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
     parser.add_argument("--work", type=Path, help="keep and reuse simulated data and runs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cpu.json"))
@@ -410,7 +420,7 @@ def main() -> None:
         device=args.device, device_name=device_description(args.device), machine=platform.machine(),
         cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), steps=args.steps,
         warmup_steps=WARMUP_STEPS, quick=args.quick, precision=args.precision, compile=args.compile,
-        encoder_downsample=args.encoder_downsample, rows=rows,
+        encoder_downsample=args.encoder_downsample, default_objective=args.default_objective, rows=rows,
     )  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-TRAIN_FILES = ("train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled")
+TRAIN_FILES = (
+    "train_fp32", "train_bf16", "train_bf16_default_objective", "train_fp32_compiled", "train_bf16_compiled",
+)  # fmt: skip
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -29,21 +31,27 @@ def test_gpu_sh_refuses_to_run_without_cuda(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_summary_estimates_the_epoch_from_the_fastest_row(tmp_path: Path) -> None:
+def test_summary_estimates_the_epoch_from_the_fastest_row_of_each_objective(tmp_path: Path) -> None:
     def row(residues: int, box: int, batch: int, images_per_s: float) -> dict:
         return dict(residues=residues, box_px=box, batch=batch, ms_per_step=1000 * batch / images_per_s,
                     images_per_s=images_per_s, cuda_peak_allocated_MB=100.0)  # fmt: skip
 
-    runs = [("train_fp32", "fp32", False, 2000.0), ("train_bf16", "bf16", True, 5450.0)]
-    for name, precision, compile_, rate in runs:
+    runs = [
+        ("train_fp32", "fp32", False, False, 2000.0), ("train_bf16", "bf16", True, False, 5450.0),
+        ("train_bf16_default_objective", "bf16", False, True, 1090.0),
+    ]  # fmt: skip
+    for name, precision, compile_, default_objective, rate in runs:
         result = dict(device="cuda", device_name="GPU", torch="2", precision=precision, compile=compile_,
+                      default_objective=default_objective,
                       rows=[row(13941, 128, 128, rate), row(214, 64, 32, 9e4)])  # fmt: skip
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
     result = _run([sys.executable, str(BENCHMARKS / "gpu_summary.py"), str(tmp_path)])
     assert result.returncode == 0, result.stderr
-    estimate = result.stdout.splitlines()[-1]
-    assert "5450.0 img/s" in estimate and "bf16, compile on" in estimate  # 327,000 / 5,450 img/s = 60 s
-    assert "= 1.0 min per epoch" in estimate and "meets the 2-min target" in estimate
+    original, default = result.stdout.splitlines()[-2:]
+    assert "original objective" in original and "5450.0 img/s" in original and "bf16, compile on" in original
+    assert "= 1.0 min per epoch" in original and "meets the 2-min target" in original  # 327,000 / 5,450 img/s = 60 s
+    assert "default objective" in default and "1090.0 img/s" in default and "compile off" in default
+    assert "= 5.0 min per epoch" in default and "misses the 2-min target" in default
 
 
 @pytest.mark.slow
@@ -58,4 +66,6 @@ def test_cpu_smoke_writes_every_result(tmp_path: Path) -> None:
     assert projector and all(row["forward_backward_images_per_s"] > 0 for row in projector)
     reconstruct = json.loads((tmp_path / "reconstruct.json").read_text())["rows"]
     assert reconstruct and all(row["insert_particles_per_s"] > 0 for row in reconstruct)
-    assert "Epoch estimate: 327,000 images at" in (tmp_path / "summary.txt").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    for objective in ("original", "default"):
+        assert f"Epoch estimate, {objective} objective: 327,000 images at" in summary
