@@ -1,7 +1,7 @@
 """Where a training step's time goes: each stage's forward + backward timed on its own, beside the whole step.
 
 Run: .venv/bin/python benchmarks/train_profile.py [--rows 214:64:128 2750:64:32 ...] [--repeats 10] [--threads N]
-     [--out benchmarks/results/train_profile_cpu.json]
+     [--default-objective] [--out benchmarks/results/train_profile_cpu.json]
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS] as in train_throughput.py (same structures and simulated particles).
 Stages, each timed with its inputs taken from a real batch and detached, forward then backward of a fixed random
 linear functional of its output (so every stage pays its backward pass once):
@@ -16,6 +16,9 @@ linear functional of its output (so every stage pays its backward pass once):
   CTF           the CTF on the rfft grid and its convolution with the projections
   losses        every loss term of LossTerms (neighbour list not rebuilt)
   optimiser     fused Adam step over all parameters
+With --default-objective the step is training's own (train_throughput.DEFAULT_OBJECTIVE: 8 draws per image, the
+default band-limited rendering): the stages after the encoder see the B x 8 draws, and the projector stage is the
+whole image formation, whose band-limited spectrum carries the CTF (no separate CTF stage).
 The whole step is train_step as the training loop runs it. "other" = whole step - sum of the stages (autograd
 bookkeeping, the read-back of the loss values, what the isolated timings do not see). "x projector" = whole step /
 projector time: the issue's target is <= 1.5.
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _measure import cpu_name
-from train_throughput import STEP_OBJECTIVE, Row, row_structure, simulate_particles
+from train_throughput import DEFAULT_OBJECTIVE, STEP_OBJECTIVE, Row, row_structure, simulate_particles
 
 from cryoflex.config import load_config
 from cryoflex.data.dataset import particle_loader
@@ -85,12 +88,12 @@ def forward_backward(
     return run
 
 
-def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
-    """Stage and whole-step times (ms) of one row."""
+def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective: dict) -> dict:
+    """Stage and whole-step times (ms) of one row with this objective (STEP_OBJECTIVE or DEFAULT_OBJECTIVE)."""
     config = load_config(None, {
         "particles": str(data_dir / "particles.star"), "structure": str(data_dir / "nominal.pdb"),
         "segments": row.segments, "batch_size": row.batch, "epochs": 1, "progress": False, "cache": True,
-        **STEP_OBJECTIVE,
+        **objective,
     })  # fmt: skip
     device = torch.device("cpu")
     inputs = prepare_inputs(config, run_dir, progress=False)
@@ -108,14 +111,18 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     assert not isinstance(batch, type(None))
     for _ in range(WARMUP):  # move the parameters off their zero initialisation, as in training
         train_step(model, optimizer, losses, batch, 0.0, True)
+    draws = config.draws_per_image
     with torch.no_grad():
-        output = model(batch)
+        output = model(batch, draws)
     assignment = output.assignment
-    latent = output.latent_mean
+    latent = output.latent  # (B draws, L)
     rotation_vectors, translations_A = model.decoder(latent)
     coords_A = output.coords_A
-    projections = model.formation.images(coords_A, model.amplitudes_e, batch.poses, None)
+    rows = torch.arange(row.batch).repeat_interleave(draws)
+    poses, ctf = batch.poses[rows], batch.ctf[rows]
     formation = model.formation
+    band_limited = config.rendering == "band_limited"
+    projections = formation.images(coords_A, model.amplitudes_e, poses, None)
 
     full_box_encoder = Encoder(row.box_px, config.latent_dim, config.encoder_hidden)
 
@@ -132,10 +139,10 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     def convolve(projected: torch.Tensor) -> torch.Tensor:
         from cryoflex.imaging.projector import apply_ctf
 
-        return apply_ctf(projected, formation.ctf_rfft(batch.ctf))
+        return apply_ctf(projected, formation.ctf_rfft(ctf))
 
-    def project(coords: torch.Tensor) -> torch.Tensor:
-        return formation.images(coords, model.amplitudes_e, batch.poses, None)
+    def project(coords: torch.Tensor) -> torch.Tensor:  # band-limited: the CTF is part of the spectrum
+        return formation.images(coords, model.amplitudes_e, poses, ctf if band_limited else None)
 
     def loss_terms(
         predicted: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
@@ -161,7 +168,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
             repeats,
         ),
         "projector": median_ms(forward_backward(project, coords_A), repeats),
-        "CTF": median_ms(forward_backward(convolve, projections), repeats),
+        "CTF": 0.0 if band_limited else median_ms(forward_backward(convolve, projections), repeats),
         "losses": median_ms(
             forward_backward(loss_terms, output.predicted_images, coords_A, output.latent_mean, output.latent_std),
             repeats,
@@ -175,7 +182,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int) -> dict:
     step_ms = median_ms(whole_step, repeats) + stages["data read"]
     full_box_ms = median_ms(forward_backward(encode_full_box, batch.images, constant=(0,)), repeats)
     return dict(
-        row.__dict__, label=row.label, stages_ms=stages, step_ms=step_ms, encoder_box_px=model.encoder.input_box_px,
+        row.__dict__, label=row.label, objective=objective, draws_per_image=draws, stages_ms=stages, step_ms=step_ms, encoder_box_px=model.encoder.input_box_px,
         encoder_full_box_ms=full_box_ms,
         other_ms=step_ms - sum(stages.values()), images_per_s=1000.0 * row.batch / step_ms,
         x_projector=step_ms / stages["projector"], threads=torch.get_num_threads(),
@@ -198,6 +205,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=Row.parse, default=[Row.parse(r) for r in DEFAULT_ROWS])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--default-objective", action="store_true",
+        help="profile training's default objective (8 draws per image, band-limited) instead of the original's",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_profile_cpu.json"))
     args = parser.parse_args()
     if args.threads:
@@ -210,7 +221,9 @@ def main() -> None:
             structure = row_structure(row.residues, work)
             n_images = row.batch * 4
             data = simulate_particles(structure, row.box_px, n_images, work / f"data_{row.label.replace(':', '_')}")
-            results.append(profile_row(row, data, work / f"run_{row.label.replace(':', '_')}", args.repeats))
+            objective = DEFAULT_OBJECTIVE if args.default_objective else STEP_OBJECTIVE
+            run_dir = work / f"run_{row.label.replace(':', '_')}"
+            results.append(profile_row(row, data, run_dir, args.repeats, objective))
             print(f"{row.label}: step {results[-1]['step_ms']:.1f} ms", flush=True)
     print_table(results)
     write_text_atomic(args.out, json.dumps(dict(
