@@ -1,11 +1,11 @@
 """Summary of a benchmarks/gpu.sh output folder: one table per benchmark and the EMPIAR-10180-sized epoch estimate.
 
 Run: .venv/bin/python benchmarks/gpu_summary.py OUTDIR [--epoch-row 13941:128]
-Reads OUTDIR/train_*.json (train_throughput.py, one file per precision and compile setting), projector.json and
-reconstruct.json, whichever are there. The epoch estimate is EPOCH_IMAGES / the best images/s measured for the
+Reads OUTDIR/train_*.json (train_throughput.py, one file per precision, compile setting and objective), projector.json
+and reconstruct.json, whichever are there. The epoch estimate is EPOCH_IMAGES / the best images/s measured for the
 training step at --epoch-row's residues and box (any batch, precision, compile), once for each objective timed (the
-original's, one draw per image; training's default, 8 draws): step time only, without the validation pass,
-checkpoints or the one-off compilation.
+original's, one draw per image; training's default, 8 draws): step time only, without the validation pass, checkpoints
+or the one-off compilation.
 """
 
 from __future__ import annotations
@@ -39,16 +39,17 @@ def _cuda_MB(row: dict[str, Any], key: str) -> str:
 
 
 def train_rows(out: Path) -> list[dict[str, Any]]:
-    """Every training-step row of the folder with its file's precision and compile setting, grouped by size."""
+    """Every training-step row of the folder with its file's precision, compile setting and objective, by size."""
     rows = []
     for path in out.glob("train_*.json"):
         result = _load(path)
         for row in result["rows"]:
             objective = OBJECTIVES[bool(result.get("default_objective", False))]
             rows.append(dict(row, precision=result["precision"], compile=result["compile"], objective=objective))
-    return sorted(
-        rows, key=lambda r: (-r["residues"], r["box_px"], r["batch"], r["objective"], r["compile"], r["precision"])
-    )
+    order = list(OBJECTIVES.values())
+    return sorted(rows, key=lambda r: (
+        -r["residues"], r["box_px"], r["batch"], order.index(r["objective"]), r["compile"], r["precision"] != "fp32",
+    ))  # fmt: skip
 
 
 def print_train(rows: list[dict[str, Any]]) -> None:
@@ -96,8 +97,8 @@ def epoch_estimate(rows: list[dict[str, Any]], residues: int, box_px: int, objec
     verdict = "meets" if minutes <= TARGET_EPOCH_MIN else "misses"
     return (
         f"Epoch estimate, {objective} objective: {EPOCH_IMAGES:,} images at {best['images_per_s']:.1f} img/s "
-        f"({residues:,} residues, "
-        f"{box_px} px, batch {best['batch']}, {best['precision']}, compile {'on' if best['compile'] else 'off'}) "
+        f"({residues:,} residues, {box_px} px, batch {best['batch']}, {best['precision']}, "
+        f"compile {'on' if best['compile'] else 'off'}) "
         f"= {minutes:.1f} min per epoch (step time only); {verdict} the {TARGET_EPOCH_MIN:g}-min target"
     )
 

@@ -13,7 +13,8 @@ linear functional of its output (so every stage pays its backward pass once):
   decoder       z -> rotation vectors and translations
   deformation   nominal structure, G and motions -> structures (B, n, 3)
   projector     structures -> images without CTF (the floor: ImageFormation's own work)
-  CTF           the CTF on the rfft grid and its convolution with the projections
+  CTF           the CTF on the rfft grid and its convolution with the projections (point samples; band-limited
+                rendering multiplies the spectrum by it inside the projector stage, and the table shows "-")
   losses        every loss term of LossTerms (neighbour list not rebuilt)
   optimiser     fused Adam step over all parameters
 With --default-objective the step is training's own (train_throughput.DEFAULT_OBJECTIVE: 8 draws per image, the
@@ -122,7 +123,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
     poses, ctf = batch.poses[rows], batch.ctf[rows]
     formation = model.formation
     band_limited = config.rendering == "band_limited"
-    projections = formation.images(coords_A, model.amplitudes_e, poses, None)
+    assert model.renders_pseudo_atoms, "the stages render the structures themselves: one Gaussian per residue"
 
     full_box_encoder = Encoder(row.box_px, config.latent_dim, config.encoder_hidden)
 
@@ -142,7 +143,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
         return apply_ctf(projected, formation.ctf_rfft(ctf))
 
     def project(coords: torch.Tensor) -> torch.Tensor:  # band-limited: the CTF is part of the spectrum
-        return formation.images(coords, model.amplitudes_e, poses, ctf if band_limited else None)
+        return formation.images(coords, model.amplitudes_e, poses, ctf if band_limited else None, sigma_A=model.sigma_A)
 
     def loss_terms(
         predicted: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
@@ -168,7 +169,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
             repeats,
         ),
         "projector": median_ms(forward_backward(project, coords_A), repeats),
-        "CTF": 0.0 if band_limited else median_ms(forward_backward(convolve, projections), repeats),
+        "CTF": None if band_limited else median_ms(forward_backward(convolve, project(coords_A).detach()), repeats),
         "losses": median_ms(
             forward_backward(loss_terms, output.predicted_images, coords_A, output.latent_mean, output.latent_std),
             repeats,
@@ -182,9 +183,11 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
     step_ms = median_ms(whole_step, repeats) + stages["data read"]
     full_box_ms = median_ms(forward_backward(encode_full_box, batch.images, constant=(0,)), repeats)
     return dict(
-        row.__dict__, label=row.label, objective=objective, draws_per_image=draws, stages_ms=stages, step_ms=step_ms, encoder_box_px=model.encoder.input_box_px,
+        row.__dict__, label=row.label, likelihood=config.likelihood, draws_per_image=draws, rendering=config.rendering,
+        learn_sigma=config.learn_sigma, stages_ms=stages, step_ms=step_ms, encoder_box_px=model.encoder.input_box_px,
         encoder_full_box_ms=full_box_ms,
-        other_ms=step_ms - sum(stages.values()), images_per_s=1000.0 * row.batch / step_ms,
+        other_ms=step_ms - sum(ms for ms in stages.values() if ms is not None),
+        images_per_s=1000.0 * row.batch / step_ms,
         x_projector=step_ms / stages["projector"], threads=torch.get_num_threads(),
     )  # fmt: skip
 
@@ -193,7 +196,8 @@ def print_table(results: list[dict]) -> None:
     header = ["stage"] + [r["label"] for r in results]
     print(" | ".join(f"{h:>16}" for h in header))
     for stage in STAGES:
-        print(" | ".join([f"{stage:>16}"] + [f"{r['stages_ms'][stage]:>16.1f}" for r in results]))
+        times = [r["stages_ms"][stage] for r in results]
+        print(" | ".join([f"{stage:>16}", *(f"{'-' if ms is None else format(ms, '.1f'):>16}" for ms in times)]))
     keys = (("other_ms", ".1f"), ("step_ms", ".1f"), ("images_per_s", ".0f"), ("x_projector", ".2f"),
             ("encoder_full_box_ms", ".1f"))  # fmt: skip
     for key, fmt in keys:

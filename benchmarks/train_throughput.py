@@ -8,10 +8,11 @@ mapped), forward, every loss term (correlation, both KLs, continuity, clash from
 neighbour_list_every_steps steps), backward, Adam step, and the loop's read-back of the loss values. The set-up
 (simulation, cache build, model build) is not timed; the first WARMUP_STEPS steps are run but not timed.
 --precision, --compile and --encoder-downsample set the run's config fields of the same names (bf16 autocast of the
-encoder and decoder; torch.compile of the deformation; the Fourier-cropping of the encoder's input, 1 = the full box as
-in the original); --default-objective times training's own objective (8 draws per image) instead of the original's
-one draw. With --work, simulated datasets already there are reused (a dataset's folder names
-its residues, box and image count), so that several runs with other settings share one simulation.
+encoder and decoder; torch.compile of the deformation; the Fourier-cropping of the encoder's input, 1 = the full box
+as in the original); --default-objective times training's own objective (8 draws per image, the Gaussian likelihood,
+band-limited rendering) instead of the original's (one draw, 1 - correlation, point samples). With --work, simulated
+datasets already there are reused (a dataset's folder names its residues, box and image count), so that several runs
+with other settings share one simulation.
 
 Rows are RESIDUES:BOX_PX:BATCH[:SEGMENTS]. 214 residues = the AdK trajectory's first frame (tests/data); other sizes are
 synthetic compact C-alpha chains (self-avoiding 3.8 A random walks inside a sphere of protein density, one chain per
@@ -56,14 +57,15 @@ from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 ADK_RESIDUES = 214
 WARMUP_STEPS = 2
-# The step timed here: one draw per image with the original objective and the original's rendering (the Gaussians
-# sampled at the pixel centres), as every figure in docs/benchmarks.md (and the original's step). The default objective
-# draws importance_samples = 8 latents per image, which renders and deforms 8 structures per image: 3.1x this step's
-# time at 214 residues and 32 px, 7.3x at 2,750 and 64 px (draws_cost.py); the default band-limited rendering costs
-# 0.95-1.22x per default step (rendering_cost.py, two runs).
+# The step timed here by default: one draw per image with the original objective and the original's rendering (the
+# Gaussians sampled at the pixel centres), the original's step and that of docs/benchmarks.md's throughput tables.
+# The default objective draws importance_samples = 8 latents per image, which renders and deforms 8 structures per
+# image: 3.0x the one-draw step's time at 214 residues and 32 px, 7.1x at 2,750 and 64 px (draws_cost.py); the
+# default band-limited rendering costs 0.95-1.22x per default step (rendering_cost.py, two runs).
 STEP_OBJECTIVE = {"likelihood": "correlation", "importance_samples": 1, "rendering": "point"}
 # Training's own default objective (the Gaussian likelihood's importance-weighted bound over 8 draws per image), for
-# the benchmarks that time the step a user runs (--default-objective; the rendering is training's default too).
+# the benchmarks that time the step a user runs (--default-objective); the rendering is then training's default
+# (band-limited) too.
 DEFAULT_OBJECTIVE = {"likelihood": "gaussian", "importance_samples": 8}
 BOX_MARGIN = 1.3
 SNR = 0.1
@@ -264,6 +266,9 @@ def time_steps(
         network_bf16=model.network_bf16,
         encoder_downsample=config.encoder_downsample,
         encoder_box_px=model.encoder.input_box_px,
+        likelihood=config.likelihood,
+        draws_per_image=config.draws_per_image,
+        rendering=config.rendering,
         steps=steps,
         ms_per_step=1000.0 * sum(timed) / len(timed),
         median_ms_per_step=1000.0 * float(np.median(timed)),
@@ -392,7 +397,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--default-objective", action="store_true",
-        help="time training's default objective (8 draws per image) instead of the original's (one draw)",
+        help="time training's default objective (8 draws per image, band-limited) instead of the original's",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up steps (default 10; --quick 2)")
     parser.add_argument("--work", type=Path, help="keep and reuse simulated data and runs here (default: a temp dir)")
