@@ -205,7 +205,7 @@ def test_evaluation_figures_have_captions() -> None:
     assert "50 sampled images" in captions[2][1] and "0.143" in captions[2][1]
 
 
-def test_posterior_mean_structures_are_scored_and_their_spread_ranks_errors(
+def test_posterior_mean_structures_are_scored_and_their_expected_rmsd_ranks_errors(
     simulation: Path, trained: TrainedRun, tmp_path: Path
 ) -> None:
     result = evaluate(trained, simulation / "truth.npz", fsc_samples=2, out_dir=tmp_path, posterior_samples=4, seed=1)
@@ -213,21 +213,22 @@ def test_posterior_mean_structures_are_scored_and_their_spread_ranks_errors(
     assert posterior.log_weights is not None  # trained with the Gaussian likelihood: the draws are weighted
     chunks = list(posterior_structures(trained.model, posterior, samples=4, seed=1))
     coords = np.concatenate([c.coords_A for c in chunks]).astype(np.float64)
-    mean_spread = np.concatenate([c.spread_A.mean(axis=1) for c in chunks])
+    expected = np.concatenate([c.expected_rmsd_A for c in chunks])
     truth = read_truth(simulation / "truth.npz")
     true_A = truth.conformations_A[truth.conformation_index[truth_rows(trained.dataset.metadata.names, truth)]]
     error = np.sqrt(np.mean(np.sum((coords - true_A) ** 2, axis=-1), axis=1))
     assert result["rmsd_A"]["prediction"]["direct"]["median"] == pytest.approx(np.median(error), rel=1e-6)
     uncertainty = result["uncertainty"]
     assert uncertainty["posterior_samples"] == 4
-    assert uncertainty["spearman_spread_vs_rmsd"] == pytest.approx(spearmanr(mean_spread, error).statistic, abs=1e-6)
-    assert uncertainty["spread_A"]["median"] == pytest.approx(np.median(mean_spread), rel=1e-5)
+    spearman = spearmanr(expected, error).statistic
+    assert uncertainty["spearman_expected_vs_true_rmsd"] == pytest.approx(spearman, abs=1e-6)
+    assert uncertainty["expected_rmsd_A"]["median"] == pytest.approx(np.median(expected), rel=1e-5)
     assert json.loads((tmp_path / "eval.json").read_text())["uncertainty"] == uncertainty
 
     at_mean = evaluate(trained, simulation / "truth.npz", fsc_samples=2, out_dir=tmp_path, posterior_samples=0)
     decoded = np.concatenate(list(decode_latents(trained.model, posterior.mean))).astype(np.float64)
     error_at_mean = np.sqrt(np.mean(np.sum((decoded - true_A) ** 2, axis=-1), axis=1))
     assert at_mean["rmsd_A"]["prediction"]["direct"]["median"] == pytest.approx(np.median(error_at_mean), rel=1e-9)
-    assert at_mean["uncertainty"]["spearman_spread_vs_rmsd"] is None  # no samples: no spread to rank by
+    assert at_mean["uncertainty"]["spearman_expected_vs_true_rmsd"] is None  # no samples: nothing to rank by
     assert "Spearman r = n/a" in "\n".join(summary_lines(at_mean))
     assert any(line.startswith("uncertainty ranks errors: Spearman r = ") for line in summary_lines(result))

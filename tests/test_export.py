@@ -16,9 +16,9 @@ import torch
 
 import cryoflex.analysis.export as export
 from cryoflex.analysis.export import (
+    expected_rmsds_A,
     export_per_particle,
     export_structures_cif,
-    mean_spreads_A,
     select_by_clusters,
     select_by_names,
     select_by_region,
@@ -101,7 +101,10 @@ def test_interrupted_per_particle_export_leaves_no_file(
     def dies_after_one_chunk(
         model: CryoSphere, posterior: LatentPosterior, *, samples: int, seed: int, batch_size: int
     ) -> Iterator[PosteriorChunk]:
-        yield PosteriorChunk(np.zeros((batch_size, 214, 3), np.float32), np.zeros((batch_size, 214), np.float32))
+        yield PosteriorChunk(
+            np.zeros((batch_size, 214, 3), np.float32), np.zeros((batch_size, 214), np.float32),
+            np.zeros(batch_size, np.float32),
+        )  # fmt: skip
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export, "posterior_structures", dies_after_one_chunk)
@@ -175,12 +178,12 @@ def test_structures_cif_holds_the_chosen_particles_in_order(
     np.testing.assert_allclose(written.coords_A, _decode(model, latents[[7, 0, 19]]), rtol=0, atol=2e-3)
 
 
-def test_posterior_export_writes_structures_spreads_and_their_means(
+def test_posterior_export_writes_structures_spreads_and_expected_rmsds(
     model: CryoSphere, nominal: Structure, tmp_path: Path
 ) -> None:
     posterior = _posterior(30)
     coords_path, spread_path = tmp_path / export.PER_PARTICLE_NAME, tmp_path / export.PER_PARTICLE_SPREAD_NAME
-    mean_spread = export_per_particle(
+    expected = export_per_particle(
         model, posterior, coords_path, samples=4, seed=2, spread_path=spread_path, chunk_size=8
     )
     coords, spread = np.load(coords_path), np.load(spread_path)
@@ -188,9 +191,9 @@ def test_posterior_export_writes_structures_spreads_and_their_means(
     chunks = list(posterior_structures(model, posterior, samples=4, seed=2, batch_size=8))
     np.testing.assert_array_equal(coords, np.concatenate([c.coords_A for c in chunks]))
     np.testing.assert_array_equal(spread, np.concatenate([c.spread_A for c in chunks]))
-    np.testing.assert_allclose(mean_spread, spread.mean(axis=1), rtol=1e-6)
-    assert mean_spread.min() > 0
-    np.testing.assert_array_equal(mean_spreads_A(model, posterior, samples=4, seed=2, chunk_size=8), mean_spread)
+    np.testing.assert_array_equal(expected, np.concatenate([c.expected_rmsd_A for c in chunks]))
+    assert expected.dtype == np.float32 and expected.shape == (30,) and expected.min() > 0
+    np.testing.assert_array_equal(expected_rmsds_A(model, posterior, samples=4, seed=2, chunk_size=8), expected)
     # a subset's mmCIF holds the same posterior means as its rows of the full export (draws keyed by particle)
     chosen = export_structures_cif(model, posterior, [21, 3], nominal, tmp_path / "c.cif", samples=4, seed=2)
     np.testing.assert_allclose(read_structure(chosen).coords_A, coords[[21, 3]], rtol=0, atol=2e-3)
@@ -212,13 +215,13 @@ def test_posterior_export_memory_does_not_grow_with_the_particles(model: CryoSph
 
 
 def test_uncertainty_table_is_keyed_by_name_with_ranks(tmp_path: Path) -> None:
-    spread = np.array([0.5, 0.1, 0.9, 0.1], np.float32)
-    path = write_uncertainty_table(spread, ["p1", "p2", "p3", "p4"], tmp_path / export.UNCERTAINTY_CSV_NAME)
+    expected = np.array([0.5, 0.1, 0.9, 0.1], np.float32)
+    path = write_uncertainty_table(expected, ["p1", "p2", "p3", "p4"], tmp_path / export.UNCERTAINTY_CSV_NAME)
     table = pd.read_csv(path)
-    assert list(table.columns) == ["particle", "mean_spread_A", "rank"]
+    assert list(table.columns) == ["particle", "expected_rmsd_A", "rank"]
     assert table["particle"].tolist() == ["p1", "p2", "p3", "p4"]
-    np.testing.assert_array_equal(table["mean_spread_A"].to_numpy(np.float32), spread)  # round-trips float32
-    assert table["rank"].tolist() == [3, 1, 4, 2]  # 1 = smallest spread; ties in particle order
+    np.testing.assert_array_equal(table["expected_rmsd_A"].to_numpy(np.float32), expected)  # round-trips float32
+    assert table["rank"].tolist() == [3, 1, 4, 2]  # 1 = smallest expected RMSD; ties in particle order
 
 
 # ------------------------------------------------------------ selections

@@ -1,4 +1,5 @@
-"""Posterior-mean structures and their spread: checked against decoding each sample on its own, in numpy."""
+"""Posterior-mean structures, their spread and expected RMSD: checked against decoding each sample on its own, in
+numpy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
+from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES, predict
 from cryoflex.analysis.predict import (
     LatentPosterior,
     decode_latents,
@@ -49,25 +50,58 @@ def _run(model: CryoSphere, posterior: LatentPosterior, **options) -> tuple[np.n
     return np.concatenate([c.coords_A for c in chunks]), np.concatenate([c.spread_A for c in chunks])
 
 
+def _expected(model: CryoSphere, posterior: LatentPosterior, **options) -> np.ndarray:
+    return np.concatenate([c.expected_rmsd_A for c in posterior_structures(model, posterior, **options)])
+
+
 def _decode_one(model: CryoSphere, latent: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         coords_A, _ = model.decode(latent[None], sample_segmentation=False)
     return coords_A[0].numpy().astype(np.float64)
 
 
-def test_posterior_mean_and_spread_match_samples_decoded_one_by_one(model: CryoSphere) -> None:
+def _decoded_draws(model: CryoSphere, posterior: LatentPosterior, particle: int, samples: int, seed: int) -> np.ndarray:
+    """(samples, n, 3) the structures of one particle's posterior draws, decoded one at a time."""
+    noise = torch.as_tensor(posterior_noise(seed, np.array([particle]), samples, 2)[0])  # (their law: tested below)
+    latents = torch.as_tensor(posterior.mean[particle]) + torch.as_tensor(posterior.std[particle]) * noise
+    return np.stack([_decode_one(model, latent) for latent in latents])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_posterior_mean_spread_and_expected_rmsd_match_samples_decoded_one_by_one(
+    model: CryoSphere, weighted: bool
+) -> None:
     posterior = _posterior(7)
+    if weighted:  # self-normalised importance weights, some far from equal
+        log_weights = np.random.default_rng(4).normal(scale=2.0, size=(7, 5))
+        posterior = LatentPosterior(posterior.mean, posterior.std, log_weights, weights_seed=3)
     coords, spread = _run(model, posterior, samples=5, seed=3, batch_size=3)
-    assert coords.dtype == spread.dtype == np.float32 and coords.shape == (7, 214, 3) and spread.shape == (7, 214)
+    expected = _expected(model, posterior, samples=5, seed=3, batch_size=3)
+    assert coords.dtype == spread.dtype == expected.dtype == np.float32
+    assert coords.shape == (7, 214, 3) and spread.shape == (7, 214) and expected.shape == (7,)
     for p in range(7):
-        noise = torch.as_tensor(posterior_noise(3, np.array([p]), 5, 2)[0])  # its draws (their law: tested below)
-        latents = torch.as_tensor(posterior.mean[p]) + torch.as_tensor(posterior.std[p]) * noise
-        samples = np.stack([_decode_one(model, latent) for latent in latents])  # (5, 214, 3)
-        mean = samples.mean(axis=0)
-        rms_distance = np.sqrt(np.mean(np.sum((samples - mean) ** 2, axis=-1), axis=0))
+        samples = _decoded_draws(model, posterior, p, 5, 3)  # (5, 214, 3)
+        weights = np.full(5, 0.2) if not weighted else np.exp(log_weights[p]) / np.exp(log_weights[p]).sum()
+        mean = np.einsum("k,kni->ni", weights, samples)
+        rms_distance = np.sqrt(np.einsum("k,kn->n", weights, np.sum((samples - mean) ** 2, axis=-1)))
+        rmsd_of_each = np.sqrt(np.mean(np.sum((samples - mean) ** 2, axis=-1), axis=-1))  # (5,)
         np.testing.assert_allclose(coords[p], mean, rtol=0, atol=1e-4)
         np.testing.assert_allclose(spread[p], rms_distance, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(expected[p], weights @ rmsd_of_each, rtol=1e-4, atol=1e-5)
     assert spread.mean() > 0.05  # the samples really differ
+    # the mean of the RMSDs is at most their root mean square, which is the RMS over residues of the spread
+    assert np.all(expected <= np.sqrt(np.mean(spread.astype(np.float64) ** 2, axis=1)) * (1 + 1e-5))
+
+
+def test_expected_rmsd_is_the_same_when_the_draws_are_decoded_again(
+    model: CryoSphere, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large structures do not keep a chunk's draws for their RMSDs but decode them a second time: same figures."""
+    posterior = _posterior(6)
+    kept = _expected(model, posterior, samples=4, seed=2)
+    monkeypatch.setattr(predict, "_KEPT_DRAWS_BYTES", 0)
+    np.testing.assert_array_equal(_expected(model, posterior, samples=4, seed=2), kept)
+    assert kept.min() > 0
 
 
 @pytest.mark.parametrize("samples", [0, 1])
@@ -76,6 +110,7 @@ def test_no_samples_decode_at_the_latent_mean_with_zero_spread(model: CryoSphere
     coords, spread = _run(model, posterior, samples=samples, seed=5, batch_size=4)
     np.testing.assert_array_equal(coords, np.concatenate(list(decode_latents(model, posterior.mean, batch_size=4))))
     np.testing.assert_array_equal(spread, np.zeros((10, 214), np.float32))
+    np.testing.assert_array_equal(_expected(model, posterior, samples=samples, seed=5), np.zeros(10, np.float32))
 
 
 def test_an_encoder_of_no_width_gives_no_spread(model: CryoSphere) -> None:

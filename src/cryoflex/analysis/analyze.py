@@ -5,7 +5,7 @@ Output layout under OUT (default RUN/analysis):
   traversals/   traversal_pcK.pdb (multi-model, B-factor = segment) + traversal_pcK.cxc; volumes/ with --volumes
   segments/     segmentation.png, nominal_segments.pdb (B-factor = segment), segments.csv
   motions/      segment_motions.csv and .png (rotation angle and translation per particle and segment)
-  per_particle_uncertainty.csv  each particle's spread over the posterior (mean over residues, A) and its rank
+  per_particle_uncertainty.csv  each particle's expected RMSD under the posterior (A) and its rank
   per_particle_coords.npy and per_particle_spread_A.npy (--per-particle), per_particle_subset.cif (--per-particle-cif)
   subsets/      STAR (and .cs for cryoSPARC input) of chosen clusters (--subset-clusters) or a PC box (--subset-region)
   report.html   one offline page with every figure, the segment table, the training curves and the configuration
@@ -46,11 +46,11 @@ _TRAINING_CAPTION = (
     "Loss terms against the training step: logged steps (line) and epoch means (dots); 1 - correlation is the "
     "image term, 0 for a perfect prediction"
 )
-_SPREAD_CAPTION = (
-    "How sure the model is of each particle's structure: the spread of the structures decoded from {samples} samples "
-    "of the particle's latent posterior (RMS distance from their mean, averaged over residues, A). A small spread "
-    "means an informative image; a large one, an image that says little, whose structure is close to a population "
-    "average. Per particle in per_particle_uncertainty.csv"
+_UNCERTAINTY_CAPTION = (
+    "How sure the model is of each particle's structure: the expected RMSD of the structures decoded from {samples} "
+    "samples of the particle's posterior from the structure reported for it (A). A small value means an informative "
+    "image; a large one, an image that says little, whose structure is close to a population average. Per particle in "
+    "per_particle_uncertainty.csv, per residue (the RMS spread) in per_particle_spread_A.npy with --per-particle"
 )
 
 
@@ -139,10 +139,10 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
     return shown
 
 
-def spread_summary(mean_spread_A: np.ndarray, samples: int) -> dict[str, int | float]:
-    """The report's row for the per-particle spreads: 10th percentile, median and 90th percentile in A."""
-    low, median, high = np.percentile(mean_spread_A, [10, 50, 90])
-    return {"particles": len(mean_spread_A), "posterior_samples": samples, "p10_A": float(low),
+def uncertainty_summary(expected_rmsd_A: np.ndarray, samples: int) -> dict[str, int | float]:
+    """The report's row for the particles' expected RMSDs: 10th percentile, median and 90th percentile in A."""
+    low, median, high = np.percentile(expected_rmsd_A, [10, 50, 90])
+    return {"particles": len(expected_rmsd_A), "posterior_samples": samples, "p10_A": float(low),
             "median_A": float(median), "p90_A": float(high)}  # fmt: skip
 
 
@@ -150,7 +150,7 @@ def _per_particle(
     run: TrainedRun, posterior: LatentPosterior, options: AnalyzeOptions, out_dir: Path, files: list[Path]
 ) -> np.ndarray | None:
     """Per-particle structures (posterior means) and spreads, as the options ask; appends the files written and
-    returns each particle's mean spread in A (None without posterior samples: no spread to report)."""
+    returns each particle's expected RMSD in A (None without posterior samples: no spread to report)."""
     samples, seed, model = options.posterior_samples, options.seed, run.model
     with_spread = samples > 1
     if options.per_particle_cif:
@@ -162,18 +162,18 @@ def _per_particle(
         logger.info("per-particle structures from %d posterior samples each", samples)
         spread_path = out_dir / export.PER_PARTICLE_SPREAD_NAME if with_spread else None
         coords_path = out_dir / export.PER_PARTICLE_NAME
-        mean_spread_A = export.export_per_particle(
+        expected_rmsd_A = export.export_per_particle(
             model, posterior, coords_path, samples=samples, seed=seed, spread_path=spread_path, progress=True
         )
         files += [coords_path] + ([spread_path] if spread_path is not None else [])
     elif with_spread:
-        logger.info("per-particle spreads from %d posterior samples each", samples)
-        mean_spread_A = export.mean_spreads_A(model, posterior, samples=samples, seed=seed, progress=True)
+        logger.info("per-particle uncertainty from %d posterior samples each", samples)
+        expected_rmsd_A = export.expected_rmsds_A(model, posterior, samples=samples, seed=seed, progress=True)
     if not with_spread:
         return None
     names = run.dataset.metadata.names
-    files.append(export.write_uncertainty_table(mean_spread_A, names, out_dir / export.UNCERTAINTY_CSV_NAME))
-    return mean_spread_A
+    files.append(export.write_uncertainty_table(expected_rmsd_A, names, out_dir / export.UNCERTAINTY_CSV_NAME))
+    return expected_rmsd_A
 
 
 def analyze_run(
@@ -223,7 +223,7 @@ def analyze_run(
     motion_files = structures.write_segment_motions(motions, names, out_dir / "motions")
     files += motion_files
 
-    mean_spread_A = _per_particle(run, posterior, options, out_dir, files)
+    expected_rmsd_A = _per_particle(run, posterior, options, out_dir, files)
     files += _subsets(run, embedding, options, out_dir / "subsets")
 
     particles = figures.particle_images_figure(run, out_dir / "particles.png")
@@ -237,12 +237,12 @@ def analyze_run(
         ]),  # fmt: skip
     ]
     uncertainty_tables: dict[str, list[dict]] = {}
-    if mean_spread_A is not None:
-        spread_figure = figures.spread_histogram_figure(mean_spread_A, out_dir / "per_particle_spread.png")
-        caption = _SPREAD_CAPTION.format(samples=options.posterior_samples)
-        sections.append(report.ReportSection("Per-particle uncertainty", [(caption, spread_figure)]))
-        uncertainty_tables["Per-particle uncertainty (spread over the posterior, mean over residues, A)"] = [
-            spread_summary(mean_spread_A, options.posterior_samples)
+    if expected_rmsd_A is not None:
+        histogram = figures.uncertainty_histogram_figure(expected_rmsd_A, out_dir / "per_particle_uncertainty.png")
+        caption = _UNCERTAINTY_CAPTION.format(samples=options.posterior_samples)
+        sections.append(report.ReportSection("Per-particle uncertainty", [(caption, histogram)]))
+        uncertainty_tables["Per-particle uncertainty (expected RMSD under the posterior, A)"] = [
+            uncertainty_summary(expected_rmsd_A, options.posterior_samples)
         ]
     sections += extra_sections or []
     reconstruction_sections, reconstruction_tables = report.reconstruction_content(run.paths.reconstruct)

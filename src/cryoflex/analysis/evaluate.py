@@ -223,7 +223,7 @@ class _Decoded:
     direct_rmsd_A: np.ndarray  # (n,)
     superposed_rmsd_A: np.ndarray  # (n,)
     distances_A: np.ndarray  # (n_group_pairs, n)
-    mean_spread_A: np.ndarray  # (n,) spread over the posterior, mean over residues
+    expected_rmsd_A: np.ndarray  # (n,) expected RMSD of the structure under the posterior
     kept: dict[int, np.ndarray]  # image -> (n_residues, 3), for the sampled images only
 
 
@@ -247,7 +247,7 @@ def _decode_and_score(
     for posterior_chunk in posterior_structures(run.model, posterior, samples=samples, seed=seed,
                                                 batch_size=batch_size):  # fmt: skip
         stop = start + len(posterior_chunk.coords_A)
-        decoded.mean_spread_A[start:stop] = posterior_chunk.spread_A.mean(axis=1)
+        decoded.expected_rmsd_A[start:stop] = posterior_chunk.expected_rmsd_A
         chunk = posterior_chunk.coords_A.astype(np.float64)
         truth_chunk = true_A(start, stop)
         decoded.direct_rmsd_A[start:stop] = rmsd_A(chunk, truth_chunk)
@@ -327,16 +327,17 @@ def _clash_section(
 
 
 def _uncertainty_section(decoded: _Decoded, samples: int) -> dict[str, Any]:
-    """How spread the posterior-mean structures are, and whether the spread ranks their true errors."""
-    spread = decoded.mean_spread_A
-    _, spearman = _correlations(spread, decoded.direct_rmsd_A)
-    low, median, high = np.percentile(spread, [10, 50, 90])
+    """How sure the model is of the posterior-mean structures, and whether that ranks their true errors."""
+    expected = decoded.expected_rmsd_A
+    _, spearman = _correlations(expected, decoded.direct_rmsd_A)
+    low, median, high = np.percentile(expected, [10, 50, 90])
     return {
-        "posterior_samples": samples, "spearman_spread_vs_rmsd": _finite(spearman),
-        "spread_A": {"p10": _finite(float(low)), "median": _finite(float(median)), "p90": _finite(float(high))},
-        "description": "spread = RMS distance of the structures decoded from the posterior samples from their mean, "
-                       "averaged over residues; Spearman correlation of each image's spread with the direct RMSD of "
-                       "its posterior-mean structure to the truth (null without samples: no spread)",
+        "posterior_samples": samples, "spearman_expected_vs_true_rmsd": _finite(spearman),
+        "expected_rmsd_A": {"p10": _finite(float(low)), "median": _finite(float(median)), "p90": _finite(float(high))},
+        "description": "expected RMSD = the weighted mean over the posterior samples of the RMSD of the structure "
+                       "decoded from each from the posterior-mean structure; Spearman correlation of each image's "
+                       "expected RMSD with the direct RMSD of its posterior-mean structure to the truth (null without "
+                       "samples)",
     }  # fmt: skip
 
 

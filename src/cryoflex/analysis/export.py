@@ -55,8 +55,8 @@ def export_per_particle(
     progress: bool = False,
 ) -> np.ndarray:
     """Write every particle's posterior-mean structure, float32 (n_particles, n_residues, 3) in A, model frame, input
-    order, and (with spread_path) its per-residue spread, float32 (n_particles, n_residues) in A; returns the mean
-    spread over residues of each particle, float32 (n_particles,).
+    order, and (with spread_path) its per-residue spread, float32 (n_particles, n_residues) in A; returns each
+    particle's expected RMSD from its structure under the posterior, float32 (n_particles,) in A.
 
     Decoded chunk by chunk into memory-mapped .npy files under temporary names, renamed when complete, so memory
     stays at one chunk and a killed run leaves no partial file under a final name.
@@ -64,7 +64,7 @@ def export_per_particle(
     posterior = _checked_posterior(posterior)
     n_particles, n_residues = posterior.mean.shape[0], int(model.nominal_coords_A.shape[0])
     chunks = posterior_structures(model, posterior, samples=samples, seed=seed, batch_size=chunk_size)
-    mean_spread_A = np.empty(n_particles, np.float32)
+    expected_rmsd_A = np.empty(n_particles, np.float32)
     with ExitStack() as stack:
         coords_tmp = stack.enter_context(atomic_path(Path(out_path)))
         coords = open_memmap(coords_tmp, mode="w+", dtype=np.float32, shape=(n_particles, n_residues, 3))
@@ -81,7 +81,7 @@ def export_per_particle(
                 coords[start:stop] = chunk.coords_A
                 if spread is not None:
                     spread[start:stop] = chunk.spread_A
-                mean_spread_A[start:stop] = chunk.spread_A.mean(axis=1)
+                expected_rmsd_A[start:stop] = chunk.expected_rmsd_A
                 start = stop
                 bar.update(len(chunk.coords_A))
         coords.flush()
@@ -89,31 +89,34 @@ def export_per_particle(
         if spread is not None:
             spread.flush()
             del spread
-    return mean_spread_A
+    return expected_rmsd_A
 
 
-def mean_spreads_A(
+def expected_rmsds_A(
     model: CryoSphere, posterior: LatentPosterior, *, samples: int = DEFAULT_POSTERIOR_SAMPLES, seed: int = 0,
     chunk_size: int = 1024, progress: bool = False,
 ) -> np.ndarray:  # fmt: skip
-    """Each particle's spread over the posterior, mean over residues in A, float32 (n_particles,); nothing written."""
+    """Each particle's expected RMSD from its structure under the posterior, A, float32 (n_particles,); nothing
+    written."""
     posterior = _checked_posterior(posterior)
     chunks = posterior_structures(model, posterior, samples=samples, seed=seed, batch_size=chunk_size)
     out = []
-    with Progress(len(posterior.mean), "posterior spreads", unit="particle", enabled=progress) as bar:
+    with Progress(len(posterior.mean), "posterior uncertainty", unit="particle", enabled=progress) as bar:
         for chunk in chunks:
-            out.append(chunk.spread_A.mean(axis=1))
+            out.append(chunk.expected_rmsd_A)
             bar.update(len(out[-1]))
     return np.concatenate(out)
 
 
-def write_uncertainty_table(mean_spread_A: np.ndarray, names: Sequence[str] | np.ndarray, out_path: str | Path) -> Path:
-    """CSV keyed by particle name: mean spread over residues (A) and its rank (1 = smallest spread, most certain;
+def write_uncertainty_table(
+    expected_rmsd_A: np.ndarray, names: Sequence[str] | np.ndarray, out_path: str | Path
+) -> Path:
+    """CSV keyed by particle name: the expected RMSD of its structure (A) and its rank (1 = smallest, most certain;
     ties in particle order)."""
-    spread = np.asarray(mean_spread_A)
-    rank = np.empty(len(spread), np.int64)
-    rank[np.argsort(spread, kind="stable")] = np.arange(1, len(spread) + 1)
-    table = pd.DataFrame({"particle": np.asarray(names, dtype=str), "mean_spread_A": spread, "rank": rank})
+    expected = np.asarray(expected_rmsd_A)
+    rank = np.empty(len(expected), np.int64)
+    rank[np.argsort(expected, kind="stable")] = np.arange(1, len(expected) + 1)
+    table = pd.DataFrame({"particle": np.asarray(names, dtype=str), "expected_rmsd_A": expected, "rank": rank})
     out_path = Path(out_path)
     write_text_atomic(out_path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     return out_path
@@ -227,7 +230,7 @@ __all__ = [
     "UNCERTAINTY_CSV_NAME",
     "export_per_particle",
     "export_structures_cif",
-    "mean_spreads_A",
+    "expected_rmsds_A",
     "select_by_clusters",
     "select_by_names",
     "select_by_region",

@@ -86,14 +86,14 @@ def traversal_figure(
     return save_figure(figure, path)
 
 
-def spread_histogram_figure(mean_spread_A: np.ndarray, path: Path) -> Path:
-    """Histogram of the particles' spread over the posterior (mean over residues, A), median marked."""
+def uncertainty_histogram_figure(expected_rmsd_A: np.ndarray, path: Path) -> Path:
+    """Histogram of the particles' expected RMSD under the posterior (A), median marked."""
     figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot()
-    axes.hist(mean_spread_A, bins=min(50, max(10, len(mean_spread_A) // 20)), color="tab:blue")
-    median_A = float(np.median(mean_spread_A))
+    axes.hist(expected_rmsd_A, bins=min(50, max(10, len(expected_rmsd_A) // 20)), color="tab:blue")
+    median_A = float(np.median(expected_rmsd_A))
     axes.axvline(median_A, color="black", ls="--", lw=1, label=f"median {median_A:.2f} A")
-    axes.set_xlabel("spread of the particle's structure over the posterior (A, mean over residues)")
+    axes.set_xlabel("expected RMSD of the particle's structure under its posterior (A)")
     axes.set_ylabel("particles")
     axes.legend()
     return save_figure(figure, path)

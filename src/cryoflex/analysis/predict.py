@@ -27,6 +27,7 @@ from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.losses import gaussian_image_nll, log_importance_weights
 
 NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
+_KEPT_DRAWS_BYTES = 256 * 2**20  # a chunk's decoded draws are kept up to this size for their RMSDs, else decoded again
 _SOBOL_STREAM = 2**31  # the stream key of the Sobol points' scrambling (block keys are particle // NOISE_BLOCK)
 _UNIFORM_CLIP = 1e-12  # keeps the normal quantiles finite (|z| <= 7)
 
@@ -53,6 +54,9 @@ class PosteriorChunk:
 
     coords_A: np.ndarray  # (k, n_residues, 3) float32, model frame
     spread_A: np.ndarray  # (k, n_residues) float32: RMS distance of the sampled structures from their mean
+    # (k,) float32: the posterior's expected RMSD of the particle's structure from coords_A (the weighted mean over the
+    # samples of each one's RMSD from it): how far the model expects the truth to be, in the units of the error itself
+    expected_rmsd_A: np.ndarray
 
 
 def _batches(dataset: ParticleDataset, batch_size: int, num_workers: int) -> Iterator[ParticleBatch]:
@@ -242,17 +246,21 @@ def posterior_structures(
 
     Each particle's structure is the mean of the structures decoded at `samples` draws z = mean + std * noise
     (posterior_noise of its position in the particle file: `positions`, default 0, 1, ...); its spread is the
-    RMS distance of those structures from their mean, per residue. The posterior's importance weights, when it has
-    them, weight the draws (self-normalised); without them every draw counts the same. With 0 or 1
-    samples, the structure decoded at the latent mean and zero spread (one sample gives no spread and a noisier
-    structure than the mean). Memory is one chunk: the samples are accumulated one at a time (float64).
+    RMS distance of those structures from their mean, per residue, and its expected RMSD the weighted mean of their
+    RMSDs from it (which ranks the particles' errors better than the mean of the per-residue spreads:
+    docs/low_snr.md). The posterior's importance weights, when it has them, weight the draws (self-normalised);
+    without them every draw counts the same. With 0 or 1 samples, the structure decoded at the latent mean and zero
+    spread (one sample gives no spread and a noisier structure than the mean). Memory is one chunk: the samples are
+    accumulated one at a time (float64); their RMSDs need the mean first, so they are kept (float32) where a chunk's
+    draws fit in _KEPT_DRAWS_BYTES and decoded a second time where not (large structures).
     """
     check_posterior_options(samples, seed)
     n = len(posterior.mean)
     positions = _particle_positions(n, positions)
     if samples <= 1:
         for at_mean_A in decode_latents(model, posterior.mean, batch_size=batch_size):
-            yield PosteriorChunk(at_mean_A, np.zeros(at_mean_A.shape[:2], np.float32))
+            no_spread = np.zeros(at_mean_A.shape[:2], np.float32)
+            yield PosteriorChunk(at_mean_A, no_spread, np.zeros(len(at_mean_A), np.float32))
         return
     log_weights = posterior.log_weights
     if log_weights is not None and (log_weights.shape != (n, samples) or posterior.weights_seed != seed):
@@ -274,12 +282,25 @@ def posterior_structures(
         average_A = np.zeros((stop - start, int(model.nominal_coords_A.shape[0]), 3))
         squares_A2 = np.zeros(average_A.shape[:2])
         weight_sum = np.zeros((stop - start, 1))
+        latents = mean[:, None] + std[:, None] * noise
+        kept: list[torch.Tensor] = []  # the draws, when they fit the budget; else decoded again below
+        keep = (stop - start) * samples * average_A.shape[1] * 3 * 4 <= _KEPT_DRAWS_BYTES
         for k in range(samples):  # weighted Welford: stable for spreads far below the coordinates' size
-            coords_A, _ = model.decode(mean + std * noise[:, k], sample_segmentation=False)
-            sample_A = coords_A.float().cpu().numpy().astype(np.float64)
+            drawn, _ = model.decode(latents[:, k], sample_segmentation=False)
+            kept += [drawn.float()] if keep else []
+            drawn_A = drawn.float().cpu().numpy().astype(np.float64)
             weight = weights[:, k : k + 1]
             weight_sum += weight
-            deviation_A = sample_A - average_A
+            deviation_A = drawn_A - average_A
             average_A += deviation_A * (weight / np.maximum(weight_sum, np.finfo(np.float64).tiny))[..., None]
-            squares_A2 += weight * np.sum(deviation_A * (sample_A - average_A), axis=-1)
-        yield PosteriorChunk(average_A.astype(np.float32), np.sqrt(np.maximum(squares_A2, 0.0)).astype(np.float32))
+            squares_A2 += weight * np.sum(deviation_A * (drawn_A - average_A), axis=-1)
+        expected_rmsd_A = np.zeros(stop - start)
+        reported_A = torch.as_tensor(average_A, device=device, dtype=torch.float32)
+        for k in range(samples):  # float32 suffices for distances of tenths of an angstrom and more
+            drawn = kept[k] if keep else model.decode(latents[:, k], sample_segmentation=False)[0].float()
+            rmsd = (drawn - reported_A).square().sum(-1).mean(-1).sqrt()
+            expected_rmsd_A += weights[:, k] * rmsd.cpu().numpy()
+        yield PosteriorChunk(
+            average_A.astype(np.float32), np.sqrt(np.maximum(squares_A2, 0.0)).astype(np.float32),
+            (expected_rmsd_A / weight_sum[:, 0]).astype(np.float32),
+        )  # fmt: skip

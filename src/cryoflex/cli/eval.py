@@ -68,7 +68,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"FSC {label:10s} median resolution (A): {_number(fsc[key]['median_resolution_A_at_0.5'])} "
                      f"at 0.5, {_number(fsc[key]['median_resolution_A_at_0.143'])} at 0.143")  # fmt: skip
     uncertainty = result["uncertainty"]
-    lines.append(f"uncertainty ranks errors: Spearman r = {_number(uncertainty['spearman_spread_vs_rmsd'], 3)} "
+    lines.append(f"uncertainty ranks errors: Spearman r = {_number(uncertainty['spearman_expected_vs_true_rmsd'], 3)} "
                  f"({uncertainty['posterior_samples']} posterior samples)")  # fmt: skip
     clashes = result["clashes"]
     lines.append(f"clashes per structure: prediction {clashes['prediction_mean']:.2f}, "
