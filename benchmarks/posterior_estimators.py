@@ -7,8 +7,8 @@ WORK is a recovery_adk.py work folder of one SNR (it holds data/truth.npz and ru
 draws are taken and weighted as analysis takes them (the last checkpoint), decoded, and reduced to one structure in
 five ways: the weighted mean of the structures (what analysis reports), the structure decoded at the weighted mean of
 the latents (the particle's point in the latent plots), the one decoded at the mean of q(z | image), the weighted
-geometric median of the structures (the estimate with the least expected RMSD under the posterior; Weiszfeld's
-iteration in all 3n coordinates) and the draw of largest weight. For each: median and mean RMSD to the truth, the
+geometric median of the structures (the estimate with the least expected RMSD under the posterior;
+bayes_oracle.geometric_median_A) and the draw of largest weight. For each: median and mean RMSD to the truth, the
 LID-NMP distance correlation, the mean change of the radius of gyration against the truth's (averaging structures
 contracts them), and the Spearman correlation with the error of three uncertainty summaries of the same draws: the
 mean over residues of the per-residue spread (what analysis reports), its root mean square over residues, and the
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bayes_oracle import geometric_median_A
 from recovery_adk import LID, NMP
 from scipy.stats import spearmanr
 
@@ -35,19 +36,8 @@ from cryoflex.io.trajectory import read_trajectory
 
 SEED = 0
 CHUNK = 100  # particles decoded at a time: CHUNK x 64 structures in memory
-WEISZFELD_ITERATIONS = 50
 ESTIMATORS = ("posterior_mean", "at_posterior_mean_latent", "at_encoder_mean", "geometric_median", "largest_weight")
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-
-
-def geometric_median_A(draws_A: np.ndarray, weights: np.ndarray, start_A: np.ndarray) -> np.ndarray:
-    """(B, K, n, 3) draws, (B, K) weights -> (B, n, 3) weighted geometric medians (Weiszfeld, from start_A)."""
-    median_A = start_A
-    for _ in range(WEISZFELD_ITERATIONS):
-        distance_A = np.sqrt(np.square(draws_A - median_A[:, None]).sum((-1, -2))) + 1e-9
-        pull = weights / distance_A
-        median_A = np.einsum("bk,bkni->bni", pull, draws_A) / pull.sum(1)[:, None, None]
-    return median_A
 
 
 def radius_of_gyration_A(coords_A: np.ndarray) -> np.ndarray:
@@ -91,7 +81,7 @@ def score(work: Path, particles: int) -> dict:
         estimates["posterior_mean"][rows] = mean_A
         estimates["at_posterior_mean_latent"][rows] = decode(np.einsum("bk,bkl->bl", w, z))
         estimates["at_encoder_mean"][rows] = decode(posterior.mean[rows])
-        estimates["geometric_median"][rows] = geometric_median_A(draws_A, w, mean_A)
+        estimates["geometric_median"][rows] = [geometric_median_A(w[i : i + 1], draws_A[i])[0] for i in range(len(w))]
         estimates["largest_weight"][rows] = draws_A[np.arange(len(w)), w.argmax(1)]
         spread_A = np.sqrt(np.einsum("bk,bkn->bn", w, np.square(draws_A - mean_A[:, None]).sum(-1)))
         summaries["mean_spread"][rows] = spread_A.mean(-1)
