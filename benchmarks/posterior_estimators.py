@@ -48,7 +48,6 @@ def radius_of_gyration_A(coords_A: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def score(work: Path, particles: int) -> dict:
     """Every estimator and uncertainty summary on the first `particles` particles of one run."""
-    torch.manual_seed(SEED)
     run = load_run(work / "run", device="cpu")
     model, dataset = run.model, run.dataset
     truth = np.load(work / "data" / "truth.npz")

@@ -286,9 +286,10 @@ def posterior_structures(
         kept: list[torch.Tensor] = []  # the draws, when they fit the budget; else decoded again below
         keep = (stop - start) * samples * average_A.shape[1] * 3 * 4 <= _KEPT_DRAWS_BYTES
         for k in range(samples):  # weighted Welford: stable for spreads far below the coordinates' size
-            drawn, _ = model.decode(latents[:, k], sample_segmentation=False)
-            kept += [drawn.float()] if keep else []
-            drawn_A = drawn.float().cpu().numpy().astype(np.float64)
+            drawn = model.decode(latents[:, k], sample_segmentation=False)[0].float()
+            if keep:
+                kept.append(drawn)
+            drawn_A = drawn.cpu().numpy().astype(np.float64)
             weight = weights[:, k : k + 1]
             weight_sum += weight
             deviation_A = drawn_A - average_A
