@@ -1,5 +1,5 @@
 """How many posterior draws analysis takes per particle, and how: the accuracy of the posterior-mean structures and
-how well the predicted spread ranks the true errors, on runs trained by recovery_adk.py.
+how well the predicted uncertainty ranks the true errors, on runs trained by recovery_adk.py.
 
 Run: .venv/bin/python benchmarks/posterior_draws.py WORK [WORK ...] [--draws 16 64] [--particles N]
      [--out benchmarks/results/posterior_draws.json]
@@ -7,7 +7,7 @@ WORK is a recovery_adk.py work folder of one SNR (it holds data/truth.npz and ru
 kinds of draws: "independent", standard normal draws as analysis took them before, and "quasi-random", the randomised
 quasi-Monte Carlo draws it takes now (cryoflex.analysis.predict.posterior_noise). Each particle's draws are weighted
 by the model's likelihood and decoded as analysis does; prints median RMSD to the truth and the Spearman correlation
-of the mean per-residue spread with that RMSD, and writes JSON.
+of each particle's expected RMSD (the uncertainty analysis reports) with that RMSD, and writes JSON.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def independent_noise(seed: int, positions: np.ndarray, samples: int, latent_dim
 
 
 def score(work: Path, noise: Noise, samples: int, particles: int | None) -> dict:
-    """Posterior-mean structures and spreads of the first `particles` particles with these draws, against the truth."""
+    """Posterior-mean structures and expected RMSDs of the first `particles` particles with these draws, against the
+    truth."""
     run = load_run(work / "run", device="cpu")
     truth = np.load(work / "data" / "truth.npz")
     truth_A = truth["conformations_A"][truth["conformation_index"]]
@@ -64,9 +65,9 @@ def score(work: Path, noise: Noise, samples: int, particles: int | None) -> dict
     finally:
         predict.posterior_noise = original
     predicted = np.concatenate([chunk.coords_A for chunk in chunks])
-    spread_A = np.concatenate([chunk.spread_A for chunk in chunks]).mean(axis=1)
+    expected_A = np.concatenate([chunk.expected_rmsd_A for chunk in chunks])
     error_A = rmsd_A(predicted, truth_A[positions])
-    return dict(median_rmsd_A=float(np.median(error_A)), spread_error_spearman=float(spearmanr(spread_A, error_A)[0]),
+    return dict(median_rmsd_A=float(np.median(error_A)), spread_error_spearman=float(spearmanr(expected_A, error_A)[0]),
                 particles=len(positions), seconds=seconds)  # fmt: skip
 
 

@@ -67,3 +67,16 @@ def test_bayes_oracle_ideal_model_frames_are_the_rigid_fits() -> None:
     np.testing.assert_allclose(np.sqrt(np.square(fitted[2] - frames).sum(-1).mean(-1)), floor_A, rtol=1e-9, atol=1e-9)
     assert floor_A.max() > 0.1
     np.testing.assert_allclose(fitted_frames_A(nominal, frames, coarser), fitted[2], atol=1e-12)
+
+
+def test_bayes_oracle_expected_rmsd_is_the_weighted_mean_rmsd_from_the_estimate() -> None:
+    """bayes_oracle.py's uncertainty: sum_k w_k RMSD(X_k, estimate), zero where all weight is on the estimate itself."""
+    from bayes_oracle import expected_rmsd_A
+
+    _, frames = _frames(4, seed=3)
+    weights = np.array([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 1.0, 0.0]])
+    estimate = np.stack([frames.mean(0), frames[2]])
+    direct = [sum(w * np.sqrt(np.square(frame - x).sum(-1).mean()) for w, frame in zip(row, frames, strict=True))
+              for row, x in zip(weights, estimate, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(expected_rmsd_A(weights, frames, estimate), direct, rtol=1e-12)
+    assert direct[0] > 0.1 and direct[1] == 0.0
