@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--pixel-size-A", type=float, default=2.0)
     parser.add_argument("--downsample", type=int)
     parser.add_argument("--segments", type=int, help="(default: the training default)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the simulated images and the training")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="training settings (YAML values)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cryoflex_recovery"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery_adk.json"))
@@ -236,7 +237,7 @@ def main() -> None:
             shutil.rmtree(work)
         row = run_recovery(
             work, snr=snr, n_images=args.n_images, epochs=args.epochs, box_size_px=args.box_px,
-            pixel_size_A=args.pixel_size_A, downsample=args.downsample,
+            pixel_size_A=args.pixel_size_A, downsample=args.downsample, seed=args.seed,
             train_overrides={**settings, **({} if args.segments is None else {"segments": args.segments})},
         )  # fmt: skip
         rows.append(row)
