@@ -35,6 +35,7 @@ from rigid_floor import runs_of
 
 from cryoflex.analysis.metrics import rmsd_A
 from cryoflex.analysis.predict import (
+    LatentPosterior,
     decode_latents,
     importance_log_weights,
     latent_posteriors,
@@ -72,11 +73,11 @@ def ideal_mean_A(nominal_A: np.ndarray, truth_A: np.ndarray, labels: np.ndarray)
 class Objective:
     """The training objective of fixed particles and fixed draws, as a function of the decoder's output bias only."""
 
-    def __init__(self, run: TrainedRun, positions: np.ndarray):
+    def __init__(self, run: TrainedRun, posteriors: LatentPosterior, positions: np.ndarray):
         model, config = run.model, run.config
         self.model, self.config = model, config
         self.samples = max(config.importance_samples, 1)
-        posterior = latent_posteriors(model, run.dataset).subset(positions)
+        posterior = posteriors.subset(positions)
         chunks = [positions[start : start + CHUNK].tolist() for start in range(0, len(positions), CHUNK)]
         self.batches = list(particle_loader(run.dataset, chunks, num_workers=0))
         self.means = torch.as_tensor(posterior.mean).split(CHUNK)
@@ -119,9 +120,11 @@ class Objective:
         return np.concatenate(bounds), total
 
 
-def posterior_mean_rmsd_A(run: TrainedRun, positions: np.ndarray, truth_A: np.ndarray) -> float:
+def posterior_mean_rmsd_A(
+    run: TrainedRun, posteriors: LatentPosterior, positions: np.ndarray, truth_A: np.ndarray
+) -> float:
     """Median RMSD to the truth of analysis's posterior-mean structures of these particles."""
-    posterior = latent_posteriors(run.model, run.dataset).subset(positions)
+    posterior = posteriors.subset(positions)
     log_weights = importance_log_weights(
         run.model, run.dataset, posterior, samples=SCORE_DRAWS, seed=SEED, positions=positions
     )
@@ -181,14 +184,15 @@ def fit(work: Path, n_fit: int, n_held_out: int, iterations: int) -> dict:
         parameter.requires_grad_(False)
     bias = model.decoder.net[-1].bias
     bias.requires_grad_(True)
-    objectives = {"fitted": Objective(run, fitted), "held_out": Objective(run, held_out)}
+    posteriors = latent_posteriors(model, run.dataset)  # the encoder is not refitted: its posteriors hold throughout
+    objectives = {"fitted": Objective(run, posteriors, fitted), "held_out": Objective(run, posteriors, held_out)}
 
     def state() -> dict:
         figures: dict = {"offset": population_offset(run, ideal_A)}
         for name, objective in objectives.items():
             figures[f"{name}_bounds"], figures[f"{name}_loss"] = objective.per_image(with_grad=False)
             scored = (fitted if name == "fitted" else held_out)[:SCORED]
-            figures[f"{name}_median_rmsd_A"] = posterior_mean_rmsd_A(run, scored, truth_A)
+            figures[f"{name}_median_rmsd_A"] = posterior_mean_rmsd_A(run, posteriors, scored, truth_A)
         return figures
 
     started = time.perf_counter()
