@@ -111,3 +111,14 @@ def test_a_run_saved_before_a_density_or_rendering_setting_renders_as_the_origin
     assert getattr(load_run_config(path), setting) == earlier
     with pytest.raises(CryoflexInputError, match=setting):
         load_config(None, {"particles": "p.star", "structure": "s.pdb", setting: invalid})
+
+
+def test_a_run_saved_before_the_segmentation_setting_keeps_drawing_segmentations(tmp_path: Path) -> None:
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
+    assert saved["sample_segmentation"] is False
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).sample_segmentation is False
+    del saved["sample_segmentation"]
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).sample_segmentation is True

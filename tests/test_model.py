@@ -410,3 +410,18 @@ def test_the_rendering_setting_reaches_the_image_formation(data_dir, rendering: 
     config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "rendering": rendering})
     model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0)
     assert model.formation.band_limited == (rendering == "band_limited")
+
+
+def test_training_draws_the_segmentation_only_when_asked() -> None:
+    """sample_segmentation False: every training step decodes with the posterior-mean segmentation, as analysis does;
+    True (the original's): with a draw from its variational posterior."""
+    model = _model_with_density_offsets(points=1)
+    batch = ParticleBatch(torch.randn(2, 16, 16), PoseBatch(torch.eye(3).expand(2, 3, 3), torch.zeros(2, 2)),
+                          CTFBatch.from_values(torch.full((2,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1),
+                          torch.arange(2))  # fmt: skip
+    mean_assignment = model.segmentation(False)
+    model.train()
+    model.sample_segmentation = False
+    torch.testing.assert_close(model(batch, samples=2).assignment, mean_assignment, rtol=0, atol=0)
+    model.sample_segmentation = True
+    assert (model(batch, samples=2).assignment - mean_assignment).abs().max() > 1e-4

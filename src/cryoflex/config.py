@@ -51,6 +51,10 @@ class TrainConfig:
     parts: list[str] = field(default_factory=list)  # e.g. ["A:1-120:3", "B:4"]; empty = whole structure
     latent_dim: int = 8
     tau: float = 20.0
+    # train with the segmentation's posterior mean, the one analysis decodes with (false), or with draws from the
+    # mixture's variational posterior (true, the original's): draws biased the learned motions at low SNR
+    # (docs/low_snr.md, "The segmentation: one for training and analysis")
+    sample_segmentation: bool = False
     sigma_A: float = 2.0  # the Gaussians' width; with learn_sigma, where the learned width starts
     learn_sigma: bool = True  # learn the width from the images (a maximum-likelihood constant, like the noise)
     density: str = "residue_centroid"  # residue_centroid | backbone_side_chain | pseudo_atom (DENSITIES)
@@ -180,11 +184,13 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
     the code then worked: with 1 - correlation (likelihood), an encoder that read the full box, every residue
-    rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering)."""
+    rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering), with segmentations drawn
+    from their posterior (sample_segmentation)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
     earlier: dict[str, Any] = {
         "likelihood": "correlation", "encoder_downsample": 1, "density": "pseudo_atom", "rendering": "point",
+        "sample_segmentation": True,
     }  # fmt: skip
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 

@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="band_limited (default: each image's spectrum up to the box's Nyquist frequency, as a "
                             "Fourier-cropped particle holds it) or point (the Gaussians' values at the pixel "
                             "centres, the original's; these alias where the pixels are coarse against sigma)")
+    model.add_argument("--sample-segmentation", action="store_true", default=None,
+                       help="train with a segmentation drawn from its posterior each step (the original's) instead "
+                            "of its posterior mean, the segmentation analysis decodes with")
     run = parser.add_argument_group("training")
     run.add_argument("--likelihood", choices=LIKELIHOODS,
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "
@@ -122,7 +125,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "learn_sigma", "density",
-        "rendering",
+        "rendering", "sample_segmentation",
         "likelihood", "importance_samples", "epochs", "batch_size", "learning_rate", "lr_schedule",
         "validation_fraction", "early_stopping_patience", "downsample", "invert_contrast", "device", "precision",
         "compile", "num_workers", "threads", "seed", "cache", "progress",

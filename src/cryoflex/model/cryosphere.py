@@ -84,6 +84,9 @@ class CryoSphere(nn.Module):
         # matches, and a width the images prefer renders them better (docs/conventions.md, "Density").
         self.log_sigma_A = nn.Parameter(torch.tensor(math.log(formation.sigma_A)))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
+        # Training decodes with the segmentation's posterior mean, as analysis does, unless this is set: then with a
+        # draw from its variational posterior each step (the original cryoSPHERE; TrainConfig.sample_segmentation).
+        self.sample_segmentation = False
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -180,10 +183,10 @@ class CryoSphere(nn.Module):
         return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
 
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
-        """Training mode samples `samples` latents per image and the segmentation; evaluation mode decodes the posterior
-        means once per image. One draw is reparameterised (the encoder learns through it: the evidence lower bound);
-        several are proposals for an importance-weighted bound, detached from the encoder, which learns from their
-        weights instead (cryoflex.model.losses.importance_weighted_bound)."""
+        """Training mode samples `samples` latents per image (and the segmentation, if sample_segmentation);
+        evaluation mode decodes the posterior means once per image. One draw is reparameterised (the encoder learns
+        through it: the evidence lower bound); several are proposals for an importance-weighted bound, detached from
+        the encoder, which learns from their weights instead (cryoflex.model.losses.importance_weighted_bound)."""
         with self._network_precision(batch.images.device):
             latent_mean, latent_std = self.encoder(batch.images)
         latent_mean, latent_std = latent_mean.float(), latent_std.float()
@@ -197,7 +200,9 @@ class CryoSphere(nn.Module):
             latent = (latent_mean[:, None] + latent_std[:, None] * noise).flatten(0, 1).detach()
             rows = torch.arange(len(latent_mean), device=latent_mean.device).repeat_interleave(samples)
             poses, ctf = poses[rows], ctf[rows]
-        coords_A, density_A, assignment = self.decode_with_density(latent, sample_segmentation=self.training)
+        coords_A, density_A, assignment = self.decode_with_density(
+            latent, sample_segmentation=self.training and self.sample_segmentation
+        )
         images = self.render(density_A, poses, ctf)
         return ModelOutput(
             predicted_images=images,

@@ -179,6 +179,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         torch.as_tensor(shares, dtype=torch.float32),
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
+    model.sample_segmentation = config.sample_segmentation
     return model
 
 
