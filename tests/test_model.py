@@ -412,6 +412,16 @@ def test_the_rendering_setting_reaches_the_image_formation(data_dir, rendering: 
     assert model.formation.band_limited == (rendering == "band_limited")
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_the_segmentation_setting_reaches_the_model(data_dir, sample: bool) -> None:
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import build_model
+
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2,
+                                "sample_segmentation": sample})  # fmt: skip
+    assert build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0).sample_segmentation is sample
+
+
 def test_training_draws_the_segmentation_only_when_asked() -> None:
     """sample_segmentation False: every training step decodes with the posterior-mean segmentation, as analysis does;
     True (the original's): with a draw from its variational posterior."""
