@@ -170,9 +170,11 @@ def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: P
     table = pd.read_csv(out / "per_particle_uncertainty.csv")
     assert list(table.columns) == ["particle", "expected_rmsd_A", "rank"]
     assert table["particle"].tolist() == read_metadata(tiny_adk_dataset / "particles.star").names.tolist()
-    # the mean of the draws' RMSDs is at most their root mean square, the RMS over residues of the spread (Jensen)
+    # the mean of the draws' RMSDs is at most their root mean square, the RMS over residues of the spread (Jensen),
+    # to the float32 resolution of coordinates of tens of A (a particle whose weights sit on one draw has both at
+    # rounding level: 1e-30 A against 0 in one run)
     rms_spread = np.sqrt(np.mean(spread.astype(np.float64) ** 2, axis=1))
-    assert np.all(table["expected_rmsd_A"] <= rms_spread * (1 + 1e-5) + 1e-30)
+    assert np.all(table["expected_rmsd_A"] <= rms_spread * (1 + 1e-5) + 1e-5)
     assert np.all(table["expected_rmsd_A"][rms_spread > 1e-3] > 0)
     assert sorted(table["rank"]) == list(range(1, 41))
     assert table.sort_values("rank")["expected_rmsd_A"].is_monotonic_increasing
