@@ -10,12 +10,13 @@ expectation; it bounds what the benchmark's targets can ask for. The posterior m
 RMSD; the targets count RMSD, whose least expected value belongs to the posterior's geometric median, also reported.
 How well uncertainty can rank the errors: the Spearman correlation with the posterior mean's RMSD of its RMS spread
 and of its expected RMSD (the posterior-weighted RMSD of the frames from it, what cryoflex analysis reports).
---box-px 32 repeats it on the Fourier-cropped images that training at --downsample 32 sees (noise variance measured
-from the residual of the true frame); --scale-per-image repeats it with each image's scale fitted, as cryoflex's
-likelihood once did. --segments K [K ...] adds, for each K, the ideal K-segment model: the same exact posterior, but
-every frame replaced by its best rigid fit with the best contiguous K-segmentation of the trajectory (rigid_floor.py),
-which is what a cryoSPHERE model with K segments, a perfect decoder and an exact posterior would average. Prints a
-table and writes JSON.
+--box-px 32 repeats it on the Fourier-cropped images that training at --downsample 32 sees (each frame rendered in the
+full box and cropped the same way; noise variance measured from the residual of the true frame). On
+recovery_all_atom.py's particles it renders every heavy atom, as they were made. --scale-per-image repeats it with
+each image's scale fitted, as cryoflex's likelihood once did. --segments K [K ...] adds, for each K, the ideal
+K-segment model: the same exact posterior, but every frame replaced by its best rigid fit with the best contiguous
+K-segmentation of the trajectory (rigid_floor.py), which is what a cryoSPHERE model with K segments, a perfect decoder
+and an exact posterior would average. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rigid_floor import best_contiguous_cuts, labels_of, runs_of, segment_costs_
 from scipy.stats import spearmanr
 
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A
-from cryoflex.data.downsample import downsampled_pixel_size_A, fourier_crop
+from cryoflex.data.downsample import fourier_crop
 from cryoflex.geometry.superposition import superpose_A
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
@@ -65,11 +66,15 @@ def frame_log_likelihoods(
     """
     truth = np.load(data_dir / "truth.npz")
     metadata = read_metadata(data_dir / "particles.star")
-    frames = torch.as_tensor(truth["conformations_A"], dtype=torch.float32)
-    amplitudes = torch.as_tensor(truth["amplitudes_e"], dtype=torch.float32)
+    # the particles' own density: every heavy atom for recovery_all_atom.py's particles, else the scored frames
+    rendered = "rendered_frames_A" if "rendered_frames_A" in truth else "conformations_A"
+    frames = torch.as_tensor(truth[rendered], dtype=torch.float32)
+    amplitudes = torch.as_tensor(truth["rendered_amplitudes_e" if "rendered_frames_A" in truth else "amplitudes_e"],
+                                 dtype=torch.float32)
     full_box = metadata.box_size_px
-    pixel_A = downsampled_pixel_size_A(float(truth["pixel_size_A"]), full_box, box_px)
-    formation = ImageFormation(box_px, pixel_A, float(truth["sigma_A"]))
+    # rendered as the particles were, in the full box, then Fourier-cropped as they are: exact at any box (a render
+    # at the cropped box would alias narrow Gaussians, e.g. atoms of 1.5 A on 4 A pixels)
+    formation = ImageFormation(full_box, float(truth["pixel_size_A"]), float(truth["sigma_A"]))
     poses = PoseBatch(torch.as_tensor(metadata.rotations, dtype=torch.float32),
                       torch.as_tensor(metadata.shifts_A, dtype=torch.float32))  # fmt: skip
     ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
@@ -87,8 +92,10 @@ def frame_log_likelihoods(
             b = stop - start
             rows = torch.arange(start, stop).repeat_interleave(n_frames)
             coords = frames.repeat(b, 1, 1)
-            clean = formation.images(coords, amplitudes, poses[rows], ctf[rows]).reshape(b, n_frames, box_px, box_px)
-            clean = clean.double().flatten(2)
+            clean = formation.images(coords, amplitudes, poses[rows], ctf[rows])
+            if box_px != full_box:
+                clean = fourier_crop(clean, box_px)
+            clean = clean.reshape(b, n_frames, box_px * box_px).double()
             images = observed[start:stop, None].flatten(2)
             residual_sq[start:stop] = (images - clean).square().sum(-1)
             clean = clean - clean.mean(-1, keepdim=True)

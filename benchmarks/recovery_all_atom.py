@@ -68,6 +68,8 @@ def simulate_all_atom(out: Path, *, snr: float, n_images: int, atom_sigma_A: flo
     star = simulate_dataset(atoms, simulation, data, progress=False)
     is_ca = heavy.names == "CA"
     truth = dict(np.load(data / "truth.npz"))
+    # what the particles were rendered from, for the Bayes oracle (bayes_oracle.py renders these when present)
+    truth["rendered_frames_A"], truth["rendered_amplitudes_e"] = truth["conformations_A"], truth["amplitudes_e"]
     truth["conformations_A"] = atoms.coords_A[:, is_ca].astype(np.float32)
     truth["amplitudes_e"] = read_trajectory(DATA / "adk.psf", DATA / "adk_dims.dcd").amplitudes_e
     np.savez(data / "truth.npz", **truth)
