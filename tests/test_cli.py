@@ -179,8 +179,8 @@ def test_commands_share_flag_names():
     assert len(set(helps.values())) == 1, helps
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], False), (["--sample-segmentation"], True)])
-def test_train_samples_the_segmentation_only_when_asked(flags: list[str], expected: bool) -> None:
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--mean-segmentation"], False)])
+def test_train_samples_the_segmentation_unless_asked_for_its_mean(flags: list[str], expected: bool) -> None:
     from cryoflex.cli.train import resolve_config
 
     args = build_parser().parse_args(["train", "--out", "run", "--particles", "p.star", "--structure", "s.pdb", *flags])

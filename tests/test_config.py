@@ -114,7 +114,7 @@ def test_a_run_saved_before_a_density_or_rendering_setting_renders_as_the_origin
 
 
 def test_a_run_saved_before_the_segmentation_setting_keeps_drawing_segmentations(tmp_path: Path) -> None:
-    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb", "sample_segmentation": False}).to_dict()
     assert saved["sample_segmentation"] is False
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(saved))

@@ -86,9 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="band_limited (default: each image's spectrum up to the box's Nyquist frequency, as a "
                             "Fourier-cropped particle holds it) or point (the Gaussians' values at the pixel "
                             "centres, the original's; these alias where the pixels are coarse against sigma)")
-    model.add_argument("--sample-segmentation", action="store_true", default=None,
-                       help="train with a segmentation drawn from its posterior each step (the original's) instead "
-                            "of its posterior mean, the segmentation analysis decodes with")
+    model.add_argument("--mean-segmentation", dest="sample_segmentation", action="store_false", default=None,
+                       help="train with the segmentation's posterior mean, the one analysis decodes with, instead of "
+                            "a draw from its posterior each step (the default, the original's): better at SNR 0.003 "
+                            "and below on 10,000 C-alpha particles, worse on particles of every atom at SNR 0.01-0.1")
     run = parser.add_argument_group("training")
     run.add_argument("--likelihood", choices=LIKELIHOODS,
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "

@@ -84,8 +84,8 @@ class CryoSphere(nn.Module):
         # matches, and a width the images prefer renders them better (docs/conventions.md, "Density").
         self.log_sigma_A = nn.Parameter(torch.tensor(math.log(formation.sigma_A)))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
-        # Training decodes with the segmentation's posterior mean, as analysis does, unless this is set: then with a
-        # draw from its variational posterior each step (the original cryoSPHERE; TrainConfig.sample_segmentation).
+        # Set (by TrainConfig.sample_segmentation, true by default, the original's): training decodes with a draw
+        # from the segmentation's variational posterior each step; unset: with its posterior mean, as analysis does.
         self.sample_segmentation = False
         self.deformation = deform
 
