@@ -67,10 +67,12 @@ def frame_log_likelihoods(
     truth = np.load(data_dir / "truth.npz")
     metadata = read_metadata(data_dir / "particles.star")
     # the particles' own density: every heavy atom for recovery_all_atom.py's particles, else the scored frames
-    rendered = "rendered_frames_A" if "rendered_frames_A" in truth else "conformations_A"
-    frames = torch.as_tensor(truth[rendered], dtype=torch.float32)
-    amplitudes = torch.as_tensor(truth["rendered_amplitudes_e" if "rendered_frames_A" in truth else "amplitudes_e"],
-                                 dtype=torch.float32)
+    every_atom = "rendered_frames_A" in truth
+    frames_key, amplitudes_key = (
+        ("rendered_frames_A", "rendered_amplitudes_e") if every_atom else ("conformations_A", "amplitudes_e")
+    )
+    frames = torch.as_tensor(truth[frames_key], dtype=torch.float32)
+    amplitudes = torch.as_tensor(truth[amplitudes_key], dtype=torch.float32)
     full_box = metadata.box_size_px
     # rendered as the particles were, in the full box, then Fourier-cropped as they are: exact at any box (a render
     # at the cropped box would alias narrow Gaussians, e.g. atoms of 1.5 A on 4 A pixels)
