@@ -53,7 +53,7 @@ class TrainConfig:
     tau: float = 20.0
     # train with a segmentation drawn from the mixture's variational posterior each step (true, the original's) or
     # with its posterior mean, the one analysis decodes with (false): the mean was 0.04-0.10 A better at SNR
-    # 0.003-0.0003 on 10,000 C-alpha particles, 0.10-0.14 A worse on particles of every atom at SNR 0.01-0.1 and
+    # 0.003-0.0003 on 10,000 C-alpha particles, 0.07-0.14 A worse on particles of every atom at SNR 0.01-0.1 and
     # 0.10 A worse with 50,000 images at 0.001 (docs/low_snr.md, "The segmentation: one for training and analysis")
     sample_segmentation: bool = True
     sigma_A: float = 2.0  # the Gaussians' width; with learn_sigma, where the learned width starts
