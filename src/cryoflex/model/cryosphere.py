@@ -84,9 +84,9 @@ class CryoSphere(nn.Module):
         # matches, and a width the images prefer renders them better (docs/conventions.md, "Density").
         self.log_sigma_A = nn.Parameter(torch.tensor(math.log(formation.sigma_A)))
         self.network_bf16 = False  # run the encoder and decoder under bf16 autocast (CUDA); physics stays float32
-        # Set (by TrainConfig.sample_segmentation, true by default, the original's): training decodes with a draw
-        # from the segmentation's variational posterior each step; unset: with its posterior mean, as analysis does.
-        self.sample_segmentation = False
+        # Set (the original's; TrainConfig.sample_segmentation, true by default): training decodes with a draw from
+        # the segmentation's variational posterior each step; unset: with its posterior mean, as analysis does.
+        self.sample_segmentation = True
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

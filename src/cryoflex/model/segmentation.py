@@ -13,11 +13,11 @@ every segment centre towards residue 0 whatever the chain length): positions are
                                                                      residue (so never 0, never NaN),
   alpha_m ~ N(0, 1).
 Each of mu, s, alpha has a Gaussian variational posterior (learned mean and std, std = softplus + 1e-6), shared by all
-images. Evaluation uses the posterior means, so the same latent always decodes to the same structure, and so does
-training by default (TrainConfig.sample_segmentation false): the means are then a MAP estimate, the KL's mean term
-being their negative log prior, and the stds, which enter only the KL, relax to the prior's. With
-sample_segmentation (the original's) training draws them once per step (reparameterised); at low SNR, where the
-posterior is wide, the motions learned under those draws are biased for the mean segmentation (docs/low_snr.md).
+images. Evaluation uses the posterior means, so the same latent always decodes to the same structure. Training
+draws them once per step (reparameterised; TrainConfig.sample_segmentation, the default, the original's). With
+sample_segmentation false training uses the means too: they are then a MAP estimate, the KL's mean term being their
+negative log prior, and the stds, which enter only the KL, relax to the prior's (docs/low_snr.md, "The
+segmentation: one for training and analysis").
 """
 
 from __future__ import annotations
