@@ -12,8 +12,9 @@ bayes_oracle.geometric_median_A), the weighted medoid (the draw with the least e
 made, not an average) and the draw of largest weight. For each: median and mean RMSD to the truth, the
 LID-NMP distance correlation, the mean change of the radius of gyration against the truth's (averaging structures
 contracts them), and the Spearman correlation with the error of three uncertainty summaries of the same draws: the
-mean over residues of the per-residue spread (what analysis reports), its root mean square over residues, and the
-expected RMSD of a draw from the estimate. Prints a table and writes JSON.
+mean over residues of the per-residue spread (what analysis reported before the expected RMSD), its root mean
+square over residues, and the expected RMSD of a draw from the estimate (what analysis reports). Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import torch
 from cryoflex.cli import info as info_command
 from cryoflex.cli import main
 from cryoflex.errors import CryoflexOutputError
-from cryoflex.train.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from cryoflex.run_dir import RunDir
+from cryoflex.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _state(epoch: int) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def test_disk_full_says_so_and_keeps_the_last_checkpoint(tmp_path: Path, monkeyp
         save_checkpoint(tmp_path, _state(2))
 
     message = str(caught.value)
-    directory = checkpoint_dir(tmp_path)
+    directory = RunDir(tmp_path).checkpoints
     assert "the disk is full" in message
     assert f"bytes) free in {directory}" in message
     assert f"the last checkpoint, {directory / 'last.pt'}, is intact" in message
@@ -65,7 +66,7 @@ def test_torch_stream_failure_on_last_pt_is_reported(tmp_path: Path, monkeypatch
     assert "could not write the checkpoint: the write failed (basic_ios::clear: iostream error)" in message
     assert "last.pt, is intact" in message
     monkeypatch.undo()
-    directory = checkpoint_dir(tmp_path)
+    directory = RunDir(tmp_path).checkpoints
     assert load_checkpoint(directory / "last.pt")["epoch"] == 1
     assert load_checkpoint(directory / "epoch_0002.pt")["epoch"] == 2
     assert not list(directory.glob(".*"))

@@ -178,6 +178,14 @@ def test_cryosparc_class_alignments_and_imported_paths(data_dir: Path, tmp_path:
 # ------------------------------------------------------------------------------------------- RELION variants
 
 
+def test_a_record_names_a_known_format(data_dir: Path) -> None:
+    md = read_metadata(data_dir / "relion31.star")
+    values = {f.name: getattr(md, f.name) for f in fields(md)}
+    assert ParticleMetadata(**values).format == "relion3.1"
+    with pytest.raises(ValueError, match="format must be one of"):
+        ParticleMetadata(**{**values, "format": "relion4"})
+
+
 def test_relion31_values(data_dir: Path) -> None:
     md = read_metadata(data_dir / "relion31.star")
     raw = _relion31_blocks(data_dir)["particles"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cryoflex.analysis.latent import PNG_DPI
 from cryoflex.analysis.report import (
     ReportSection,
     read_metrics,
@@ -76,8 +77,8 @@ def test_training_curves_plot_one_panel_per_loss_term(tmp_path: Path) -> None:
     metrics = _metrics(tmp_path / "metrics.jsonl")
     assert len(read_metrics(metrics)) == 6
     png = training_curves_figure(metrics, tmp_path / "figures" / "training_curves.png")
-    # 6 terms -> 3 x 2 panels of 4.2 x 2.8 in at 100 dpi; counting seconds and images_per_s would give 3 rows.
-    assert _png_size(png) == (1260, 560)
+    # 6 terms -> 3 x 2 panels of 4.2 x 2.8 in; counting seconds and images_per_s would give 3 rows.
+    assert _png_size(png) == (round(3 * 4.2 * PNG_DPI), round(2 * 2.8 * PNG_DPI))
     assert [p.name for p in png.parent.iterdir()] == ["training_curves.png"]
 
 

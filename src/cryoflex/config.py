@@ -26,6 +26,7 @@ DENSITIES = ("residue_centroid", "backbone_side_chain", "pseudo_atom")
 # centres (the original's)
 RENDERINGS = ("band_limited", "point")
 LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
+PRECISIONS = ("auto", "fp32", "bf16")  # the networks' arithmetic: auto = bf16 on CUDA, fp32 elsewhere
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
 CORRELATION_WEIGHTS = {"latent_kl_weight": 1e-3, "continuity_weight": 1e-2, "clash_weight": 1e-2}
@@ -125,7 +126,7 @@ class TrainConfig:
             ("downsample", self.downsample is None or (self.downsample >= 8 and self.downsample % 2 == 0),
              "downsample to an even box of at least 8 pixels"),
             ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "use auto, cpu or cuda"),
-            ("precision", self.precision in ("auto", "fp32", "bf16"), "use auto, fp32 or bf16"),
+            ("precision", self.precision in PRECISIONS, f"use {', '.join(PRECISIONS)}"),
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),

@@ -43,8 +43,8 @@ _SEGMENTS_CAPTION = (
 )
 _TRACE_CAPTION = "The nominal C-alpha trace coloured by most probable segment, seen down z (left) and down y (right)"
 _TRAINING_CAPTION = (
-    "Loss terms against the training step: logged steps (line) and epoch means (dots); 1 - correlation is the "
-    "image term, 0 for a perfect prediction"
+    "Loss terms against the training step: logged steps (line) and epoch means (dots); the image term is "
+    "-log p(image | structure) in nats (image_nll), or 1 - correlation with the original objective"
 )
 _UNCERTAINTY_CAPTION = (
     "How sure the model is of each particle's structure: the expected RMSD of the structures decoded from {samples} "

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
-from cryoflex.analysis.reconstruct import GroupMaps, accumulator_bytes
+from cryoflex.analysis.fsc import resolution_at
+from cryoflex.analysis.reconstruct import GroupMaps, group_maps, half_map_fsc, maps_per_pass
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.data.dataset import ParticleDataset
 from cryoflex.errors import CryoflexInputError
-from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_from_fsc
+from cryoflex.imaging.backprojection import FourierAccumulator, wiener_from_fsc
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.model.cryosphere import CryoSphere
@@ -183,7 +183,7 @@ class DeformedAccumulators:
         for body in self.bodies:
             half_a, half_b = self.halves.pop(body)
             map_a, map_b = half_a.volume().float().cpu(), half_b.volume().float().cpu()
-            _, fsc = _half_map_fsc(map_a, map_b, self.pixel_size_A)
+            _, fsc = half_map_fsc(map_a, map_b, self.pixel_size_A)
             half_a.add(half_b)
             del half_b
             finished[body] = BodyMaps(map_a, map_b, half_a.volume(wiener_from_fsc(fsc)).float().cpu())
@@ -220,26 +220,10 @@ def deformed_maps(
     full = combine_bodies(torch.stack([b.full for b in ordered]), weights)
     static = ordered[-1]
     return DeformedMaps(
-        _group_maps("deformed", particle_indices, halves[0], halves[1], full, pixel_size_A),
-        _group_maps("consensus", particle_indices, static.half_a, static.half_b, static.full, pixel_size_A),
+        group_maps("deformed", particle_indices, halves[0], halves[1], full, pixel_size_A),
+        group_maps("consensus", particle_indices, static.half_a, static.half_b, static.full, pixel_size_A),
         weights,
     )
-
-
-def _half_map_fsc(half_a: torch.Tensor, half_b: torch.Tensor, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    return fourier_shell_correlation(half_a.cpu().numpy(), half_b.cpu().numpy(), pixel_size_A)
-
-
-def _group_maps(
-    name: str, particle_indices: np.ndarray, half_a: torch.Tensor, half_b: torch.Tensor, full: torch.Tensor,
-    pixel_size_A: float,
-) -> GroupMaps:  # fmt: skip
-    """GroupMaps from half maps and the full map: the halves' FSC, 0.143 resolution, filtered map (as the command)."""
-    frequency_per_A, fsc = _half_map_fsc(half_a, half_b, pixel_size_A)
-    resolution_A = resolution_at(frequency_per_A, fsc, 0.143)
-    box_A = full.shape[0] * pixel_size_A
-    filtered = lowpass(full, pixel_size_A, min(resolution_A, box_A)).float().cpu()
-    return GroupMaps(name, particle_indices, half_a, half_b, full, filtered, frequency_per_A, fsc, resolution_A)
 
 
 def combine_bodies(body_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -257,7 +241,7 @@ def model_body_weights(model: CryoSphere, box_size_px: int, voxel_size_A: float)
 
 def body_passes(n_bodies: int, box_size_px: int, padding: int, memory_budget_bytes: int) -> list[list[int]]:
     """Bodies 0..n-1 split into passes whose accumulators (two per body) fit in memory_budget_bytes together."""
-    per_pass = max(1, memory_budget_bytes // (2 * accumulator_bytes(box_size_px, padding)))
+    per_pass = maps_per_pass(box_size_px, padding, memory_budget_bytes)
     return [list(range(start, min(start + per_pass, n_bodies))) for start in range(0, n_bodies, per_pass)]
 
 
@@ -318,7 +302,7 @@ def masked_fsc(maps: GroupMaps, mask: torch.Tensor | None, pixel_size_A: float) 
     half_a, half_b = maps.half_a.cpu(), maps.half_b.cpu()
     if mask is not None:
         half_a, half_b = half_a * mask.cpu(), half_b * mask.cpu()
-    frequency_per_A, fsc = _half_map_fsc(half_a, half_b, pixel_size_A)
+    frequency_per_A, fsc = half_map_fsc(half_a, half_b, pixel_size_A)
     return frequency_per_A, fsc, resolution_at(frequency_per_A, fsc, 0.143)
 
 

@@ -1,8 +1,9 @@
 """A trained run against the ground truth of a simulation: structure RMSD, distances, FSC of volumes, clashes.
 
 The truth is the truth.npz that `cryoflex simulate` writes: for every particle (matched by name, never by
-position) the index of its conformation, and the conformations in the model frame. Predicted structures decode
-the posterior mean latent of each image with the mean segmentation (deterministic).
+position) the index of its conformation, and the conformations in the model frame. Each predicted structure is
+the particle's posterior mean, as analysis gives it: structures decoded from draws of q(z | image) with the mean
+segmentation, importance-weighted for a model trained with the Gaussian likelihood.
 
 Baselines, so that a number means something: "nominal" predicts the run's nominal structure for every image;
 "best fixed" predicts, for every image, the one truth conformation whose median direct RMSD to all images is
@@ -27,9 +28,9 @@ from scipy.spatial import cKDTree
 from scipy.stats import pearsonr, spearmanr
 
 from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
-from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
+from cryoflex.analysis.fsc import FSC_THRESHOLDS, fourier_shell_correlation, resolution_at
 from cryoflex.analysis.latent import new_figure, save_figure
-from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A, superposed_rmsd_A
+from cryoflex.analysis.metrics import centroid_distance_A, json_number, rmsd_A, superposed_rmsd_A
 from cryoflex.analysis.predict import (
     check_posterior_options,
     particle_posteriors,
@@ -38,7 +39,7 @@ from cryoflex.analysis.predict import (
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import gaussian_volume
-from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 EVAL_JSON = "eval.json"
 CLASH_CUTOFF_A = 4.0
-FSC_THRESHOLDS = (0.5, 0.143)
 _TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
 _FRAME_WARNING_RMSD_A = 1.0
 
@@ -139,13 +139,8 @@ def clash_count(coords_A: np.ndarray, chain_ids: np.ndarray, cutoff_A: float = C
     return int(np.sum(close & ~consecutive))
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN or infinity: those become null."""
-    return float(value) if math.isfinite(value) else None
-
-
 def _stats(values: np.ndarray) -> dict[str, float | None]:
-    return {"median": _finite(float(np.median(values))), "mean": _finite(float(np.mean(values)))}
+    return {"median": json_number(float(np.median(values))), "mean": json_number(float(np.mean(values)))}
 
 
 def _correlations(predicted: np.ndarray, true: np.ndarray) -> tuple[float, float]:
@@ -209,7 +204,7 @@ def _fsc_summary(
         entry: dict[str, Any] = {}
         for threshold in FSC_THRESHOLDS:
             resolutions = np.array([resolution_at(frequency, fsc, threshold) for fsc in per_sample])
-            entry[f"median_resolution_A_at_{threshold:g}"] = _finite(float(np.median(resolutions)))
+            entry[f"median_resolution_A_at_{threshold:g}"] = json_number(float(np.median(resolutions)))
         mean_curves[name] = np.mean(per_sample, axis=0)
         entry["mean_fsc"] = mean_curves[name].tolist()
         summary[name] = entry
@@ -304,7 +299,7 @@ def _distance_section(
         true_distances.append(true)
         pearson, spearman = _correlations(predicted, true)
         entries.append({
-            "group_a": spec_a, "group_b": spec_b, "pearson": _finite(pearson), "spearman": _finite(spearman),
+            "group_a": spec_a, "group_b": spec_b, "pearson": json_number(pearson), "spearman": json_number(spearman),
             "predicted_range_A": [float(predicted.min()), float(predicted.max())],
             "true_range_A": [float(true.min()), float(true.max())],
         })  # fmt: skip
@@ -332,8 +327,10 @@ def _uncertainty_section(decoded: _Decoded, samples: int) -> dict[str, Any]:
     _, spearman = _correlations(expected, decoded.direct_rmsd_A)
     low, median, high = np.percentile(expected, [10, 50, 90])
     return {
-        "posterior_samples": samples, "spearman_expected_vs_true_rmsd": _finite(spearman),
-        "expected_rmsd_A": {"p10": _finite(float(low)), "median": _finite(float(median)), "p90": _finite(float(high))},
+        "posterior_samples": samples, "spearman_expected_vs_true_rmsd": json_number(spearman),
+        "expected_rmsd_A": {
+            "p10": json_number(float(low)), "median": json_number(float(median)), "p90": json_number(float(high)),
+        },
         "description": "expected RMSD = the weighted mean over the posterior samples of the RMSD of the structure "
                        "decoded from each from the posterior-mean structure; Spearman correlation of each image's "
                        "expected RMSD with the direct RMSD of its posterior-mean structure to the truth (null without "
@@ -484,20 +481,14 @@ def _write_plots(
     n_fsc_images: int,
 ) -> list[str]:
     """RMSD histograms, predicted vs true distance per group pair, mean FSC curves; returns the PNG names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
 
-    def save(fig: Any, name: str) -> None:
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
+    def save(fig: Figure, name: str) -> None:
+        save_figure(fig, out / name)
         written.append(name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4)
+    ax = fig.subplots()
     bins = np.histogram_bin_edges(np.concatenate(list(rmsd_per_image.values())), bins=40).tolist()
     for label, values in rmsd_per_image.items():
         ax.hist(values, bins=bins, histtype="step", label=f"{label} (median {np.median(values):.2f} A)")
@@ -506,7 +497,8 @@ def _write_plots(
     save(fig, "rmsd_histogram.png")
 
     for g, (entry, predicted, true) in enumerate(zip(distances, predicted_distances, true_distances, strict=True)):
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = new_figure(5, 5)
+        ax = fig.subplots()
         ax.scatter(true, predicted, s=4, alpha=0.5)
         low, high = min(true.min(), predicted.min()), max(true.max(), predicted.max())
         ax.plot([low, high], [low, high], color="grey", lw=1)
@@ -517,6 +509,5 @@ def _write_plots(
 
     frequency = fsc_curves["frequency_per_A"]
     curves = {name: fsc_curves[name] for name in ("prediction", "nominal")}
-    save_figure(fsc_figure(frequency, curves, n_fsc_images), out / "fsc.png")
-    written.append("fsc.png")
+    save(fsc_figure(frequency, curves, n_fsc_images), "fsc.png")
     return written

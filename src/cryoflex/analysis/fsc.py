@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The FSC values at which resolutions are reported: 0.5 (model against map) and 0.143 (half maps).
+FSC_THRESHOLDS = (0.5, 0.143)
+
 
 def _shell_index(box_size_px: int) -> np.ndarray:
     """(N, N, N//2 + 1) shell of each rfftn voxel: round(|k|) in Fourier voxels; N//2 + 1 marks beyond Nyquist."""

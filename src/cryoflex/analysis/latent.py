@@ -21,11 +21,11 @@ from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.atomic import atomic_path, save_npy_atomic, write_text_atomic
 
 CSV_FLOAT_FORMAT = "%.9g"  # round-trips float32 exactly
 _KMEANS_N_INIT = 10
-_PNG_DPI = 120
+PNG_DPI = 120
 _PNG_METADATA = {"Software": None}  # no library version in the file: same figure, same bytes
 
 
@@ -130,13 +130,6 @@ def traversal_latents(
     return embedding.latent_mean + steps[:, None] * embedding.principal_axes[component - 1]
 
 
-def _save_npy(path: Path, array: np.ndarray) -> Path:
-    """np.save atomically (through a file object, so no '.npy' is appended to the temporary name)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-    return path
-
-
 def embedding_table(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray) -> pd.DataFrame:
     """One row per particle: particle name, z1..zL, pc1[, pc2], cluster (1-based)[, umap1, umap2]."""
     if len(names) != embedding.latents.shape[0]:
@@ -164,7 +157,7 @@ def save_embedding(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray
     }
     if embedding.umap is not None:
         arrays["umap"] = embedding.umap
-    paths = [_save_npy(out_dir / f"{name}.npy", array) for name, array in arrays.items()]
+    paths = [save_npy_atomic(out_dir / f"{name}.npy", array) for name, array in arrays.items()]
     csv_path = out_dir / "latent_embedding.csv"
     write_text_atomic(csv_path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     return [*paths, csv_path]
@@ -179,7 +172,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
     """Render a figure to PNG with the Agg canvas and write it atomically."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_PNG_DPI, metadata=_PNG_METADATA)
+    figure.savefig(buffer, format="png", dpi=PNG_DPI, metadata=_PNG_METADATA)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return Path(path)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cryoflex.geometry.superposition import superpose_A
+
+
+def json_number(value: float) -> float | None:
+    """A float for JSON, which has no NaN or infinity: those become null (e.g. a resolution never reached)."""
+    return float(value) if math.isfinite(value) else None
 
 
 def rmsd_A(predicted_A: np.ndarray, truth_A: np.ndarray) -> np.ndarray:

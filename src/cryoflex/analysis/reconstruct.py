@@ -36,15 +36,16 @@ import pandas as pd
 import torch
 
 from cryoflex.analysis import report
-from cryoflex.analysis.fsc import fourier_shell_correlation, resolution_at
+from cryoflex.analysis.fsc import FSC_THRESHOLDS, fourier_shell_correlation, resolution_at
 from cryoflex.analysis.latent import CSV_FLOAT_FORMAT, cluster_colours, new_figure, save_figure
+from cryoflex.analysis.metrics import json_number
 from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.data.dataset import ParticleDataset
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_from_fsc
 from cryoflex.imaging.volume import gaussian_volume, write_volume_mrc
-from cryoflex.io.atomic import atomic_path, write_text_atomic
+from cryoflex.io.atomic import save_npy_atomic, write_text_atomic
 from cryoflex.io.metadata import read_metadata
 from cryoflex.io.structure import write_structure
 from cryoflex.progress import Progress
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 CONSENSUS = "consensus"
 HALF_SPLIT_NAME = "half_split.npy"
 MIN_PARTICLES_PER_HALF = 10
-FSC_THRESHOLDS = (0.5, 0.143)
 _STRUCTURES_PER_RENDER = 32  # decoded structures rendered as one set of pseudo-atoms (bounds the Gaussian tables)
 _CHIMERAX_COLOURS = (
     "cornflowerblue", "orange", "mediumseagreen", "crimson", "mediumpurple", "sienna", "hotpink", "gold",
@@ -120,8 +120,7 @@ def stored_half_split(path: Path, n_particles: int, seed: int) -> np.ndarray:
             return stored
         logger.warning("%s holds a split of %d particles, not %d: drawing a new one", path, stored.size, n_particles)
     in_half_a = half_split(n_particles, seed)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, in_half_a, allow_pickle=False)
+    save_npy_atomic(path, in_half_a)
     return in_half_a
 
 
@@ -239,23 +238,43 @@ def accumulator_bytes(box_size_px: int, padding: int) -> int:
     return 12 * n * n * (n // 2 + 1)
 
 
+def maps_per_pass(box_size_px: int, padding: int, memory_budget_bytes: int) -> int:
+    """How many maps, each two half accumulators, fit in memory_budget_bytes together (at least one)."""
+    return max(1, memory_budget_bytes // (2 * accumulator_bytes(box_size_px, padding)))
+
+
 def group_passes(names: Sequence[str], box_size_px: int, padding: int, memory_budget_bytes: int) -> list[list[str]]:
     """The groups split into passes whose two half accumulators each fit in memory_budget_bytes together."""
-    per_pass = max(1, memory_budget_bytes // (2 * accumulator_bytes(box_size_px, padding)))
+    per_pass = maps_per_pass(box_size_px, padding, memory_budget_bytes)
     return [list(names[start : start + per_pass]) for start in range(0, len(names), per_pass)]
+
+
+def half_map_fsc(half_a: torch.Tensor, half_b: torch.Tensor, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """The FSC between two half maps: (frequencies per A, values), one per shell."""
+    return fourier_shell_correlation(half_a.cpu().numpy(), half_b.cpu().numpy(), pixel_size_A)
+
+
+def group_maps(
+    name: str, particle_indices: np.ndarray, half_a: torch.Tensor, half_b: torch.Tensor, full: torch.Tensor,
+    pixel_size_A: float, fsc_curve: tuple[np.ndarray, np.ndarray] | None = None,
+) -> GroupMaps:  # fmt: skip
+    """GroupMaps from half maps and the full map: the halves' FSC (fsc_curve, if already computed), the resolution at
+    0.143 and the full map low-passed there (at most to the box)."""
+    frequency_per_A, fsc = fsc_curve if fsc_curve is not None else half_map_fsc(half_a, half_b, pixel_size_A)
+    resolution_A = resolution_at(frequency_per_A, fsc, 0.143)
+    box_A = full.shape[0] * pixel_size_A
+    filtered = lowpass(full, pixel_size_A, min(resolution_A, box_A)).float().cpu()
+    return GroupMaps(name, particle_indices, half_a, half_b, full, filtered, frequency_per_A, fsc, resolution_A)
 
 
 def _finish_group(name: str, indices: np.ndarray, half_a: FourierAccumulator, half_b: FourierAccumulator,
                   pixel_size_A: float) -> GroupMaps:  # fmt: skip
     """Half-maps, their FSC and resolution, the Wiener-regularised full map and its filtered copy."""
     map_a, map_b = half_a.volume().float().cpu(), half_b.volume().float().cpu()
-    frequency_per_A, fsc = fourier_shell_correlation(map_a.numpy(), map_b.numpy(), pixel_size_A)
-    resolution_A = resolution_at(frequency_per_A, fsc, 0.143)
+    fsc_curve = half_map_fsc(map_a, map_b, pixel_size_A)
     half_a.add(half_b)
-    full = half_a.volume(wiener_from_fsc(fsc)).float().cpu()
-    box_A = map_a.shape[0] * pixel_size_A
-    full_filtered = lowpass(full, pixel_size_A, min(resolution_A, box_A)).float().cpu()
-    return GroupMaps(name, indices, map_a, map_b, full, full_filtered, frequency_per_A, fsc, resolution_A)
+    full = half_a.volume(wiener_from_fsc(fsc_curve[1])).float().cpu()
+    return group_maps(name, indices, map_a, map_b, full, pixel_size_A, fsc_curve)
 
 
 def reconstruct_groups(
@@ -370,18 +389,13 @@ def model_bias(maps: dict[str, GroupMaps], structure_maps: dict[str, torch.Tenso
 # ------------------------------------------------------------ outputs
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no infinity: None for a resolution that was never reached."""
-    return float(value) if math.isfinite(value) else None
-
-
 def fsc_rows(maps: dict[str, GroupMaps]) -> list[dict[str, Any]]:
     """One summary row per group: particles, halves, resolutions at 0.5 and 0.143."""
     return [
         {
             "group": name, "particles": int(group.particle_indices.size),
-            "resolution_0.5_A": _finite(resolution_at(group.frequency_per_A, group.fsc, 0.5)),
-            "resolution_0.143_A": _finite(group.resolution_A),
+            "resolution_0.5_A": json_number(resolution_at(group.frequency_per_A, group.fsc, 0.5)),
+            "resolution_0.143_A": json_number(group.resolution_A),
         }
         for name, group in maps.items()
     ]  # fmt: skip
@@ -445,9 +459,9 @@ def write_model_bias(bias: ModelBias, out_dir: Path) -> list[Path]:
     write_text_atomic(csv_path, table.to_csv(float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     document = {
         "groups": bias.groups,
-        "limit_A": _finite(bias.limit_A),
+        "limit_A": json_number(bias.limit_A),
         "mean_fsc": bias.mean_fsc.tolist(),
-        "resolution_0.5_A": [[_finite(v) for v in row] for row in bias.resolution_05_A],
+        "resolution_0.5_A": [[json_number(v) for v in row] for row in bias.resolution_05_A],
         "own_structures_best": bias.own_best,
         "summary": model_bias_summary(bias),
     }
@@ -547,7 +561,7 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_ready(item) for item in value]
     if isinstance(value, float | np.floating):
-        return _finite(float(value))
+        return json_number(float(value))
     return value
 
 

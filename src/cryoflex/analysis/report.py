@@ -19,6 +19,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from cryoflex.analysis.latent import save_figure
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.atomic import atomic_path
 
@@ -158,10 +159,7 @@ def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Pat
     if not _loss_terms(records):
         raise CryoflexInputError(path, "holds no loss values to plot", fix="train for at least one epoch first")
     figure = training_curves(records)
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    return out_png
+    return save_figure(figure, Path(out_png))
 
 
 # ------------------------------------------------------------ cryoflex reconstruct

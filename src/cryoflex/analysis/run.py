@@ -23,10 +23,6 @@ from cryoflex.train.setup import build_model, particle_dataset, placed_structure
 
 logger = logging.getLogger(__name__)
 
-# The checkpoints a command may ask for by name (--checkpoint); default: the last.
-CHECKPOINT_CHOICES = ("best", "last")
-
-
 @dataclass
 class TrainedRun:
     run_dir: Path

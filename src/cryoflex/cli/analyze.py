@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-particle structures: mean of K structures decoded from q(z | image), with their "
                              f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
                              "mean, no spread)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of k-means and UMAP (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of k-means, UMAP and the posterior draws (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)
 

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score the mean of K structures decoded from q(z | image), and rank errors by their "
                              f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
                              "mean)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the image samples and the posterior draws (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)
 

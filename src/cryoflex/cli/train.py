@@ -33,6 +33,7 @@ from cryoflex.config import (
     DUPLICATE_IMAGES,
     LIKELIHOODS,
     LR_SCHEDULES,
+    PRECISIONS,
     RENDERINGS,
     TrainConfig,
     load_config,
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     placement.add_argument("--centre-structure", action="store_true", default=None,
                            help="the particles are centred on the structure's centroid")
     model = parser.add_argument_group("model")
-    model.add_argument("--segments", type=int, help="number of segments (default 20)")
+    model.add_argument("--segments", type=int, help="the most segments (default 20)")
     model.add_argument("--parts", nargs="+", metavar="PART",
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")
@@ -80,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where each residue's density is rendered, when the structure file has its atoms: "
                             "residue_centroid (default: one Gaussian at the electron centroid of its heavy atoms), "
                             "backbone_side_chain (two, at the centroids of the backbone and of the side chain: more "
-                            "accurate at SNR 0.01-0.1, for a 1.5-2.2x longer step) or pseudo_atom (one at its "
+                            "accurate at SNR 0.01-0.1, for a 1.4-2.2x longer step) or pseudo_atom (one at its "
                             "C-alpha / C1')")
     model.add_argument("--rendering", choices=RENDERINGS,
                        help="band_limited (default: each image's spectrum up to the box's Nyquist frequency, as a "
@@ -95,8 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "
                           "correlation (the original cryoSPHERE loss, 1 - correlation with a hand-set KL weight)")
     run.add_argument("--importance-samples", type=int, metavar="K",
-                     help="latent draws per image in the evidence bound (default 8; 1 = the plain ELBO, about as "
-                          "good at SNR 0.01 and above, worse at 0.001, and 3x (214 residues) to 9x (2,750 "
+                     help="latent draws per image in the evidence bound (default 8; 1 = the plain ELBO, 0.04-0.07 A "
+                          "worse at SNR 0.01-0.1 on the AdK benchmark and 3x (214 residues) to 7x (2,750 "
                           "residues, 64 px) faster per step; the correlation loss always takes 1)")
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
     run.add_argument("--device", help=DEVICE_HELP)
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 networks on CUDA")
+    run.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 networks on CUDA")
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the deformation, for GPUs (slower on a CPU; ~1 min to compile)")
     run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")

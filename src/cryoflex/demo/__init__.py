@@ -50,8 +50,8 @@ class DemoSettings:
     epochs: int
     segments: int = 6
     sigma_A: float = 3.0
-    # One latent draw per image: at the demos' SNR (0.02, 0.1) it does as well as the default 8 and trains ~3x faster
-    # (docs/low_snr.md); the default is for SNR 0.001-like data.
+    # One latent draw per image: at the demos' SNR (0.02, 0.1) it trains ~3x faster than the default 8 for 0.04-0.07 A
+    # of accuracy on the AdK benchmark (docs/low_snr.md), which a demo can spare.
     importance_samples: int = 1
 
 
@@ -87,6 +87,7 @@ class DemoSummary:
             f"frame of the trajectory for every image: {self.best_fixed_median_rmsd_A:.2f} A)",
             f"  LID-NMP distance, predicted vs true: correlation {self.distance_correlation:.3f}",
             f"  report: {self.report_path}",
+            f"  scores against the truth: {self.eval_path}",
         ]
 
 

@@ -31,12 +31,6 @@ def cryosparc_rotvec_to_matrix(rotvec: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(Rotation.from_rotvec(rotvec).as_matrix().transpose(0, 2, 1))
 
 
-def matrix_to_cryosparc_rotvec(rotations: np.ndarray) -> np.ndarray:
-    """Rotation matrices (N, 3, 3) -> cryoSPARC rotation vectors (N, 3)."""
-    matrices = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3).transpose(0, 2, 1)
-    return Rotation.from_matrix(matrices).as_rotvec()
-
-
 def uniform_random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     """n Haar-uniform random rotation matrices (n, 3, 3), float64, reproducible from rng."""
     return Rotation.random(n, random_state=rng).as_matrix()

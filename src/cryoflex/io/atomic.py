@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from cryoflex.errors import CryoflexOutputError
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -120,3 +122,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """np.save atomically, without pickles (through a file object, so no '.npy' is appended to the temporary name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    return Path(path)

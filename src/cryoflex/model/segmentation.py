@@ -128,7 +128,6 @@ class Segmentation(nn.Module):
                 raise ValueError(f"part {part.label} overlaps another part")
             seen[part.residue_indices] = True
         self.n_residues = n_residues
-        self.labels = [part.label for part in parts]
         self.segments_per_part = [part.n_segments for part in parts]
         self.mixtures = nn.ModuleList(PartMixture(len(p.residue_indices), p.n_segments, tau=tau) for p in parts)
         for k, part in enumerate(parts):

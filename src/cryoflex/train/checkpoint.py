@@ -23,10 +23,6 @@ from cryoflex.run_dir import RunDir
 CHECKPOINT_FORMAT = 1
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return RunDir(run_dir).checkpoints
-
-
 def random_states() -> dict[str, Any]:
     """The states of every random generator training draws from."""
     states: dict[str, Any] = {

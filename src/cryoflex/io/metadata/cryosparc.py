@@ -12,7 +12,7 @@ import numpy as np
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.geometry.rotations import cryosparc_rotvec_to_matrix
-from cryoflex.io.atomic import atomic_path
+from cryoflex.io.atomic import save_npy_atomic
 from cryoflex.io.metadata.record import (
     ParticleMetadata,
     _assemble_ctf,
@@ -188,5 +188,4 @@ def write_cryosparc_subset(path: str | Path, metadata: ParticleMetadata, indices
             fix="restore the particle file the run was trained on",
             field="uid",
         )
-    with atomic_path(path) as tmp, tmp.open("wb") as handle:
-        np.save(handle, table[indices], allow_pickle=False)
+    save_npy_atomic(path, table[indices])

@@ -81,6 +81,8 @@ class ParticleMetadata:
     optics_table: pd.DataFrame | None
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         names = np.asarray(self.names, dtype=str)
         n = names.size
         set_ = object.__setattr__
