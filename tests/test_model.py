@@ -12,8 +12,9 @@ from cryoflex.data.downsample import fourier_crop
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.structure import read_structure
+from cryoflex.model import deformation
 from cryoflex.model.cryosphere import CryoSphere
-from cryoflex.model.deformation import assignment_bands, deform, rotation_matrices
+from cryoflex.model.deformation import assignment_bands, band_layers, deform, rotation_matrices
 from cryoflex.model.networks import Decoder, Encoder, encoder_box_px
 from cryoflex.model.segmentation import PartMixture, Segmentation, SegmentedPart, parse_parts
 
@@ -91,7 +92,14 @@ def test_parse_parts(data_dir) -> None:
         parse_parts(["A-3"], structure, default_segments=5)
 
 
-def test_soft_rotation_matches_scipy_and_is_identity_at_zero() -> None:
+@pytest.fixture(params=["layers", "segment by segment"])
+def rotation_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a deformation test through both forms of the chain of rotations (deform chooses by the structures' size)."""
+    monkeypatch.setattr(deformation, "LAYERED_MAX_POINTS", 10**12 if request.param == "layers" else 0)
+    return str(request.param)
+
+
+def test_soft_rotation_matches_scipy_and_is_identity_at_zero(rotation_form: str) -> None:
     """One segment with G = 0.4 everywhere rotates every residue by 0.4 w about the centre (Taylor branch too)."""
     generator = torch.Generator().manual_seed(1)
     points = torch.randn(50, 3, generator=generator, dtype=torch.float64)
@@ -108,7 +116,7 @@ def test_soft_rotation_matches_scipy_and_is_identity_at_zero() -> None:
     torch.testing.assert_close(still, points.expand(2, -1, -1), rtol=0, atol=1e-13)
 
 
-def test_hard_assignment_moves_each_segment_rigidly() -> None:
+def test_hard_assignment_moves_each_segment_rigidly(rotation_form: str) -> None:
     generator = torch.Generator().manual_seed(2)
     n, segments, batch = 90, 3, 4
     coords = torch.randn(n, 3, generator=generator, dtype=torch.float64) * 15
@@ -127,7 +135,7 @@ def test_hard_assignment_moves_each_segment_rigidly() -> None:
             np.testing.assert_allclose(after, expected, atol=1e-10)
 
 
-def test_deformation_gradients_are_finite_at_identity() -> None:
+def test_deformation_gradients_are_finite_at_identity(rotation_form: str) -> None:
     segmentation = _segmentation()
     coords = torch.randn(60, 3) * 10
     vectors = torch.zeros(2, 3, 3, requires_grad=True)
@@ -184,7 +192,7 @@ def test_compiled_deformation_matches_eager() -> None:
 
 
 @pytest.mark.parametrize("scale", [0.5, 1e-3, 0.0])
-def test_deformation_gradients_match_finite_differences(scale: float) -> None:
+def test_deformation_gradients_match_finite_differences(scale: float, rotation_form: str) -> None:
     """The hand-written backward passes (coefficients, segment rotations) against numerical derivatives, in float64,
     for every input, at ordinary, small (Taylor branch) and zero angles."""
     generator = torch.Generator().manual_seed(4)
@@ -195,7 +203,7 @@ def test_deformation_gradients_match_finite_differences(scale: float) -> None:
     assert torch.autograd.gradcheck(deform, (coords, assignment, vectors, translations))
 
 
-def test_banded_deformation_equals_the_dense_one() -> None:
+def test_banded_deformation_equals_the_dense_one(rotation_form: str) -> None:
     """Each segment's rotation touches only its band of residues (a sharp segmentation, two parts); the structures and
     the gradients of every input and of the mixtures' parameters equal those of rotating every residue by every
     segment, in float64."""
@@ -219,8 +227,48 @@ def test_banded_deformation_equals_the_dense_one() -> None:
         torch.testing.assert_close(banded, dense, rtol=1e-12, atol=1e-12)
     bands = assignment_bands(segmentation(False))
     assert [m for m, *_ in bands] == list(range(8))
-    assert sum(end - first for _, first, end, _ in bands) < 2 * n  # not 8 n: each band is about one segment
-    assert all(first >= 100 for m, first, _, _ in bands if m >= 6)  # part B's segments stay in part B
+    assert sum(end - first for _, first, end in bands) < 2 * n  # not 8 n: each band is about one segment
+    assert all(first >= 100 for m, first, _ in bands if m >= 6)  # part B's segments stay in part B
+
+
+def test_layers_keep_each_residues_rotations_in_segment_order() -> None:
+    """Every band entry lands in exactly one layer, and a residue's k-th band (in segment order) in layer k."""
+    bands = [(0, 0, 12), (1, 9, 25), (2, 22, 40), (3, 10, 14), (4, 38, 40)]
+    layers = band_layers(bands, 40, torch.device("cpu"))
+    packed = [(m, r) for m, first, end in bands for r in range(first, end)]  # the coefficients' order
+    seen = set()
+    for k, layer in enumerate(layers):
+        assert layer.everyone == (k == 0)  # every residue has a first band, no residue a second one here
+        assert torch.equal(layer.residues, layer.residues.sort().values) and len(set(layer.residues.tolist())) == len(
+            layer.residues
+        )  # fmt: skip
+        for residue, column, segment in zip(*(x.tolist() for x in layer[:3]), strict=True):
+            assert packed[column] == (segment, residue)
+            assert sorted(m for m, r in packed if r == residue)[k] == segment
+            seen.add(column)
+    assert seen == set(range(len(packed))) and len(layers) == 3  # residues 10-11 lie in three bands
+
+
+def test_both_forms_of_the_rotations_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers and segment by segment: the same structures and gradients of every input, in float64."""
+    torch.manual_seed(7)
+    n = 120
+    segmentation = Segmentation(n, [SegmentedPart("A", np.arange(90), 7), SegmentedPart("B", np.arange(90, n), 2)])
+    segmentation.double()
+    coords = (torch.randn(n, 3, dtype=torch.float64) * 10).requires_grad_()
+    vectors = (torch.randn(4, 9, 3, dtype=torch.float64) * 0.5).requires_grad_()
+    translations = torch.randn(4, 9, 3, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(4, n, 3, dtype=torch.float64)
+    results = []
+    for most_points in (10**12, 0):
+        monkeypatch.setattr(deformation, "LAYERED_MAX_POINTS", most_points)
+        moved = deform(coords, segmentation(False), vectors, translations)
+        inputs = (coords, vectors, translations, *segmentation.parameters())
+        gradients = torch.autograd.grad((moved * weights).sum(), inputs, allow_unused=True)
+        results.append((moved, *(g for g in gradients if g is not None)))
+    assert len(results[0]) == 10  # the structures, three inputs, and mu, s and alpha of both mixtures
+    for layered, segment_by_segment in zip(*results, strict=True):
+        torch.testing.assert_close(layered, segment_by_segment, rtol=1e-12, atol=1e-12)
 
 
 def test_rotation_matrix_gradients_match_finite_differences_near_zero() -> None:

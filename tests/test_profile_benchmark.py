@@ -30,4 +30,5 @@ def test_deformation_bands_benchmark_runs_and_bands_hold_fewer_residues(tmp_path
     (row,) = json.loads(out.read_text())["rows"]
     assert row["dense_residues"] == 360
     assert 60 <= row["band_residues"] < 180  # every residue in some band, each band about one segment
-    assert row["dense_ms"] > 0 and row["banded_ms"] > 0
+    assert row["dense_ms"] > 0 and row["banded_ms"] > 0 and row["segment_by_segment_ms"] > 0 and row["layers_ms"] > 0
+    assert row["deform_uses"] == "layers"  # 4 structures of 60 residues

@@ -16,21 +16,32 @@ the number of passes and their memory layout.
   segments (benchmarks/deformation_bands.py).
 - Coordinates are held component-major, (B, 3, n), so every pass runs along residues (a (B, n, 3) layout makes each
   elementwise operation loop over 3 numbers at a time, about 4x slower).
-- Two autograd functions with hand-written backward passes replace the graph of small operations: the per-residue
-  coefficients (no trigonometry in the backward) and the chain of segment rotations (one 6 x 3 matrix product per
-  segment forward, three backward).
+- Autograd functions with hand-written backward passes replace the graph of small operations: the per-residue
+  coefficients (no trigonometry in the backward) and the chain of rotations, in one of two forms. Segment by segment
+  (one 6 x 3 matrix product per band forward, three backward) costs a dozen small operations per segment, which
+  dominate when the structures are small. In layers (band_layers: every residue's first band in one pass, the few
+  residues at the segments' ends in one or two more, each residue with its own segment's vector gathered) it is
+  two or three rounds of a few dozen passes over the residues, which cost more memory traffic when they are large.
+  LAYERED_MAX_POINTS chooses between them by the structures' size.
 The result is returned as a (B, n, 3) view of the component-major tensor; elementwise code downstream keeps that layout.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 # A segment's rotation is applied to the residues whose G exceeds this times the dtype's epsilon (assignment_bands).
 BAND_THRESHOLD = 1e-3
-# (segment, first residue, end residue (exclusive), offset of the band in the packed coefficients)
-Band = tuple[int, int, int, int]
+# (segment, first residue, end residue (exclusive))
+Band = tuple[int, int, int]
+# Structures x residues up to which the rotations are applied in layers, a few dozen passes over every residue, rather
+# than segment by segment, a dozen small passes per segment. Forward + backward in layers, as a share of segment by
+# segment (20 segments, 2 threads, benchmarks/deformation_bands.py): 0.44-0.55x for 256 structures of 214 residues,
+# 0.6-0.7x of 450, 0.8-1.05x of 700; 0.9-1.1x for 32-64 structures of 2,750, 1.25-1.35x for 256 of them.
+LAYERED_MAX_POINTS = 150_000
 
 
 def _small_angle_squared(dtype: torch.dtype) -> float:
@@ -101,6 +112,102 @@ def _unskew(matrices: torch.Tensor) -> torch.Tensor:
     ], dim=-1)  # fmt: skip
 
 
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cross products along dim 1 of (B, 3, L) tensors (torch.linalg.cross is several times slower there)."""
+    ax, ay, az = a.unbind(1)
+    bx, by, bz = b.unbind(1)
+    return torch.stack((ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx), 1)
+
+
+class Layer(NamedTuple):
+    """One round of partial rotations: each listed residue turned by one segment, no residue twice."""
+
+    residues: torch.Tensor  # (L,) the residues, ascending
+    columns: torch.Tensor  # (L,) each one's place in the coefficients, packed band after band
+    segments: torch.Tensor  # (L,) the segment that turns each
+    everyone: bool  # the residues are all of them, in order (the layer needs no gather)
+
+
+def band_layers(bands: list[Band], n_residues: int, device: torch.device) -> list[Layer]:
+    """The bands regrouped so that each residue's rotations stay in segment order: layer k turns every residue that
+    lies in k + 1 bands or more by the k-th of them. With a sharp segmentation the first layer is every residue and
+    the next ones only the few residues at the segments' ends, so a step is two or three passes, not one per segment."""
+    if not bands:
+        return []
+    residues = np.concatenate([np.arange(first, end) for _, first, end in bands])
+    segments = np.concatenate([np.full(end - first, m) for m, first, end in bands])
+    order = np.argsort(residues, kind="stable")  # bands come in segment order, and a stable sort keeps it per residue
+    sorted_residues = residues[order]
+    rank = np.arange(order.size) - np.searchsorted(sorted_residues, sorted_residues)
+    layers = []
+    for k in range(int(rank.max()) + 1):
+        columns = order[rank == k]
+        layer_residues, layer_columns, layer_segments = (
+            torch.from_numpy(a).to(device) for a in (residues[columns], columns, segments[columns])
+        )
+        layers.append(Layer(layer_residues, layer_columns, layer_segments, everyone=columns.size == n_residues))
+    return layers
+
+
+class _LayeredRotations(torch.autograd.Function):
+    """Apply the partial rotations layer by layer (band_layers) to component-major coordinates.
+
+    Inputs: start (B, 3, n) coordinates; centres (M, 3); rotation vectors w (B, M, 3); per-residue coefficients cos,
+    a = G sinc, b = G^2 versine, each (B, P), packed band after band; the layers. Segment m maps a residue p of its
+    band to c_m + cos q + a (w x q) + b (w . q) w with q = p - c_m, each residue with its own segment's w and c
+    gathered, so a layer is a few dozen elementwise passes however many segments it holds. The backward, with
+    g = dL/dp': dL/dq = cos g + a (g x w) + b (g . w) w, dL/dw = a (q x g) + b ((w . q) g + (g . w) q),
+    dL/dc = g - dL/dq.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, start: torch.Tensor, centres: torch.Tensor, vectors: torch.Tensor,
+        cos: torch.Tensor, cross_coefficient: torch.Tensor, outer_coefficient: torch.Tensor, layers: list[Layer],
+    ) -> torch.Tensor:  # fmt: skip
+        vectors_cm = vectors.transpose(1, 2).contiguous()  # (B, 3, M)
+        centres_cm = centres.transpose(0, 1).contiguous()  # (3, M)
+        p = start.clone(memory_format=torch.contiguous_format)
+        relative = []
+        for residues, columns, segments, everyone in layers:
+            w, c = vectors_cm.index_select(2, segments), centres_cm.index_select(1, segments)
+            q = (p if everyone else p.index_select(2, residues)) - c
+            relative.append(q)
+            cos_l, a, b = (coefficient.index_select(1, columns)[:, None]
+                           for coefficient in (cos, cross_coefficient, outer_coefficient))  # fmt: skip
+            along_w = (w * q).sum(1, keepdim=True).mul_(b)
+            moved = _cross(w, q).mul_(a).addcmul_(q, cos_l).addcmul_(w, along_w).add_(c)
+            p = moved if everyone else p.index_copy_(2, residues, moved)
+        ctx.save_for_backward(vectors, centres, cos, cross_coefficient, outer_coefficient, *relative)
+        ctx.layers = layers
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        vectors, centres, cos, cross_coefficient, outer_coefficient, *relative = ctx.saved_tensors
+        vectors_cm = vectors.transpose(1, 2).contiguous()
+        grad_vectors_cm = vectors_cm.new_zeros(vectors_cm.shape)
+        grad_centres_cm = centres.new_zeros(3, centres.shape[0])
+        grad_cos, grad_cross, grad_outer = (torch.empty_like(c) for c in (cos, cross_coefficient, outer_coefficient))
+        u = grad.clone(memory_format=torch.contiguous_format)
+        for (residues, columns, segments, everyone), q in zip(reversed(ctx.layers), reversed(relative), strict=True):
+            w = vectors_cm.index_select(2, segments)
+            g = u if everyone else u.index_select(2, residues)
+            cos_l, a, b = (coefficient.index_select(1, columns)[:, None]
+                           for coefficient in (cos, cross_coefficient, outer_coefficient))  # fmt: skip
+            w_dot_q, g_dot_w = (w * q).sum(1, keepdim=True), (g * w).sum(1, keepdim=True)
+            g_cross_w = _cross(g, w)
+            grad_cos.index_copy_(1, columns, (g * q).sum(1))
+            grad_cross.index_copy_(1, columns, (g_cross_w * q).sum(1))  # g . (w x q) = (g x w) . q
+            grad_outer.index_copy_(1, columns, (g_dot_w * w_dot_q)[:, 0])
+            grad_w = _cross(q, g).mul_(a).add_((g * w_dot_q).addcmul_(q, g_dot_w).mul_(b))
+            grad_vectors_cm.index_add_(2, segments, grad_w)
+            along_q = g_cross_w.mul_(a).addcmul_(g, cos_l).addcmul_(w, g_dot_w * b)
+            grad_centres_cm.index_add_(1, segments, (g - along_q).sum(0))
+            u = along_q if everyone else u.index_copy_(2, residues, along_q)
+        return u, grad_centres_cm.t(), grad_vectors_cm.transpose(1, 2), grad_cos, grad_cross, grad_outer, None
+
+
 class _SegmentRotations(torch.autograd.Function):
     """Apply the M partial rotations in turn to component-major coordinates, each to its band of residues only.
 
@@ -113,7 +220,8 @@ class _SegmentRotations(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, start: torch.Tensor, centres: torch.Tensor, vectors: torch.Tensor,
-        cos: torch.Tensor, cross_coefficient: torch.Tensor, outer_coefficient: torch.Tensor, bands: list[Band],
+        cos: torch.Tensor, cross_coefficient: torch.Tensor, outer_coefficient: torch.Tensor,
+        bands: list[tuple[int, int, int, int]],
     ) -> torch.Tensor:  # fmt: skip
         segment_vectors = vectors.transpose(0, 1)  # (M, B, 3)
         operators = torch.cat(
@@ -186,7 +294,7 @@ def rotation_matrices(rotation_vectors: torch.Tensor) -> torch.Tensor:
 
 def assignment_bands(assignment: torch.Tensor, *, dense: bool = False) -> list[Band]:
     """The bands of the segmentation G (n, M): for each segment m, the residues first..end-1 that span every G_im above
-    BAND_THRESHOLD x the dtype's epsilon, and the band's offset in the packed coefficients (bands in segment order).
+    BAND_THRESHOLD x the dtype's epsilon (bands in segment order).
 
     A rotation by G_im w turns a residue by G_im |w| radians, so below that threshold it moves less than a
     thousandth of the coordinates' rounding per radian: every other residue keeps its place exactly to rounding, and
@@ -202,12 +310,7 @@ def assignment_bands(assignment: torch.Tensor, *, dense: bool = False) -> list[B
         firsts = active.int().argmax(0).tolist()
         ends = (n - active.flip(0).int().argmax(0)).tolist()
         spans = [(first, end) if used else (0, 0) for first, end, used in zip(firsts, ends, any_active, strict=True)]
-    bands, offset = [], 0
-    for m, (first, end) in enumerate(spans):
-        if end > first:
-            bands.append((m, first, end, offset))
-            offset += end - first
-    return bands
+    return [(m, first, end) for m, (first, end) in enumerate(spans) if end > first]
 
 
 def _packed(pieces: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -234,8 +337,9 @@ def deform(
         p cos t + G_im sinc(t) (w_m x p) + G_im^2 (1 - cos t) / t^2 (w_m . p) w_m,
     so the per-residue part is three coefficients, computed at once for every residue of every segment's band
     (assignment_bands: with a sharp segmentation a band is the segment and a few residues each side, so the work
-    is about n instead of M x n); the rotations are then applied segment by segment (_SegmentRotations). Outside its
-    band a segment's G is below rounding: its gradient there (through the mixture, proportional to G) is left out.
+    is about n instead of M x n). The rotations are then applied in layers (_LayeredRotations) where the structures
+    are small, segment by segment (_SegmentRotations) where they are large: LAYERED_MAX_POINTS. Outside its band a
+    segment's G is below rounding: its gradient there (through the mixture, proportional to G) is left out.
     The (B, n, 3) result is a view of a (B, 3, n) tensor.
     """
     batch, n_segments = rotation_vectors.shape[:2]
@@ -247,15 +351,19 @@ def deform(
     if centres_A is None:
         centres_A = segment_centres_A(coords_A, assignment)
     bands = assignment_bands(assignment, dense=dense)
-    residues = _packed([np.arange(first, end) for _, first, end, _ in bands], coords_A.device)
-    segments = _packed([np.full(end - first, m) for m, first, end, _ in bands], coords_A.device)
+    residues = _packed([np.arange(first, end) for _, first, end in bands], coords_A.device)
+    segments = _packed([np.full(end - first, m) for m, first, end in bands], coords_A.device)
     norm_squared = rotation_vectors.square().sum(-1)  # (B, M)
-    cos_t, cross_coefficient, outer_coefficient = _RotationCoefficients.apply(
+    coefficients = _RotationCoefficients.apply(
         assignment[residues, segments][None, :], norm_squared[:, segments]
-    )  # each (B, P), P residues in all bands
+    )  # cos t, G sinc t, G^2 versine t: each (B, P), P residues in all bands, packed band after band
     start = coords_A.transpose(0, 1).expand(batch, -1, -1)
-    moved = _SegmentRotations.apply(
-        start, centres_A, rotation_vectors, cos_t, cross_coefficient, outer_coefficient, bands
-    )
+    if batch * len(coords_A) <= LAYERED_MAX_POINTS:
+        layers = band_layers(bands, len(coords_A), coords_A.device)
+        moved = _LayeredRotations.apply(start, centres_A, rotation_vectors, *coefficients, layers)
+    else:
+        offsets = np.cumsum([0] + [end - first for _, first, end in bands]).tolist()
+        with_offsets = [(m, first, end, offset) for (m, first, end), offset in zip(bands, offsets[:-1], strict=True)]
+        moved = _SegmentRotations.apply(start, centres_A, rotation_vectors, *coefficients, with_offsets)
     translated = moved + translations_A.transpose(1, 2) @ assignment.transpose(0, 1)  # (B, 3, n)
     return translated.transpose(1, 2)
