@@ -21,6 +21,7 @@ from cryoflex.model.losses import (
     importance_weighted_bound,
     standard_normal_kl,
 )
+from cryoflex.train.objective import correlation_term
 
 DTYPES = [torch.float32, torch.float64]
 TWO_CHAINS = ["A"] * 12 + ["B"] * 8
@@ -304,3 +305,17 @@ def test_importance_weighted_gradients_train_the_decoder_by_the_bound_and_the_en
     wake.backward()
     torch.testing.assert_close(mean.grad, mean_2.grad)
     torch.testing.assert_close(std.grad, std_2.grad)
+
+
+def test_the_reported_correlation_is_each_images_first_draw_and_the_objective_keeps_its_gradient() -> None:
+    """With the Gaussian likelihood 1 - correlation is only reported: each image's first draw (of the image-major
+    B x K predictions), without gradient. As the original objective (one draw) it keeps its gradient."""
+    generator = torch.Generator().manual_seed(8)
+    observed = torch.randn(3, 6, 6, generator=generator, dtype=torch.float64)
+    predicted = torch.randn(3 * 4, 6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    reported = correlation_term(predicted, observed, 4, "gaussian")
+    firsts = predicted.detach()[::4]
+    expected = np.mean([1 - np.corrcoef(firsts[b].ravel(), observed[b].ravel())[0, 1] for b in range(3)])
+    assert reported.item() == pytest.approx(expected, abs=1e-12) and not reported.requires_grad
+    objective = correlation_term(predicted[::4], observed, 1, "correlation")
+    assert objective.item() == pytest.approx(expected, abs=1e-12) and objective.requires_grad

