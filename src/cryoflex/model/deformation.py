@@ -37,10 +37,12 @@ import torch
 BAND_THRESHOLD = 1e-3
 # (segment, first residue, end residue (exclusive))
 Band = tuple[int, int, int]
-# Structures x residues up to which the rotations are applied in layers, a few dozen passes over every residue, rather
-# than segment by segment, a dozen small passes per segment. Forward + backward in layers, as a share of segment by
-# segment (20 segments, 2 threads, benchmarks/deformation_bands.py): 0.44-0.55x for 256 structures of 214 residues,
-# 0.6-0.7x of 450, 0.8-1.05x of 700; 0.9-1.1x for 32-64 structures of 2,750, 1.25-1.35x for 256 of them.
+# Structures x points (residues, and their density centres where deform moves those too) up to which the rotations are
+# applied in layers, a few dozen passes over every point, rather than segment by segment, a dozen small passes per
+# segment; the dense chain (torch.compile's) always goes segment by segment, whose bands are then static slices.
+# Forward + backward in layers, as a share of segment by segment (20 segments, 2 threads,
+# benchmarks/deformation_bands.py): 0.44-0.55x for 256 structures of 214 residues, 0.6-0.7x of 450, 0.8-1.05x of
+# 700; 0.9-1.1x for 32-64 structures of 2,750, 1.25-1.35x for 256 of them. Measured on a CPU only.
 LAYERED_MAX_POINTS = 150_000
 
 
@@ -139,14 +141,14 @@ def band_layers(bands: list[Band], n_residues: int, device: torch.device) -> lis
     order = np.argsort(residues, kind="stable")  # bands come in segment order, and a stable sort keeps it per residue
     sorted_residues = residues[order]
     rank = np.arange(order.size) - np.searchsorted(sorted_residues, sorted_residues)
-    layers = []
-    for k in range(int(rank.max()) + 1):
-        columns = order[rank == k]
-        layer_residues, layer_columns, layer_segments = (
-            torch.from_numpy(a).to(device) for a in (residues[columns], columns, segments[columns])
-        )
-        layers.append(Layer(layer_residues, layer_columns, layer_segments, everyone=columns.size == n_residues))
-    return layers
+    picked = [order[rank == k] for k in range(int(rank.max()) + 1)]
+    # one copy to the device for all the layers' indices: (3, P) residues, columns, segments, layer after layer
+    packed = np.concatenate([np.stack([residues[columns], columns, segments[columns]]) for columns in picked], axis=1)
+    on_device = torch.from_numpy(packed).to(device).split([columns.size for columns in picked], dim=1)
+    return [
+        Layer(indices[0], indices[1], indices[2], everyone=columns.size == n_residues)
+        for indices, columns in zip(on_device, picked, strict=True)
+    ]
 
 
 class _LayeredRotations(torch.autograd.Function):
@@ -358,7 +360,7 @@ def deform(
         assignment[residues, segments][None, :], norm_squared[:, segments]
     )  # cos t, G sinc t, G^2 versine t: each (B, P), P residues in all bands, packed band after band
     start = coords_A.transpose(0, 1).expand(batch, -1, -1)
-    if batch * len(coords_A) <= LAYERED_MAX_POINTS:
+    if not dense and batch * len(coords_A) <= LAYERED_MAX_POINTS:
         layers = band_layers(bands, len(coords_A), coords_A.device)
         moved = _LayeredRotations.apply(start, centres_A, rotation_vectors, *coefficients, layers)
     else:
