@@ -36,11 +36,13 @@ def random_states() -> dict[str, Any]:
 
 
 def restore_random_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
+    """Set every generator from random_states(). The torch states must be CPU byte tensors whatever the device:
+    a checkpoint loaded with map_location="cuda" brings them back on the GPU."""
+    torch.set_rng_state(states["torch"].cpu())
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False) -> Path:
