@@ -8,8 +8,11 @@
 #   benchmarks/gpu.sh --cpu-smoke [OUTDIR]   the same pipeline on CPU at tiny sizes (default benchmarks/results/gpu_smoke)
 #
 # Sized to finish in about 10 minutes on one H200 (mostly process start-up and the compilations). Simulated data goes
-# to a temporary folder, shared by the five training runs and removed at exit. Uses the repository's .venv python if
-# there is one, else `python`; src/ is put on PYTHONPATH so that an uninstalled checkout runs.
+# to a temporary folder, shared by the five training runs and removed at exit. Uses $CRYOFLEX_PYTHON if set, else the
+# repository's .venv python if there is one, else python3, else python; src/ is put on PYTHONPATH so that an
+# uninstalled checkout runs. A machine without network access and without the field's packages (gemmi, mrcfile,
+# starfile, roma, MDAnalysis) installs them from the wheels in .gpu_wheels/ (benchmarks/gpu_wheels.sh makes them;
+# carry the folder). A stage that fails is reported and the next one runs; the exit status is 1 if any failed.
 set -euo pipefail
 
 usage() { sed -n '2,8s/^# \{0,1\}//p' "$0"; }
@@ -23,9 +26,10 @@ esac
 if [ $# -gt 1 ]; then usage >&2; exit 2; fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="$root/.venv/bin/python"
-[ -x "$py" ] || py=python
+py="${CRYOFLEX_PYTHON:-$root/.venv/bin/python}"
+[ -x "$py" ] || py="$(command -v python3 || command -v python)"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+packages=(gemmi mrcfile starfile roma MDAnalysis)  # the field's libraries, absent from a bare GPU image
 
 if [ "$smoke" = 1 ]; then
     out="${1:-$root/benchmarks/results/gpu_smoke}"
@@ -60,6 +64,28 @@ started=$SECONDS
 
 stage() { echo "== [$((SECONDS - started)) s] $*"; }
 
+imports="$(IFS=,; echo "${packages[*]}")"
+importable() { "$py" -c "import $imports" 2>/dev/null; }
+if ! importable; then
+    wheels=("$root"/.gpu_wheels/*.whl)
+    if [ ! -e "${wheels[0]}" ]; then
+        echo "gpu.sh: $py cannot import all of ${packages[*]}: install the project (make install), or on a" \
+            "machine without network access run benchmarks/gpu_wheels.sh beforehand and carry .gpu_wheels" >&2
+        exit 1
+    fi
+    stage "installing ${#wheels[@]} wheels from .gpu_wheels"
+    "$py" -m pip install --quiet --no-index --no-deps --target "$work/site-packages" "${wheels[@]}"
+    export PYTHONPATH="$work/site-packages:$PYTHONPATH"
+    importable || { "$py" -c "import $imports"; exit 1; }
+fi
+
+failed=()
+attempt() {  # attempt NAME COMMAND...: run a stage; on failure say so, remember it and go on
+    local name="$1"
+    shift
+    "$@" || { stage "$name failed (exit $?); going on"; failed+=("$name"); }
+}
+
 train() {  # train PRECISION [--compile | --default-objective]: one training-step run over its rows
     local suffix="" rows=("${train_rows[@]}")
     case "${2:-}" in
@@ -74,17 +100,21 @@ train() {  # train PRECISION [--compile | --default-objective]: one training-ste
         --rows "${rows[@]}" --steps "$steps" --work "$work" --out "$out/$name.json"
 }
 
-# eager runs first: their figures come back even if the compiled runs outlast the machine's time; the default
-# objective (8 draws per image) holds the most memory, so its failure must not stop the rest
-train fp32
-train bf16
-train bf16 --default-objective || stage "train_bf16_default_objective failed; going on"
+# eager runs first: their figures come back even if the compiled runs outlast the machine's time
+attempt train_fp32 train fp32
+attempt train_bf16 train bf16
+attempt train_bf16_default_objective train bf16 --default-objective
 stage projector
-"$py" "$root/benchmarks/projector.py" --device "$device" --rows "${projector_rows[@]}" --out "$out/projector.json"
+attempt projector "$py" "$root/benchmarks/projector.py" --device "$device" --rows "${projector_rows[@]}" \
+    --out "$out/projector.json"
 stage reconstruct
-"$py" "$root/benchmarks/reconstruct.py" --device "$device" --boxes "${reconstruct_boxes[@]}" \
+attempt reconstruct "$py" "$root/benchmarks/reconstruct.py" --device "$device" --boxes "${reconstruct_boxes[@]}" \
     --out "$out/reconstruct.json"
-train fp32 --compile
-train bf16 --compile
+attempt train_fp32_compiled train fp32 --compile
+attempt train_bf16_compiled train bf16 --compile
 stage "done; summary:"
-"$py" "$root/benchmarks/gpu_summary.py" "$out" --epoch-row "$epoch_row" | tee "$out/summary.txt"
+"$py" "$root/benchmarks/gpu_summary.py" "$out" --epoch-row "$epoch_row" | tee "$out/summary.txt" || failed+=(summary)
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu.sh: failed: ${failed[*]}" >&2
+    exit 1
+fi

@@ -44,12 +44,26 @@ def train_rows(out: Path) -> list[dict[str, Any]]:
     for path in out.glob("train_*.json"):
         result = _load(path)
         for row in result["rows"]:
+            if "error" in row:  # a failed row (train_throughput.py records it and goes on)
+                continue
             objective = OBJECTIVES[bool(result.get("default_objective", False))]
             rows.append(dict(row, precision=result["precision"], compile=result["compile"], objective=objective))
     order = list(OBJECTIVES.values())
     return sorted(rows, key=lambda r: (
         -r["residues"], r["box_px"], r["batch"], order.index(r["objective"]), r["compile"], r["precision"] != "fp32",
     ))  # fmt: skip
+
+
+def failed_rows(out: Path) -> list[str]:
+    """A line for each training row that failed, with the last line of its error (out of memory, say)."""
+    lines = []
+    for path in sorted(out.glob("train_*.json")):
+        for row in _load(path)["rows"]:
+            if "error" in row:
+                last = row["error"].strip().splitlines()[-1] if row["error"].strip() else "no message"
+                size = ":".join(str(row[key]) for key in ("residues", "box_px", "batch", "segments"))
+                lines.append(f"Failed: {path.stem} {size}: {last}")
+    return lines
 
 
 def print_train(rows: list[dict[str, Any]]) -> None:
@@ -128,6 +142,8 @@ def main() -> None:
         print_reconstruct(_load(reconstruct))
     for objective in OBJECTIVES.values():
         print(epoch_estimate(train, *args.epoch_row, objective))
+    for line in failed_rows(args.out):
+        print(line)
 
 
 if __name__ == "__main__":

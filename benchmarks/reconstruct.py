@@ -99,8 +99,10 @@ def measure(box_px: int, padding: int, device: torch.device) -> dict:
 def _row_in_fresh_process(box_px: int, padding: int, device: str) -> dict:
     """measure() in a new interpreter, so that memory freed by earlier rows cannot hide this row's peak."""
     command = [sys.executable, __file__, "--device", device, "--row", str(box_px), str(padding)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:  # its traceback, not only "exit status 1"
+        raise RuntimeError(f"row {box_px} px, padding {padding} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

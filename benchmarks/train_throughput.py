@@ -373,7 +373,13 @@ def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
         key = (row.residues, row.box_px)
         n_images = max(r.batch for r in rows if (r.residues, r.box_px) == key) * (WARMUP_STEPS + args.steps)
         data_dir = row_dataset(row, n_images, work, structures)
-        result = measure_in_subprocess(row, data_dir, work / f"run_{row.label.replace(':', '_')}", args)
+        try:
+            result = measure_in_subprocess(row, data_dir, work / f"run_{row.label.replace(':', '_')}", args)
+        except RuntimeError as error:  # a row out of memory must not cost the others (on a GPU lent for minutes)
+            print(error, file=sys.stderr, flush=True)
+            results.append(dict(residues=row.residues, box_px=row.box_px, batch=row.batch, segments=row.segments,
+                                error=str(error)[-2000:]))  # fmt: skip
+            continue
         results.append(result)
         print_row(result)
     return results
@@ -429,6 +435,10 @@ def main() -> None:
     )  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        labels = [":".join(str(row[key]) for key in ("residues", "box_px", "batch", "segments")) for row in failed]
+        sys.exit(f"rows that failed (their errors are in {args.out}): {' '.join(labels)}")
 
 
 if __name__ == "__main__":
