@@ -318,6 +318,17 @@ def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypat
     assert torch.autograd.gradcheck(forward, (coords, amplitudes))
 
 
+def test_accelerator_chunks_are_whole_batches_up_to_a_memory_budget() -> None:
+    """On a GPU a chunk is the whole batch while its tables fit 2^28 elements (1 GiB float32) each: 256 images of
+    13,941 residues at 128 px (456 million elements) split in two."""
+    from cryoflex.imaging import projector
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert projector.images_per_chunk(128, 214, 64, cuda) == 128
+    assert projector.images_per_chunk(256, 13941, 128, cuda) == 2**28 // (13941 * 128) == 150
+    assert projector.images_per_chunk(4, 10**6, 512, cuda) == 1
+
+
 def test_a_width_tensor_renders_as_the_float_and_its_gradient_is_exact() -> None:
     """A learned width: the images equal those at the same float width, and the gradient in the width (computed by
     hand in the projector's backward) passes gradcheck with the coordinates, through the CTF."""

@@ -34,6 +34,10 @@ _MIN_EXPONENT = -40.0
 # products stay in cache instead of streaming (B, n, N) tables through memory (2^18-2^20 measured best; at 2,750
 # residues, 64 px and 256 images, forward + backward ran 2.1x faster than with whole-batch tables: projector_versus.py).
 _CPU_CHUNK_ELEMENTS = 2**19
+# On an accelerator a chunk is the whole batch up to this many elements per table: 2^28 float32 = 1 GiB, with up to
+# six such tables alive in the backward pass. 256 images of 13,941 residues at 128 px (the default's 8 draws of a batch
+# of 32) take two chunks, and a GPU of 16-24 GB is not run out of memory by the tables alone. Not measured on a GPU.
+_ACCELERATOR_CHUNK_ELEMENTS = 2**28
 
 
 def pixel_coordinates_A(
@@ -64,12 +68,11 @@ def _gaussian_table(
 
 
 def images_per_chunk(batch: int, n: int, box_size_px: int, device: torch.device) -> int:
-    """Images per chunk of a separable projection (this module's and cryoflex.imaging.band_limited's): the whole
-    batch on accelerators; on CPUs few enough that a chunk's (chunk, n, N) tables stay in cache (_CPU_CHUNK_ELEMENTS
-    each)."""
-    if device.type != "cpu":
-        return batch
-    return max(1, min(batch, _CPU_CHUNK_ELEMENTS // (n * box_size_px)))
+    """Images per chunk of a separable projection (this module's and cryoflex.imaging.band_limited's): on CPUs few
+    enough that a chunk's (chunk, n, N) tables stay in cache (_CPU_CHUNK_ELEMENTS each); on accelerators the whole
+    batch, up to _ACCELERATOR_CHUNK_ELEMENTS per table."""
+    elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, min(batch, elements // (n * box_size_px)))
 
 
 class _SeparableProjection(torch.autograd.Function):
