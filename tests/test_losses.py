@@ -319,3 +319,31 @@ def test_the_reported_correlation_is_each_images_first_draw_and_the_objective_ke
     assert reported.item() == pytest.approx(expected, abs=1e-12) and not reported.requires_grad
     objective = correlation_term(predicted[::4], observed, 1, "correlation")
     assert objective.item() == pytest.approx(expected, abs=1e-12) and objective.requires_grad
+
+
+def test_the_objective_rebuilds_the_clash_list_from_each_images_first_draw() -> None:
+    """The neighbour list serves the next steps' draws, not only this step's, so it is built from one draw per image
+    (8x fewer k-d trees with the default draws): its pairs are those of the first draws, not of the others."""
+    from types import SimpleNamespace
+
+    from cryoflex.config import load_config
+    from cryoflex.model.cryosphere import ModelOutput
+    from cryoflex.train.objective import LossTerms
+
+    images, draws, n = 2, 3, len(TWO_CHAINS)
+    coords = _random_coords(5, images * draws, n, box_A=40.0).view(images, draws, n, 3)
+    coords[:, 1:] *= 0.3  # the other draws packed closer: close pairs of their own
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "importance_samples": draws})
+    objective = LossTerms(config, SimpleNamespace(nominal_coords_A=coords[0, 0]), TWO_CHAINS, n_images=10)
+    torch.manual_seed(0)
+    output = ModelOutput(
+        predicted_images=torch.randn(images * draws, 8, 8), coords_A=coords.flatten(0, 1),
+        latent=torch.randn(images * draws, 4), latent_mean=torch.zeros(images, 4), latent_std=torch.ones(images, 4),
+        assignment=torch.ones(n, 1), segmentation_kl=torch.tensor(0.0), log_noise_variance=torch.tensor(0.0),
+        log_image_scale=torch.tensor(0.0), sigma_A=torch.tensor(2.0),
+    )  # fmt: skip
+    objective(output, torch.randn(images, 8, 8), epoch_progress=1.0, rebuild_neighbours=True)
+    first_draws = ClashNeighbourList(TWO_CHAINS, skin_A=config.clash_skin_A).update(coords[:, 0])
+    every_draw = ClashNeighbourList(TWO_CHAINS, skin_A=config.clash_skin_A).update(coords.flatten(0, 1))
+    assert len(first_draws) > 0 and not torch.equal(first_draws, every_draw)
+    assert torch.equal(objective.neighbours.pairs, first_draws)

@@ -94,7 +94,7 @@ class TrainConfig:
     clash_weight: float = 5.0  # per A^2 of clash depth, summed over pairs / n_residues
     clash_cutoff_A: float = 4.0
     clash_skin_A: float = 2.0
-    neighbour_list_every_steps: int = 10
+    neighbour_list_every_steps: int = 10  # the clash list is rebuilt from each image's first draw this often
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 networks on CUDA) | fp32 | bf16

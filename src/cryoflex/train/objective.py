@@ -111,8 +111,9 @@ class LossTerms:
             terms["continuity"] = continuity_loss(output.coords_A, self.pairs, self.reference_A).mean()
             total = total + config.continuity_weight * terms["continuity"]
         if config.clash_weight > 0:
-            if rebuild_neighbours:
-                self.neighbours.update(output.coords_A.detach())
+            if rebuild_neighbours:  # from each image's first draw: the list serves the next steps' draws anyway
+                first_draws = output.coords_A.detach().unflatten(0, (len(observed), samples))[:, 0]
+                self.neighbours.update(first_draws)
             pairs = self.neighbours.pairs.to(output.coords_A.device)
             terms["clash"] = clash_loss(output.coords_A, pairs, cutoff_A=config.clash_cutoff_A).mean()
             total = total + config.clash_weight * terms["clash"]
