@@ -216,7 +216,7 @@ class ClashNeighbourList:
 
 
 def _pair_keys(pairs: np.ndarray, n: int) -> np.ndarray:
-    """(K, 2) index pairs i < j -> (K,) int64 keys i * n + j, so that a union is one sort."""
+    """(K, 2) index pairs i < j -> (K,) int64 keys i * n + j, so that a union is one pass over the keys."""
     pairs = pairs.astype(np.int64, copy=False).reshape(-1, 2)
     return pairs[:, 0] * n + pairs[:, 1]
 
