@@ -109,7 +109,7 @@ def _ctf_on_grid(terms: _GridTerms, pixel_size_A: Scalar, ctf: CTFBatch) -> torc
     dtype, device = ctf.defocus_u_A.dtype, ctf.defocus_u_A.device
     values: tuple[Scalar, ...] = (pixel_size_A, ctf.defocus_u_A, ctf.defocus_v_A, ctf.defocus_angle_deg, ctf.voltage_kV,
                                   ctf.cs_mm, ctf.amplitude_contrast, ctf.phase_shift_deg, ctf.scale)
-    params = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=dtype, device=device) for v in values))
+    params = torch.broadcast_tensors(*(_on_device(v, dtype, device) for v in values))
     apix, df_u, df_v, angle_deg, kv, cs, w, phase_deg, scale_t = (p[..., None, None] for p in params)
     wavelength = electron_wavelength_A(kv)
     inv_apix2 = 1.0 / apix.square()
@@ -129,6 +129,14 @@ def _ctf_on_grid(terms: _GridTerms, pixel_size_A: Scalar, ctf: CTFBatch) -> torc
     if not _constant(scale_t, 1.0):
         ctf_values = ctf_values * scale_t
     return ctf_values
+
+
+def _on_device(value: Scalar, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """value as a tensor on device. A Python number is filled in place there: torch.as_tensor would copy it from the
+    host, and on a GPU that copy waits for every queued kernel (the pixel size, on each call)."""
+    if isinstance(value, (int, float)):
+        return torch.full((), float(value), dtype=dtype, device=device)
+    return torch.as_tensor(value, dtype=dtype, device=device)
 
 
 def _constant(values: torch.Tensor, constant: float) -> bool:
