@@ -95,7 +95,10 @@ def test_gradients_through_positions_width_and_ctf_and_chunks_change_nothing(mon
     whole = render(coords, sigma_A, shifts)
     gradients = torch.autograd.grad(whole.square().sum(), (coords, sigma_A))
     monkeypatch.setattr(projector, "_CPU_CHUNK_ELEMENTS", 1)  # one image per chunk (the chunks are projector's)
-    chunked = render(coords, sigma_A, shifts)
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
-    for got, expected in zip(torch.autograd.grad(chunked.square().sum(), (coords, sigma_A)), gradients, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for kept_elements in (projector._CPU_KEPT_TABLE_ELEMENTS, 0):  # tables kept for backward, then rebuilt in it
+        monkeypatch.setattr(projector, "_CPU_KEPT_TABLE_ELEMENTS", kept_elements)
+        chunked = render(coords, sigma_A, shifts)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+        got = torch.autograd.grad(chunked.square().sum(), (coords, sigma_A))
+        for value, expected in zip(got, gradients, strict=True):
+            torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)

@@ -293,7 +293,8 @@ def test_gradcheck_coordinates_rotations_shifts_through_ctf() -> None:
 
 
 def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches split into chunks (as on a CPU at large sizes) give the same images and gradients as one chunk."""
+    """Batches split into chunks (as on a CPU at large sizes) give the same images and gradients as one chunk, and
+    tables rebuilt in the backward pass (large batches) the same as tables kept from the forward (small ones)."""
     import cryoflex.imaging.projector as projector
 
     rng = np.random.default_rng(7)
@@ -315,6 +316,12 @@ def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypat
     assert projector.images_per_chunk(5, 4, 9, torch.device("cpu")) == 2
     for chunked, reference in zip(images_and_gradients(), whole, strict=True):
         torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-12)
+    assert projector.keeps_tables(5, 4, 9, torch.device("cpu"), needs_grad=True)
+    assert torch.autograd.gradcheck(forward, (coords, amplitudes))
+    monkeypatch.setattr(projector, "_CPU_KEPT_TABLE_ELEMENTS", 0)
+    assert not projector.keeps_tables(5, 4, 9, torch.device("cpu"), needs_grad=True)
+    for rebuilt, reference in zip(images_and_gradients(), whole, strict=True):
+        torch.testing.assert_close(rebuilt, reference, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(forward, (coords, amplitudes))
 
 
@@ -327,6 +334,7 @@ def test_accelerator_chunks_are_whole_batches_up_to_a_memory_budget() -> None:
     assert projector.images_per_chunk(128, 214, 64, cuda) == 128
     assert projector.images_per_chunk(256, 13941, 128, cuda) == 2**28 // (13941 * 128) == 150
     assert projector.images_per_chunk(4, 10**6, 512, cuda) == 1
+    assert not projector.keeps_tables(2, 10, 16, cuda, needs_grad=True)  # rebuilt: cheap beside a read from memory
 
 
 def test_a_width_tensor_renders_as_the_float_and_its_gradient_is_exact() -> None:

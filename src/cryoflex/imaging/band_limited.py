@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from cryoflex.imaging.ctf import rfft_frequencies_A
-from cryoflex.imaging.projector import images_per_chunk
+from cryoflex.imaging.projector import images_per_chunk, keeps_tables
 
 
 class PhaseTerms(NamedTuple):
@@ -65,9 +65,9 @@ def _squared_frequency_A2(
         return kx.square() + ky.square()
 
 
-def _table(positions_A: torch.Tensor, terms: PhaseTerms) -> torch.Tensor:
-    """cos(omega x + phase) for positions (B, n) -> (B, n, N)."""
-    return torch.addcmul(terms.phase, positions_A.unsqueeze(-1), terms.omega).cos_()
+def _table(positions_A: torch.Tensor, terms: PhaseTerms, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(omega x + phase) for positions (B, n) -> (B, n, N), in out if given."""
+    return torch.addcmul(terms.phase, positions_A.unsqueeze(-1), terms.omega, out=out).cos_()
 
 
 def _position_gradient(
@@ -92,7 +92,8 @@ class _PhaseSums(torch.autograd.Function):
     -> (B, N, N), the cosine and sine blocks of sum_a w_a exp(-i (kx x_a + ky y_a)) (spectrum_from_sums).
 
     As in projector._SeparableProjection, forward and backward run over chunks of images and the backward rebuilds
-    each chunk's tables. With G = dL/dsums, Q_y = T_x G^T and Q_x = T_y G (each (B, n, N)):
+    each chunk's tables, unless they are small enough to keep (keeps_tables). With G = dL/dsums, Q_y = T_x G^T and
+    Q_x = T_y G (each (B, n, N)):
       dL/dw = sum_j Q_y * T_y,   dL/dx = w sum_j Q_x dT_x/dx,   dL/dy = w sum_j Q_y dT_y/dy   (_position_gradient).
     """
 
@@ -101,27 +102,31 @@ class _PhaseSums(torch.autograd.Function):
         batch, n = x_A.shape
         size = terms.omega.shape[0]
         chunk = images_per_chunk(batch, n, size, x_A.device)
+        keep = keeps_tables(batch, n, size, x_A.device, any(ctx.needs_input_grad))
+        kept = tuple(x_A.new_empty(batch, n, size) for _ in range(2 if keep else 0))
         sums = x_A.new_empty(batch, size, size)
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
-            table_x = _table(x_A[rows], terms)
-            table_y = _table(y_A[rows], terms).mul_(weights[rows].unsqueeze(-1))
-            torch.bmm(table_y.transpose(1, 2), table_x, out=sums[rows])
-        ctx.save_for_backward(x_A, y_A, weights)
+            out_x, out_y = (kept[0][rows], kept[1][rows]) if keep else (None, None)
+            table_x = _table(x_A[rows], terms, out=out_x)
+            table_y = _table(y_A[rows], terms, out=out_y)
+            weighted_y = table_y * weights[rows].unsqueeze(-1) if keep else table_y.mul_(weights[rows].unsqueeze(-1))
+            torch.bmm(weighted_y.transpose(1, 2), table_x, out=sums[rows])
+        ctx.save_for_backward(x_A, y_A, weights, *kept)
         ctx.terms, ctx.chunk = terms, chunk
         return sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_sums: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_A, y_A, weights = ctx.saved_tensors
+        x_A, y_A, weights, *kept = ctx.saved_tensors
         terms = ctx.terms
         grad = grad_sums.contiguous()
         grad_x, grad_y, grad_weights = torch.empty_like(x_A), torch.empty_like(y_A), torch.empty_like(weights)
         for start in range(0, len(x_A), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             x, y, w, g = x_A[rows], y_A[rows], weights[rows], grad[rows]
-            table_x, table_y = _table(x, terms), _table(y, terms)
+            table_x, table_y = (kept[0][rows], kept[1][rows]) if kept else (_table(x, terms), _table(y, terms))
             q_y = torch.bmm(table_x, g.transpose(1, 2))  # dL/d(w T_y)
             q_x = torch.bmm(table_y, g)  # dL/dT_x / w
             grad_weights[rows] = (q_y * table_y).sum(-1)

@@ -34,6 +34,12 @@ _MIN_EXPONENT = -40.0
 # products stay in cache instead of streaming (B, n, N) tables through memory (2^18-2^20 measured best; at 2,750
 # residues, 64 px and 256 images, forward + backward ran 2.1x faster than with whole-batch tables: projector_versus.py).
 _CPU_CHUNK_ELEMENTS = 2**19
+# Elements of one (B, n, N) table up to which a CPU projection keeps its tables from forward for backward, instead of
+# rebuilding them chunk by chunk: rebuilding costs an exp or cos per element, reading a kept table a pass over
+# memory, which wins while the tables are small: 0.70-0.93x the time at 1.75 million elements (256 structures of 214
+# residues at 32 px), 0.80-1.28x at 3.5-5.6 million, 1.04-1.51x from 11 million (benchmarks/kept_tables.py, two
+# runs). 2^21 float32 = 8 MiB.
+_CPU_KEPT_TABLE_ELEMENTS = 2**21
 # On an accelerator a chunk is the whole batch up to this many elements per table: 2^28 float32 = 1 GiB, with up to
 # six such tables alive in the backward pass. 256 images of 13,941 residues at 128 px (the default's 8 draws of a batch
 # of 32) take two chunks, and a GPU of 16-24 GB is not run out of memory by the tables alone. Not measured on a GPU.
@@ -59,11 +65,12 @@ def rotate_coordinates(coords_A: torch.Tensor, rotations: torch.Tensor) -> torch
 
 
 def _gaussian_table(
-    centres_A: torch.Tensor, grid_A: torch.Tensor, inverse_variance: float | torch.Tensor
+    centres_A: torch.Tensor, grid_A: torch.Tensor, inverse_variance: float | torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """exp(-(c - g)^2 / (2 sigma^2)) for centres (B, n) and grid (N,) -> (B, n, N), built in one buffer, the exponent
-    clamped at _MIN_EXPONENT."""
-    table = centres_A.unsqueeze(-1) - grid_A
+    """exp(-(c - g)^2 / (2 sigma^2)) for centres (B, n) and grid (N,) -> (B, n, N), built in one buffer (out, if
+    given), the exponent clamped at _MIN_EXPONENT."""
+    table = torch.sub(centres_A.unsqueeze(-1), grid_A, out=out)
     return table.square_().mul_(-0.5 * inverse_variance).clamp_min_(_MIN_EXPONENT).exp_()
 
 
@@ -75,13 +82,21 @@ def images_per_chunk(batch: int, n: int, box_size_px: int, device: torch.device)
     return max(1, min(batch, elements // (n * box_size_px)))
 
 
+def keeps_tables(batch: int, n: int, box_size_px: int, device: torch.device, needs_grad: bool) -> bool:
+    """Whether a separable projection that will be differentiated keeps its (B, n, N) tables for its backward pass
+    (on a CPU, up to _CPU_KEPT_TABLE_ELEMENTS each) rather than rebuilding them. Accelerators rebuild them: their exp
+    and cos are cheap beside reading a table back from memory."""
+    return needs_grad and device.type == "cpu" and batch * n * box_size_px <= _CPU_KEPT_TABLE_ELEMENTS
+
+
 class _SeparableProjection(torch.autograd.Function):
     """images[b] = table_y[b]^T diag(w[b]) table_x[b] with table_x = exp(-(x - g)^2 / (2 sigma^2)) (and table_y from y):
     the Gaussians' projections summed on the pixel grid, (B, n) centres and weights -> (B, N, N).
 
     Forward and backward run over chunks of images and the backward rebuilds each chunk's tables instead of keeping
-    them: nothing of size (B, n, N) is ever stored, and on a CPU every elementwise pass reads tables that are still in
-    cache. With A = table_y G (G = dL/dimages) and C = table_x G^T, the gradients are
+    them, unless they are small (keeps_tables): nothing large of size (B, n, N) is stored, and on a CPU every
+    elementwise pass reads tables that are still in cache. With A = table_y G (G = dL/dimages) and C = table_x G^T,
+    the gradients are
       dL/dw = sum_p C * table_y,
       dL/dy = -w / sigma^2 * (y sum_p V - V g)  with V = C * table_y,   (likewise x with U = w A * table_x)
     so each chunk costs two exp tables and two batched products in each direction (the sums over p are one product
@@ -106,13 +121,17 @@ class _SeparableProjection(torch.autograd.Function):
         batch, n = x_A.shape
         size = grid_A.shape[0]
         chunk = images_per_chunk(batch, n, size, x_A.device)
+        keep = keeps_tables(batch, n, size, x_A.device, any(ctx.needs_input_grad))
+        kept = tuple(x_A.new_empty(batch, n, size) for _ in range(2 if keep else 0))
         images = x_A.new_empty(batch, size, size)
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
-            table_x = _gaussian_table(x_A[rows], grid_A, inverse_variance)
-            table_y = _gaussian_table(y_A[rows], grid_A, inverse_variance).mul_(weights[rows].unsqueeze(-1))
-            torch.bmm(table_y.transpose(1, 2), table_x, out=images[rows])
-        ctx.save_for_backward(x_A, y_A, weights, grid_A)
+            out_x, out_y = (kept[0][rows], kept[1][rows]) if keep else (None, None)
+            table_x = _gaussian_table(x_A[rows], grid_A, inverse_variance, out=out_x)
+            table_y = _gaussian_table(y_A[rows], grid_A, inverse_variance, out=out_y)
+            weighted_y = table_y * weights[rows].unsqueeze(-1) if keep else table_y.mul_(weights[rows].unsqueeze(-1))
+            torch.bmm(weighted_y.transpose(1, 2), table_x, out=images[rows])
+        ctx.save_for_backward(x_A, y_A, weights, grid_A, *kept)
         ctx.inverse_variance = inverse_variance
         ctx.chunk = chunk
         return images
@@ -120,7 +139,7 @@ class _SeparableProjection(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_images: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_A, y_A, weights, grid_A = ctx.saved_tensors
+        x_A, y_A, weights, grid_A, *kept = ctx.saved_tensors
         inverse_variance = ctx.inverse_variance
         grad = grad_images.contiguous()  # the gradient from the CTF's FFTs is strided: products of it copy per image
         grad_x, grad_y, grad_weights = torch.empty_like(x_A), torch.empty_like(y_A), torch.empty_like(weights)
@@ -130,8 +149,11 @@ class _SeparableProjection(torch.autograd.Function):
         for start in range(0, len(x_A), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             x, y, w, g = x_A[rows], y_A[rows], weights[rows], grad[rows]
-            table_x = _gaussian_table(x, grid_A, inverse_variance)
-            table_y = _gaussian_table(y, grid_A, inverse_variance)
+            if kept:
+                table_x, table_y = kept[0][rows], kept[1][rows]
+            else:
+                table_x = _gaussian_table(x, grid_A, inverse_variance)
+                table_y = _gaussian_table(y, grid_A, inverse_variance)
             moments_y = (torch.bmm(table_x, g.transpose(1, 2)).mul_(table_y) @ powers).unbind(-1)  # of V = C * table_y
             moments_x = (torch.bmm(table_y, g).mul_(table_x) @ powers).unbind(-1)  # of U / w
             grad_weights[rows] = moments_y[0]
