@@ -28,7 +28,9 @@ from cryoflex.io.atomic import write_text_atomic
 
 PIXEL_SIZE_A = 4.0
 SIGMA_A = 2.0
-DEFAULT_ROWS = ("256:214:32", "128:214:64", "256:214:64", "128:214:128", "256:700:64", "32:2750:64", "256:2750:64", "64:2750:128")
+DEFAULT_ROWS = (
+    "256:214:32", "128:214:64", "256:214:64", "128:214:128", "256:700:64", "32:2750:64", "256:2750:64", "64:2750:128"
+)
 WAYS = {"rebuilt": 0, "kept": 2**62}  # _CPU_KEPT_TABLE_ELEMENTS for each way
 
 
