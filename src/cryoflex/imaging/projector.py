@@ -10,7 +10,7 @@ Conventions (docs/conventions.md: "Image pixel grid", "Rotations and projection"
   density (amplitude x A) sampled at the pixel centre** - no cutoff, no pixel-area integration.
 - The 2-D Gaussian is separable: image[b] = Ey[b]^T diag(A) Ex[b] with exp tables of shape (n, N) per image: batched
   matmuls over chunks of images, never a (B, n, N, N) tensor, and the tables are rebuilt for the backward pass
-  rather than stored (_SeparableProjection).
+  rather than stored, unless they are small (_SeparableProjection, keeps_tables).
 - RELION origin: observed(x) = centred_projection(x + origin). For Gaussians this is exact in real space:
   the projected centres move by -origin before the exp tables are built (no interpolation, no periodic
   wrap-around, exact even where sigma is under-sampled, where a Fourier phase ramp would alias).
