@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark run: the training step (fp32 and bf16 networks, eager and torch.compile; the original's objective,
+# GPU benchmark run: the training step (precision fp32, and bf16 networks with TF32 projection products, each eager
+# and with torch.compile; the original's objective,
 # and training's default one with 20 segments in bf16, eager), the projector and the reconstruction at 13,941
 # residues / 128 px and 214 residues / 64 px on CUDA, all JSON into one folder, then a summary with the time of an
 # EMPIAR-10180-sized epoch (benchmarks/gpu_summary.py; also saved as summary.txt).

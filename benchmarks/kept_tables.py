@@ -59,9 +59,9 @@ def forward_backward(kind: str, structures: int, residues: int, box_px: int) -> 
 
     def run() -> None:
         if kind == "point":
-            images = projector._SeparableProjection.apply(*leaves, grid_A + extent_A / 2, SIGMA_A)
+            images = projector._SeparableProjection.apply(*leaves, grid_A + extent_A / 2, SIGMA_A, False)
         else:
-            images = _PhaseSums.apply(*leaves, terms)
+            images = _PhaseSums.apply(*leaves, terms, False)
         (images * probe).sum().backward()
 
     return run

@@ -77,7 +77,7 @@ def test_phase_sums_backward_is_exact(box: int) -> None:
     weights = torch.as_tensor(rng.uniform(0.5, 2, size=(2, 5)), dtype=F64).requires_grad_()
     terms = phase_terms(box, 4.0, F64, torch.device("cpu"))
     assert terms.omega.shape == (box,)  # as many table columns as pixels
-    assert torch.autograd.gradcheck(lambda a, b, w: _PhaseSums.apply(a, b, w, terms), (x, y, weights))
+    assert torch.autograd.gradcheck(lambda a, b, w: _PhaseSums.apply(a, b, w, terms, False), (x, y, weights))
 
 
 def test_gradients_through_positions_width_and_ctf_and_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -370,3 +370,19 @@ def test_the_width_that_fits_images_best_is_the_one_they_were_made_with() -> Non
         (images - target).square().sum().backward()
         optimizer.step()
     assert float(log_width.detach().exp()) == pytest.approx(3.0, abs=1e-3)
+
+
+def test_tf32_products_set_the_cuda_matmul_precision_only_inside_and_only_when_enabled() -> None:
+    """The projections' batched products may run on TF32 tensor cores (on CUDA); everything else keeps its precision."""
+    from cryoflex.imaging.projector import tf32_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with tf32_products(False):
+        assert matmul.fp32_precision == before
+    with tf32_products(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), tf32_products(True):
+        raise RuntimeError("a failed product")
+    assert matmul.fp32_precision == before

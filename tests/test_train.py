@@ -420,3 +420,18 @@ def test_training_learns_the_width_and_runs_from_before_it_resume_at_their_width
     resumed = train(_config(tiny_dataset, epochs=2), run, resume=True)
     assert float(resumed.model.sigma_A.detach()) == pytest.approx(4.0)
     assert not resumed.model.log_sigma_A.requires_grad
+
+
+def test_tf32_projections_on_cuda_unless_fp32_and_never_on_a_cpu() -> None:
+    """The projections' products use TF32 where the networks use bf16 automatically, on CUDA; precision fp32 keeps
+    them float32, and a CPU never changes its products (the flag only concerns CUDA)."""
+    from cryoflex.train.setup import use_tf32_projections
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only their types are read: no GPU needed
+
+    def config(precision: str) -> TrainConfig:
+        return load_config(None, {"particles": "p.star", "structure": "s.pdb", "precision": precision})
+
+    assert use_tf32_projections(config("auto"), cuda) and use_tf32_projections(config("bf16"), cuda)
+    assert not use_tf32_projections(config("fp32"), cuda)
+    assert not any(use_tf32_projections(config(p), cpu) for p in ("auto", "bf16", "fp32"))

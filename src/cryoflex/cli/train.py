@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
     run.add_argument("--device", help=DEVICE_HELP)
-    run.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 networks on CUDA")
+    run.add_argument("--precision", choices=PRECISIONS, help="auto: on CUDA, bf16 networks, TF32 projections")
     run.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the deformation, for GPUs (slower on a CPU; ~1 min to compile)")
     run.add_argument("--num-workers", type=int, help="data loader worker processes (default 0)")

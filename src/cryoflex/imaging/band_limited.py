@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from cryoflex.imaging.ctf import rfft_frequencies_A
-from cryoflex.imaging.projector import images_per_chunk, keeps_tables
+from cryoflex.imaging.projector import images_per_chunk, keeps_tables, tf32_products
 
 
 class PhaseTerms(NamedTuple):
@@ -98,20 +98,24 @@ class _PhaseSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_A: torch.Tensor, y_A: torch.Tensor, weights: torch.Tensor, terms: PhaseTerms) -> torch.Tensor:
+    def forward(
+        ctx, x_A: torch.Tensor, y_A: torch.Tensor, weights: torch.Tensor, terms: PhaseTerms, tf32: bool
+    ) -> torch.Tensor:
         batch, n = x_A.shape
         size = terms.omega.shape[0]
         chunk = images_per_chunk(batch, n, size, x_A.device)
         keep = keeps_tables(batch, n, size, x_A.device, any(ctx.needs_input_grad))
         kept = tuple(x_A.new_empty(batch, n, size) for _ in range(2 if keep else 0))
         sums = x_A.new_empty(batch, size, size)
+        ctx.tf32 = tf32 and x_A.is_cuda
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
             out_x, out_y = (kept[0][rows], kept[1][rows]) if keep else (None, None)
             table_x = _table(x_A[rows], terms, out=out_x)
             table_y = _table(y_A[rows], terms, out=out_y)
             weighted_y = table_y * weights[rows].unsqueeze(-1) if keep else table_y.mul_(weights[rows].unsqueeze(-1))
-            torch.bmm(weighted_y.transpose(1, 2), table_x, out=sums[rows])
+            with tf32_products(ctx.tf32):
+                torch.bmm(weighted_y.transpose(1, 2), table_x, out=sums[rows])
         ctx.save_for_backward(x_A, y_A, weights, *kept)
         ctx.terms, ctx.chunk = terms, chunk
         return sums
@@ -127,12 +131,13 @@ class _PhaseSums(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk)
             x, y, w, g = x_A[rows], y_A[rows], weights[rows], grad[rows]
             table_x, table_y = (kept[0][rows], kept[1][rows]) if kept else (_table(x, terms), _table(y, terms))
-            q_y = torch.bmm(table_x, g.transpose(1, 2))  # dL/d(w T_y)
-            q_x = torch.bmm(table_y, g)  # dL/dT_x / w
+            with tf32_products(ctx.tf32):
+                q_y = torch.bmm(table_x, g.transpose(1, 2))  # dL/d(w T_y)
+                q_x = torch.bmm(table_y, g)  # dL/dT_x / w
             grad_weights[rows] = (q_y * table_y).sum(-1)
             grad_x[rows] = _position_gradient(q_x, table_x, x, terms).mul_(w)
             grad_y[rows] = _position_gradient(q_y, table_y, y, terms).mul_(w)
-        return grad_x, grad_y, grad_weights, None
+        return grad_x, grad_y, grad_weights, None, None
 
 
 def spectrum_from_sums(sums: torch.Tensor, box_size_px: int, cosines: int) -> torch.Tensor:
@@ -167,15 +172,17 @@ def band_limited_images(
     pixel_size_A: float,
     sigma_A: float | torch.Tensor,
     transfer: torch.Tensor | None,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """Images (B, N, N) of Gaussians at projected positions x_A, y_A (B, n) in A from the box centre, amplitudes
     (B, n), band-limited to the box's Nyquist frequency; transfer the CTF on the rfft2 grid (B or 1, N, N//2 + 1) or
-    None. Differentiable in positions, amplitudes, a tensor width and the transfer."""
+    None; tf32: the phase sums' batched products on TF32 tensor cores, on CUDA (projector.tf32_products).
+    Differentiable in positions, amplitudes, a tensor width and the transfer."""
     terms = phase_terms(box_size_px, pixel_size_A, x_A.dtype, x_A.device)
     # phases from pixel 0, where the DFT puts its origin: the box centre is pixel N//2
     origin_A = (box_size_px // 2) * pixel_size_A
     x_A, y_A = (x_A + origin_A).contiguous(), (y_A + origin_A).contiguous()
-    sums = _PhaseSums.apply(x_A, y_A, amplitudes.contiguous(), terms)
+    sums = _PhaseSums.apply(x_A, y_A, amplitudes.contiguous(), terms, tf32)
     spectrum = spectrum_from_sums(sums, box_size_px, terms.cosines)
     envelope = (2.0 * math.pi) ** 1.5 * sigma_A**3 / pixel_size_A**2 * torch.exp(
         (-2.0 * math.pi**2) * sigma_A**2 * _squared_frequency_A2(box_size_px, pixel_size_A, x_A.dtype, x_A.device)

@@ -40,6 +40,9 @@ class ImageFormation:
         self.pixel_size_A = pixel_size_A
         self.sigma_A = sigma_A
         self.band_limited = band_limited
+        # The projections' batched products on TF32 tensor cores, on CUDA (projector.tf32_products); training sets it
+        # with its precision setting, everything else renders in plain float32.
+        self.tf32_products = False
         self._grids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def pixel_grid_A(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +78,9 @@ class ImageFormation:
             x_A, y_A = projected_positions_A(coords_A, poses.rotations, poses.shifts_A)
             return band_limited_images(
                 x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
-                pixel_size_A=self.pixel_size_A, sigma_A=sigma_A, transfer=transfer,
+                pixel_size_A=self.pixel_size_A, sigma_A=sigma_A, transfer=transfer, tf32=self.tf32_products,
             )  # fmt: skip
         grid_A = self.pixel_grid_A(device, dtype)
-        return project_on_grid(coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer)
+        return project_on_grid(
+            coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer, tf32=self.tf32_products
+        )

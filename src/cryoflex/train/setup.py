@@ -203,6 +203,7 @@ def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) 
     dataset = inputs.dataset
     model = build_model(config, inputs.structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
     model.network_bf16 = use_bf16_networks(config, device)
+    model.formation.tf32_products = use_tf32_projections(config, device)
     if config.compile:
         if device.type == "cpu":
             logger.warning(
@@ -273,3 +274,8 @@ def validation_mask(names: np.ndarray, fraction: float) -> np.ndarray:
 def use_bf16_networks(config: TrainConfig, device: torch.device) -> bool:
     """Whether the encoder and decoder run under bf16 autocast: asked for, or automatic on CUDA."""
     return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+
+def use_tf32_projections(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the projections' batched products run on TF32 tensor cores: on CUDA, unless precision is fp32."""
+    return device.type == "cuda" and config.precision != "fp32"
