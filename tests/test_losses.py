@@ -347,3 +347,18 @@ def test_the_objective_rebuilds_the_clash_list_from_each_images_first_draw() -> 
     every_draw = ClashNeighbourList(TWO_CHAINS, skin_A=config.clash_skin_A).update(coords.flatten(0, 1))
     assert len(first_draws) > 0 and not torch.equal(first_draws, every_draw)
     assert torch.equal(objective.neighbours.pairs, first_draws)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_close_pairs_from_every_distance_equal_the_k_d_trees(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """An accelerator builds the clash list from every distance, in blocks of rows; the pairs are the k-d trees'
+    (the union over the structures, sorted), whatever the blocks, far from the origin too (no cancellation)."""
+    from cryoflex.model import losses
+
+    coords = _random_coords(11, 3, 40, box_A=30.0) + 500.0
+    expected = losses._close_pair_keys_by_trees(coords.numpy(), 6.0)
+    assert len(expected) > 20
+    for block_elements in (2**28, 3 * 40 * 7):  # one block; blocks of 7 rows, the last one short
+        monkeypatch.setattr(losses, "_DISTANCE_BLOCK_ELEMENTS", block_elements)
+        keys = losses.close_pair_keys_by_distance(coords.to(dtype), 6.0)
+        np.testing.assert_array_equal(keys.numpy(), expected)
