@@ -97,7 +97,8 @@ class TrainConfig:
     neighbour_list_every_steps: int = 10  # the clash list is rebuilt from each image's first draw this often
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (on CUDA: bf16 networks, TF32 projection products) | fp32 | bf16 (the same anywhere)
+    # auto (on CUDA: bf16 networks, TF32 projection products) | fp32 | bf16 (bf16 networks on any device, TF32 on CUDA)
+    precision: str = "auto"
     compile: bool = False  # torch.compile the deformation: faster steps for long runs, ~1 min to compile
     threads: int = 0  # CPU threads: 0 = automatic (usable CPUs, the count that measures fastest while running)
     # logging
