@@ -80,6 +80,25 @@ def test_phase_sums_backward_is_exact(box: int) -> None:
     assert torch.autograd.gradcheck(lambda a, b, w: _PhaseSums.apply(a, b, w, terms, False), (x, y, weights))
 
 
+def test_phase_tables_kept_for_backward_give_the_rebuilt_tables_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    x, y = (torch.as_tensor(rng.uniform(0, 30, size=(3, 6)), dtype=F64).requires_grad_() for _ in range(2))
+    weights = torch.as_tensor(rng.uniform(0.5, 2, size=(3, 6)), dtype=F64).requires_grad_()
+    terms = phase_terms(9, 4.0, F64, torch.device("cpu"))
+    probe = torch.as_tensor(rng.normal(size=(3, 9, 9)), dtype=F64)
+
+    def sums_and_gradients() -> tuple[int, list[torch.Tensor]]:
+        sums = _PhaseSums.apply(x, y, weights, terms, False)
+        return len(sums.grad_fn.saved_tensors), [sums, *torch.autograd.grad((sums * probe).sum(), (x, y, weights))]
+
+    saved_kept, kept = sums_and_gradients()
+    monkeypatch.setattr(projector, "_CPU_KEPT_TABLE_ELEMENTS", 0)
+    saved_rebuilt, rebuilt = sums_and_gradients()
+    assert (saved_kept, saved_rebuilt) == (3 + 2, 3)  # the inputs, then the two tables when kept
+    for a, b in zip(kept, rebuilt, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_gradients_through_positions_width_and_ctf_and_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     coords, amplitudes, poses = _particles(4, 4, 3, spread_A=5.0)
     coords.requires_grad_()

@@ -362,3 +362,18 @@ def test_close_pairs_from_every_distance_equal_the_k_d_trees(monkeypatch: pytest
         monkeypatch.setattr(losses, "_DISTANCE_BLOCK_ELEMENTS", block_elements)
         keys = losses.close_pair_keys_by_distance(coords.to(dtype), 6.0)
         np.testing.assert_array_equal(keys.numpy(), expected)
+
+
+def test_the_clash_list_built_on_a_gpu_has_the_k_d_trees_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ClashNeighbourList.update's GPU branch (forced here on the CPU) keeps the same pairs as its k-d trees, also
+    when nothing is close and for a single residue."""
+    from cryoflex.model import losses
+
+    coords = _random_coords(12, 4, len(TWO_CHAINS), box_A=25.0)
+    far_apart = torch.arange(len(TWO_CHAINS), dtype=torch.float64)[:, None].expand(-1, 3) * 100.0
+    cases = [(TWO_CHAINS, coords), (TWO_CHAINS, far_apart), (["A"], torch.zeros(2, 1, 3))]
+    expected = [ClashNeighbourList(chains).update(c) for chains, c in cases]
+    assert len(expected[0]) > 10 and len(expected[1]) == 0 and len(expected[2]) == 0
+    monkeypatch.setattr(losses, "_builds_on_device", lambda device: True)
+    for (chains, c), pairs in zip(cases, expected, strict=True):
+        assert torch.equal(ClashNeighbourList(chains).update(c), pairs)

@@ -317,9 +317,11 @@ def test_gradcheck_amplitudes_and_chunked_projection_matches_one_chunk(monkeypat
     for chunked, reference in zip(images_and_gradients(), whole, strict=True):
         torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-12)
     assert projector.keeps_tables(5, 4, 9, torch.device("cpu"), needs_grad=True)
+    assert len(forward(coords, amplitudes).grad_fn.saved_tensors) == 4 + 2  # inputs, then the two tables
     assert torch.autograd.gradcheck(forward, (coords, amplitudes))
     monkeypatch.setattr(projector, "_CPU_KEPT_TABLE_ELEMENTS", 0)
     assert not projector.keeps_tables(5, 4, 9, torch.device("cpu"), needs_grad=True)
+    assert len(forward(coords, amplitudes).grad_fn.saved_tensors) == 4
     for rebuilt, reference in zip(images_and_gradients(), whole, strict=True):
         torch.testing.assert_close(rebuilt, reference, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(forward, (coords, amplitudes))
@@ -376,7 +378,7 @@ def test_tf32_products_set_the_cuda_matmul_precision_only_inside_and_only_when_e
     """The projections' batched products may run on TF32 tensor cores (on CUDA); everything else keeps its precision."""
     from cryoflex.imaging.projector import tf32_products
 
-    matmul = torch.backends.cuda.matmul
+    matmul = torch.backends.cuda.matmul  # torch >= 2.9's setting (older versions: allow_tf32, the same way)
     before = matmul.fp32_precision
     with tf32_products(False):
         assert matmul.fp32_precision == before
@@ -386,3 +388,27 @@ def test_tf32_products_set_the_cuda_matmul_precision_only_inside_and_only_when_e
     with pytest.raises(RuntimeError), tf32_products(True):
         raise RuntimeError("a failed product")
     assert matmul.fp32_precision == before
+
+
+@pytest.mark.parametrize("band_limited", [False, True])
+def test_image_formation_passes_its_tf32_setting_to_the_renderer(monkeypatch: pytest.MonkeyPatch, band_limited) -> None:
+    """Training sets ImageFormation.tf32_products (on CUDA); it must reach whichever renderer draws the images, and
+    stay off for every other user of the class."""
+    from cryoflex.imaging import formation as formation_module
+    from cryoflex.imaging.batches import CTFBatch, PoseBatch
+    from cryoflex.imaging.formation import ImageFormation
+
+    seen: list[bool] = []
+
+    def spy(*args: object, tf32: bool = False, **kwargs: object) -> torch.Tensor:
+        seen.append(tf32)
+        return torch.zeros(1, 8, 8)
+
+    monkeypatch.setattr(formation_module, "band_limited_images" if band_limited else "project_on_grid", spy)
+    formation = ImageFormation(8, 2.0, band_limited=band_limited)
+    poses = PoseBatch(torch.eye(3)[None], torch.zeros(1, 2))
+    ctf = CTFBatch.from_values(10000.0, 10000.0, 0.0, 300.0, 2.7, 0.1)
+    for tf32 in (False, True):
+        formation.tf32_products = tf32
+        formation.images(torch.zeros(1, 3, 3), torch.ones(3), poses, ctf)
+    assert seen == [False, True] and not ImageFormation(8, 2.0).tf32_products

@@ -94,12 +94,14 @@ def tf32_products(enabled: bool) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    # torch >= 2.9 sets it as fp32_precision; older versions only have the flag that 2.9 deprecates
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        setattr(matmul, name, previous)
 
 
 def keeps_tables(batch: int, n: int, box_size_px: int, device: torch.device, needs_grad: bool) -> bool:
@@ -177,12 +179,15 @@ class _SeparableProjection(torch.autograd.Function):
             else:
                 table_x = _gaussian_table(x, grid_A, inverse_variance)
                 table_y = _gaussian_table(y, grid_A, inverse_variance)
-            # TF32 for these two only: in the moments' products it would round the pixel coordinates g_p by up to
-            # 0.05 A, in sums y sum_p V - sum_p V g_p that cancel down to the Gaussian's width
+            # TF32 for the two batched products only: in the moments' products it would round the pixel coordinates
+            # g_p by up to 0.05 A, in sums y sum_p V - sum_p V g_p that cancel down to the Gaussian's width. One
+            # product at a time, so that no more than three (chunk, n, N) tensors are alive.
             with tf32_products(ctx.tf32):
-                c, a = torch.bmm(table_x, g.transpose(1, 2)), torch.bmm(table_y, g)
-            moments_y = (c.mul_(table_y) @ powers).unbind(-1)  # of V = C * table_y
-            moments_x = (a.mul_(table_x) @ powers).unbind(-1)  # of U / w
+                product = torch.bmm(table_x, g.transpose(1, 2))
+            moments_y = (product.mul_(table_y) @ powers).unbind(-1)  # of V = C * table_y
+            with tf32_products(ctx.tf32):
+                product = torch.bmm(table_y, g)
+            moments_x = (product.mul_(table_x) @ powers).unbind(-1)  # of U / w
             grad_weights[rows] = moments_y[0]
             grad_y[rows] = (y * moments_y[0] - moments_y[1]) * w
             grad_x[rows] = (x * moments_x[0] - moments_x[1]) * w

@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-# Distances computed at once when the clash list is built on an accelerator: 2^28 float32 = 1 GiB.
-_DISTANCE_BLOCK_ELEMENTS = 2**28
+# Distances computed at once when the clash list is built on a GPU: 2^26 (B x rows x n), about 1 GiB of float32
+# temporaries in all.
+_DISTANCE_BLOCK_ELEMENTS = 2**26
 
 
 def _safe_distance(diff: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -195,7 +196,7 @@ class ClashNeighbourList:
         (pandas.unique: most pairs recur in every structure, 12.5 million keys of 256 structures of 13,941 residues
         hold 85,000 distinct pairs; 9x faster than sorting them all). On an accelerator, where the trees' 0.27 s per
         rebuild at 13,941 residues (32 structures, this project's CPU) would outweigh a whole step, every distance
-        is computed where the structures are (close_pair_keys_by_distance).
+        is computed on the GPU (close_pair_keys_by_distance).
         """
         structures = coords_A.detach()
         if structures.ndim == 2:
@@ -206,7 +207,7 @@ class ClashNeighbourList:
             )
         radius_A = self.cutoff_A + self.skin_A
         n = self.n_residues
-        if structures.device.type != "cpu":
+        if _builds_on_device(structures.device):
             keys = close_pair_keys_by_distance(structures, radius_A).cpu().numpy()
         else:
             keys = _close_pair_keys_by_trees(structures.to(torch.float64).numpy(), radius_A)
@@ -230,18 +231,26 @@ def _close_pair_keys_by_trees(structures: np.ndarray, radius_A: float) -> np.nda
     return np.sort(pd.unique(keys))
 
 
+def _builds_on_device(device: torch.device) -> bool:
+    """Whether the clash list is built from every distance on the structures' device (a GPU) rather than by k-d
+    trees on the CPU."""
+    return device.type == "cuda"
+
+
 def close_pair_keys_by_distance(structures: torch.Tensor, radius_A: float) -> torch.Tensor:
     """(B, n, 3) -> the sorted distinct keys i * n + j (i < j) of the pairs closer than radius_A in any structure,
-    from every distance, computed where the structures are in blocks of rows (up to _DISTANCE_BLOCK_ELEMENTS
-    distances at once, never B x n x n). Distances are differences, not the matrix-product expansion, whose
-    cancellation would err at pairs far from the origin."""
+    from every squared distance, computed where the structures are in blocks of rows (up to _DISTANCE_BLOCK_ELEMENTS
+    at once, never B x n x n): elementwise work, coordinate by coordinate (differences, not the matrix-product
+    expansion, whose cancellation would err at pairs far from the origin)."""
     batch, n, _ = structures.shape
-    rows = max(1, _DISTANCE_BLOCK_ELEMENTS // (batch * n))
-    keys = []
+    rows = max(1, _DISTANCE_BLOCK_ELEMENTS // max(1, batch * n))
+    components = structures.permute(2, 0, 1)  # (3, B, n)
+    keys = [structures.new_zeros(0, dtype=torch.int64)]
     for start in range(0, n, rows):
-        block = structures[:, start : start + rows]
-        distances = torch.cdist(block, structures, compute_mode="donot_use_mm_for_euclid_dist")
-        first, second = (distances < radius_A).any(dim=0).nonzero(as_tuple=True)  # row-major: sorted keys
+        squared = structures.new_zeros(batch, min(rows, n - start), n)
+        for component in components:
+            squared.add_((component[:, start : start + rows, None] - component[:, None, :]).square_())
+        first, second = (squared < radius_A**2).any(dim=0).nonzero(as_tuple=True)  # row-major: sorted keys
         first = first + start
         upper = second > first
         keys.append(first[upper] * n + second[upper])
