@@ -1,11 +1,14 @@
-"""Measurement helpers shared by the benchmark scripts: peak memory of a process and the CPU's name."""
+"""Measurement helpers shared by the benchmark scripts: peak memory of a process, the CPU's name, median times."""
 
 from __future__ import annotations
 
 import math
 import platform
 import resource
+import statistics
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 MEMORY_SAMPLE_S = 0.02
@@ -55,3 +58,15 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def median_ms(function: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of function() in ms over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _measure import cpu_name
+from _measure import cpu_name, median_ms
 
 from cryoflex.imaging import projector
 from cryoflex.imaging.band_limited import _PhaseSums, phase_terms
@@ -32,18 +31,6 @@ DEFAULT_ROWS = (
     "256:214:32", "128:214:64", "256:214:64", "128:214:128", "256:700:64", "32:2750:64", "256:2750:64", "64:2750:128"
 )
 WAYS = {"rebuilt": 0, "kept": 2**62}  # _CPU_KEPT_TABLE_ELEMENTS for each way
-
-
-def median_ms(function: Callable[[], None], repeats: int) -> float:
-    """Median wall time of function() in ms over `repeats` calls after two warm-up calls."""
-    for _ in range(2):
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
 
 
 def forward_backward(kind: str, structures: int, residues: int, box_px: int) -> Callable[[], None]:

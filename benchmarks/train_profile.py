@@ -32,14 +32,12 @@ import json
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from _measure import cpu_name
+from _measure import cpu_name, median_ms
 from train_throughput import DEFAULT_OBJECTIVE, STEP_OBJECTIVE, Row, row_structure, simulate_particles
 
 from cryoflex.config import load_config
@@ -55,18 +53,6 @@ from cryoflex.train.setup import build_optimizer, prepare_inputs, prepare_model
 DEFAULT_ROWS = ("214:64:128", "214:128:128", "2750:64:32", "2750:128:32")
 STAGES = ("data read", "encoder", "segmentation", "decoder", "deformation", "projector", "CTF", "losses", "optimiser")
 WARMUP = 2
-
-
-def median_ms(function: Callable[[], object], repeats: int) -> float:
-    """Median wall time of function() in ms over `repeats` calls after WARMUP untimed ones."""
-    for _ in range(WARMUP):
-        function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return 1000.0 * float(np.median(times))
 
 
 def forward_backward(
