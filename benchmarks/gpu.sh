@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark run: the training step (precision fp32, and bf16 networks with TF32 projection products, each eager
-# and with torch.compile; the original's objective,
-# and training's default one with 20 segments in bf16, eager), the projector and the reconstruction at 13,941
-# residues / 128 px and 214 residues / 64 px on CUDA, all JSON into one folder, then a summary with the time of an
-# EMPIAR-10180-sized epoch (benchmarks/gpu_summary.py; also saved as summary.txt).
+# and with torch.compile; the original's objective, and training's default one with 20 segments in bf16, eager), the
+# TF32 images' error, the projector and the reconstruction at 13,941 residues / 128 px and 214 residues / 64 px on
+# CUDA, all JSON into one folder, then a summary with the time of an EMPIAR-10180-sized epoch
+# (benchmarks/gpu_summary.py; also saved as summary.txt).
 #
 #   benchmarks/gpu.sh [OUTDIR]               CUDA; OUTDIR defaults to $OUT, else benchmarks/results/gpu
 #   benchmarks/gpu.sh --cpu-smoke [OUTDIR]   the same pipeline on CPU at tiny sizes (default benchmarks/results/gpu_smoke)
@@ -40,6 +40,7 @@ if [ "$smoke" = 1 ]; then
     default_rows=(214:32:4:20 300:32:4:20)
     projector_rows=(214:16:4 300:32:4)
     reconstruct_boxes=(16 32)
+    tf32_rows=(214:16:2)
     epoch_row=300:32
 else
     out="${1:-${OUT:-$root/benchmarks/results/gpu}}"
@@ -49,6 +50,7 @@ else
     default_rows=(13941:128:32:20 214:64:32:20)  # training's default segments; batch 32 x 8 draws = 256 images
     projector_rows=("${train_rows[@]}")
     reconstruct_boxes=(64 128)
+    tf32_rows=(214:64:64 13941:128:8)
     epoch_row=13941:128
     if ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
         echo "gpu.sh: CUDA is not available to $py" \
@@ -108,6 +110,9 @@ attempt train_bf16_default_objective train bf16 --default-objective
 stage projector
 attempt projector "$py" "$root/benchmarks/projector.py" --device "$device" --rows "${projector_rows[@]}" \
     --out "$out/projector.json"
+stage "tf32 rendering"
+attempt tf32_rendering "$py" "$root/benchmarks/tf32_rendering.py" --device "$device" --rows "${tf32_rows[@]}" \
+    --out "$out/tf32_rendering.json"
 stage reconstruct
 attempt reconstruct "$py" "$root/benchmarks/reconstruct.py" --device "$device" --boxes "${reconstruct_boxes[@]}" \
     --out "$out/reconstruct.json"

@@ -1,11 +1,11 @@
 """Summary of a benchmarks/gpu.sh output folder: one table per benchmark and the EMPIAR-10180-sized epoch estimate.
 
 Run: .venv/bin/python benchmarks/gpu_summary.py OUTDIR [--epoch-row 13941:128]
-Reads OUTDIR/train_*.json (train_throughput.py, one file per precision, compile setting and objective), projector.json
-and reconstruct.json, whichever are there. The epoch estimate is EPOCH_IMAGES / the best images/s measured for the
-training step at --epoch-row's residues and box (any batch, precision, compile), once for each objective timed (the
-original's, one draw per image; training's default, 8 draws): step time only, without the validation pass, checkpoints
-or the one-off compilation.
+Reads OUTDIR/train_*.json (train_throughput.py, one file per precision, compile setting and objective), projector.json,
+reconstruct.json and tf32_rendering.json, whichever are there. The epoch estimate is EPOCH_IMAGES / the best images/s
+measured for the training step at --epoch-row's residues and box (any batch, precision, compile), once for each
+objective timed (the original's, one draw per image; training's default, 8 draws): step time only, without the
+validation pass, checkpoints or the one-off compilation.
 """
 
 from __future__ import annotations
@@ -100,6 +100,19 @@ def print_reconstruct(result: dict[str, Any]) -> None:
         )
 
 
+def print_tf32(result: dict[str, Any]) -> None:
+    print("TF32 projection products (tf32_rendering.py): relative error against float64")
+    print(f"{'rendering':>12} {'row':>12} {'fp32 image':>10} {'tf32 image':>10} {'fp32 grad':>9} {'tf32 grad':>9} "
+          f"{'tf32 / noise at SNR 0.1':>23}  tf32")  # fmt: skip
+    for row in result["rows"]:
+        size = f"{row['residues']}:{row['box_px']}:{row['images']}"
+        print(
+            f"{row['rendering']:>12} {size:>12} {row['float32_image']:>10.1e} {row['tf32_image']:>10.1e} "
+            f"{row['float32_gradient']:>9.1e} {row['tf32_gradient']:>9.1e} "
+            f"{row['tf32_image_over_noise_at_snr']:>23.1e}  {row['tf32']}"
+        )
+
+
 def epoch_estimate(rows: list[dict[str, Any]], residues: int, box_px: int, objective: str) -> str:
     """The estimate line of one objective: the fastest training row at this size, and the epoch time at its rate."""
     size = (residues, box_px)
@@ -140,6 +153,8 @@ def main() -> None:
         print_projector(_load(projector))
     if reconstruct.exists():
         print_reconstruct(_load(reconstruct))
+    if (args.out / "tf32_rendering.json").exists():
+        print_tf32(_load(args.out / "tf32_rendering.json"))
     for objective in OBJECTIVES.values():
         print(epoch_estimate(train, *args.epoch_row, objective))
     for line in failed_rows(args.out):

@@ -1,13 +1,16 @@
-"""How far images rendered with TF32 matrix products would be from float32 ones, emulated on a CPU.
+"""How far images rendered with TF32 matrix products are from float32 ones: emulated on a CPU, measured on CUDA.
 
 On NVIDIA GPUs since Ampere, float32 matrix products may run on TF32 tensor cores: each operand is rounded to 10
 mantissa bits, the products are summed in float32. The projections' batched products (the separable Gaussian
 tables, or the band-limited phase tables, against each other and, in the backward pass, against the images'
 gradient) are the largest floating-point work of a step. This script rounds every operand of torch.bmm the way TF32
 does (to nearest, ties away from zero, on the bits) and compares the images and their gradients with respect to the
-coordinates against a float64 rendering, beside plain float32 and beside the noise of an SNR 0.1 image.
+coordinates against a float64 rendering, beside plain float32 and beside the noise of an SNR 0.1 image. With
+--device cuda the TF32 images are those of the tensor cores themselves (ImageFormation.tf32_products, as training
+sets it on CUDA), all three renderings on the GPU.
 
-Run: .venv/bin/python benchmarks/tf32_rendering.py [--rows 214:32:64 2750:64:16 13941:128:4] [--out ...]
+Run: .venv/bin/python benchmarks/tf32_rendering.py [--rows 214:32:64 2750:64:16 13941:128:4] [--device cpu|cuda]
+     [--out ...]
 Rows are RESIDUES:BOX_PX:IMAGES: AdK at 214 residues, the compact synthetic chains of train_throughput.py otherwise;
 uniformly random rotations, the dataset-like CTF of simulate (defocus 1-2 um, 300 kV), band-limited (the model's
 rendering) and point-sampled. Prints relative errors (norm of the difference / norm of the float64 result) and writes
@@ -68,8 +71,9 @@ def relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.double() - reference).norm() / reference.norm())
 
 
-def measure(residues: int, box_px: int, images: int, band_limited: bool, work: Path) -> dict:
-    """Relative errors of float32 and TF32 images and coordinate gradients against float64, for one row."""
+def measure(residues: int, box_px: int, images: int, band_limited: bool, work: Path, device: torch.device) -> dict:
+    """Relative errors of float32 and TF32 images and coordinate gradients against float64, for one row: TF32
+    emulated on a CPU, the tensor cores' own on CUDA."""
     structure = row_structure(residues, work)
     coords = structure.coords_A[0] - structure.coords_A[0].mean(axis=0)
     pixel_size_A = BOX_MARGIN * diameter_A(coords) / box_px
@@ -82,18 +86,25 @@ def measure(residues: int, box_px: int, images: int, band_limited: bool, work: P
     probe = torch.as_tensor(rng.normal(size=(images, box_px, box_px)))
     amplitudes = torch.ones(residues, dtype=torch.float64)
 
-    def render(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(coords, dtype=dtype).expand(images, -1, -1).clone().requires_grad_()
-        rendered = formation.images(x, amplitudes.to(dtype), poses.to("cpu", dtype=dtype), ctf.to("cpu", dtype=dtype))
-        (gradient,) = torch.autograd.grad((rendered * probe.to(dtype)).sum(), x)
-        return rendered.detach(), gradient
+    def render(dtype: torch.dtype, tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(coords, dtype=dtype, device=device).expand(images, -1, -1).clone().requires_grad_()
+        formation.tf32_products = tf32
+        rendered = formation.images(
+            x, amplitudes.to(device, dtype), poses.to(device, dtype=dtype), ctf.to(device, dtype=dtype)
+        )
+        (gradient,) = torch.autograd.grad((rendered * probe.to(device, dtype)).sum(), x)
+        return rendered.detach().cpu(), gradient.cpu()
 
     reference, reference_gradient = render(torch.float64)
     single, single_gradient = render(torch.float32)
-    with tf32_bmm():
-        tf32, tf32_gradient = render(torch.float32)
+    if device.type == "cuda":
+        tf32, tf32_gradient = render(torch.float32, tf32=True)
+    else:
+        with tf32_bmm():
+            tf32, tf32_gradient = render(torch.float32)
     return dict(
         residues=residues, box_px=box_px, images=images, rendering="band_limited" if band_limited else "point",
+        tf32="tensor cores" if device.type == "cuda" else "emulated",
         float32_image=relative(single, reference), tf32_image=relative(tf32, reference),
         float32_gradient=relative(single_gradient, reference_gradient),
         tf32_gradient=relative(tf32_gradient, reference_gradient),
@@ -104,9 +115,12 @@ def measure(residues: int, box_px: int, images: int, band_limited: bool, work: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), metavar="RESIDUES:BOX_PX:IMAGES")
+    parser.add_argument("--device", default="cpu", help="cpu (TF32 emulated) or cuda (the tensor cores)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tf32_rendering.json"))
     args = parser.parse_args()
-    print(f"{cpu_name()}, torch {torch.__version__}; relative error against float64 (norm of difference / norm)")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"{where}, torch {torch.__version__}; relative error against float64 (norm of difference / norm)")
     print(f"{'rendering':>12} {'row':>12} {'fp32 image':>11} {'tf32 image':>11} {'fp32 grad':>10} {'tf32 grad':>10} "
           f"{'tf32 / noise at SNR ' + str(SNR):>22}")  # fmt: skip
     rows = []
@@ -114,12 +128,12 @@ def main() -> None:
         for spec in args.rows:
             residues, box_px, images = (int(v) for v in spec.split(":"))
             for band_limited in (True, False):
-                row = measure(residues, box_px, images, band_limited, Path(work))
+                row = measure(residues, box_px, images, band_limited, Path(work), device)
                 rows.append(row)
                 print(f"{row['rendering']:>12} {spec:>12} {row['float32_image']:>11.1e} {row['tf32_image']:>11.1e} "
                       f"{row['float32_gradient']:>10.1e} {row['tf32_gradient']:>10.1e} "
                       f"{row['tf32_image_over_noise_at_snr']:>22.1e}", flush=True)  # fmt: skip
-    write_text_atomic(args.out, json.dumps(dict(cpu=cpu_name(), torch=torch.__version__, snr=SNR, rows=rows), indent=2))
+    write_text_atomic(args.out, json.dumps(dict(device=where, torch=torch.__version__, snr=SNR, rows=rows), indent=2))
     print(f"wrote {args.out}")
 
 

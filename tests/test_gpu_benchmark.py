@@ -72,6 +72,10 @@ def test_cpu_smoke_writes_every_result(tmp_path: Path) -> None:
     assert projector and all(row["forward_backward_images_per_s"] > 0 for row in projector)
     reconstruct = json.loads((tmp_path / "reconstruct.json").read_text())["rows"]
     assert reconstruct and all(row["insert_particles_per_s"] > 0 for row in reconstruct)
+    tf32 = json.loads((tmp_path / "tf32_rendering.json").read_text())["rows"]
+    assert {row["rendering"] for row in tf32} == {"band_limited", "point"}
+    assert all(row["tf32"] == "emulated" and row["float32_image"] < row["tf32_image"] < 1e-3 for row in tf32)
     summary = (tmp_path / "summary.txt").read_text()
+    assert "TF32 projection products" in summary
     for objective in ("original", "default"):
         assert f"Epoch estimate, {objective} objective: 327,000 images at" in summary
