@@ -185,6 +185,7 @@ class _SeparableProjection(torch.autograd.Function):
             with tf32_products(ctx.tf32):
                 product = torch.bmm(table_x, g.transpose(1, 2))
             moments_y = (product.mul_(table_y) @ powers).unbind(-1)  # of V = C * table_y
+            del product
             with tf32_products(ctx.tf32):
                 product = torch.bmm(table_y, g)
             moments_x = (product.mul_(table_x) @ powers).unbind(-1)  # of U / w
