@@ -5,7 +5,8 @@ Simulates from the MD trajectory in tests/data (98 frames, 214 residues, frame 0
 on the CPU, reopens the run as analysis does (the last checkpoint; the best by validation loss is scored too), takes
 every particle's posterior-mean structure (64 structures decoded from samples of q(z | image), importance-weighted for
 a model trained with the Gaussian likelihood, as analysis does) and reports: median per-image C-alpha RMSD to the true
-conformation (and that of the structure decoded at the latent mean) vs three constant predictions (the nominal
+conformation (and that of the structure decoded at the latent mean; both also split into the particles held out of
+training, the validation share, and the trained ones) vs three constant predictions (the nominal
 structure; two oracles chosen with the truth: the mean structure and the best single trajectory frame), the Bayes
 bound (bayes_oracle.py: the exact posterior over the true frames), the Spearman correlation of each particle's
 predicted uncertainty (its expected RMSD, as analysis reports it; the mean per-residue spread before) with its error,
@@ -45,6 +46,7 @@ from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.run_dir import RunDir
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 from cryoflex.train.loop import train
+from cryoflex.train.setup import read_particles, validation_mask
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 POSTERIOR_SAMPLES = DEFAULT_POSTERIOR_SAMPLES
@@ -105,6 +107,7 @@ def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarr
     predicted = np.concatenate([chunk.coords_A for chunk in chunks])
     expected_rmsd_A = np.concatenate([chunk.expected_rmsd_A for chunk in chunks])  # the uncertainty analysis reports
     at_mean = np.concatenate(list(decode_latents(model, posterior.mean)))
+    held_out = validation_mask(read_particles(run.config).names, run.config.validation_fraction)
     nominal_A = model.nominal_coords_A.cpu().numpy()
     figures = recovery_summary(predicted, truth_A, nominal_A, lid, nmp)
     at_mean_figures = recovery_summary(at_mean, truth_A, nominal_A, lid, nmp)
@@ -115,6 +118,18 @@ def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarr
         spread_error_spearman=float(spearmanr(expected_rmsd_A, rmsd_A(predicted, truth_A)).statistic),
         sigma_A=float(model.sigma_A.detach()),  # the width the model renders (learned unless fixed)
     )  # fmt: skip
+    # The particles held out of training (the validation share): what a particle the model never trained on gets.
+    # The encoder learns q(z | image) of the training images from their importance weights, so its mean says more
+    # about those than about new images; the weighted posterior is the model's whatever q learned, while q's draws
+    # still cover it.
+    if held_out.any():
+        figures.update(
+            held_out_particles=int(held_out.sum()),
+            held_out_median_rmsd_A=float(np.median(rmsd_A(predicted[held_out], truth_A[held_out]))),
+            trained_median_rmsd_A=float(np.median(rmsd_A(predicted[~held_out], truth_A[~held_out]))),
+            held_out_at_latent_mean_median_rmsd_A=float(np.median(rmsd_A(at_mean[held_out], truth_A[held_out]))),
+            trained_at_latent_mean_median_rmsd_A=float(np.median(rmsd_A(at_mean[~held_out], truth_A[~held_out]))),
+        )  # fmt: skip
     return figures
 
 
