@@ -88,12 +88,22 @@ def test_validation_particles_are_never_trained_on_and_their_loss_is_logged(
     assert caplog.text.count("val loss") == 2 and f"{40 - len(held_out)} particles train" in caplog.text
 
 
-def test_best_checkpoint_is_the_epoch_of_the_lowest_validation_total(tiny_adk_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("likelihood", ["gaussian", "correlation"])
+def test_best_checkpoint_is_the_epoch_of_the_best_validation_score(
+    likelihood: str, tiny_adk_dataset: Path, tmp_path: Path
+) -> None:
+    """The highest held-out log evidence with the Gaussian likelihood; the lowest validation total with the original
+    objective, which has no evidence."""
     run = RunDir(tmp_path / "run")
-    train(_config(tiny_adk_dataset, epochs=3, learning_rate=1e-2), run.root)
-    totals = [record["val_total"] for record in _epoch_records(run.root)]
+    train(_config(tiny_adk_dataset, epochs=3, learning_rate=1e-2, likelihood=likelihood), run.root)
+    records = _epoch_records(run.root)
+    if likelihood == "gaussian":
+        scores = [-record["val_log_evidence"] for record in records]
+    else:
+        assert all("val_log_evidence" not in record for record in records)
+        scores = [record["val_total"] for record in records]
     best = load_checkpoint(run.best_checkpoint)
-    assert best["epoch"] == int(np.argmin(totals)) + 1
+    assert best["epoch"] == int(np.argmin(scores)) + 1
     twin = load_checkpoint(run.checkpoint(best["epoch"]))
     for name, value in best["model"].items():
         assert torch.equal(value, twin["model"][name]), name
@@ -194,3 +204,56 @@ def test_epoch_line_shows_the_validation_loss() -> None:
     values = {"total": 1.0, "val_one_minus_correlation": 0.7390, "val_latent_kl": 0.2, "val_total": 0.7412}
     assert format_validation(values, best=True) == ", val loss 0.7412 val 1-corr 0.7390 (best)"
     assert format_validation({"total": 1.0}, best=False) == ""
+
+
+def _numpy_log_likelihood(model, coords_A: torch.Tensor, batch, row: int) -> float:  # type: ignore[no-untyped-def]
+    """log p(image | structure) in numpy: the model's image scale, a least-squares offset, its noise variance."""
+    with torch.no_grad():
+        image = model.render(coords_A, batch.poses[[row]], batch.ctf[[row]])[0].double().numpy().ravel()
+    observed = batch.images[row].double().numpy().ravel()
+    target = observed - float(model.log_image_scale.detach().exp()) * image
+    (offset,), *_ = np.linalg.lstsq(np.ones((target.size, 1)), target, rcond=None)
+    variance = float(model.log_noise_variance.detach().exp())
+    return -(np.square(target - offset).sum() / (2 * variance) + 0.5 * observed.size * np.log(variance))
+
+
+def test_held_out_log_evidence_is_the_mean_likelihood_of_prior_draws(data_dir: Path, tiny_adk_dataset: Path) -> None:
+    """prior_log_evidence against numpy: log (1/K) sum_k p(image | z_k) over the prior's draws, each image with its own
+    draws (drawn pass by pass, image-major); and, for a decoder that ignores z, exactly log p(image | that
+    structure)."""
+    from scipy.special import logsumexp
+
+    from cryoflex.data.dataset import ParticleDataset
+    from cryoflex.io.structure import read_structure
+    from cryoflex.train.objective import EVIDENCE_DRAWS, EVIDENCE_DRAWS_PER_PASS, prior_log_evidence
+    from cryoflex.train.setup import build_model
+
+    dataset = ParticleDataset(read_metadata(tiny_adk_dataset / "particles.star"))
+    batch = dataset.__getitems__([3, 11])
+    torch.manual_seed(1)
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+    model = build_model(config, read_structure(tiny_adk_dataset / "nominal.pdb"), 32, 4.0).eval()
+    with torch.no_grad():
+        model.log_noise_variance.fill_(0.3)
+        model.log_image_scale.fill_(-0.4)
+        torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
+    evidence = prior_log_evidence(model, batch, torch.Generator().manual_seed(7)).numpy()
+    generator = torch.Generator().manual_seed(7)
+    per_draw = np.empty((2, EVIDENCE_DRAWS))
+    for start in range(0, EVIDENCE_DRAWS, EVIDENCE_DRAWS_PER_PASS):
+        latent = torch.randn(2, EVIDENCE_DRAWS_PER_PASS, 2, generator=generator)
+        for row in range(2):
+            for k in range(EVIDENCE_DRAWS_PER_PASS):
+                with torch.no_grad():
+                    coords_A, _ = model.decode(latent[row, k][None], sample_segmentation=False)
+                per_draw[row, start + k] = _numpy_log_likelihood(model, coords_A, batch, row)
+    np.testing.assert_allclose(evidence, logsumexp(per_draw, axis=1) - np.log(EVIDENCE_DRAWS), rtol=1e-5, atol=1e-3)
+
+    with torch.no_grad():  # a decoder that ignores z: every draw gives the nominal structure (the output bias is 0)
+        model.decoder.net[-1].weight.zero_()
+        model.decoder.net[-1].bias.zero_()
+    evidence = prior_log_evidence(model, batch, torch.Generator().manual_seed(7)).numpy()
+    nominal = model.nominal_coords_A[None]
+    expected = [_numpy_log_likelihood(model, nominal, batch, row) for row in range(2)]
+    np.testing.assert_allclose(evidence, expected, rtol=1e-5, atol=1e-3)

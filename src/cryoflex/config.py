@@ -80,7 +80,7 @@ class TrainConfig:
     seed: int = 0
     lr_schedule: str = "cosine"  # cosine (per step, down to 10% of the learning rates at the last epoch) | constant
     validation_fraction: float = 0.05  # share of particles held out (fixed per particle name); 0 = none
-    early_stopping_patience: int = 0  # stop after this many epochs without a better validation loss; 0 = never
+    early_stopping_patience: int = 0  # stop after this many epochs without a better validation score; 0 = never
     # the objective: "gaussian" (nats: the evidence bound with a Gaussian likelihood) or "correlation" (the original)
     likelihood: str = "gaussian"
     # latent draws per image in the importance-weighted evidence bound; 1 = the plain ELBO (correlation: always 1)

@@ -1,7 +1,7 @@
 """The layout of a run directory, in one place: what `cryoflex train` writes and analyze, eval and reconstruct read.
 
 RUN/config.yaml             the full training configuration
-RUN/checkpoints/            epoch_NNNN.pt after every epoch, last.pt (the newest) and best.pt (lowest validation loss)
+RUN/checkpoints/            epoch_NNNN.pt after every epoch, last.pt (the newest) and best.pt (best validation score)
 RUN/metrics.jsonl           loss terms every few steps and per epoch
 RUN/tensorboard/            the same scalars and figures for TensorBoard
 RUN/cache/                  the preprocessed (downsampled) image cache
@@ -41,7 +41,8 @@ class RunDir:
 
     @property
     def best_checkpoint(self) -> Path:
-        """The checkpoint of the epoch with the lowest validation loss so far (absent without a validation share)."""
+        """The checkpoint of the epoch with the best validation score so far (train.loop.validation_score;
+        absent without a validation share)."""
         return self.checkpoints / "best.pt"
 
     @property

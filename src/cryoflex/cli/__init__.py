@@ -38,7 +38,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint best|last or --epoch N: which checkpoint of a run analyze, eval and reconstruct load."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", choices=("best", "last"),
-                       help="last: the newest (default); best: the epoch with the lowest validation loss")
+                       help="last: the newest (default); best: the epoch with the best validation score")
     which.add_argument("--epoch", type=int, help="the checkpoint after this epoch")
 
 

@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="share of the particles held out for validation, fixed by particle name (default 0.05; "
                           "0 = none); the best epoch by its loss is RUN/checkpoints/best.pt")
     run.add_argument("--early-stopping-patience", type=int, metavar="N",
-                     help="stop after N epochs without a better validation loss (default 0: never)")
+                     help="stop after N epochs without a better validation score (default 0: never)")
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
     run.add_argument("--invert-contrast", action="store_true", default=None, help="multiply the images by -1")
     run.add_argument("--device", help=DEVICE_HELP)
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if result.stopped_early:
         print(
-            f"{args.out} stopped early after epoch {result.epochs_done} (no better validation loss for "
+            f"{args.out} stopped early after epoch {result.epochs_done} (no better validation score for "
             f"{config.early_stopping_patience} epochs); the best epoch is {RunDir(args.out).best_checkpoint}. "
             f"To train on: cryoflex train --out {args.out} --resume --early-stopping-patience 0"
         )

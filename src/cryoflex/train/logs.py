@@ -40,11 +40,14 @@ def format_terms(values: dict[str, float]) -> str:
 
 
 def format_validation(values: dict[str, float], best: bool) -> str:
-    """The validation part of an epoch line, e.g. ', val loss 0.7412 val 1-corr 0.7390 (best)'; empty without one."""
+    """The validation part of an epoch line, e.g. ', val loss 0.7412 val 1-corr 0.7390 (best)' or, with the held-out
+    log evidence, ', val loss 508.7160 val 1-corr 0.9418 val evidence -508.3921 (best)'; empty without one."""
     if "val_total" not in values:
         return ""
     parts = [f"val {SHORT_NAMES[name]} {values[f'val_{name}']:.4f}" for name in ("total", IMAGE_TERM)
              if f"val_{name}" in values]  # fmt: skip
+    if "val_log_evidence" in values:
+        parts.append(f"val evidence {values['val_log_evidence']:.4f}")
     return ", " + " ".join(parts) + (" (best)" if best else "")
 
 

@@ -45,7 +45,7 @@ from cryoflex.train.distributed import (
     training_batches,
 )
 from cryoflex.train.logs import EpochProgress, RunLogs, format_terms, format_validation
-from cryoflex.train.objective import LossTerms
+from cryoflex.train.objective import LossTerms, prior_log_evidence
 from cryoflex.train.setup import (
     RunInputs,
     build_optimizer,
@@ -78,14 +78,15 @@ class TrainResult:
 
 @dataclass
 class ValidationRecord:
-    """The lowest validation total so far, its epoch, and the epochs since; checkpointed, so early stopping resumes."""
+    """The lowest validation score so far (validation_score), its epoch, and the epochs since; checkpointed, so early
+    stopping resumes."""
 
     best_total: float = math.inf
     best_epoch: int = 0
     epochs_without_improvement: int = 0
 
     def update(self, total: float, epoch: int) -> bool:
-        """Record the validation total after `epoch` (1-based); returns whether it is the best so far."""
+        """Record the validation score after `epoch` (1-based); returns whether it is the best so far."""
         if total < self.best_total:
             self.best_total, self.best_epoch, self.epochs_without_improvement = total, epoch, 0
             return True
@@ -123,24 +124,36 @@ def train_step(
 def validation_terms(
     model: CryoSphere, losses: LossTerms, loader: DataLoader, device: torch.device, epoch_progress: float
 ) -> dict[str, float]:
-    """The loss terms on the validation particles (mean over particles) as val_<term>: posterior means, no gradient.
+    """The loss terms on the validation particles (mean over particles) as val_<term>: posterior means, no gradient;
+    with the Gaussian likelihood also val_log_evidence, their mean log evidence (prior_log_evidence), nats per image.
 
-    The model runs in evaluation mode (z and the segmentation at their posterior means, nothing sampled, so no random
-    stream moves). The clash neighbour list is rebuilt on every validation batch, so the clash term is exact for those
-    structures; training rebuilds the list at the start of each epoch, so this leaves training unchanged.
+    The model runs in evaluation mode (z and the segmentation at their posterior means, nothing sampled). The evidence's
+    prior draws come from their own generator, seeded alike every epoch, so no training random stream moves and every
+    epoch scores the same draws. The clash neighbour list is rebuilt on every validation batch, so the clash term is
+    exact for those structures; training rebuilds the list at the start of each epoch, so this leaves training
+    unchanged.
     """
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     count = 0
+    generator = torch.Generator().manual_seed(losses.config.seed) if losses.config.likelihood == "gaussian" else None
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         terms = losses(model(batch), batch.images, epoch_progress, True)
+        if generator is not None:
+            terms["log_evidence"] = prior_log_evidence(model, batch, generator).mean()
         for name, value in zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist(), strict=True):
             sums[name] = sums.get(name, 0.0) + value * len(batch)
         count += len(batch)
     model.train(was_training)
     return {f"val_{name}": value / count for name, value in sums.items()}
+
+
+def validation_score(metrics: dict[str, float]) -> float:
+    """What best.pt and early stopping minimise: minus the held-out log evidence where there is one (it scores the
+    model alone), else the validation total (the original objective: the loss at the encoder's mean latent)."""
+    return -metrics["val_log_evidence"] if "val_log_evidence" in metrics else metrics["val_total"]
 
 
 def _rank0_decides(decision: bool, context: ProcessContext) -> bool:
@@ -278,7 +291,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         restore_random_states(state["random"])
         if record.exhausted(patience):
             logger.info(
-                "%s stopped early after epoch %d: no better validation loss for %d epochs since epoch %d meets "
+                "%s stopped early after epoch %d: no better validation score for %d epochs since epoch %d meets "
                 "early_stopping_patience %d; nothing to train. To go on, resume with a larger "
                 "--early-stopping-patience (0 never stops)", run.root, start_epoch,
                 record.epochs_without_improvement, record.best_epoch, patience,
@@ -381,7 +394,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             if validation_loader is not None:
                 # at the final loss weights, so that every epoch's total is the same objective
                 metrics.update(validation_terms(model, losses, validation_loader, device, float(config.epochs)))
-                improved = record.update(metrics["val_total"], epoch + 1)
+                improved = record.update(validation_score(metrics), epoch + 1)
             logs.record("epoch", epoch + 1, step, metrics)
             if config.log_images_every_epochs and (epoch + 1) % config.log_images_every_epochs == 0:
                 logs.figures(model, output, batch.images, step)
@@ -398,9 +411,9 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         if _rank0_decides(record.exhausted(patience), context):
             if context.is_main:
                 logger.info(
-                    "stopping early after epoch %d: no better validation loss for %d epochs (early_stopping_patience "
-                    "%d); the best, %.4f at epoch %d, is %s", epoch + 1, record.epochs_without_improvement, patience,
-                    record.best_total, record.best_epoch, run.best_checkpoint,
+                    "stopping early after epoch %d: no better validation score for %d epochs (early_stopping_patience "
+                    "%d); the best, score %.4f at epoch %d, is %s", epoch + 1, record.epochs_without_improvement,
+                    patience, record.best_total, record.best_epoch, run.best_checkpoint,
                 )  # fmt: skip
             stopped_early = True
             break

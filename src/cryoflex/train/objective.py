@@ -20,11 +20,13 @@ its weights, config.CORRELATION_WEIGHTS by default, are then relative to a term 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from cryoflex.config import TrainConfig
+from cryoflex.data.batch import ParticleBatch
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
@@ -41,6 +43,33 @@ from cryoflex.model.losses import (
 IMAGE_TERM = "one_minus_correlation"
 # The Gaussian likelihood's term: -log p(image | structure) in nats (likelihood "gaussian", the default).
 NLL_TERM = "image_nll"
+# Draws of the prior per held-out image for its log evidence (prior_log_evidence), rendered this many at a time.
+EVIDENCE_DRAWS = 64
+EVIDENCE_DRAWS_PER_PASS = 8
+
+
+@torch.no_grad()
+def prior_log_evidence(model: CryoSphere, batch: ParticleBatch, generator: torch.Generator) -> torch.Tensor:
+    """(B,) log p(image) in nats (up to the likelihood's constant) under the model with the Gaussian likelihood,
+    estimated as log (1/K) sum_k p(image | z_k) over K = EVIDENCE_DRAWS draws of the prior N(0, I) from `generator`
+    (an importance-sampled evidence with the prior as proposal: a lower bound in expectation), segmentation at its
+    posterior mean.
+
+    It scores the model alone. The encoder reads images it did not train on poorly, so an evidence or a loss taken
+    with its q(z | image) for held-out particles also scores how well it reads them, and that worsens as training
+    goes on while the model improves (docs/low_snr.md, "The encoder memorises the particles it trains on")."""
+    device = batch.images.device
+    latent_dim = model.encoder.latent_dim
+    log_likelihoods = []
+    for start in range(0, EVIDENCE_DRAWS, EVIDENCE_DRAWS_PER_PASS):
+        draws = min(EVIDENCE_DRAWS_PER_PASS, EVIDENCE_DRAWS - start)
+        latent = torch.randn(len(batch) * draws, latent_dim, generator=generator).to(device)
+        _, density_A, _ = model.decode_with_density(latent, sample_segmentation=False)
+        rows = torch.arange(len(batch), device=device).repeat_interleave(draws)
+        images = model.render(density_A, batch.poses[rows], batch.ctf[rows])
+        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
+        log_likelihoods.append(-nll.view(len(batch), draws))
+    return torch.logsumexp(torch.cat(log_likelihoods, dim=1), dim=1) - math.log(EVIDENCE_DRAWS)
 
 
 def correlation_term(predicted: torch.Tensor, observed: torch.Tensor, samples: int, likelihood: str) -> torch.Tensor:
