@@ -85,6 +85,9 @@ class TrainConfig:
     likelihood: str = "gaussian"
     # latent draws per image in the importance-weighted evidence bound; 1 = the plain ELBO (correlation: always 1)
     importance_samples: int = 8
+    # with importance_samples > 1, also train the encoder on images the model simulates from prior draws (the sleep
+    # phase of reweighted wake-sleep), which it cannot memorise as it does the particles (docs/low_snr.md)
+    sleep_phase: bool = False
     # loss weights (with likelihood correlation, unless given: CORRELATION_WEIGHTS); the latent KL's ramps linearly
     # from 0 over its warm-up (in epochs, fractional allowed; 0 = no ramp)
     latent_kl_weight: float = 1.0

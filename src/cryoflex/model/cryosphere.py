@@ -40,6 +40,8 @@ class ModelOutput:
     log_noise_variance: torch.Tensor  # scalar: log of the images' per-pixel noise variance (normalised images)
     log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
     sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
+    # scalar, with the sleep phase: -log q(z | image) of images simulated from prior draws z (mean over them)
+    sleep_nll: torch.Tensor | None = None
 
 
 class CryoSphere(nn.Module):
@@ -87,6 +89,7 @@ class CryoSphere(nn.Module):
         # Set (the original's; TrainConfig.sample_segmentation, true by default): training decodes with a draw from
         # the segmentation's variational posterior each step; unset: with its posterior mean, as analysis does.
         self.sample_segmentation = True
+        self.sleep_phase = False  # TrainConfig.sleep_phase: train the encoder on simulated images too (sleep_nll)
         self.deformation = deform
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -182,11 +185,30 @@ class CryoSphere(nn.Module):
         poses, with this CTF, at this model's width."""
         return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
 
+    def sleep_nll(self, batch: ParticleBatch) -> torch.Tensor:
+        """Mean -log q(z | image) over one image per particle simulated from a prior draw z: the structure decoded at
+        z (the segmentation's posterior mean) rendered at the particle's pose and CTF, times the image scale, plus white
+        noise of the learned variance (the likelihood's model of an image). Its gradient reaches the encoder only.
+
+        The sleep phase of reweighted wake-sleep (Bornschein & Bengio 2015). The wake phase alone teaches the encoder
+        each training image's posterior, which it then recalls by the image's noise and does not carry to new images
+        (docs/low_snr.md, "The encoder memorises the particles it trains on"); fresh simulated images cannot be
+        memorised."""
+        latent = torch.randn(len(batch), self.encoder.latent_dim, device=batch.images.device)
+        with torch.no_grad():
+            _, density_A, _ = self.decode_with_density(latent, sample_segmentation=False)
+            images = self.log_image_scale.exp() * self.render(density_A, batch.poses, batch.ctf)
+            images = images + (0.5 * self.log_noise_variance).exp() * torch.randn_like(images)
+        with self._network_precision(batch.images.device):
+            mean, std = self.encoder(images)
+        return -torch.distributions.Normal(mean.float(), std.float()).log_prob(latent).sum(-1).mean()
+
     def forward(self, batch: ParticleBatch, samples: int = 1) -> ModelOutput:
         """Training mode samples `samples` latents per image (and the segmentation, if sample_segmentation);
         evaluation mode decodes the posterior means once per image. One draw is reparameterised (the encoder learns
         through it: the evidence lower bound); several are proposals for an importance-weighted bound, detached from
-        the encoder, which learns from their weights instead (cryoflex.model.losses.importance_weighted_bound)."""
+        the encoder, which learns from their weights instead (cryoflex.model.losses.importance_weighted_bound), and
+        with sleep_phase also from simulated images (sleep_nll)."""
         with self._network_precision(batch.images.device):
             latent_mean, latent_std = self.encoder(batch.images)
         latent_mean, latent_std = latent_mean.float(), latent_std.float()
@@ -204,7 +226,9 @@ class CryoSphere(nn.Module):
             latent, sample_segmentation=self.training and self.sample_segmentation
         )
         images = self.render(density_A, poses, ctf)
+        sleep = self.training and samples > 1 and self.sleep_phase
         return ModelOutput(
+            sleep_nll=self.sleep_nll(batch) if sleep else None,
             predicted_images=images,
             coords_A=coords_A,
             latent=latent,

@@ -180,6 +180,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
     model.sample_segmentation = config.sample_segmentation
+    model.sleep_phase = config.sleep_phase
     return model
 
 
