@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="cosine (default): down to 10%% of the learning rates by the last epoch; or constant")
     run.add_argument("--validation-fraction", type=float,
                      help="share of the particles held out for validation, fixed by particle name (default 0.05; "
-                          "0 = none); the best epoch by its loss is RUN/checkpoints/best.pt")
+                          "0 = none); the best epoch by its score (the held-out evidence, or the loss) is "
+                          "RUN/checkpoints/best.pt")
     run.add_argument("--early-stopping-patience", type=int, metavar="N",
                      help="stop after N epochs without a better validation score (default 0: never)")
     run.add_argument("--downsample", type=int, help="Fourier-crop the images to this box (pixels)")
