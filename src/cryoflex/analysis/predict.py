@@ -24,7 +24,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.errors import CryoflexInputError
 from cryoflex.model.cryosphere import CryoSphere
-from cryoflex.model.losses import gaussian_image_nll, log_importance_weights
+from cryoflex.model.losses import log_importance_weights
 
 NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
 _KEPT_DRAWS_BYTES = 256 * 2**20  # a chunk's decoded draws are kept up to this size for their RMSDs, else decoded again
@@ -222,11 +222,7 @@ def importance_log_weights(
         std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
         noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
         latent = mean[:, None] + std[:, None] * noise
-        _, density_A, _ = model.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
-        rows = torch.arange(len(batch), device=device).repeat_interleave(samples)
-        images = model.render(density_A, batch.poses[rows], batch.ctf[rows])
-        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
-        nll = nll.view(len(batch), samples)
+        nll = model.image_nll(latent, batch)
         out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
         start = stop
     return out

@@ -19,6 +19,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.model.deformation import deform, segment_centres_A
+from cryoflex.model.losses import gaussian_image_nll
 from cryoflex.model.networks import Decoder, Encoder
 from cryoflex.model.segmentation import Segmentation
 
@@ -184,6 +185,16 @@ class CryoSphere(nn.Module):
         """The Gaussians of decode_with_density (B, n P, 3) with this model's amplitudes -> images (B, D, D) at these
         poses, with this CTF, at this model's width."""
         return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
+
+    def image_nll(self, latent: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
+        """(B, K, L) latents, K per image of the batch -> (B, K) -log p(image | structure decoded at each) in nats, with
+        the Gaussian likelihood and the segmentation's posterior mean (what analysis and validation score images by)."""
+        samples = latent.shape[1]
+        _, density_A, _ = self.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
+        rows = torch.arange(len(batch), device=latent.device).repeat_interleave(samples)
+        images = self.render(density_A, batch.poses[rows], batch.ctf[rows])
+        nll = gaussian_image_nll(images, batch.images[rows], self.log_noise_variance, self.log_image_scale)
+        return nll.view(len(batch), samples)
 
     def sleep_nll(self, batch: ParticleBatch) -> torch.Tensor:
         """Mean -log q(z | image) over one image per particle simulated from a prior draw z: the structure decoded at

@@ -66,12 +66,8 @@ def prior_log_evidence(model: CryoSphere, batch: ParticleBatch, generator: torch
     log_likelihoods = []
     for start in range(0, EVIDENCE_DRAWS, EVIDENCE_DRAWS_PER_PASS):
         draws = min(EVIDENCE_DRAWS_PER_PASS, EVIDENCE_DRAWS - start)
-        latent = torch.randn(len(batch) * draws, latent_dim, generator=generator).to(device)
-        _, density_A, _ = model.decode_with_density(latent, sample_segmentation=False)
-        rows = torch.arange(len(batch), device=device).repeat_interleave(draws)
-        images = model.render(density_A, batch.poses[rows], batch.ctf[rows])
-        nll = gaussian_image_nll(images, batch.images[rows], model.log_noise_variance, model.log_image_scale)
-        log_likelihoods.append(-nll.view(len(batch), draws))
+        latent = torch.randn(len(batch), draws, latent_dim, generator=generator).to(device)
+        log_likelihoods.append(-model.image_nll(latent, batch))
     return torch.logsumexp(torch.cat(log_likelihoods, dim=1), dim=1) - math.log(EVIDENCE_DRAWS)
 
 
