@@ -102,8 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--sleep-phase", dest="sleep_phase", action="store_true", default=None,
                      help="also train the encoder on images simulated from the model (the sleep phase of reweighted "
                           "wake-sleep), so that it reads images it did not train on: on the AdK benchmark at SNR 0.1 "
-                          "0.89 A / r 0.992 against 0.90 A / 0.987, held-out particles 0.90 against 0.98 A; no gain at "
-                          "SNR 0.001 (one run each; docs/low_snr.md)")
+                          "r 0.992 against 0.987 and held-out particles 0.90-0.94 against 0.98 A; no gain at SNR 0.01 "
+                          "or 0.001; 1.16-1.25x the step (docs/low_snr.md)")
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
