@@ -84,15 +84,18 @@ def test_a_run_saved_before_the_likelihood_setting_keeps_its_objective(tmp_path:
     assert load_run_config(path).latent_kl_weight == 1e-3
 
 
-def test_a_run_saved_before_the_encoder_setting_keeps_its_full_box_encoder(tmp_path: Path) -> None:
+def test_a_run_saved_before_the_encoder_settings_keeps_its_full_box_encoder_without_dropout(tmp_path: Path) -> None:
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
-    assert saved["encoder_downsample"] == 2
+    assert saved["encoder_downsample"] == 2 and saved["encoder_dropout"] == 0.5
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(saved))
-    assert load_run_config(path).encoder_downsample == 2
-    del saved["encoder_downsample"]
+    assert load_run_config(path).encoder_downsample == 2 and load_run_config(path).encoder_dropout == 0.5
+    del saved["encoder_downsample"], saved["encoder_dropout"]
     path.write_text(yaml.safe_dump(saved))
-    assert load_run_config(path).encoder_downsample == 1
+    assert load_run_config(path).encoder_downsample == 1 and load_run_config(path).encoder_dropout == 0.0
+    for invalid in (-0.1, 1.0):
+        with pytest.raises(CryoflexInputError, match="encoder_dropout"):
+            load_config(None, {"particles": "p.star", "structure": "s.pdb", "encoder_dropout": invalid})
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,21 @@ def test_encoder_reads_the_fourier_cropped_image() -> None:
         torch.testing.assert_close(got, expected)
 
 
+def test_encoder_dropout_acts_in_training_only_and_keeps_the_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(64, 16, 16)
+    plain = Encoder(16, latent_dim=4, hidden=(256, 128))
+    dropping = Encoder(16, latent_dim=4, hidden=(256, 128), dropout=0.5)
+    dropping.load_state_dict(plain.state_dict())  # the same keys: runs trained without dropout still load
+    plain.train()
+    dropping.eval()
+    for got, expected in zip(dropping(images), plain(images), strict=True):
+        torch.testing.assert_close(got, expected)
+    dropping.train()
+    first, second = dropping(images)[0], dropping(images)[0]
+    assert not torch.allclose(first, second)  # a new mask every call
+
+
 @pytest.mark.slow
 def test_compiled_deformation_matches_eager() -> None:
     """`compile: true` runs the same deformation through torch.compile (about a minute to compile on this CPU)."""

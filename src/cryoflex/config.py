@@ -65,6 +65,9 @@ class TrainConfig:
     # the encoder reads the images Fourier-cropped by this factor, to no fewer than 32 px (or the box if smaller);
     # 1 = the whole training box (the original's encoder)
     encoder_downsample: int = 2
+    # in training, drop each of the encoder's hidden units with this probability; without it the encoder memorises
+    # the particles it trains on and reads new ones poorly (docs/low_snr.md, "Dropout in the encoder")
+    encoder_dropout: float = 0.5
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 256])
     translation_scale_A: float = 10.0
     # data
@@ -118,6 +121,7 @@ class TrainConfig:
             ("structure", bool(self.structure), "give the nominal structure (--structure)"),
             ("segments", self.segments >= 1, "use at least 1 segment"),
             ("encoder_downsample", self.encoder_downsample >= 1, "use 1 (the full box) or a larger factor, e.g. 2"),
+            ("encoder_dropout", 0 <= self.encoder_dropout < 1, "use a probability from 0 (none) to under 1, e.g. 0.5"),
             ("latent_dim", self.latent_dim >= 1, "use a latent dimension of at least 1"),
             ("epochs", self.epochs >= 1, "train for at least 1 epoch"),
             ("batch_size", self.batch_size >= 1, "use a batch size of at least 1"),
@@ -189,14 +193,14 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
-    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box, every residue
-    rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering), with segmentations drawn
-    from their posterior (sample_segmentation)."""
+    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box without dropout,
+    every residue rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering), with
+    segmentations drawn from their posterior (sample_segmentation)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
     earlier: dict[str, Any] = {
-        "likelihood": "correlation", "encoder_downsample": 1, "density": "pseudo_atom", "rendering": "point",
-        "sample_segmentation": True,
+        "likelihood": "correlation", "encoder_downsample": 1, "encoder_dropout": 0.0, "density": "pseudo_atom",
+        "rendering": "point", "sample_segmentation": True,
     }  # fmt: skip
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 

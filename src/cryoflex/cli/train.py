@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="band_limited (default: each image's spectrum up to the box's Nyquist frequency, as a "
                             "Fourier-cropped particle holds it) or point (the Gaussians' values at the pixel "
                             "centres, the original's; these alias where the pixels are coarse against sigma)")
+    model.add_argument("--encoder-dropout", type=float, metavar="P",
+                       help="drop each of the encoder's hidden units with probability P in training (default 0.5; "
+                            "0 = none, the original's): on the AdK benchmark at SNR 0.1, 0.85-0.87 A against "
+                            "0.89-0.90 A without; the same at 0.01 and 0.001 (docs/low_snr.md)")
     model.add_argument("--mean-segmentation", dest="sample_segmentation", action="store_false", default=None,
                        help="train with the segmentation's posterior mean, the one analysis decodes with, instead of "
                             "a draw from its posterior each step (the default, the original's): better at SNR 0.003 "
@@ -101,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "residues, 64 px) faster per step; the correlation loss always takes 1)")
     run.add_argument("--sleep-phase", dest="sleep_phase", action="store_true", default=None,
                      help="also train the encoder on images simulated from the model (the sleep phase of reweighted "
-                          "wake-sleep), so that it reads images it did not train on: on the AdK benchmark at SNR 0.1 "
-                          "r 0.992 against 0.987 and held-out particles 0.90-0.94 against 0.98 A; no gain at SNR 0.01 "
-                          "or 0.001; 1.16-1.25x the step (docs/low_snr.md)")
+                          "wake-sleep): measured without encoder dropout, on the AdK benchmark at SNR 0.1 r 0.992 "
+                          "against 0.987 and held-out particles 0.90-0.94 against 0.98 A, as dropout now gives; no "
+                          "gain at SNR 0.01 or 0.001; 1.16-1.25x the step (docs/low_snr.md)")
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")
@@ -133,7 +137,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "learn_sigma", "density",
-        "rendering", "sample_segmentation",
+        "rendering", "sample_segmentation", "encoder_dropout",
         "likelihood", "importance_samples", "sleep_phase", "epochs", "batch_size", "learning_rate", "lr_schedule",
         "validation_fraction", "early_stopping_patience", "downsample", "invert_contrast", "device", "precision",
         "compile", "num_workers", "threads", "seed", "cache", "progress",

@@ -44,18 +44,30 @@ class Encoder(nn.Module):
 
     The image is first Fourier-cropped to `input_box_px` (the full box by default). Its first layer is most of the
     encoder's cost, in proportion to the pixels it reads, and domain motions show at half the training resolution.
+    In training mode each hidden unit is dropped with probability `dropout`: without it the encoder memorises the
+    particles it trains on by their noise and reads new ones poorly (docs/low_snr.md, "Dropout in the encoder").
     """
 
     def __init__(
-        self, box_size_px: int, latent_dim: int, hidden: Sequence[int] = (512, 256), input_box_px: int | None = None
+        self,
+        box_size_px: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (512, 256),
+        input_box_px: int | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.latent_dim = latent_dim
         self.input_box_px = box_size_px if input_box_px is None else input_box_px
+        self.dropout = dropout
         self.net = mlp([self.input_box_px * self.input_box_px, *hidden, 2 * latent_dim])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(fourier_crop(images, self.input_box_px).flatten(1))
+        out = fourier_crop(images, self.input_box_px).flatten(1)
+        for layer in self.net:  # dropout after each activation, outside the Sequential: checkpoints keep their keys
+            out = layer(out)
+            if isinstance(layer, nn.LeakyReLU):
+                out = F.dropout(out, self.dropout, self.training)
         mean, raw_std = out.split(self.latent_dim, dim=1)
         return mean, F.softplus(raw_std) + _MIN_LATENT_STD
 

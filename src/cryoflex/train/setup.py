@@ -160,8 +160,9 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
     """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
     segmentation = Segmentation(structure.n_residues, segmented_parts(config, structure), tau=config.tau)
     encoder = Encoder(
-        box_size_px, config.latent_dim, config.encoder_hidden, encoder_box_px(box_size_px, config.encoder_downsample)
-    )
+        box_size_px, config.latent_dim, config.encoder_hidden, encoder_box_px(box_size_px, config.encoder_downsample),
+        config.encoder_dropout,
+    )  # fmt: skip
     decoder = Decoder(
         config.latent_dim, segmentation.n_segments, config.decoder_hidden, config.translation_scale_A
     )
