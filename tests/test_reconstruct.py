@@ -20,6 +20,7 @@ from cryoflex.analysis.reconstruct import (
     group_passes,
     half_split,
     model_bias,
+    particle_latents,
     pc_bin_groups,
     reconstruct_groups,
     stored_half_split,
@@ -174,6 +175,22 @@ def test_bad_input_is_refused_with_file_and_fix(
     assert _reconstruct(trained_run, out, "--subset", str(other_pixel)) == 2
     assert "pixel size 3 A does not match the run's 4 A" in capsys.readouterr().err
     assert not any(out.glob("*.mrc"))
+
+
+def test_model_bias_decodes_the_analysis_latents_else_the_encoders_means(trained_run: Path, tmp_path: Path) -> None:
+    from cryoflex.analysis.predict import latent_means
+    from cryoflex.analysis.run import load_run
+
+    run = load_run(trained_run, device="cpu")
+    analysis = tmp_path / "analysis"
+    (analysis / "latent").mkdir(parents=True)
+    np.testing.assert_array_equal(particle_latents(run, analysis, 64), latent_means(run.model, run.dataset))
+    posterior = np.random.default_rng(1).normal(size=(N_IMAGES, 2))
+    np.save(analysis / "latent" / "latents.npy", posterior)
+    np.testing.assert_array_equal(particle_latents(run, analysis, 64), posterior.astype(np.float32))
+    np.save(analysis / "latent" / "latents.npy", np.zeros((N_IMAGES, 3)))
+    with pytest.raises(CryoflexInputError, match=r"latents of shape \(120, 3\), not \(120, 2\)"):
+        particle_latents(run, analysis, 64)
 
 
 # ------------------------------------------------------------ outputs

@@ -1,8 +1,9 @@
 """End to end: simulate the AdK closed -> open motion, train on the CPU, recover the motion per image.
 
 The nominal structure is the closed state (trajectory frame 0); every image comes from one of the 98 frames. Predicting
-the nominal structure for every image gives a median C-alpha RMSD of ~4.7 A; the trained model must do far better and
-order the images by their LID-NMP opening.
+the nominal structure for every image gives a median C-alpha RMSD of ~4.7 A; the per-particle structures analysis
+reports (posterior means: importance-weighted draws of q(z | image)) must do far better and order the images by
+their LID-NMP opening.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from cryoflex.analysis.metrics import domain_f1, recovery_summary
-from cryoflex.analysis.predict import decode_latents, latent_means
+from cryoflex.analysis.predict import particle_posteriors, posterior_structures
 from cryoflex.config import load_config
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
@@ -40,7 +41,12 @@ def recovered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     ))  # fmt: skip
     model = train(config, out / "run").model
     dataset = prepare_inputs(config, out / "run", progress=False).dataset
-    predicted = np.concatenate(list(decode_latents(model, latent_means(model, dataset))))
+
+    def analysed() -> np.ndarray:
+        posterior = particle_posteriors(model, dataset, weighted=True, samples=16, seed=0)
+        return np.concatenate([chunk.coords_A for chunk in posterior_structures(model, posterior, samples=16, seed=0)])
+
+    predicted = analysed()
     truth = np.load(out / "data" / "truth.npz")
     numbers = ensemble.residue_numbers
     lid, nmp = (numbers >= 122) & (numbers <= 159), (numbers >= 30) & (numbers <= 59)
@@ -50,7 +56,7 @@ def recovered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     domains = np.where(lid, 2, np.where(nmp, 1, 0))
     segments = model.segmentation(False).argmax(1).numpy()
     summary["nmp_f1"], summary["lid_f1"] = domain_f1(segments, domains, 1), domain_f1(segments, domains, 2)
-    summary["decoded_again"] = np.concatenate(list(decode_latents(model, latent_means(model, dataset))))
+    summary["decoded_again"] = analysed()
     summary["predicted"] = predicted
     return summary
 
@@ -58,8 +64,9 @@ def recovered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_recovers_the_motion_far_beyond_the_baseline(recovered: dict) -> None:
     print({k: v for k, v in recovered.items() if not isinstance(v, np.ndarray)})
     assert recovered["baseline_median_rmsd_A"] > 4.0
-    assert recovered["median_rmsd_A"] < 0.6 * recovered["baseline_median_rmsd_A"]
-    assert recovered["distance_correlation"] > 0.8
+    # 1.45 A and r 0.945 here (16 draws); q's mean alone gives 2.83 A and r 0.68 (2.37 A, 0.86 without dropout)
+    assert recovered["median_rmsd_A"] < 0.4 * recovered["baseline_median_rmsd_A"]
+    assert recovered["distance_correlation"] > 0.9
 
 
 def test_segments_follow_the_domains(recovered: dict) -> None:

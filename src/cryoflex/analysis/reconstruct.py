@@ -10,7 +10,8 @@ matches the particle count), two half-maps per group, their FSC, the resolution 
 summed, Wiener-regularised from the FSC) and that map low-pass filtered at the 0.143 resolution.
 
 Model-bias check: each group's structure map (the mean Gaussian map of the structures decoded for its particles, at
-the reconstruction's voxel size and box) is compared by FSC with every group's reconstructed map. When each map
+their posterior latents from `cryoflex analyze` when it has run, else at the encoder's means; at the reconstruction's
+voxel size and box) is compared by FSC with every group's reconstructed map. When each map
 agrees best with its own group's structures, the learned motion is supported by the data.
 
 Output layout under OUT (default RUN/reconstruct):
@@ -182,6 +183,26 @@ def subset_group(path: Path, names: np.ndarray, pixel_size_A: float) -> np.ndarr
             fix="give a subset of the run's own particle file", field="rlnImagePixelSize",
         )  # fmt: skip
     return np.sort(positions).astype(np.int64)
+
+
+def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np.ndarray:
+    """Each particle's latent for the model-bias check: the posterior latents `cryoflex analyze` wrote
+    (latent/latents.npy, those its clusters and PCA come from), else the means of q(z | image). The encoder is trained
+    with dropout and reads images it did not memorise poorly, so its means alone are a rougher guide."""
+    n = run.dataset.metadata.n_particles
+    if (Path(analysis_dir) / "latent" / "latents.npy").is_file():
+        latents = _analysis_array(analysis_dir, "latents", n)
+        if latents.ndim != 2 or latents.shape[1] != run.model.encoder.latent_dim:
+            raise CryoflexInputError(
+                Path(analysis_dir) / "latent" / "latents.npy",
+                f"latents of shape {latents.shape}, not ({n}, {run.model.encoder.latent_dim}) as the run's",
+                fix="rerun `cryoflex analyze RUN` on this run",
+            )  # fmt: skip
+        logger.info("the model-bias check decodes the posterior latents of %s", analysis_dir)
+        return latents.astype(np.float32)
+    logger.info("encoding %d particles for the structures of the model-bias check (no latents of `cryoflex analyze` "
+                "at %s: the encoder's means)", n, analysis_dir)  # fmt: skip
+    return latent_means(run.model, run.dataset, batch_size=batch_size)
 
 
 def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.ndarray]:
@@ -603,8 +624,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
         files += write_group_maps(group, voxel_size_A, out_dir)
     files += write_fsc(maps, in_half_a, voxel_size_A, out_dir)
 
-    logger.info("encoding %d particles for the structures of the model-bias check", len(run.dataset))
-    latents = latent_means(run.model, run.dataset, batch_size=options.batch_size)
+    latents = particle_latents(run, options.analysis_dir or run.paths.analysis, options.batch_size)
     rng = np.random.default_rng(options.seed)
     structure_maps = {}
     for name, indices in groups.items():
