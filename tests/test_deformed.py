@@ -293,6 +293,17 @@ def test_deformed_reconstruction_of_a_run_streams_its_particles(tiny_run: Traine
         tiny_run, indices, in_half_a, padding=2, batch_size=16, device="cpu", progress=False, memory_budget_bytes=1
     )
     torch.testing.assert_close(one_body_per_pass.full, maps.full)  # 4 passes over the data, the same map
+    # given latents (analyze's posterior latents) replace the encoder's means: the same map from the same latents,
+    # another from others
+    means = latent_means(model, dataset)
+    given = deformed_reconstruction(
+        tiny_run, indices, in_half_a, padding=2, batch_size=16, device="cpu", progress=False, latents=means
+    )
+    torch.testing.assert_close(given.full, maps.full)
+    moved = deformed_reconstruction(
+        tiny_run, indices, in_half_a, padding=2, batch_size=16, device="cpu", progress=False, latents=means + 2.0
+    )
+    assert not torch.allclose(moved.full, maps.full, rtol=1e-3, atol=1e-4)
     with pytest.raises(CryoflexInputError, match="both halves"):
         deformed_reconstruction(
             tiny_run, np.array([0, 3, 6]), in_half_a, padding=2, batch_size=16, device="cpu", progress=False

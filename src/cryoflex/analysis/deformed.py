@@ -249,11 +249,12 @@ def body_passes(n_bodies: int, box_size_px: int, padding: int, memory_budget_byt
 def deformed_reconstruction(
     run: TrainedRun, particle_indices: np.ndarray, in_half_a: np.ndarray, *, padding: int, batch_size: int,
     device: torch.device | str, progress: bool, dataset: ParticleDataset | None = None,
-    memory_budget_bytes: int = 8 << 30,
+    memory_budget_bytes: int = 8 << 30, latents: np.ndarray | None = None,
 ) -> GroupMaps:  # fmt: skip
     """The motion-corrected map of the nominal conformation from these particles (dataset indices), halves from
-    in_half_a (one bool per particle of the run). Each particle's segment motions are decoded from its latent mean
-    (evaluation mode) on the run's own images; `dataset` (default: the run's) gives the images to reconstruct from,
+    in_half_a (one bool per particle of the run). Each particle's segment motions are decoded from its row of
+    `latents` (one per particle of the run, e.g. analyze's posterior latents), by default from the mean of q(z | image)
+    on the run's own images (evaluation mode); `dataset` (default: the run's) gives the images to reconstruct from,
     e.g. the same particles at another box size. Streams the images once, or once per pass when the 2 (M + 1)
     accumulators exceed the memory budget (the motions are decoded in the first pass and kept)."""
     model = run.model.eval()
@@ -284,9 +285,12 @@ def deformed_reconstruction(
             for k, chunk in enumerate(chunks):
                 batch = source.__getitems__(chunk)
                 if number == 1:
-                    encoded = batch if source is run.dataset else run.dataset.__getitems__(chunk)
-                    latents, _ = model.encoder(encoded.images.to(run.device))
-                    decoded.append(decoded_motions(model, latents.float()).to("cpu"))
+                    if latents is None:
+                        encoded = batch if source is run.dataset else run.dataset.__getitems__(chunk)
+                        chunk_latents, _ = model.encoder(encoded.images.to(run.device))
+                    else:
+                        chunk_latents = torch.as_tensor(latents[chunk], device=run.device)
+                    decoded.append(decoded_motions(model, chunk_latents.float()).to("cpu"))
                 half = torch.as_tensor(halves[chunk], device=device)
                 accumulators.insert(
                     batch.images.to(device), batch.poses.to(device), batch.ctf.to(device), decoded[k].to(device), half

@@ -587,13 +587,14 @@ def _json_ready(value: Any) -> Any:
 
 
 def _deformed(run: TrainedRun, dataset: ParticleDataset, consensus: GroupMaps, in_half_a: np.ndarray,
-              options: ReconstructOptions, out_dir: Path) -> list[Path]:  # fmt: skip
-    """The motion-corrected consensus (analysis/deformed.py), its maps and its comparison with the plain consensus."""
+              options: ReconstructOptions, out_dir: Path, latents: np.ndarray) -> list[Path]:  # fmt: skip
+    """The motion-corrected consensus (analysis/deformed.py) with each particle's motions decoded from its row of
+    `latents`, its maps and its comparison with the plain consensus."""
     from cryoflex.analysis.deformed import compare_deformed, deformed_reconstruction
 
     deformed = deformed_reconstruction(run, consensus.particle_indices, in_half_a, padding=options.padding,
                                        batch_size=options.batch_size, device=run.device, progress=options.progress,
-                                       dataset=dataset)  # fmt: skip
+                                       dataset=dataset, latents=latents)  # fmt: skip
     deformed.name = f"{CONSENSUS}_deformed"
     paths = write_group_maps(deformed, dataset.pixel_size_A, out_dir)
     path = out_dir / report.RECONSTRUCT_DEFORMED_JSON
@@ -641,7 +642,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     write_text_atomic(script, chimerax_script(list(maps)))
     files.append(script)
     if options.deformed:
-        files += _deformed(run, dataset, maps[CONSENSUS], in_half_a, options, out_dir)
+        files += _deformed(run, dataset, maps[CONSENSUS], in_half_a, options, out_dir, latents)
 
     sections, tables = report.reconstruction_content(out_dir)
     return report.write_report(
