@@ -187,8 +187,8 @@ def subset_group(path: Path, names: np.ndarray, pixel_size_A: float) -> np.ndarr
 
 def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np.ndarray:
     """Each particle's latent for the model-bias check: the posterior latents `cryoflex analyze` wrote
-    (latent/latents.npy, those its clusters and PCA come from), else the means of q(z | image). The encoder is trained
-    with dropout and reads images it did not memorise poorly, so its means alone are a rougher guide."""
+    (latent/latents.npy, those its clusters and PCA come from), else the means of q(z | image), a rougher guide: the
+    encoder's mean says less about an image than the importance-weighted draws do (docs/low_snr.md)."""
     n = run.dataset.metadata.n_particles
     if (Path(analysis_dir) / "latent" / "latents.npy").is_file():
         latents = _analysis_array(analysis_dir, "latents", n)
