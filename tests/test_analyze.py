@@ -159,7 +159,7 @@ def test_traversal_figures_carry_their_component_in_the_title(monkeypatch: pytes
 
 def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: Path, tmp_path: Path) -> None:
     """Posterior-mean structures, their per-residue spreads, the expected RMSDs in a CSV keyed by name, the report's
-    figure and table."""
+    figure and table; the report's noise spectrum."""
     out = tmp_path / "sampled"
     args = ["analyze", str(trained_run), "--out", str(out), "--clusters", "2", "--points", "2", "--per-particle",
             "--posterior-samples", "4", "--device", "cpu"]  # fmt: skip
@@ -185,6 +185,9 @@ def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: P
     parser = _Captions()
     parser.feed(html)
     assert any(c.startswith("How sure the model is of each particle's structure") for c in parser.captions)
+    # the noise spectrum the likelihood learned (noise_model shells, the default)
+    assert (out / "noise_spectrum.png").is_file()
+    assert any(c.startswith("The noise variance the likelihood learned in each Fourier shell") for c in parser.captions)
 
     at_mean = tmp_path / "at_mean"
     args = ["analyze", str(trained_run), "--out", str(at_mean), "--clusters", "2", "--points", "2", "--per-particle",

@@ -150,14 +150,16 @@ def test_building_the_parser_does_not_import_torch():
 
 
 def test_simulate_flags_cover_the_simulation_config():
-    """Every SimulationConfig field has its flag, and the help states SimulationConfig's default."""
+    """Every SimulationConfig field has its flag (the noise spectrum's reads a file), and the help states
+    SimulationConfig's default."""
     import re
     from dataclasses import fields
 
     from cryoflex.cli.simulate import _SIMULATION_FLAGS
     from cryoflex.simulate import SimulationConfig
 
-    assert set(_SIMULATION_FLAGS) | {"n_images", "save_clean"} == {f.name for f in fields(SimulationConfig)}
+    own_flags = {"n_images", "save_clean", "noise_spectrum"}
+    assert set(_SIMULATION_FLAGS) | own_flags == {f.name for f in fields(SimulationConfig)}
     defaults = SimulationConfig(n_images=1)
     for name, (kind, help_text) in _SIMULATION_FLAGS.items():
         stated = re.search(r"\(default ([^)]+)\)", help_text)

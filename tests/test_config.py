@@ -100,12 +100,14 @@ def test_a_run_saved_before_the_encoder_settings_keeps_its_full_box_encoder_with
 
 @pytest.mark.parametrize(
     ("setting", "default", "earlier", "invalid"),
-    [("density", "residue_centroid", "pseudo_atom", "atoms"), ("rendering", "band_limited", "point", "fourier")],
-)
+    [("density", "residue_centroid", "pseudo_atom", "atoms"), ("rendering", "band_limited", "point", "fourier"),
+     ("noise_model", "shells", "white", "pink")],
+)  # fmt: skip
 def test_a_run_saved_before_a_density_or_rendering_setting_renders_as_the_original(
     tmp_path: Path, setting: str, default: str, earlier: str, invalid: str
 ) -> None:
-    """Runs saved before `density` rendered at the pseudo-atoms; before `rendering`, sampled at the pixel centres."""
+    """Runs saved before `density` rendered at the pseudo-atoms; before `rendering`, sampled at the pixel centres;
+    before `noise_model`, took the noise as white."""
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
     assert saved[setting] == default
     path = tmp_path / "config.yaml"

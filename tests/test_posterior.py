@@ -217,7 +217,8 @@ def test_importance_log_weights_equal_an_independent_computation(data_dir: Path,
     dataset = ParticleDataset(read_metadata(tiny_adk_dataset / "particles.star"))
     torch.manual_seed(1)
     config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
-                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8],
+                                    noise_model="white"))  # fmt: skip
     model = build_model(config, read_structure(tiny_adk_dataset / "nominal.pdb"), 32, 4.0).eval()
     torch.nn.init.normal_(model.decoder.net[-1].weight, std=0.3)
     with torch.no_grad():

@@ -74,10 +74,15 @@ def test_deterministic_for_seed(data_dir, tmp_path):
 
 
 def test_cli_simulate_from_trajectory(data_dir, tmp_path):
+    """With --noise-spectrum the spectrum reaches the simulation (recorded in truth.npz)."""
     from cryoflex.cli import main
 
+    spectrum = tmp_path / "spectrum.csv"
+    spectrum.write_text("frequency_per_A,power\n0.0,5.0\n0.1,1.0\n")
     args = [
         "simulate",
+        "--noise-spectrum",
+        str(spectrum),
         "--topology",
         str(data_dir / "adk.psf"),
         "--trajectory",
@@ -93,6 +98,7 @@ def test_cli_simulate_from_trajectory(data_dir, tmp_path):
     assert main(args) == 0
     assert read_metadata(tmp_path / "cli" / "particles.star").n_particles == 6
     assert (tmp_path / "cli" / "nominal.pdb").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "cli" / "truth.npz")["noise_spectrum"], [[0.0, 5.0], [0.1, 1.0]])
 
 
 def test_cli_simulate_without_ensemble_is_a_clear_error(tmp_path, capsys):

@@ -20,7 +20,7 @@ def _setup(tiny_adk_dataset: Path, tmp_path: Path, **changes: object):  # type: 
     values: dict[str, object] = dict(
         particles=str(tiny_adk_dataset / "particles.star"), structure=str(tiny_adk_dataset / "nominal.pdb"),
         segments=3, latent_dim=2, batch_size=4, encoder_hidden=[16], decoder_hidden=[16], progress=False,
-        importance_samples=3,
+        importance_samples=3, noise_model="white",
     )  # fmt: skip
     values.update(changes)
     config = load_config(None, values)

@@ -20,6 +20,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.errors import CryoflexInputError
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
+from cryoflex.imaging.noise import shell_counts
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import epoch_batches
@@ -332,6 +333,9 @@ def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_di
     assert fit.image_scale == pytest.approx(coefficients[0], rel=1e-6)
     assert fit.image_scale == pytest.approx(0.37, rel=0.05)
     assert fit.noise_variance == pytest.approx(float(residual[0]) / observed.size, rel=1e-6)
+    # per Fourier shell: each shell's share of the same residual, over its frequencies (Parseval: the shares add up)
+    frequencies = shell_counts(32).numpy() * n
+    assert np.sum(fit.shell_noise_variances[1:] * frequencies[1:]) == pytest.approx(float(residual[0]), rel=1e-6)
     assert fit.correlations.shape == (8,) and np.all(fit.correlations > 0)
     inverted = [ParticleBatch(-b.images, b.poses, b.ctf, b.indices) for b in batches]
     floor = nominal_fit(model, inverted, torch.device("cpu"))

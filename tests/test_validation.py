@@ -232,7 +232,8 @@ def test_held_out_log_evidence_is_the_mean_likelihood_of_prior_draws(data_dir: P
     batch = dataset.__getitems__([3, 11])
     torch.manual_seed(1)
     config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
-                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8],
+                                    noise_model="white"))  # fmt: skip
     model = build_model(config, read_structure(tiny_adk_dataset / "nominal.pdb"), 32, 4.0).eval()
     with torch.no_grad():
         model.log_noise_variance.fill_(0.3)

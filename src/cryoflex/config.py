@@ -26,6 +26,8 @@ DENSITIES = ("residue_centroid", "backbone_side_chain", "pseudo_atom")
 # centres (the original's)
 RENDERINGS = ("band_limited", "point")
 LIKELIHOODS = ("gaussian", "correlation")  # the image term: a Gaussian likelihood, or the original 1 - correlation
+# the Gaussian likelihood's noise: one variance per Fourier shell (as RELION's noise spectra), or one for all (white)
+NOISE_MODELS = ("shells", "white")
 PRECISIONS = ("auto", "fp32", "bf16")  # the networks' arithmetic: auto = bf16 on CUDA, fp32 elsewhere
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
@@ -86,6 +88,7 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation score; 0 = never
     # the objective: "gaussian" (nats: the evidence bound with a Gaussian likelihood) or "correlation" (the original)
     likelihood: str = "gaussian"
+    noise_model: str = "shells"  # the Gaussian likelihood's noise: shells (a variance per Fourier shell) | white
     # latent draws per image in the importance-weighted evidence bound; 1 = the plain ELBO (correlation: always 1)
     importance_samples: int = 8
     # with importance_samples > 1, also train the encoder on images the model simulates from prior draws (the sleep
@@ -139,6 +142,7 @@ class TrainConfig:
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),
             ("likelihood", self.likelihood in LIKELIHOODS, f"use one of {', '.join(LIKELIHOODS)}"),
+            ("noise_model", self.noise_model in NOISE_MODELS, f"use one of {', '.join(NOISE_MODELS)}"),
             ("importance_samples", self.importance_samples >= 1, "use 1 (the evidence lower bound) or more"),
             ("duplicate_images", self.duplicate_images in DUPLICATE_IMAGES,
              f"use one of {', '.join(DUPLICATE_IMAGES)}"),
@@ -193,14 +197,14 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
-    the code then worked: with 1 - correlation (likelihood), an encoder that read the full box without dropout,
-    every residue rendered at its pseudo-atom (density) and sampled at the pixel centres (rendering), with
-    segmentations drawn from their posterior (sample_segmentation)."""
+    the code then worked: with 1 - correlation (likelihood) or white noise (noise_model), an encoder that read the
+    full box without dropout, every residue rendered at its pseudo-atom (density) and sampled at the pixel centres
+    (rendering), with segmentations drawn from their posterior (sample_segmentation)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
     earlier: dict[str, Any] = {
-        "likelihood": "correlation", "encoder_downsample": 1, "encoder_dropout": 0.0, "density": "pseudo_atom",
-        "rendering": "point", "sample_segmentation": True,
+        "likelihood": "correlation", "noise_model": "white", "encoder_downsample": 1, "encoder_dropout": 0.0,
+        "density": "pseudo_atom", "rendering": "point", "sample_segmentation": True,
     }  # fmt: skip
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 

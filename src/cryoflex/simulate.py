@@ -1,7 +1,8 @@
 """Synthetic particle datasets from a structure ensemble, with known conformations, poses, CTF and noise.
 
 SNR = signal variance / noise variance, where the signal variance is the mean over the first (up to) 512 clean images of
-each image's variance over the whole box (after the CTF). The noise is white and Gaussian. Particles are protein-white
+each image's variance over the whole box (after the CTF). The noise is Gaussian: white, or coloured by a given
+radial power spectrum (noise_spectrum; its variance per pixel is the same either way). Particles are protein-white
 (RELION's convention): the projected density is positive and the CTF has RELION's sign.
 """
 
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from cryoflex.errors import CryoflexInputError
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.geometry.superposition import superpose_A
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
@@ -49,6 +52,60 @@ class SimulationConfig:
     nominal_frame: int = 0
     seed: int = 0
     save_clean: bool = False
+    # the noise's relative power against spatial frequency: (frequency in 1/A, power) points, frequencies increasing,
+    # interpolated linearly and flat beyond the ends; None = white
+    noise_spectrum: tuple[tuple[float, float], ...] | None = None
+
+
+def noise_colouring(spectrum: np.ndarray, box_size_px: int, pixel_size_A: float) -> np.ndarray:
+    """(N, N//2 + 1) factor on the rfft2 grid that turns white noise into noise of the relative power `spectrum`
+    ((points, 2): frequency in 1/A, power), with its variance per pixel unchanged: sqrt(power(|k|) / mean power),
+    the mean taken over the full spectrum."""
+    frequency_per_A, power = np.asarray(spectrum, dtype=np.float64).T
+    ky = np.fft.fftfreq(box_size_px)[:, None] / pixel_size_A
+    kx = np.fft.rfftfreq(box_size_px)[None, :] / pixel_size_A
+    relative = np.interp(np.hypot(ky, kx), frequency_per_A, power)
+    columns = np.full(box_size_px // 2 + 1, 2.0)
+    columns[0] = 1.0
+    if box_size_px % 2 == 0:
+        columns[-1] = 1.0
+    mean = (relative * columns).sum() / box_size_px**2
+    return np.sqrt(relative / mean)
+
+
+def read_noise_spectrum(path: Path) -> tuple[tuple[float, float], ...]:
+    """A noise spectrum CSV (columns frequency_per_A and power, one row per point) as SimulationConfig takes it."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        raise CryoflexInputError(path, f"cannot read it as CSV ({error})", "give a CSV file with a header row",
+                                 field="noise_spectrum") from error  # fmt: skip
+    missing = {"frequency_per_A", "power"} - set(table.columns)
+    if missing:
+        raise CryoflexInputError(
+            path, f"no column {', '.join(sorted(missing))} (columns: {', '.join(map(str, table.columns))})",
+            "name the columns frequency_per_A (1/A) and power", field="noise_spectrum",
+        )  # fmt: skip
+    spectrum = table[["frequency_per_A", "power"]].to_numpy(dtype=np.float64)
+    check_noise_spectrum(spectrum, path)
+    return tuple((float(f), float(p)) for f, p in spectrum)
+
+
+def check_noise_spectrum(spectrum: np.ndarray, source: Path | None) -> None:
+    """Refuse a noise spectrum that cannot colour noise, naming the file and the fix."""
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    problem = None
+    if spectrum.ndim != 2 or spectrum.shape[1] != 2 or len(spectrum) < 2:
+        problem = f"need at least 2 rows of (frequency_per_A, power), got shape {spectrum.shape}"
+    elif not np.all(np.isfinite(spectrum)) or np.any(np.diff(spectrum[:, 0]) <= 0):
+        problem = "the frequencies must be finite and increasing"
+    elif np.any(spectrum[:, 1] <= 0):
+        problem = "every power must be positive"
+    if problem:
+        raise CryoflexInputError(
+            source, problem, "give a CSV with columns frequency_per_A (1/A, increasing) and power (> 0)",
+            field="noise_spectrum",
+        )  # fmt: skip
 
 
 def centre_ensemble(ensemble: Structure, nominal_frame: int) -> Structure:
@@ -89,6 +146,10 @@ def simulate_dataset(
         scale=np.ones(n),
     )
 
+    colouring = None
+    if config.noise_spectrum is not None:
+        check_noise_spectrum(np.asarray(config.noise_spectrum), None)
+        colouring = noise_colouring(np.asarray(config.noise_spectrum), config.box_size_px, config.pixel_size_A)
     formation = ImageFormation(config.box_size_px, config.pixel_size_A, config.sigma_A)
     coords = torch.as_tensor(ensemble.coords_A, dtype=torch.float32)
     amplitudes = torch.as_tensor(ensemble.amplitudes_e, dtype=torch.float32)
@@ -129,6 +190,8 @@ def simulate_dataset(
                 clean.write(start - file_start, images)
                 noise_rng = np.random.default_rng([config.seed, 1, start])
                 noise = noise_rng.standard_normal(images.shape, dtype=np.float32) * noise_std
+                if colouring is not None:
+                    noise = np.fft.irfft2(np.fft.rfft2(noise) * colouring, s=images.shape[-2:]).astype(np.float32)
                 noisy.write(start - file_start, images + noise)
                 bar.update(stop - start)
         image_paths += [f"stacks/{name}"] * (file_stop - file_start)
@@ -170,6 +233,7 @@ def simulate_dataset(
             sigma_A=config.sigma_A,
             pixel_size_A=config.pixel_size_A,
             nominal_frame=config.nominal_frame,
+            noise_spectrum=np.zeros((0, 2)) if config.noise_spectrum is None else np.asarray(config.noise_spectrum),
         )
     return out_dir / "particles.star"
 

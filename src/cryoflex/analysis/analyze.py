@@ -9,6 +9,7 @@ Output layout under OUT (default RUN/analysis):
   per_particle_coords.npy and per_particle_spread_A.npy (--per-particle), per_particle_subset.cif (--per-particle-cif)
   subsets/      STAR (and .cs for cryoSPARC input) of chosen clusters (--subset-clusters) or a PC box (--subset-region)
   report.html   one offline page with every figure, the segment table, the training curves and the configuration
+  training_curves.png, noise_spectrum.png (noise_model shells), particles.png  the report's figures of the run
 Every numeric output is deterministic: the same run and options give byte-identical files.
 """
 
@@ -45,6 +46,10 @@ _TRACE_CAPTION = "The nominal C-alpha trace coloured by most probable segment, s
 _TRAINING_CAPTION = (
     "Loss terms against the training step: logged steps (line) and epoch means (dots); the image term is "
     "-log p(image | structure) in nats (image_nll), or 1 - correlation with the original objective"
+)
+_NOISE_CAPTION = (
+    "The noise variance the likelihood learned in each Fourier shell (noise_model shells), as RELION's noise "
+    "spectrum: white noise would be flat; shells beyond Nyquist hold only the box's corners"
 )
 _UNCERTAINTY_CAPTION = (
     "How sure the model is of each particle's structure: the expected RMSD of the structures decoded from {samples} "
@@ -249,7 +254,10 @@ def analyze_run(
     sections += reconstruction_sections
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
-        sections.append(report.ReportSection("Training", [(_TRAINING_CAPTION, curves)]))
+        noise = figures.noise_spectrum_figure(run, out_dir / "noise_spectrum.png")
+        sections.append(report.ReportSection(
+            "Training", [(_TRAINING_CAPTION, curves), *([(_NOISE_CAPTION, noise)] if noise else [])]
+        ))  # fmt: skip
     tables = {
         "Segments": [vars(row) for row in segment_rows],
         "Clusters": [

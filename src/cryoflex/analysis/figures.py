@@ -97,3 +97,22 @@ def uncertainty_histogram_figure(expected_rmsd_A: np.ndarray, path: Path) -> Pat
     axes.set_ylabel("particles")
     axes.legend()
     return save_figure(figure, path)
+
+
+def noise_spectrum_figure(run: TrainedRun, path: Path) -> Path | None:
+    """The learned noise variance per Fourier shell against spatial frequency (noise_model shells; None for white
+    noise, whose spectrum is one number)."""
+    log_variances = run.model.log_noise_variance.detach().double().cpu()
+    if log_variances.dim() == 0:
+        return None
+    box_size_px, pixel_size_A = run.model.formation.box_size_px, run.model.formation.pixel_size_A
+    shells = np.arange(1, len(log_variances))
+    frequency_per_A = shells / (box_size_px * pixel_size_A)
+    figure = new_figure(6.0, 4.0)
+    axes = figure.add_subplot()
+    axes.semilogy(frequency_per_A, log_variances[1:].exp().numpy(), "o-", ms=3, color="tab:blue")
+    axes.axvline(1 / (2 * pixel_size_A), color="grey", ls=":", lw=1, label=f"Nyquist ({2 * pixel_size_A:.1f} A)")
+    axes.set_xlabel("spatial frequency (1/A)")
+    axes.set_ylabel("noise variance per pixel (normalised images)")
+    axes.legend()
+    return save_figure(figure, path)

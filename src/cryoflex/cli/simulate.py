@@ -1,7 +1,8 @@
 """Simulate a particle dataset with known truth from a structure ensemble or an MD trajectory.
 
 Each image draws a conformation (uniformly, or by --weights), a Haar-uniform rotation, a shift and a defocus, is
-projected with the CTF, and gets white noise at the given SNR (signal variance / noise variance, see docs). Writes
+projected with the CTF, and gets white (or, with --noise-spectrum, coloured) noise at the given SNR (signal variance /
+noise variance, see docs). Writes
 OUT/stacks/*.mrcs, OUT/particles.star (RELION 3.1), OUT/nominal.pdb and OUT/truth.npz. Deterministic for a seed.
 
 examples:
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="text file of one weight per conformation (default: uniform)")
     for name, (kind, help_text) in _SIMULATION_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+    parser.add_argument("--noise-spectrum", type=Path, metavar="CSV",
+                        help="colour the noise: a CSV with columns frequency_per_A and power (relative; linear "
+                             "between the rows, flat beyond them), e.g. measured on real particles; the variance per "
+                             "pixel, and so the SNR, is unchanged (default: white noise)")
     parser.add_argument("--save-clean", action="store_true", help="also write the noiseless images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(parser)
@@ -56,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cryoflex.simulate import SimulationConfig, simulate_dataset
+    from cryoflex.simulate import SimulationConfig, read_noise_spectrum, simulate_dataset
 
     apply_threads(args)
     if args.structure is not None:
@@ -70,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise CryoflexInputError(None, "no ensemble given", "pass --structure FILE or --topology T --trajectory X")
     given = {name: getattr(args, name) for name in _SIMULATION_FLAGS if getattr(args, name) is not None}
+    if args.noise_spectrum is not None:
+        given["noise_spectrum"] = read_noise_spectrum(args.noise_spectrum)
     config = SimulationConfig(n_images=args.n_images, save_clean=args.save_clean, **given)
     if not 0 <= config.nominal_frame < ensemble.n_models:
         raise CryoflexInputError(

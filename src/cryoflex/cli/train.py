@@ -33,6 +33,7 @@ from cryoflex.config import (
     DUPLICATE_IMAGES,
     LIKELIHOODS,
     LR_SCHEDULES,
+    NOISE_MODELS,
     PRECISIONS,
     RENDERINGS,
     TrainConfig,
@@ -99,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--likelihood", choices=LIKELIHOODS,
                      help="gaussian (default: the evidence bound, in nats, with the noise variance learned) or "
                           "correlation (the original cryoSPHERE loss, 1 - correlation with a hand-set KL weight)")
+    run.add_argument("--noise-model", choices=NOISE_MODELS,
+                     help="the Gaussian likelihood's noise: shells (default: one variance per Fourier shell, learned, "
+                          "as RELION's noise spectra; real images have several times more noise at low frequencies "
+                          "than at high) or white (one variance for every frequency)")
     run.add_argument("--importance-samples", type=int, metavar="K",
                      help="latent draws per image in the evidence bound (default 8; 1 = the plain ELBO, 0.04-0.07 A "
                           "worse at SNR 0.01-0.1 on the AdK benchmark and 3x (214 residues) to 7x (2,750 "
@@ -137,8 +142,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = (
         "particles", "structure", "ctf", "stack", "duplicate_images", "datadir", "amplitude_contrast", "consensus_map",
         "box_centre_A", "centre_structure", "segments", "parts", "latent_dim", "sigma_A", "learn_sigma", "density",
-        "rendering", "sample_segmentation", "encoder_dropout",
-        "likelihood", "importance_samples", "sleep_phase", "epochs", "batch_size", "learning_rate", "lr_schedule",
+        "rendering", "sample_segmentation", "encoder_dropout", "likelihood", "noise_model", "importance_samples",
+        "sleep_phase", "epochs", "batch_size", "learning_rate", "lr_schedule",
         "validation_fraction", "early_stopping_patience", "downsample", "invert_contrast", "device", "precision",
         "compile", "num_workers", "threads", "seed", "cache", "progress",
     )  # fmt: skip

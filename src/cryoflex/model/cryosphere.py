@@ -18,6 +18,7 @@ from torch import nn
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
+from cryoflex.imaging.noise import sample_noise
 from cryoflex.model.deformation import deform, segment_centres_A
 from cryoflex.model.losses import gaussian_image_nll
 from cryoflex.model.networks import Decoder, Encoder
@@ -38,7 +39,8 @@ class ModelOutput:
     latent_std: torch.Tensor  # (B, L)
     assignment: torch.Tensor  # (n, M)
     segmentation_kl: torch.Tensor  # scalar
-    log_noise_variance: torch.Tensor  # scalar: log of the images' per-pixel noise variance (normalised images)
+    # log of the images' noise variance in per-pixel units (normalised images): a scalar (white), or one per shell
+    log_noise_variance: torch.Tensor
     log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
     sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
     # scalar, with the sleep phase: -log q(z | image) of images simulated from prior draws z (mean over them)
@@ -63,6 +65,7 @@ class CryoSphere(nn.Module):
         formation: ImageFormation,
         density_offsets_A: torch.Tensor | None = None,
         density_shares: torch.Tensor | None = None,
+        noise_shells: int = 0,
     ):
         super().__init__()
         self.register_buffer("nominal_coords_A", nominal_coords_A.float())
@@ -77,10 +80,11 @@ class CryoSphere(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.formation = formation
-        # The Gaussian likelihood's two constants, learned (maximum likelihood) on a log scale: the images' per-pixel
-        # noise variance and the scale from rendered to observed images. Training starts them from the nominal
-        # structure's fit to the first images (cryoflex.train.loop.nominal_fit).
-        self.log_noise_variance = nn.Parameter(torch.zeros(()))
+        # The Gaussian likelihood's constants, learned (maximum likelihood) on a log scale: the images' noise variance
+        # (one per pixel, white, or with noise_shells one per Fourier shell: cryoflex.imaging.noise) and the scale
+        # from rendered to observed images. Training starts them from the nominal structure's fit to the first images
+        # (cryoflex.train.loop.nominal_fit).
+        self.log_noise_variance = nn.Parameter(torch.zeros(noise_shells) if noise_shells else torch.zeros(()))
         self.log_image_scale = nn.Parameter(torch.zeros(()))
         # The Gaussians' width, started at the configured one; learned unless training freezes it (learn_sigma). Real
         # particles are blurred by their atoms' motion and the microscope's envelope by an amount no fixed width
@@ -198,8 +202,8 @@ class CryoSphere(nn.Module):
 
     def sleep_nll(self, batch: ParticleBatch) -> torch.Tensor:
         """Mean -log q(z | image) over one image per particle simulated from a prior draw z: the structure decoded at
-        z (the segmentation's posterior mean) rendered at the particle's pose and CTF, times the image scale, plus white
-        noise of the learned variance (the likelihood's model of an image). Its gradient reaches the encoder only.
+        z (the segmentation's posterior mean) rendered at the particle's pose and CTF, times the image scale, plus noise
+        as the likelihood models it (the likelihood's model of an image). Its gradient reaches the encoder only.
 
         The sleep phase of reweighted wake-sleep (Bornschein & Bengio 2015). The wake phase alone teaches the encoder
         each training image's posterior, which it then recalls by the image's noise and does not carry to new images
@@ -209,7 +213,7 @@ class CryoSphere(nn.Module):
         with torch.no_grad():
             _, density_A, _ = self.decode_with_density(latent, sample_segmentation=False)
             images = self.log_image_scale.exp() * self.render(density_A, batch.poses, batch.ctf)
-            images = images + (0.5 * self.log_noise_variance).exp() * torch.randn_like(images)
+            images = images + sample_noise(images, self.log_noise_variance)
         with self._network_precision(batch.images.device):
             mean, std = self.encoder(images)
         return -torch.distributions.Normal(mean.float(), std.float()).log_prob(latent).sum(-1).mean()

@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
+from cryoflex.imaging.noise import shell_nll
+
 # Distances computed at once when the clash list is built on a GPU: 2^26 (B x rows x n), about 1 GiB of float32
 # temporaries in all.
 _DISTANCE_BLOCK_ELEMENTS = 2**26
@@ -64,14 +66,18 @@ def gaussian_image_nll(
     predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor, log_image_scale: torch.Tensor
 ) -> torch.Tensor:
     """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
-    s * predicted + b + white Gaussian noise of per-pixel variance sigma^2, with one scale s = exp(log_image_scale) for
-    every image (learned, as sigma^2 = exp(log_noise_variance) is) and each image's least-squares offset b.
+    s * predicted + b + Gaussian noise, with one scale s = exp(log_image_scale) for every image (learned, as the noise
+    is) and each image's least-squares offset b. A scalar log_noise_variance is white noise of per-pixel variance
+    sigma^2; one value per Fourier shell is noise with that variance in each shell (cryoflex.imaging.noise).
 
-    With P pixels and x~ an image minus its mean: ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
+    White, with P pixels and x~ an image minus its mean:
+    ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
     One shared scale, not one per image: at SNR 0.001 an image's own least-squares scale is as uncertain as its value,
     and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
     the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
+    if log_noise_variance.dim() == 1:
+        return shell_nll(observed - torch.exp(log_image_scale) * predicted, log_noise_variance)
     predicted_flat = predicted.flatten(start_dim=1)
     observed_flat = observed.flatten(start_dim=1)
     residual = observed_flat - torch.exp(log_image_scale) * predicted_flat

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from cryoflex.config import TrainConfig
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import particle_loader
+from cryoflex.imaging.noise import n_shells, shell_counts, shell_sums
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import correlation_loss
 from cryoflex.run_dir import RunDir
@@ -173,7 +174,8 @@ class NominalFit:
 
     correlations: np.ndarray  # (images,)
     image_scale: float
-    noise_variance: float
+    noise_variance: float  # per pixel
+    shell_noise_variances: np.ndarray  # (S,) per pixel, in each Fourier shell (cryoflex.imaging.noise; shell 0 unused)
 
 
 # The image scale starts at least at this share of the scale that would give the projections the images' power:
@@ -203,10 +205,16 @@ def density_description(model: CryoSphere, density: str) -> str:
 def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> NominalFit:
     """The nominal structure's projections against every image of `loader`, as the images are used (NominalFit)."""
     correlations, inner, predicted_power, observed_power, pixels = [], 0.0, 0.0, 0.0, 0
+    box_size_px = model.formation.box_size_px
+    shells = torch.zeros(3, n_shells(box_size_px), dtype=torch.float64, device=device)  # observed, cross, predicted
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         nominal = model.nominal_density_A.expand(len(batch), -1, -1)
-        predicted = model.render(nominal, batch.poses, batch.ctf).flatten(1).double()
+        predicted_images = model.render(nominal, batch.poses, batch.ctf).double()
+        spectra = torch.fft.rfft2(batch.images.double()), torch.fft.rfft2(predicted_images)
+        for row, (a, b) in enumerate([(0, 0), (0, 1), (1, 1)]):
+            shells[row] += shell_sums((spectra[a] * spectra[b].conj()).real / box_size_px**2)
+        predicted = predicted_images.flatten(1)
         observed = batch.images.flatten(1).double()
         correlations.append(1.0 - correlation_loss(predicted, observed))
         predicted = predicted - predicted.mean(1, keepdim=True)
@@ -220,7 +228,12 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power
     # noise-free images that the nominal structure fits exactly would leave none: start at a millionth of their power
     noise_variance = max(residual_power, 1e-6 * observed_power) / pixels
-    return NominalFit(torch.cat(correlations).float().cpu().numpy(), scale, noise_variance)
+    residual_shells = (shells[0] - 2 * scale * shells[1] + scale**2 * shells[2]).clamp_min(1e-6 * shells[0])
+    frequencies = shell_counts(box_size_px, device) * (pixels / box_size_px**2)  # the frequencies times the images
+    shell_variances = torch.where(frequencies > 0, residual_shells / frequencies.clamp_min(1), noise_variance)
+    return NominalFit(
+        torch.cat(correlations).float().cpu().numpy(), scale, noise_variance, shell_variances.cpu().numpy()
+    )
 
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
@@ -307,7 +320,10 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
         fit = nominal_fit(model, particle_loader(dataset, first_batches), device)
         with torch.no_grad():
             model.log_image_scale.fill_(math.log(fit.image_scale))
-            model.log_noise_variance.fill_(math.log(fit.noise_variance))
+            if model.log_noise_variance.dim() == 0:
+                model.log_noise_variance.fill_(math.log(fit.noise_variance))
+            else:
+                model.log_noise_variance.copy_(torch.as_tensor(np.log(fit.shell_noise_variances)))
     engine: torch.nn.Module = model
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -349,6 +365,14 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                     "likelihood starts at the nominal structure's fit to %d images: image scale %.4g, noise variance "
                     "%.4g per pixel", len(fit.correlations), fit.image_scale, fit.noise_variance,
                 )  # fmt: skip
+                if config.noise_model == "shells":
+                    variances = fit.shell_noise_variances
+                    nyquist = model.formation.box_size_px // 2
+                    logger.info(
+                        "noise variance per Fourier shell (noise_model shells), from the same fit: %.4g at the lowest "
+                        "frequency, %.4g at half Nyquist, %.4g at Nyquist (white noise: all equal)",
+                        variances[1], variances[max(1, nyquist // 2)], variances[nyquist],
+                    )  # fmt: skip
 
     losses = LossTerms(config, model, structure.chain_ids, len(train_indices))
     metrics: dict[str, float] = {}

@@ -5,10 +5,10 @@ Loss per image (then averaged over the batch), in nats: minus an evidence bound,
   + w_segmentation * KL(GMM posteriors || priors) / n_images   (the dataset-level KL, shared out over the images)
   + w_continuity * mean (d(i, i+1) - d_nominal(i, i+1))^2       (consecutive C-alpha of a chain, every draw)
   + w_clash * sum over non-consecutive pairs of relu(cutoff - d)^2 / n_residues   (from a neighbour list)
-p(image | structure) is Gaussian white noise of learned variance about the rendered image times a learned scale (one
-for all images), at the image's best offset. w_latent ramps linearly from 0 over latent_kl_warmup_epochs to 1, where
-the first term is the importance-weighted evidence bound (K = 1: the evidence lower bound, -log p(image | z) +
-KL(q || N(0, I)), with the KL exact).
+p(image | structure) is Gaussian noise of learned variance (per Fourier shell, or white) about the rendered image
+times a learned scale (one for all images), at the image's best offset. w_latent ramps linearly from 0 over
+latent_kl_warmup_epochs to 1, where the first term is the importance-weighted evidence bound (K = 1: the evidence
+lower bound, -log p(image | z) + KL(q || N(0, I)), with the KL exact).
 The likelihood's pull shrinks with the images' SNR, so an uninformative image's latent stays at the prior instead of
 following the noise, and with K > 1 the bound rewards a decoder whose population of structures explains images that
 say little about their own latent (at low SNR, where the encoder cannot tell). With K > 1 the draws are fixed
@@ -28,6 +28,7 @@ import torch
 
 from cryoflex.config import TrainConfig
 from cryoflex.data.batch import ParticleBatch
+from cryoflex.imaging.noise import per_pixel_variance
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
@@ -121,7 +122,8 @@ class LossTerms:
                 output.predicted_images, observed_per_sample, output.log_noise_variance, output.log_image_scale
             ).view(len(observed), samples)
             terms[NLL_TERM] = image_nll.mean()
-            terms["noise_variance"] = output.log_noise_variance.detach().exp()  # reported, not losses
+            # reported, not losses; the noise as one per-pixel variance, whatever its spectrum
+            terms["noise_variance"] = per_pixel_variance(output.log_noise_variance.detach(), observed.shape[-1])
             terms["image_scale"] = output.log_image_scale.detach().exp()
         if samples > 1:
             bound, proposal_loss = importance_weighted_bound(

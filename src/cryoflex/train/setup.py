@@ -22,6 +22,7 @@ from cryoflex.data.downsample import downsampled_pixel_size_A
 from cryoflex.data.placement import box_centre_from_map_A, place_structure_A
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.formation import ImageFormation
+from cryoflex.imaging.noise import n_shells
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
 from cryoflex.io.particles import open_particle_images
 from cryoflex.io.structure import Structure, read_structure
@@ -178,6 +179,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         ),
         torch.as_tensor(offsets_A, dtype=torch.float32),
         torch.as_tensor(shares, dtype=torch.float32),
+        noise_shells=n_shells(box_size_px) if config.likelihood == "gaussian" and config.noise_model == "shells" else 0,
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
     model.sample_segmentation = config.sample_segmentation

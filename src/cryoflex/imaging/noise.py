@@ -1,0 +1,105 @@
+"""Stationary Gaussian noise in particle images: white, or with one variance per Fourier shell.
+
+Real particle images do not carry white noise: the ice, the detector's response and the particle's neighbours put
+several times more noise power at low spatial frequencies than at high ones (docs/conventions.md, "Noise"). Noise
+that is stationary is diagonal in Fourier space, so its log density is a sum over the rfft2 grid: with R the residual
+image's spectrum (torch.fft.rfft2, unnormalised), v_k the variance at frequency k in per-pixel units (white noise of
+per-pixel variance sigma^2 has v_k = sigma^2 everywhere) and m_k the column's multiplicity in the full spectrum,
+
+    -log p = sum_k m_k |R_k|^2 / (2 N^2 v_k) + sum_k m_k log(v_k) / 2   (+ a constant),
+
+which for white noise is ||r||^2 / (2 sigma^2) + P log(sigma^2) / 2 (Parseval). The frequency 0 is left out (m_0 = 0):
+the likelihood fits each image's offset. v_k is one learned value per shell round(|k| N), as RELION's noise spectra
+are (its sigma2 per resolution shell), from shell 1 to the corner of the box.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def n_shells(box_size_px: int) -> int:
+    """Shells round(|k| N) of an N x N rfft2 grid, the frequency 0 (shell 0) to the corner's."""
+    return round(math.sqrt(2.0) * (box_size_px // 2)) + 1
+
+
+@functools.lru_cache(maxsize=16)
+def shell_index(box_size_px: int, device: torch.device) -> torch.Tensor:
+    """(N, N//2 + 1) shell of each rfft2 frequency: round(|k| N), |k| in cycles per pixel."""
+    with torch.inference_mode(False):
+        ky = torch.fft.fftfreq(box_size_px, device=device, dtype=torch.float64) * box_size_px
+        kx = torch.fft.rfftfreq(box_size_px, device=device, dtype=torch.float64) * box_size_px
+        return torch.hypot(ky[:, None], kx[None, :]).round().long()
+
+
+@functools.lru_cache(maxsize=16)
+def multiplicity(box_size_px: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(N, N//2 + 1) m_k: how often each rfft2 frequency stands in the full spectrum (1 for column 0 and an even
+    box's Nyquist column, 2 for the others), with the frequency 0 set to 0 (the offset each image is fitted)."""
+    with torch.inference_mode(False):
+        weights = torch.full((box_size_px, box_size_px // 2 + 1), 2.0, dtype=dtype, device=device)
+        weights[:, 0] = 1.0
+        if box_size_px % 2 == 0:
+            weights[:, -1] = 1.0
+        weights[0, 0] = 0.0
+        return weights
+
+
+def frequency_variances(log_noise_variance: torch.Tensor, box_size_px: int) -> torch.Tensor:
+    """(S,) log variance per shell -> (N, N//2 + 1) variance v_k at every rfft2 frequency, per-pixel units."""
+    return log_noise_variance.exp()[shell_index(box_size_px, log_noise_variance.device)]
+
+
+def per_pixel_variance(log_noise_variance: torch.Tensor, box_size_px: int) -> torch.Tensor:
+    """The noise's variance per pixel, (scalar): the mean of v_k over the full spectrum without frequency 0, what one
+    white variance with the same power would be. A white model's own variance is returned as it is."""
+    if log_noise_variance.dim() == 0:
+        return log_noise_variance.exp()
+    weights = multiplicity(box_size_px, log_noise_variance.dtype, log_noise_variance.device)
+    return (weights * frequency_variances(log_noise_variance, box_size_px)).sum() / weights.sum()
+
+
+def shell_nll(residual: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) residual images, (S,) log variance per shell -> (B,) -log p(residual) in nats up to a constant, the
+    image's offset fitted (module docstring)."""
+    box_size_px = residual.shape[-1]
+    spectrum = torch.fft.rfft2(residual)
+    power = spectrum.real.square() + spectrum.imag.square()
+    weights = multiplicity(box_size_px, power.dtype, power.device)
+    log_variances = log_noise_variance.to(power.dtype)[shell_index(box_size_px, power.device)]
+    quadratic = (power * (weights * torch.exp(-log_variances))).sum(dim=(-2, -1)) / (2.0 * box_size_px**2)
+    return quadratic + 0.5 * (weights * log_variances).sum()
+
+
+def sample_noise(like: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
+    """Noise images shaped like `like` (B, N, N): white of variance exp(log_noise_variance) for a scalar, else with
+    variance v_k at each frequency (white noise of unit variance has N^2 per rfft2 coefficient; each is scaled by
+    sqrt(v_k)). The frequency 0 keeps the white noise's, which the likelihood ignores."""
+    white = torch.randn_like(like)
+    if log_noise_variance.dim() == 0:
+        return (0.5 * log_noise_variance).exp() * white
+    box_size_px = like.shape[-1]
+    amplitude = frequency_variances(log_noise_variance, box_size_px).sqrt().to(like.dtype)
+    amplitude = amplitude.clone()
+    amplitude[0, 0] = 1.0
+    return torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=like.shape[-2:])
+
+
+def shell_sums(values: torch.Tensor) -> torch.Tensor:
+    """(..., N, N//2 + 1) real values on the rfft2 grid -> (S,) float64 sums of m_k values_k over each shell and over
+    the leading dimensions: with values |F_k|^2 / N^2 of images, each shell's share of their power (the images minus
+    their means, in all: Parseval)."""
+    box_size_px = values.shape[-2]
+    weights = multiplicity(box_size_px, torch.float64, values.device)
+    summed = (values.double() * weights).reshape(-1, *weights.shape).sum(0)
+    index = shell_index(box_size_px, values.device).flatten()
+    shells = torch.zeros(n_shells(box_size_px), dtype=torch.float64, device=values.device)
+    return shells.index_add_(0, index, summed.flatten())
+
+
+def shell_counts(box_size_px: int, device: torch.device | None = None) -> torch.Tensor:
+    """(S,) float64 frequencies of the full spectrum in each shell (frequency 0 not counted): shell_sums of ones."""
+    return shell_sums(torch.ones(box_size_px, box_size_px // 2 + 1, device=device))

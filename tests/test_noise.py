@@ -1,0 +1,138 @@
+"""The noise model per Fourier shell (cryoflex.imaging.noise) and coloured noise in simulated particles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.noise import (
+    n_shells,
+    per_pixel_variance,
+    sample_noise,
+    shell_counts,
+    shell_index,
+    shell_nll,
+    shell_sums,
+)
+from cryoflex.model.losses import gaussian_image_nll
+
+
+def _circulant_covariance(variances: np.ndarray) -> np.ndarray:
+    """(N, N) variance at each frequency of the full fft2 grid -> the (P, P) covariance of stationary noise with that
+    spectrum, built pixel by pixel: column j is ifft2(v * fft2(e_j))."""
+    box = variances.shape[0]
+    columns = [np.fft.ifft2(variances * np.fft.fft2(e.reshape(box, box))).real.ravel() for e in np.eye(box * box)]
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("box", [6, 5])
+def test_shell_nll_is_the_gaussian_density_of_stationary_noise_with_the_offset_free(box: int) -> None:
+    """Against scipy's multivariate normal with the explicit covariance (frequency 0 given no variance: the offset is
+    free), its pseudo-determinant and pseudo-inverse: -log p = -logpdf - (P - 1) log(2 pi) / 2, scipy given each
+    residual minus its mean (its support), shell_nll the residual with an offset."""
+    generator = np.random.default_rng(0)
+    log_variances = generator.normal(size=n_shells(box))
+    full_grid_shells = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(box) * box, np.fft.fftfreq(box) * box,
+                                                     indexing="ij"))).astype(int)  # fmt: skip
+    variances = np.exp(log_variances)[full_grid_shells]
+    variances[0, 0] = 0.0
+    covariance = _circulant_covariance(variances)
+    residuals = generator.normal(size=(3, box, box))
+    expected = [
+        -multivariate_normal(np.zeros(box * box), covariance, allow_singular=True).logpdf(r.ravel() - r.mean())
+        - 0.5 * (box * box - 1) * np.log(2 * np.pi)
+        for r in residuals
+    ]
+    got = shell_nll(torch.as_tensor(residuals + 2.5), torch.as_tensor(log_variances))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+
+
+def test_equal_shells_are_white_noise_and_the_likelihood_follows_the_scale() -> None:
+    """Every shell at sigma^2: the white likelihood but for its P log sigma^2 / 2 (the shells count P - 1
+    frequencies, the offset's left out); the residual is observed - s predicted in both."""
+    generator = torch.Generator().manual_seed(1)
+    predicted = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
+    observed = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64) + 3.0
+    log_scale, log_variance = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    white = gaussian_image_nll(predicted, observed, log_variance, log_scale)
+    shells = gaussian_image_nll(predicted, observed, log_variance.expand(n_shells(8)).clone(), log_scale)
+    torch.testing.assert_close(shells, white - 0.5 * log_variance, rtol=1e-12, atol=1e-10)
+
+
+def test_sampled_noise_has_the_spectrum_and_the_per_pixel_variance_it_is_given() -> None:
+    """4,000 noise images of 16 px: each shell's mean power within 6% of its variance, and the variance per pixel
+    within 2% of per_pixel_variance."""
+    box = 16
+    torch.manual_seed(0)
+    log_variances = torch.log(1.0 + 9.0 * torch.exp(-torch.arange(n_shells(box), dtype=torch.float64) / 3.0))
+    noise = sample_noise(torch.zeros(4000, box, box, dtype=torch.float64), log_variances)
+    spectrum = torch.fft.rfft2(noise)
+    measured = shell_sums(spectrum.abs().square() / box**2) / (shell_counts(box) * len(noise))
+    np.testing.assert_allclose(measured[1:].numpy(), log_variances.exp()[1:].numpy(), rtol=0.06)
+    centred = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    pixel_variance = float(centred.square().sum() / (len(noise) * (box * box - 1)))
+    assert pixel_variance == pytest.approx(float(per_pixel_variance(log_variances, box)), rel=0.02)
+    assert float(per_pixel_variance(torch.tensor(0.5), box)) == pytest.approx(np.exp(0.5))
+
+
+def test_shells_cover_the_grid_and_count_the_full_spectrum() -> None:
+    """Every frequency of the rfft2 grid is in a shell; the counts add up to the P - 1 frequencies of the full
+    spectrum, for odd and even boxes."""
+    for box in (7, 8, 32):
+        index = shell_index(box, torch.device("cpu"))
+        assert index.shape == (box, box // 2 + 1) and int(index.max()) == n_shells(box) - 1
+        counts = shell_counts(box)
+        assert counts[0] == 0 and float(counts.sum()) == box * box - 1
+
+
+def test_simulated_coloured_noise_follows_the_given_spectrum_at_the_same_snr(tmp_path: Path) -> None:
+    """cryoflex simulate --noise-spectrum: the noise (noisy minus clean images) has the requested relative power per
+    shell and the per-pixel variance the SNR sets (truth.npz's noise_std), and the spectrum is recorded."""
+    import mrcfile
+
+    from cryoflex.io.structure import Structure
+    from cryoflex.simulate import SimulationConfig, simulate_dataset
+
+    generator = np.random.default_rng(3)
+    coords = generator.normal(scale=8.0, size=(2, 30, 3))
+    ensemble = Structure(
+        coords_A=coords, residue_names=np.array(["ALA"] * 30), residue_numbers=np.arange(1, 31),
+        chain_ids=np.array(["A"] * 30), amplitudes_e=np.full(30, 6.0), insertion_codes=np.array([""] * 30),
+        atom_names=np.array(["CA"] * 30),
+    )  # fmt: skip
+    spectrum = ((0.0, 20.0), (0.05, 4.0), (0.125, 1.0))
+    config = SimulationConfig(n_images=600, box_size_px=32, pixel_size_A=4.0, snr=0.1, noise_spectrum=spectrum,
+                              save_clean=True)  # fmt: skip
+    simulate_dataset(ensemble, config, tmp_path, progress=False)
+    with mrcfile.open(tmp_path / "stacks" / "particles_00000.mrcs") as noisy, \
+            mrcfile.open(tmp_path / "clean" / "particles_00000.mrcs") as clean:  # fmt: skip
+        noise = torch.as_tensor(noisy.data - clean.data, dtype=torch.float64)
+    truth = np.load(tmp_path / "truth.npz")
+    np.testing.assert_allclose(truth["noise_spectrum"], spectrum)
+    centred = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    assert float(centred.square().mean()) == pytest.approx(float(truth["noise_std"]) ** 2, rel=0.03)
+    power = shell_sums(torch.fft.rfft2(noise).abs().square() / 32**2) / (shell_counts(32) * len(noise))
+    frequency_per_A = np.arange(n_shells(32)) / (32 * 4.0)
+    relative = np.interp(frequency_per_A, *np.array(spectrum).T)
+    ratio = power.numpy()[1:17] / relative[1:17]  # to Nyquist: shells beyond hold the corners only
+    np.testing.assert_allclose(ratio / ratio.mean(), 1.0, rtol=0.1)
+
+
+def test_a_noise_spectrum_that_cannot_colour_noise_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    from cryoflex.simulate import read_noise_spectrum
+
+    path = tmp_path / "spectrum.csv"
+    path.write_text("frequency_per_A,power\n0.0,4.0\n0.1,1.0\n")
+    assert read_noise_spectrum(path) == ((0.0, 4.0), (0.1, 1.0))
+    for text, message in [("frequency,power\n0,1\n0.1,1\n", "no column frequency_per_A"),
+                          ("frequency_per_A,power\n0.1,1\n0.0,1\n", "increasing"),
+                          ("frequency_per_A,power\n0.0,1\n0.1,0\n", "positive")]:  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(CryoflexInputError, match=message) as error:
+            read_noise_spectrum(path)
+        assert "spectrum.csv" in str(error.value)
