@@ -11,7 +11,9 @@ RMSD; the targets count RMSD, whose least expected value belongs to the posterio
 How well uncertainty can rank the errors: the Spearman correlation with the posterior mean's RMSD of its RMS spread
 and of its expected RMSD (the posterior-weighted RMSD of the frames from it, what cryoflex analysis reports).
 --box-px 32 repeats it on the Fourier-cropped images that training at --downsample 32 sees (each frame rendered in the
-full box and cropped the same way; noise variance measured from the residual of the true frame). On
+full box and cropped the same way; noise variance measured from the residual of the true frame). Coloured noise
+(`cryoflex simulate --noise-spectrum`, recorded in truth.npz) is whitened by its known spectrum in the full box,
+images and frames alike, so the likelihood stays exact. On
 recovery_all_atom.py's particles it renders every heavy atom, as they were made. --scale-per-image repeats it with
 each image's scale fitted, as cryoflex's likelihood once did. --segments K [K ...] adds, for each K, the ideal
 K-segment model: the same exact posterior, but every frame replaced by its best rigid fit with the best contiguous
@@ -39,6 +41,7 @@ from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.metadata import read_metadata
+from cryoflex.simulate import noise_colouring
 
 LID = (122, 159)
 NMP = (30, 59)
@@ -74,13 +77,24 @@ def frame_log_likelihoods(
     frames = torch.as_tensor(truth[frames_key], dtype=torch.float32)
     amplitudes = torch.as_tensor(truth[amplitudes_key], dtype=torch.float32)
     full_box = metadata.box_size_px
+    spectrum = truth["noise_spectrum"] if "noise_spectrum" in truth else np.zeros((0, 2))
+    colouring = None
+    if len(spectrum):
+        colouring = torch.as_tensor(noise_colouring(spectrum, full_box, float(truth["pixel_size_A"])))
+
+    def whitened(images: torch.Tensor) -> torch.Tensor:
+        """Images whose noise is white: divided in Fourier space by the colouring the simulation applied."""
+        if colouring is None:
+            return images
+        return torch.fft.irfft2(torch.fft.rfft2(images.double()) / colouring, s=images.shape[-2:]).to(images.dtype)
+
     # rendered as the particles were, in the full box, then Fourier-cropped as they are: exact at any box (a render
     # at the cropped box would alias narrow Gaussians, e.g. atoms of 1.5 A on 4 A pixels)
     formation = ImageFormation(full_box, float(truth["pixel_size_A"]), float(truth["sigma_A"]))
     poses = PoseBatch(torch.as_tensor(metadata.rotations, dtype=torch.float32),
                       torch.as_tensor(metadata.shifts_A, dtype=torch.float32))  # fmt: skip
     ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
-    observed = torch.as_tensor(_images(data_dir, n_images))
+    observed = whitened(torch.as_tensor(_images(data_dir, n_images)))
     if box_px != full_box:
         observed = fourier_crop(observed, box_px)
     observed = observed.double()
@@ -94,7 +108,7 @@ def frame_log_likelihoods(
             b = stop - start
             rows = torch.arange(start, stop).repeat_interleave(n_frames)
             coords = frames.repeat(b, 1, 1)
-            clean = formation.images(coords, amplitudes, poses[rows], ctf[rows])
+            clean = whitened(formation.images(coords, amplitudes, poses[rows], ctf[rows]))
             if box_px != full_box:
                 clean = fourier_crop(clean, box_px)
             clean = clean.reshape(b, n_frames, box_px * box_px).double()

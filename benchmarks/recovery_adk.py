@@ -185,10 +185,9 @@ def run_recovery(
     model = run.model
     with torch.no_grad():
         segments = model.segmentation(False).argmax(1).cpu().numpy()
-    if noise_spectrum is None:  # the oracle's likelihood is that of white noise
-        bayes = oracle_scores(out / "data", downsample or box_size_px, BAYES_ORACLE_IMAGES, segmentation=segments)
-        summary.update({f"bayes_{name}": bayes[name] for name in BAYES_FIGURES})
-        summary["bayes_learned_segmentation_median_rmsd_A"] = bayes["ideal_rigid_segments"]["given"]["median_rmsd_A"]
+    bayes = oracle_scores(out / "data", downsample or box_size_px, BAYES_ORACLE_IMAGES, segmentation=segments)
+    summary.update({f"bayes_{name}": bayes[name] for name in BAYES_FIGURES})
+    summary["bayes_learned_segmentation_median_rmsd_A"] = bayes["ideal_rigid_segments"]["given"]["median_rmsd_A"]
     conformations_A = truth["conformations_A"]
     floor_A = segmentation_floor_A(conformations_A[int(truth["nominal_frame"])], conformations_A, segments)
     summary.update(
@@ -213,9 +212,9 @@ def print_table(rows: list[dict]) -> None:
             f"{row['snr']:<7} {row['n_images']:>6} {row['epochs']:>6} {row['median_rmsd_A']:>5.2f} "
             f"{row['at_latent_mean_median_rmsd_A']:>8.2f} {row['baseline_median_rmsd_A']:>8.2f} "
             f"{row['ensemble_mean_median_rmsd_A']:>6.2f} {row['best_frame_median_rmsd_A']:>7.2f} "
-            f"{row.get('bayes_median_rmsd_A', nan):>7.2f} {row['distance_correlation']:>7.3f} "
-            f"({row.get('bayes_distance_correlation', nan):.3f}) {row['spread_error_spearman']:>11.3f} "
-            f"({row.get('bayes_spread_error_spearman', nan):.3f}) "
+            f"{row['bayes_median_rmsd_A']:>7.2f} {row['distance_correlation']:>7.3f} "
+            f"({row['bayes_distance_correlation']:.3f}) {row['spread_error_spearman']:>11.3f} "
+            f"({row['bayes_spread_error_spearman']:.3f}) "
             f"{row['rigid_floor_median_rmsd_A']:>6.2f} "
             f"{row.get('bayes_learned_segmentation_median_rmsd_A', nan):>11.2f} "
             f"{row['nmp_f1']:>7.3f} {row['lid_f1']:>7.3f} {row['train_s']:>8.0f}"
@@ -240,8 +239,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, help="(default: the training default)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the simulated images and the training")
     parser.add_argument("--noise-spectrum", type=Path, metavar="CSV",
-                        help="coloured noise (cryoflex simulate --noise-spectrum), e.g. real_noise_spectrum.py's; "
-                             "no Bayes oracle then (its likelihood is white)")
+                        help="coloured noise (cryoflex simulate --noise-spectrum), e.g. real_noise_spectrum.py's")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="training settings (YAML values)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cryoflex_recovery"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery_adk.json"))

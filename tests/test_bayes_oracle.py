@@ -31,3 +31,20 @@ def test_the_true_frame_leaves_only_the_noise(data_dir: Path, tmp_path: Path, bo
     signal_variance = float(images.var(axis=(1, 2)).mean())
     assert noise_variance < 1e-5 * signal_variance
     np.testing.assert_array_equal(log_likelihood.argmax(1), truth["conformation_index"][:8])
+
+
+def test_coloured_noise_is_whitened_by_its_known_spectrum(data_dir: Path, tmp_path: Path) -> None:
+    """The same seed draws the same white noise, which --noise-spectrum only colours: whitened by the recorded
+    spectrum, the oracle's residual is that white noise again (its variance equal to 1e-3), and the true frame is
+    the most likely one as in the white dataset."""
+    ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
+    variances, best = [], []
+    for name, spectrum in [("white", None), ("coloured", ((0.0, 30.0), (0.1, 1.0)))]:
+        simulation = SimulationConfig(n_images=8, box_size_px=32, pixel_size_A=2.0, snr=5.0, seed=2,
+                                      noise_spectrum=spectrum)  # fmt: skip
+        simulate_dataset(ensemble, simulation, tmp_path / name, progress=False)
+        log_likelihood, noise_variance = frame_log_likelihoods(tmp_path / name, 32, 8)
+        variances.append(noise_variance)
+        best.append(log_likelihood.argmax(1))
+    assert variances[1] == pytest.approx(variances[0], rel=1e-3)
+    np.testing.assert_array_equal(best[1], best[0])
