@@ -21,6 +21,7 @@ from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.geometry.superposition import superpose_A
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
+from cryoflex.imaging.noise import multiplicity
 from cryoflex.io.atomic import atomic_path
 from cryoflex.io.metadata import CTFParameters, ParticleMetadata, write_relion_star
 from cryoflex.io.particles import StackWriter
@@ -65,11 +66,9 @@ def noise_colouring(spectrum: np.ndarray, box_size_px: int, pixel_size_A: float)
     ky = np.fft.fftfreq(box_size_px)[:, None] / pixel_size_A
     kx = np.fft.rfftfreq(box_size_px)[None, :] / pixel_size_A
     relative = np.interp(np.hypot(ky, kx), frequency_per_A, power)
-    columns = np.full(box_size_px // 2 + 1, 2.0)
-    columns[0] = 1.0
-    if box_size_px % 2 == 0:
-        columns[-1] = 1.0
-    mean = (relative * columns).sum() / box_size_px**2
+    counts = multiplicity(box_size_px, torch.float64, torch.device("cpu")).numpy().copy()
+    counts[0, 0] = 1.0  # the frequency 0 is noise too
+    mean = (relative * counts).sum() / box_size_px**2
     return np.sqrt(relative / mean)
 
 

@@ -2,8 +2,8 @@
 
 Each image draws a conformation (uniformly, or by --weights), a Haar-uniform rotation, a shift and a defocus, is
 projected with the CTF, and gets white (or, with --noise-spectrum, coloured) noise at the given SNR (signal variance /
-noise variance, see docs). Writes
-OUT/stacks/*.mrcs, OUT/particles.star (RELION 3.1), OUT/nominal.pdb and OUT/truth.npz. Deterministic for a seed.
+noise variance, see docs). Writes OUT/stacks/*.mrcs, OUT/particles.star (RELION 3.1), OUT/nominal.pdb and
+OUT/truth.npz. Deterministic for a seed.
 
 examples:
   cryoflex simulate --structure ensemble.pdb --out sim --n-images 10000 --snr 0.1

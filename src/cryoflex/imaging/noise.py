@@ -82,8 +82,7 @@ def sample_noise(like: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.
     if log_noise_variance.dim() == 0:
         return (0.5 * log_noise_variance).exp() * white
     box_size_px = like.shape[-1]
-    amplitude = frequency_variances(log_noise_variance, box_size_px).sqrt().to(like.dtype)
-    amplitude = amplitude.clone()
+    amplitude = frequency_variances(log_noise_variance, box_size_px).sqrt().to(like.dtype)  # a new tensor
     amplitude[0, 0] = 1.0
     return torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=like.shape[-2:])
 
