@@ -136,3 +136,12 @@ def test_a_noise_spectrum_that_cannot_colour_noise_is_refused_with_the_file_name
         with pytest.raises(CryoflexInputError, match=message) as error:
             read_noise_spectrum(path)
         assert "spectrum.csv" in str(error.value)
+
+
+def test_shells_that_hold_next_to_no_noise_are_found() -> None:
+    """A zero-padded stack leaves its outer shells empty: training warns about them (train.loop.empty_noise_shells)."""
+    from cryoflex.train.loop import empty_noise_shells
+
+    variances = np.array([0.0, 4.0, 2.0, 1.0, 1.0, 0.9, 1e-5, 1e-6])
+    assert empty_noise_shells(variances) == [6, 7]
+    assert empty_noise_shells(np.array([0.0, 4.0, 2.0, 1.0, 0.5])) == []

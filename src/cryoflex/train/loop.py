@@ -373,6 +373,15 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                         "frequency, %.4g at half Nyquist, %.4g at Nyquist (white noise: all equal)",
                         variances[1], variances[max(1, nyquist // 2)], variances[nyquist],
                     )  # fmt: skip
+                    empty = empty_noise_shells(variances)
+                    if empty:
+                        resolution_A = model.formation.box_size_px * model.formation.pixel_size_A / empty[0]
+                        logger.warning(
+                            "the images hold next to no noise in %d Fourier shell(s) from %.1f A on: were they "
+                            "zero-padded or low-pass filtered? A noise variance learned there can shrink without "
+                            "bound; train with --noise-model white, or --downsample to a box whose Nyquist frequency "
+                            "is within what the images hold", len(empty), resolution_A,
+                        )  # fmt: skip
 
     losses = LossTerms(config, model, structure.chain_ids, len(train_indices))
     metrics: dict[str, float] = {}
@@ -466,6 +475,19 @@ def contrast_verdict(correlations: np.ndarray, inverted: bool) -> tuple[str, boo
         f"{n} images) with the first images {as_used}, {-mean:+.4f} with the opposite sign: {verdict}"
     )
     return line, significant and mean < 0
+
+
+# A shell within Nyquist whose residual power is under this share of the median shell's holds next to no noise.
+_EMPTY_SHELL_SHARE = 1e-3
+
+
+def empty_noise_shells(shell_noise_variances: np.ndarray) -> list[int]:
+    """Shells 1..S-1 whose starting noise variance is under _EMPTY_SHELL_SHARE of the median: frequencies where the
+    images hold next to nothing (zero-padded or low-pass filtered stacks), where a variance learned per shell can
+    shrink without bound as the model's images are made to vanish there too."""
+    variances = np.asarray(shell_noise_variances[1:], dtype=np.float64)
+    floor = _EMPTY_SHELL_SHARE * float(np.median(variances))
+    return [int(shell) + 1 for shell in np.flatnonzero(variances < floor)]
 
 
 def _log_contrast(correlations: np.ndarray, inverted: bool) -> None:
