@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -191,6 +192,34 @@ def test_model_bias_decodes_the_analysis_latents_else_the_encoders_means(trained
     np.save(analysis / "latent" / "latents.npy", np.zeros((N_IMAGES, 3)))
     with pytest.raises(CryoflexInputError, match=r"latents of shape \(120, 3\), not \(120, 2\)"):
         particle_latents(run, analysis, 64)
+
+
+def test_an_analysis_of_another_model_is_refused(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryoflex.analysis.latent import write_source
+    from cryoflex.analysis.run import load_run, model_fingerprint
+
+    run = load_run(trained_run, device="cpu")
+    analysis = tmp_path / "analysis"
+    (analysis / "latent").mkdir(parents=True)
+    np.save(analysis / "latent" / "latents.npy", np.zeros((N_IMAGES, 2), np.float32))
+    with caplog.at_level("WARNING"):
+        particle_latents(run, analysis, 64)  # no source.json: an older analysis, used with a warning
+    assert "cannot check that its latents came from the model loaded here" in caplog.text
+
+    write_source(analysis / "latent", run.epoch, run.fingerprint)
+    assert particle_latents(run, analysis, 64).shape == (N_IMAGES, 2)
+    assert load_run(trained_run, device="cpu").fingerprint == run.fingerprint  # the same checkpoint, reloaded
+
+    changed = copy.deepcopy(run.model)
+    with torch.no_grad():
+        changed.log_image_scale += 1e-6
+    assert model_fingerprint(changed) != run.fingerprint
+    write_source(analysis / "latent", 7, model_fingerprint(changed))
+    with pytest.raises(CryoflexInputError, match="made with the model after epoch 7") as refused:
+        particle_latents(run, analysis, 64)
+    assert "--epoch 7" in str(refused.value) and "source.json" in str(refused.value)
 
 
 # ------------------------------------------------------------ outputs

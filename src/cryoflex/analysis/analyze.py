@@ -1,7 +1,8 @@
 """`cryoflex analyze` end to end: from a trained run to latent plots, traversals, segments, motions, exports, report.
 
 Output layout under OUT (default RUN/analysis):
-  latent/       latents.npy, pca.npy, kmeans_labels.npy, kmeans_centres.npy, latent_embedding.csv, PNG plots
+  latent/       latents.npy, pca.npy, kmeans_labels.npy, kmeans_centres.npy, latent_embedding.csv, PNG plots,
+                source.json (the epoch and model fingerprint the latents came from)
   traversals/   traversal_pcK.pdb (multi-model, B-factor = segment) + traversal_pcK.cxc; volumes/ with --volumes
   segments/     segmentation.png, nominal_segments.pdb (B-factor = segment), segments.csv
   motions/      segment_motions.csv and .png (rotation angle and translation per particle and segment)
@@ -204,6 +205,7 @@ def analyze_run(
     latents = posterior_latents(posterior, samples, seed)
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
     files = latent.save_embedding(embedding, names, out_dir / "latent")
+    files.append(latent.write_source(out_dir / "latent", run.epoch, run.fingerprint))
     latent_figures = latent.plot_embedding(embedding, out_dir / "latent")
     files += structures.write_traversals(
         model, structure, embedding, out_dir / "traversals", n_components=options.n_components,

@@ -8,6 +8,7 @@ give byte-identical files. Figures are drawn on matplotlib Figure objects with t
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from sklearn.decomposition import PCA
 from cryoflex.io.atomic import atomic_path, save_npy_atomic, write_text_atomic
 
 CSV_FLOAT_FORMAT = "%.9g"  # round-trips float32 exactly
+SOURCE_NAME = "source.json"  # which model the latents came from: read back by cryoflex reconstruct
 _KMEANS_N_INIT = 10
 PNG_DPI = 120
 _PNG_METADATA = {"Software": None}  # no library version in the file: same figure, same bytes
@@ -161,6 +163,20 @@ def save_embedding(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray
     csv_path = out_dir / "latent_embedding.csv"
     write_text_atomic(csv_path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     return [*paths, csv_path]
+
+
+def write_source(out_dir: Path, epoch: int, model_fingerprint: str) -> Path:
+    """latent/source.json: the epoch and model (analysis.run.model_fingerprint) whose posteriors gave these latents,
+    so that a later command decoding them with a model can check it is the same one."""
+    path = Path(out_dir) / SOURCE_NAME
+    write_text_atomic(path, json.dumps({"epoch": epoch, "model_fingerprint": model_fingerprint}, indent=2) + "\n")
+    return path
+
+
+def read_source(out_dir: Path) -> dict | None:
+    """What write_source recorded in out_dir, or None (an analysis from before it was recorded)."""
+    path = Path(out_dir) / SOURCE_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:

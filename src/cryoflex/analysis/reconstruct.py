@@ -38,7 +38,14 @@ import torch
 
 from cryoflex.analysis import report
 from cryoflex.analysis.fsc import FSC_THRESHOLDS, fourier_shell_correlation, resolution_at
-from cryoflex.analysis.latent import CSV_FLOAT_FORMAT, cluster_colours, new_figure, save_figure
+from cryoflex.analysis.latent import (
+    CSV_FLOAT_FORMAT,
+    SOURCE_NAME,
+    cluster_colours,
+    new_figure,
+    read_source,
+    save_figure,
+)
 from cryoflex.analysis.metrics import json_number
 from cryoflex.analysis.predict import decode_latents, latent_means
 from cryoflex.analysis.run import TrainedRun
@@ -128,21 +135,46 @@ def stored_half_split(path: Path, n_particles: int, seed: int) -> np.ndarray:
 # ------------------------------------------------------------ groups
 
 
-def _analysis_array(analysis_dir: Path, name: str, n_particles: int) -> np.ndarray:
-    """latent/NAME.npy of a `cryoflex analyze` output, checked to hold one row per particle of the run."""
+def _analysis_array(analysis_dir: Path, name: str, run: TrainedRun) -> np.ndarray:
+    """latent/NAME.npy of a `cryoflex analyze` output, checked to hold one row per particle of the run and to come
+    from the model loaded here (check_analysis_source)."""
     path = Path(analysis_dir) / "latent" / f"{name}.npy"
     if not path.is_file():
         raise CryoflexInputError(
             path, "not found: the groups asked for need the latent analysis of this run",
             fix="run `cryoflex analyze RUN` first (or give its --out with --analysis)",
         )  # fmt: skip
+    check_analysis_source(analysis_dir, run)
     array = np.load(path, allow_pickle=False)
+    n_particles = run.dataset.metadata.n_particles
     if array.shape[0] != n_particles:
         raise CryoflexInputError(
             path, f"holds {array.shape[0]} particles but the run has {n_particles}",
             fix="rerun `cryoflex analyze RUN` on this run",
         )  # fmt: skip
     return array
+
+
+def check_analysis_source(analysis_dir: Path, run: TrainedRun) -> None:
+    """Refuse an analysis whose latents came from another model than the one loaded (another epoch, best.pt against
+    the last, or a run trained again into the same folder): its clusters and latents would mean nothing to this
+    model. An analysis that did not record its model (before latent/source.json) is used with a warning."""
+    latent_dir = Path(analysis_dir) / "latent"
+    source = read_source(latent_dir)
+    if source is None:
+        logger.warning("%s has no %s: cannot check that its latents came from the model loaded here (epoch %d); "
+                       "rerun `cryoflex analyze RUN` to record it", latent_dir, SOURCE_NAME, run.epoch)  # fmt: skip
+        return
+    if source.get("model_fingerprint") != run.fingerprint:
+        epoch = source.get("epoch")
+        raise CryoflexInputError(
+            latent_dir / SOURCE_NAME,
+            f"the analysis was made with the model after epoch {epoch}, another model state than the one loaded "
+            f"here (epoch {run.epoch}, fingerprint {run.fingerprint})",
+            fix=f"reconstruct with the analysis's checkpoint (--epoch {epoch}, or --checkpoint best if it used "
+            "best.pt), or rerun `cryoflex analyze RUN` with this one",
+            field="model_fingerprint",
+        )  # fmt: skip
 
 
 def cluster_groups(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -191,7 +223,7 @@ def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np
     encoder's mean says less about an image than the importance-weighted draws do (docs/low_snr.md)."""
     n = run.dataset.metadata.n_particles
     if (Path(analysis_dir) / "latent" / "latents.npy").is_file():
-        latents = _analysis_array(analysis_dir, "latents", n)
+        latents = _analysis_array(analysis_dir, "latents", run)
         if latents.ndim != 2 or latents.shape[1] != run.model.encoder.latent_dim:
             raise CryoflexInputError(
                 Path(analysis_dir) / "latent" / "latents.npy",
@@ -215,7 +247,7 @@ def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.
     if options.consensus_only:
         return groups
     if options.pc is not None:
-        groups.update(pc_bin_groups(_analysis_array(analysis_dir, "pca", n), options.pc, options.bins))
+        groups.update(pc_bin_groups(_analysis_array(analysis_dir, "pca", run), options.pc, options.bins))
     if options.subsets:
         for path in options.subsets:
             name = Path(path).stem
@@ -223,11 +255,11 @@ def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.
                 raise CryoflexInputError(path, f"a second group named {name!r}", fix="rename one of the files")
             groups[name] = subset_group(Path(path), metadata.names, run.dataset.original_pixel_size_A)
     if options.clusters:
-        groups.update(cluster_groups(_analysis_array(analysis_dir, "kmeans_labels", n)))
+        groups.update(cluster_groups(_analysis_array(analysis_dir, "kmeans_labels", run)))
     elif options.pc is None and not options.subsets:
         labels_path = Path(analysis_dir) / "latent" / "kmeans_labels.npy"
         if labels_path.is_file():
-            groups.update(cluster_groups(_analysis_array(analysis_dir, "kmeans_labels", n)))
+            groups.update(cluster_groups(_analysis_array(analysis_dir, "kmeans_labels", run)))
         else:
             logger.info("no k-means labels at %s: consensus only (run `cryoflex analyze RUN` for cluster maps)",
                         labels_path)  # fmt: skip

@@ -5,6 +5,8 @@ Analysis reads only what a run wrote (RUN/config.yaml and RUN/checkpoints), neve
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,21 @@ class TrainedRun:
     @property
     def device(self) -> torch.device:
         return self.model.nominal_coords_A.device
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """model_fingerprint of the loaded model: what outputs derived from it record (cryoflex analyze's latents)."""
+        return model_fingerprint(self.model)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short SHA-256 of every parameter and buffer, by name: the same for the same checkpoint on any device, and
+    different for another epoch or a run trained again into the same folder."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_checkpoint(run_dir: Path, *, epoch: int | None = None, checkpoint: str | None = None) -> Path:
