@@ -107,9 +107,10 @@ def test_batches_index_slice_and_move_as_one() -> None:
     n = 5
     poses = PoseBatch(torch.eye(3).expand(n, 3, 3) * torch.arange(n)[:, None, None], torch.arange(2.0 * n).view(n, 2))
     ctf = _ctf_batch(n, torch.float32)
-    batch = ParticleBatch(torch.arange(n * 16.0).view(n, 4, 4), poses, ctf, torch.arange(n))
+    groups = torch.arange(n) % 2 + 1
+    batch = ParticleBatch(torch.arange(n * 16.0).view(n, 4, 4), poses, ctf, torch.arange(n), groups)
     part = batch[torch.tensor([3, 1])]
-    assert len(part) == 2 and part.indices.tolist() == [3, 1]
+    assert len(part) == 2 and part.indices.tolist() == [3, 1] and part.optics_groups.tolist() == [2, 2]
     assert part.poses.rotations[0, 0, 0] == 3.0 and part.poses.shifts_A[1].tolist() == [2.0, 3.0]
     assert part.ctf.defocus_u_A.tolist() == [ctf.defocus_u_A[3].item(), ctf.defocus_u_A[1].item()]
     torch.testing.assert_close(part.images[1], batch.images[1])

@@ -317,7 +317,7 @@ def test_images_are_rendered_from_the_density_centres(points: int) -> None:
     poses = PoseBatch(torch.as_tensor(Rotation.random(3, random_state=0).as_matrix(), dtype=torch.float32),
                       torch.zeros(3, 2))  # fmt: skip
     ctf = CTFBatch.from_values(torch.full((3,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1)
-    batch = ParticleBatch(torch.randn(3, 16, 16), poses, ctf, torch.arange(3))
+    batch = ParticleBatch(torch.randn(3, 16, 16), poses, ctf, torch.arange(3), torch.ones(3, dtype=torch.int64))
     output = model(batch)
     _, density, _ = model.decode_with_density(output.latent_mean, sample_segmentation=False)
     by_group = sum(model.formation.images(density[:, p::points], model.amplitudes_e * model.density_shares[:, p],
@@ -470,7 +470,7 @@ def test_training_draws_the_segmentation_only_when_asked() -> None:
     model = _model_with_density_offsets(points=1)
     batch = ParticleBatch(torch.randn(2, 16, 16), PoseBatch(torch.eye(3).expand(2, 3, 3), torch.zeros(2, 2)),
                           CTFBatch.from_values(torch.full((2,), 15000.0), 15000.0, 0.0, 300.0, 2.7, 0.1),
-                          torch.arange(2))  # fmt: skip
+                          torch.arange(2), torch.ones(2, dtype=torch.int64))  # fmt: skip
     mean_assignment = model.segmentation(False)
     model.train()
     model.sample_segmentation = False

@@ -145,3 +145,28 @@ def test_shells_that_hold_next_to_no_noise_are_found() -> None:
     variances = np.array([0.0, 4.0, 2.0, 1.0, 1.0, 0.9, 1e-5, 1e-6])
     assert empty_noise_shells(variances) == [6, 7]
     assert empty_noise_shells(np.array([0.0, 4.0, 2.0, 1.0, 0.5])) == []
+
+
+def test_a_spectrum_per_image_is_each_image_scored_and_sampled_with_its_own() -> None:
+    """(B, S) spectra: each image's likelihood is shell_nll with its own (S,) spectrum, and noise sampled with them
+    has each image's spectrum (two spectra, 2,000 images each, within 6% per shell)."""
+    box = 12
+    generator = torch.Generator().manual_seed(2)
+    spectra = torch.randn(3, n_shells(box), generator=generator, dtype=torch.float64)
+    residuals = torch.randn(3, box, box, generator=generator, dtype=torch.float64)
+    expected = torch.cat([shell_nll(r[None], s) for r, s in zip(residuals, spectra, strict=True)])
+    torch.testing.assert_close(shell_nll(residuals, spectra), expected, rtol=1e-12, atol=1e-12)
+
+    torch.manual_seed(3)
+    flat = torch.zeros(n_shells(box), dtype=torch.float64)
+    coloured = torch.linspace(1.5, -1.0, n_shells(box), dtype=torch.float64)
+    rows = torch.arange(4000) % 2
+    noise = sample_noise(torch.zeros(4000, box, box, dtype=torch.float64), torch.stack([flat, coloured])[rows])
+    for row, spectrum in enumerate((flat, coloured)):
+        power = torch.fft.rfft2(noise[rows == row]).abs().square() / box**2
+        measured = shell_sums(power) / (shell_counts(box) * 2000)
+        np.testing.assert_allclose(measured[1:].numpy(), spectrum.exp()[1:].numpy(), rtol=0.06)
+    both = torch.stack([flat, coloured])
+    assert float(per_pixel_variance(both, box)) == pytest.approx(
+        0.5 * float(per_pixel_variance(flat, box) + per_pixel_variance(coloured, box)), rel=1e-12
+    )

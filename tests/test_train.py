@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -20,7 +21,7 @@ from cryoflex.data.batch import ParticleBatch
 from cryoflex.errors import CryoflexInputError
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
-from cryoflex.imaging.noise import shell_counts
+from cryoflex.imaging.noise import n_shells, shell_counts, shell_sums
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import epoch_batches
@@ -307,7 +308,8 @@ def _nominal_batches(model: CryoSphere, scale: float) -> list[ParticleBatch]:
         offsets = torch.as_tensor(generator.normal(size=(count, 1, 1)), dtype=torch.float32)
         noise = torch.as_tensor(generator.normal(scale=0.2, size=clean.shape), dtype=torch.float32)
         images = scale * clean + offsets + noise * clean.std()
-        batches.append(ParticleBatch(images, poses, ctf, torch.arange(start, start + count)))
+        groups = torch.ones(count, dtype=torch.int64)
+        batches.append(ParticleBatch(images, poses, ctf, torch.arange(start, start + count), groups))
     return batches
 
 
@@ -337,12 +339,43 @@ def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_di
     frequencies = shell_counts(32).numpy() * n
     assert np.sum(fit.shell_noise_variances[1:] * frequencies[1:]) == pytest.approx(float(residual[0]), rel=1e-6)
     assert fit.correlations.shape == (8,) and np.all(fit.correlations > 0)
-    inverted = [ParticleBatch(-b.images, b.poses, b.ctf, b.indices) for b in batches]
+    inverted = [ParticleBatch(-b.images, b.poses, b.ctf, b.indices, b.optics_groups) for b in batches]
     floor = nominal_fit(model, inverted, torch.device("cpu"))
     observed_power = np.square(observed - observed.mean(1, keepdims=True)).sum()
     projected_power = np.square(projections - projections.mean(1, keepdims=True)).sum()
     assert floor.image_scale == pytest.approx(0.01 * np.sqrt(observed_power / projected_power), rel=1e-6)
     assert np.all(floor.correlations < 0)
+
+
+def test_nominal_fit_gives_each_optics_group_the_spectrum_of_its_own_images(data_dir: Path) -> None:
+    """With two optics groups, each group's starting spectrum is the fit to its own images at the shared scale (the
+    same shell sums as a fit to them alone, scale held), and a group without images starts from the pooled one."""
+    from cryoflex.io.structure import read_structure
+    from cryoflex.train.loop import nominal_fit
+    from cryoflex.train.setup import build_model
+
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8]))  # fmt: skip
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0, [1, 2, 3]).eval()
+    assert model.log_noise_variance.shape == (3, n_shells(32))
+    batches = _nominal_batches(model, scale=0.37)
+    batches = [  # even particles in group 1, odd ones in group 2; group 3 has no image
+        ParticleBatch(b.images, b.poses, b.ctf, b.indices, torch.where(b.indices % 2 == 0, 1, 2)) for b in batches
+    ]
+    fit = nominal_fit(model, batches, torch.device("cpu"))
+    assert fit.images_per_group.tolist() == [4, 4, 0]
+    np.testing.assert_array_equal(fit.group_shell_noise_variances[2], fit.shell_noise_variances)
+    with torch.no_grad():
+        for group in (1, 2):
+            members = [b[b.optics_groups == group] for b in batches]
+            residual = torch.cat([
+                m.images - fit.image_scale * model.render(model.nominal_density_A.expand(len(m), -1, -1), m.poses,
+                                                          m.ctf)
+                for m in members
+            ]).double()  # fmt: skip
+            spectrum = torch.fft.rfft2(residual).abs().square() / 32**2
+            expected = shell_sums(spectrum)[1:] / (shell_counts(32)[1:] * 4)
+            np.testing.assert_allclose(fit.group_shell_noise_variances[group - 1][1:], expected.numpy(), rtol=1e-5)
 
 
 def test_training_starts_the_likelihood_at_the_nominal_fit_and_refuses_checkpoints_of_the_old_likelihood(
@@ -439,3 +472,49 @@ def test_tf32_projections_on_cuda_unless_fp32_and_never_on_a_cpu() -> None:
     assert use_tf32_projections(config("auto"), cuda) and use_tf32_projections(config("bf16"), cuda)
     assert not use_tf32_projections(config("fp32"), cuda)
     assert not any(use_tf32_projections(config(p), cpu) for p in ("auto", "bf16", "fp32"))
+
+
+def _two_optics_groups(dataset: Path, out: Path, groups: tuple[int, int] = (1, 2)) -> Path:
+    """The dataset's particle file with its particles alternating between two optics groups of equal optics."""
+    import starfile
+
+    tables = starfile.read(dataset / "particles.star", always_dict=True)
+    optics, particles = tables["optics"], tables["particles"].copy()
+    optics = pd.concat([optics.assign(rlnOpticsGroup=g, rlnOpticsGroupName=f"opticsGroup{g}") for g in groups])
+    particles["rlnOpticsGroup"] = np.where(np.arange(len(particles)) % 2 == 0, *groups)
+    particles["rlnImageName"] = [f"{n.split('@')[0]}@{dataset / n.split('@')[1]}" for n in particles["rlnImageName"]]
+    path = out / "two_groups.star"
+    starfile.write({"optics": optics, "particles": particles}, path)
+    return path
+
+
+def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Particles of two optics groups train one noise spectrum per group; analysis maps each particle to its group's;
+    a checkpoint from before (one spectrum) loads as that spectrum for every group; a particle file that has since
+    gained a group is refused with the file and the field named."""
+    from cryoflex.analysis.run import load_run
+
+    particles = _two_optics_groups(tiny_dataset, tmp_path)
+    train(_config(tiny_dataset, particles=str(particles), epochs=1), tmp_path / "run")
+    path = find_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    spectra = state["model"]["log_noise_variance"]
+    assert spectra.shape == (2, n_shells(32)) and state["model"]["noise_optics_groups"].tolist() == [1, 2]
+    assert not torch.equal(spectra[0], spectra[1])  # each started from its own images' fit and learned its own
+
+    run = load_run(tmp_path / "run", device="cpu")
+    chosen = run.model.noise_spectra(torch.tensor([2, 1, 2]))
+    torch.testing.assert_close(chosen, spectra[[1, 0, 1]])
+
+    state["model"]["log_noise_variance"] = spectra[1].clone()  # one spectrum for all, as saved before groups
+    del state["model"]["noise_optics_groups"]
+    torch.save(state, path)
+    old = load_run(tmp_path / "run", device="cpu")
+    torch.testing.assert_close(old.model.log_noise_variance.detach(), spectra[[1, 1]])
+
+    _two_optics_groups(tiny_dataset, tmp_path, groups=(1, 3))  # the same file, now with a group 3
+    torch.save({**state, "model": {**state["model"], "log_noise_variance": spectra,
+                                   "noise_optics_groups": torch.tensor([1, 2])}}, path)  # fmt: skip
+    with pytest.raises(CryoflexInputError, match=r"optics group\(s\) \[3\] were not in the particles") as refused:
+        load_run(tmp_path / "run", device="cpu")
+    assert "two_groups.star" in str(refused.value) and "rlnOpticsGroup" in str(refused.value)

@@ -49,8 +49,8 @@ _TRAINING_CAPTION = (
     "-log p(image | structure) in nats (image_nll), or 1 - correlation with the original objective"
 )
 _NOISE_CAPTION = (
-    "The noise variance the likelihood learned in each Fourier shell (noise_model shells), as RELION's noise "
-    "spectrum: white noise would be flat; shells beyond Nyquist hold only the box's corners"
+    "The noise variance the likelihood learned in each Fourier shell (noise_model shells), for each optics group, as "
+    "RELION's noise spectra: white noise would be flat; shells beyond Nyquist hold only the box's corners"
 )
 _UNCERTAINTY_CAPTION = (
     "How sure the model is of each particle's structure: the expected RMSD of the structures decoded from {samples} "

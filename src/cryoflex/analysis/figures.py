@@ -99,18 +99,31 @@ def uncertainty_histogram_figure(expected_rmsd_A: np.ndarray, path: Path) -> Pat
     return save_figure(figure, path)
 
 
+# Optics groups drawn one by one in the noise spectrum figure; more are summarised by their median and range.
+_MAX_SPECTRA_DRAWN = 8
+
+
 def noise_spectrum_figure(run: TrainedRun, path: Path) -> Path | None:
-    """The learned noise variance per Fourier shell against spatial frequency (noise_model shells; None for white
-    noise, whose spectrum is one number)."""
+    """The learned noise variance per Fourier shell against spatial frequency, one curve per optics group (noise_model
+    shells; None for white noise, whose spectrum is one number)."""
     log_variances = run.model.log_noise_variance.detach().double().cpu()
     if log_variances.dim() == 0:
         return None
+    variances = log_variances.reshape(-1, log_variances.shape[-1])[:, 1:].exp().numpy()  # (G, S - 1)
+    groups = run.model.noise_optics_groups.tolist()
     box_size_px, pixel_size_A = run.model.formation.box_size_px, run.model.formation.pixel_size_A
-    shells = np.arange(1, len(log_variances))
-    frequency_per_A = shells / (box_size_px * pixel_size_A)
+    frequency_per_A = np.arange(1, variances.shape[1] + 1) / (box_size_px * pixel_size_A)
     figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot()
-    axes.semilogy(frequency_per_A, log_variances[1:].exp().numpy(), "o-", ms=3, color="tab:blue")
+    if len(groups) == 1:
+        axes.semilogy(frequency_per_A, variances[0], "o-", ms=3, color="tab:blue")
+    elif len(groups) <= _MAX_SPECTRA_DRAWN:
+        for group, spectrum in zip(groups, variances, strict=True):
+            axes.semilogy(frequency_per_A, spectrum, "o-", ms=3, label=f"optics group {group}")
+    else:
+        axes.fill_between(frequency_per_A, variances.min(0), variances.max(0), color="tab:blue", alpha=0.3,
+                          label=f"range over {len(groups)} optics groups")  # fmt: skip
+        axes.semilogy(frequency_per_A, np.median(variances, 0), "o-", ms=3, color="tab:blue", label="median")
     axes.axvline(1 / (2 * pixel_size_A), color="grey", ls=":", lw=1, label=f"Nyquist ({2 * pixel_size_A:.1f} A)")
     axes.set_xlabel("spatial frequency (1/A)")
     axes.set_ylabel("noise variance per pixel (normalised images)")

@@ -173,6 +173,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         rotations, shifts_A = metadata.rotations.astype(np.float32), metadata.shifts_A.astype(np.float32)
         self._poses = PoseBatch(torch.from_numpy(rotations), torch.from_numpy(shifts_A))
         self._ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
+        self._optics_groups = torch.from_numpy(np.asarray(metadata.optics_group, dtype=np.int64))
         self._stack: ParticleStack | None = stack
         self._cache_path: Path | None = None
         self._cache: np.ndarray | None = None
@@ -251,7 +252,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         scale = (-1.0 if self._invert_contrast else 1.0) / self._normalisation.std
         normalised = torch.from_numpy((images - self._normalisation.mean) * np.float32(scale))
         rows = torch.from_numpy(positions)
-        return ParticleBatch(normalised, self._poses[rows], self._ctf[rows], rows)
+        return ParticleBatch(normalised, self._poses[rows], self._ctf[rows], rows, self._optics_groups[rows])
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the open memmap; each worker maps the cache itself."""

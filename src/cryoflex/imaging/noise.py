@@ -10,7 +10,8 @@ per-pixel variance sigma^2 has v_k = sigma^2 everywhere) and m_k the column's mu
 
 which for white noise is ||r||^2 / (2 sigma^2) + P log(sigma^2) / 2 (Parseval). The frequency 0 is left out (m_0 = 0):
 the likelihood fits each image's offset. v_k is one learned value per shell round(|k| N), as RELION's noise spectra
-are (its sigma2 per resolution shell), from shell 1 to the corner of the box.
+are (its sigma2 per resolution shell), from shell 1 to the corner of the box. A spectrum is (S,) log variances, shared
+by the images, or (B, S), one per image (each image its optics group's: cryoflex.model.cryosphere).
 """
 
 from __future__ import annotations
@@ -48,42 +49,45 @@ def multiplicity(box_size_px: int, dtype: torch.dtype, device: torch.device) -> 
         return weights
 
 
-def frequency_variances(log_noise_variance: torch.Tensor, box_size_px: int) -> torch.Tensor:
-    """(S,) log variance per shell -> (N, N//2 + 1) variance v_k at every rfft2 frequency, per-pixel units."""
-    return log_noise_variance.exp()[shell_index(box_size_px, log_noise_variance.device)]
+def frequency_log_variances(log_noise_variance: torch.Tensor, box_size_px: int) -> torch.Tensor:
+    """(..., S) log variance per shell -> (..., N, N//2 + 1) log variance at every rfft2 frequency, per-pixel units."""
+    return log_noise_variance[..., shell_index(box_size_px, log_noise_variance.device)]
 
 
 def per_pixel_variance(log_noise_variance: torch.Tensor, box_size_px: int) -> torch.Tensor:
     """The noise's variance per pixel, (scalar): the mean of v_k over the full spectrum without frequency 0, what one
-    white variance with the same power would be. A white model's own variance is returned as it is."""
+    white variance with the same power would be, averaged over the spectra of a (G, S) or (B, S) stack. A white
+    model's own variance is returned as it is."""
     if log_noise_variance.dim() == 0:
         return log_noise_variance.exp()
     weights = multiplicity(box_size_px, log_noise_variance.dtype, log_noise_variance.device)
-    return (weights * frequency_variances(log_noise_variance, box_size_px)).sum() / weights.sum()
+    variances = frequency_log_variances(log_noise_variance, box_size_px).exp()
+    return (weights * variances).sum(dim=(-2, -1)).mean() / weights.sum()
 
 
 def shell_nll(residual: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) residual images, (S,) log variance per shell -> (B,) -log p(residual) in nats up to a constant, the
-    image's offset fitted (module docstring)."""
+    """(B, N, N) residual images, (S,) or (B, S) log variance per shell -> (B,) -log p(residual) in nats up to a
+    constant, the image's offset fitted (module docstring)."""
     box_size_px = residual.shape[-1]
     spectrum = torch.fft.rfft2(residual)
     power = spectrum.real.square() + spectrum.imag.square()
     weights = multiplicity(box_size_px, power.dtype, power.device)
-    log_variances = log_noise_variance.to(power.dtype)[shell_index(box_size_px, power.device)]
+    log_variances = frequency_log_variances(log_noise_variance.to(power.dtype), box_size_px)
     quadratic = (power * (weights * torch.exp(-log_variances))).sum(dim=(-2, -1)) / (2.0 * box_size_px**2)
-    return quadratic + 0.5 * (weights * log_variances).sum()
+    return quadratic + 0.5 * (weights * log_variances).sum(dim=(-2, -1))
 
 
 def sample_noise(like: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
     """Noise images shaped like `like` (B, N, N): white of variance exp(log_noise_variance) for a scalar, else with
-    variance v_k at each frequency (white noise of unit variance has N^2 per rfft2 coefficient; each is scaled by
-    sqrt(v_k)). The frequency 0 keeps the white noise's, which the likelihood ignores."""
+    variance v_k at each frequency, (S,) for every image or (B, S) for each (white noise of unit variance has N^2 per
+    rfft2 coefficient; each is scaled by sqrt(v_k)). The frequency 0 keeps the white noise's, which the likelihood
+    ignores."""
     white = torch.randn_like(like)
     if log_noise_variance.dim() == 0:
         return (0.5 * log_noise_variance).exp() * white
     box_size_px = like.shape[-1]
-    amplitude = frequency_variances(log_noise_variance, box_size_px).sqrt().to(like.dtype)  # a new tensor
-    amplitude[0, 0] = 1.0
+    amplitude = (0.5 * frequency_log_variances(log_noise_variance, box_size_px)).exp().to(like.dtype)  # a new tensor
+    amplitude[..., 0, 0] = 1.0
     return torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=like.shape[-2:])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,8 @@ class ModelOutput:
     latent_std: torch.Tensor  # (B, L)
     assignment: torch.Tensor  # (n, M)
     segmentation_kl: torch.Tensor  # scalar
-    # log of the images' noise variance in per-pixel units (normalised images): a scalar (white), or one per shell
+    # log of the images' noise variance in per-pixel units (normalised images): a scalar (white), or each image's
+    # optics group's spectrum, one per Fourier shell (B, S)
     log_noise_variance: torch.Tensor
     log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
     sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
@@ -54,6 +55,7 @@ class CryoSphere(nn.Module):
     amplitudes_e: torch.Tensor  # buffer (n,): each residue's electrons
     density_offsets_A: torch.Tensor  # buffer (n, P, 3): from each pseudo-atom to its residue's P Gaussians
     density_shares: torch.Tensor  # buffer (n, P): each Gaussian's share of its residue's electrons
+    noise_optics_groups: torch.Tensor  # buffer (G,) int64, ascending: the optics groups whose noise spectra are rows
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class CryoSphere(nn.Module):
         density_offsets_A: torch.Tensor | None = None,
         density_shares: torch.Tensor | None = None,
         noise_shells: int = 0,
+        optics_groups: Sequence[int] = (1,),
     ):
         super().__init__()
         self.register_buffer("nominal_coords_A", nominal_coords_A.float())
@@ -81,10 +84,13 @@ class CryoSphere(nn.Module):
         self.decoder = decoder
         self.formation = formation
         # The Gaussian likelihood's constants, learned (maximum likelihood) on a log scale: the images' noise variance
-        # (one per pixel, white, or with noise_shells one per Fourier shell: cryoflex.imaging.noise) and the scale
-        # from rendered to observed images. Training starts them from the nominal structure's fit to the first images
-        # (cryoflex.train.loop.nominal_fit).
-        self.log_noise_variance = nn.Parameter(torch.zeros(noise_shells) if noise_shells else torch.zeros(()))
+        # (one per pixel, white, or with noise_shells one per Fourier shell for each optics group, as RELION keeps
+        # them: cryoflex.imaging.noise) and the scale from rendered to observed images. Training starts them from the
+        # nominal structure's fit to the first images (cryoflex.train.loop.nominal_fit).
+        groups = sorted({int(g) for g in optics_groups})
+        self.register_buffer("noise_optics_groups", torch.tensor(groups, dtype=torch.int64))
+        spectra_shape = (len(groups), noise_shells) if noise_shells else ()
+        self.log_noise_variance = nn.Parameter(torch.zeros(spectra_shape))
         self.log_image_scale = nn.Parameter(torch.zeros(()))
         # The Gaussians' width, started at the configured one; learned unless training freezes it (learn_sigma). Real
         # particles are blurred by their atoms' motion and the microscope's envelope by an amount no fixed width
@@ -105,6 +111,11 @@ class CryoSphere(nn.Module):
         - the model renders the Gaussians the checkpoint was trained with, whatever the structure file holds now:
           saved as (n, 3) offsets without shares, one per residue; saved without offsets, one on each pseudo-atom."""
         defaults = {name: torch.zeros(()) for name in LIKELIHOOD_CONSTANTS if name not in state_dict}
+        if "noise_optics_groups" not in state_dict:  # saved before spectra per optics group: one for all images
+            defaults["noise_optics_groups"] = self.noise_optics_groups
+            saved = state_dict.get("log_noise_variance")
+            if saved is not None and saved.dim() == 1:
+                defaults["log_noise_variance"] = saved.expand(len(self.noise_optics_groups), -1)
         if "log_sigma_A" not in state_dict:
             defaults["log_sigma_A"] = torch.tensor(math.log(self.formation.sigma_A))
         offsets = state_dict.get("density_offsets_A")
@@ -190,6 +201,16 @@ class CryoSphere(nn.Module):
         poses, with this CTF, at this model's width."""
         return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
 
+    def noise_spectra(self, optics_groups: torch.Tensor) -> torch.Tensor:
+        """The noise model for images of these optics groups (B,): the white log variance (scalar), else each image's
+        group's log variance per shell (B, S). A group the model has no spectrum for takes the nearest one above it
+        (or the last): callers check the groups first (analysis.run.load_run)."""
+        if self.log_noise_variance.dim() == 0:
+            return self.log_noise_variance
+        groups = self.noise_optics_groups
+        rows = torch.searchsorted(groups, optics_groups.to(groups.device)).clamp_max(len(groups) - 1)
+        return self.log_noise_variance[rows]
+
     def image_nll(self, latent: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
         """(B, K, L) latents, K per image of the batch -> (B, K) -log p(image | structure decoded at each) in nats, with
         the Gaussian likelihood and the segmentation's posterior mean (what analysis and validation score images by)."""
@@ -197,7 +218,8 @@ class CryoSphere(nn.Module):
         _, density_A, _ = self.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
         rows = torch.arange(len(batch), device=latent.device).repeat_interleave(samples)
         images = self.render(density_A, batch.poses[rows], batch.ctf[rows])
-        nll = gaussian_image_nll(images, batch.images[rows], self.log_noise_variance, self.log_image_scale)
+        noise = self.noise_spectra(batch.optics_groups[rows])
+        nll = gaussian_image_nll(images, batch.images[rows], noise, self.log_image_scale)
         return nll.view(len(batch), samples)
 
     def sleep_nll(self, batch: ParticleBatch) -> torch.Tensor:
@@ -213,7 +235,7 @@ class CryoSphere(nn.Module):
         with torch.no_grad():
             _, density_A, _ = self.decode_with_density(latent, sample_segmentation=False)
             images = self.log_image_scale.exp() * self.render(density_A, batch.poses, batch.ctf)
-            images = images + sample_noise(images, self.log_noise_variance)
+            images = images + sample_noise(images, self.noise_spectra(batch.optics_groups))
         with self._network_precision(batch.images.device):
             mean, std = self.encoder(images)
         return -torch.distributions.Normal(mean.float(), std.float()).log_prob(latent).sum(-1).mean()
@@ -251,7 +273,7 @@ class CryoSphere(nn.Module):
             latent_std=latent_std,
             assignment=assignment,
             segmentation_kl=self.segmentation.kl_divergence(),
-            log_noise_variance=self.log_noise_variance,
+            log_noise_variance=self.noise_spectra(batch.optics_groups),
             log_image_scale=self.log_image_scale,
             sigma_A=self.sigma_A,
         )

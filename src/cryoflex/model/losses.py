@@ -68,7 +68,8 @@ def gaussian_image_nll(
     """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
     s * predicted + b + Gaussian noise, with one scale s = exp(log_image_scale) for every image (learned, as the noise
     is) and each image's least-squares offset b. A scalar log_noise_variance is white noise of per-pixel variance
-    sigma^2; one value per Fourier shell is noise with that variance in each shell (cryoflex.imaging.noise).
+    sigma^2; one value per Fourier shell, (S,) for every image or (B, S) for each, is noise with that variance in each
+    shell (cryoflex.imaging.noise).
 
     White, with P pixels and x~ an image minus its mean:
     ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
@@ -76,7 +77,7 @@ def gaussian_image_nll(
     and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
     the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
-    if log_noise_variance.dim() == 1:
+    if log_noise_variance.dim() >= 1:
         return shell_nll(observed - torch.exp(log_image_scale) * predicted, log_noise_variance)
     predicted_flat = predicted.flatten(start_dim=1)
     observed_flat = observed.flatten(start_dim=1)

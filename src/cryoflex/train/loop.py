@@ -176,6 +176,10 @@ class NominalFit:
     image_scale: float
     noise_variance: float  # per pixel
     shell_noise_variances: np.ndarray  # (S,) per pixel, in each Fourier shell (cryoflex.imaging.noise; shell 0 unused)
+    # (G, S) the same for each optics group of the model (noise_optics_groups); a group none of the images belong to
+    # has the pooled spectrum above
+    group_shell_noise_variances: np.ndarray
+    images_per_group: np.ndarray  # (G,)
 
 
 # The image scale starts at least at this share of the scale that would give the projections the images' power:
@@ -206,14 +210,22 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     """The nominal structure's projections against every image of `loader`, as the images are used (NominalFit)."""
     correlations, inner, predicted_power, observed_power, pixels = [], 0.0, 0.0, 0.0, 0
     box_size_px = model.formation.box_size_px
-    shells = torch.zeros(3, n_shells(box_size_px), dtype=torch.float64, device=device)  # observed, cross, predicted
+    groups = model.noise_optics_groups
+    # per optics group: observed, cross and predicted power in each shell
+    shells = torch.zeros(len(groups), 3, n_shells(box_size_px), dtype=torch.float64, device=device)
+    images_per_group = torch.zeros(len(groups), dtype=torch.float64, device=device)
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         nominal = model.nominal_density_A.expand(len(batch), -1, -1)
         predicted_images = model.render(nominal, batch.poses, batch.ctf).double()
         spectra = torch.fft.rfft2(batch.images.double()), torch.fft.rfft2(predicted_images)
-        for row, (a, b) in enumerate([(0, 0), (0, 1), (1, 1)]):
-            shells[row] += shell_sums((spectra[a] * spectra[b].conj()).real / box_size_px**2)
+        rows = torch.searchsorted(groups, batch.optics_groups).clamp_max(len(groups) - 1)
+        for group in rows.unique().tolist():
+            members = rows == group
+            images_per_group[group] += members.sum()
+            for row, (a, b) in enumerate([(0, 0), (0, 1), (1, 1)]):
+                products = spectra[a][members] * spectra[b][members].conj()
+                shells[group, row] += shell_sums(products.real / box_size_px**2)
         predicted = predicted_images.flatten(1)
         observed = batch.images.flatten(1).double()
         correlations.append(1.0 - correlation_loss(predicted, observed))
@@ -228,12 +240,22 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power
     # noise-free images that the nominal structure fits exactly would leave none: start at a millionth of their power
     noise_variance = max(residual_power, 1e-6 * observed_power) / pixels
-    residual_shells = (shells[0] - 2 * scale * shells[1] + scale**2 * shells[2]).clamp_min(1e-6 * shells[0])
-    frequencies = shell_counts(box_size_px, device) * (pixels / box_size_px**2)  # the frequencies times the images
-    shell_variances = torch.where(frequencies > 0, residual_shells / frequencies.clamp_min(1), noise_variance)
+
+    def spectrum(sums: torch.Tensor, images: float) -> torch.Tensor:
+        """(3, S) observed, cross and predicted power of `images` images -> (S,) residual variance per shell."""
+        residual = (sums[0] - 2 * scale * sums[1] + scale**2 * sums[2]).clamp_min(1e-6 * sums[0])
+        frequencies = shell_counts(box_size_px, device) * images  # the frequencies times the images
+        return torch.where(frequencies > 0, residual / frequencies.clamp_min(1), noise_variance)
+
+    pooled = spectrum(shells.sum(0), float(images_per_group.sum()))
+    per_group = torch.stack([
+        spectrum(sums, float(images)) if images > 0 else pooled
+        for sums, images in zip(shells, images_per_group, strict=True)
+    ])  # fmt: skip
     return NominalFit(
-        torch.cat(correlations).float().cpu().numpy(), scale, noise_variance, shell_variances.cpu().numpy()
-    )
+        torch.cat(correlations).float().cpu().numpy(), scale, noise_variance, pooled.cpu().numpy(),
+        per_group.cpu().numpy(), images_per_group.cpu().numpy().astype(np.int64),
+    )  # fmt: skip
 
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
@@ -323,7 +345,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             if model.log_noise_variance.dim() == 0:
                 model.log_noise_variance.fill_(math.log(fit.noise_variance))
             else:
-                model.log_noise_variance.copy_(torch.as_tensor(np.log(fit.shell_noise_variances)))
+                model.log_noise_variance.copy_(torch.as_tensor(np.log(fit.group_shell_noise_variances)))
     engine: torch.nn.Module = model
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -373,6 +395,8 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                         "frequency, %.4g at half Nyquist, %.4g at Nyquist (white noise: all equal)",
                         variances[1], variances[max(1, nyquist // 2)], variances[nyquist],
                     )  # fmt: skip
+                    if len(fit.images_per_group) > 1:
+                        _log_group_spectra(fit, model.noise_optics_groups.tolist(), nyquist)
                     empty = empty_noise_shells(variances)
                     if empty:
                         resolution_A = model.formation.box_size_px * model.formation.pixel_size_A / empty[0]
@@ -488,6 +512,19 @@ def empty_noise_shells(shell_noise_variances: np.ndarray) -> list[int]:
     variances = np.asarray(shell_noise_variances[1:], dtype=np.float64)
     floor = _EMPTY_SHELL_SHARE * float(np.median(variances))
     return [int(shell) + 1 for shell in np.flatnonzero(variances < floor)]
+
+
+def _log_group_spectra(fit: NominalFit, optics_groups: list[int], nyquist: int) -> None:
+    """One line per optics group: where its noise spectrum starts (each group learns its own)."""
+    logger.info("one noise spectrum per optics group (%d groups), each learned; they start at:", len(optics_groups))
+    for group, images, variances in zip(
+        optics_groups, fit.images_per_group, fit.group_shell_noise_variances, strict=True
+    ):
+        start = f"its fit to {images} images" if images else "the pooled fit (none of its images among them)"
+        logger.info(
+            "  optics group %d: %.4g at the lowest frequency, %.4g at half Nyquist, %.4g at Nyquist, from %s",
+            group, variances[1], variances[max(1, nyquist // 2)], variances[nyquist], start,
+        )  # fmt: skip
 
 
 def _log_contrast(correlations: np.ndarray, inverted: bool) -> None:

@@ -118,11 +118,13 @@ class LossTerms:
         }
         kl_weight = self.latent_kl_weight(epoch_progress)
         if config.likelihood == "gaussian":
+            noise = output.log_noise_variance  # white (scalar), or each image's spectrum (B, S): one per draw
+            noise_per_sample = noise.repeat_interleave(samples, 0) if noise.dim() == 2 and samples > 1 else noise
             image_nll = gaussian_image_nll(
-                output.predicted_images, observed_per_sample, output.log_noise_variance, output.log_image_scale
+                output.predicted_images, observed_per_sample, noise_per_sample, output.log_image_scale
             ).view(len(observed), samples)
             terms[NLL_TERM] = image_nll.mean()
-            # reported, not losses; the noise as one per-pixel variance, whatever its spectrum
+            # reported, not losses; the noise as one per-pixel variance, whatever its spectrum (the batch's mean)
             terms["noise_variance"] = per_pixel_variance(output.log_noise_variance.detach(), observed.shape[-1])
             terms["image_scale"] = output.log_image_scale.detach().exp()
         if samples > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +158,15 @@ def prepare_inputs(config: TrainConfig, run_dir: Path, *, progress: bool) -> Run
     return RunInputs(checked.metadata, checked.structure, dataset, checked.validation)
 
 
-def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pixel_size_A: float) -> CryoSphere:
-    """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG)."""
+def build_model(
+    config: TrainConfig,
+    structure: Structure,
+    box_size_px: int,
+    pixel_size_A: float,
+    optics_groups: Sequence[int] | np.ndarray = (1,),
+) -> CryoSphere:
+    """The cryoSPHERE model for this structure and image geometry (parameters initialised from torch's RNG), with a
+    noise spectrum for each of the particles' optics groups (noise_model shells)."""
     segmentation = Segmentation(structure.n_residues, segmented_parts(config, structure), tau=config.tau)
     encoder = Encoder(
         box_size_px, config.latent_dim, config.encoder_hidden, encoder_box_px(box_size_px, config.encoder_downsample),
@@ -180,6 +188,7 @@ def build_model(config: TrainConfig, structure: Structure, box_size_px: int, pix
         torch.as_tensor(offsets_A, dtype=torch.float32),
         torch.as_tensor(shares, dtype=torch.float32),
         noise_shells=n_shells(box_size_px) if config.likelihood == "gaussian" and config.noise_model == "shells" else 0,
+        optics_groups=[int(g) for g in np.unique(optics_groups)],
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
     model.sample_segmentation = config.sample_segmentation
@@ -205,7 +214,9 @@ def prepare_model(config: TrainConfig, inputs: RunInputs, device: torch.device) 
     """The seeded model for a training run, on `device`, with the run's precision and compilation settings."""
     torch.manual_seed(config.seed)
     dataset = inputs.dataset
-    model = build_model(config, inputs.structure, dataset.box_size_px, dataset.pixel_size_A).to(device)
+    model = build_model(
+        config, inputs.structure, dataset.box_size_px, dataset.pixel_size_A, dataset.metadata.optics_group
+    ).to(device)
     model.network_bf16 = use_bf16_networks(config, device)
     model.formation.tf32_products = use_tf32_projections(config, device)
     if config.compile:
