@@ -492,6 +492,7 @@ def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp
     """Particles of two optics groups train one noise spectrum per group; analysis maps each particle to its group's;
     a checkpoint from before (one spectrum) loads as that spectrum for every group; a particle file that has since
     gained a group is refused with the file and the field named."""
+    from cryoflex.analysis.figures import noise_spectrum_figure
     from cryoflex.analysis.run import load_run
 
     particles = _two_optics_groups(tiny_dataset, tmp_path)
@@ -505,6 +506,8 @@ def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp
     run = load_run(tmp_path / "run", device="cpu")
     chosen = run.model.noise_spectra(torch.tensor([2, 1, 2]))
     torch.testing.assert_close(chosen, spectra[[1, 0, 1]])
+    figure = noise_spectrum_figure(run, tmp_path / "noise_spectrum.png")  # the report's: a curve per group
+    assert figure is not None and figure.stat().st_size > 0
 
     state["model"]["log_noise_variance"] = spectra[1].clone()  # one spectrum for all, as saved before groups
     del state["model"]["noise_optics_groups"]

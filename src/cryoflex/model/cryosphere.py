@@ -40,7 +40,7 @@ class ModelOutput:
     assignment: torch.Tensor  # (n, M)
     segmentation_kl: torch.Tensor  # scalar
     # log of the images' noise variance in per-pixel units (normalised images): a scalar (white), or each image's
-    # optics group's spectrum, one per Fourier shell (B, S)
+    # optics group's spectrum, one per Fourier shell (B, S), or (S,) when every image has the same (noise_spectra)
     log_noise_variance: torch.Tensor
     log_image_scale: torch.Tensor  # scalar: log of the scale from rendered to observed images
     sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
@@ -203,11 +203,14 @@ class CryoSphere(nn.Module):
 
     def noise_spectra(self, optics_groups: torch.Tensor) -> torch.Tensor:
         """The noise model for images of these optics groups (B,): the white log variance (scalar), else each image's
-        group's log variance per shell (B, S). A group the model has no spectrum for takes the nearest one above it
+        group's log variance per shell (B, S), or the one spectrum (S,) all share when there is one group (the same
+        likelihood, without a per-image copy). A group the model has no spectrum for takes the nearest one above it
         (or the last): callers check the groups first (analysis.run.load_run)."""
         if self.log_noise_variance.dim() == 0:
             return self.log_noise_variance
         groups = self.noise_optics_groups
+        if len(groups) == 1:
+            return self.log_noise_variance[0]
         rows = torch.searchsorted(groups, optics_groups.to(groups.device)).clamp_max(len(groups) - 1)
         return self.log_noise_variance[rows]
 

@@ -118,7 +118,7 @@ class LossTerms:
         }
         kl_weight = self.latent_kl_weight(epoch_progress)
         if config.likelihood == "gaussian":
-            noise = output.log_noise_variance  # white (scalar), or each image's spectrum (B, S): one per draw
+            noise = output.log_noise_variance  # white (scalar), one spectrum (S,), or each image's (B, S): per draw
             noise_per_sample = noise.repeat_interleave(samples, 0) if noise.dim() == 2 and samples > 1 else noise
             image_nll = gaussian_image_nll(
                 output.predicted_images, observed_per_sample, noise_per_sample, output.log_image_scale
