@@ -491,7 +491,7 @@ def _two_optics_groups(dataset: Path, out: Path, groups: tuple[int, int] = (1, 2
 def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp_path: Path) -> None:
     """Particles of two optics groups train one noise spectrum per group; analysis maps each particle to its group's;
     a checkpoint from before (one spectrum) loads as that spectrum for every group; a particle file that has since
-    gained a group is refused with the file and the field named."""
+    gained a group is refused by analysis and by a resumed training, with the file and the field named."""
     from cryoflex.analysis.figures import noise_spectrum_figure
     from cryoflex.analysis.run import load_run
 
@@ -521,3 +521,5 @@ def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp
     with pytest.raises(CryoflexInputError, match=r"optics group\(s\) \[3\] were not in the particles") as refused:
         load_run(tmp_path / "run", device="cpu")
     assert "two_groups.star" in str(refused.value) and "rlnOpticsGroup" in str(refused.value)
+    with pytest.raises(CryoflexInputError, match="the run learned a noise spectrum for each of those"):
+        train(_config(tiny_dataset, particles=str(particles), epochs=2), tmp_path / "run", resume=True)

@@ -20,7 +20,12 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.io.structure import Structure
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.run_dir import RunDir
-from cryoflex.train.checkpoint import check_likelihood_state, find_checkpoint, load_checkpoint
+from cryoflex.train.checkpoint import (
+    check_likelihood_state,
+    check_optics_groups,
+    find_checkpoint,
+    load_checkpoint,
+)
 from cryoflex.train.distributed import resolve_device
 from cryoflex.train.setup import build_model, particle_dataset, placed_structure, read_particles
 
@@ -54,21 +59,6 @@ class TrainedRun:
     def fingerprint(self) -> str:
         """model_fingerprint of the loaded model: what outputs derived from it record (cryoflex analyze's latents)."""
         return model_fingerprint(self.model)
-
-
-def check_optics_groups(model: CryoSphere, optics_groups: np.ndarray, particles: Path | str) -> None:
-    """Refuse particles of an optics group the model learned no noise spectrum for (the particle file changed since
-    training): their likelihood, and so their importance weights, would use another group's noise."""
-    if model.log_noise_variance.dim() == 0:  # white: one variance for every image
-        return
-    known = set(model.noise_optics_groups.tolist())
-    unknown = sorted({int(g) for g in optics_groups} - known)
-    if unknown:
-        raise CryoflexInputError(
-            particles, f"optics group(s) {unknown} were not in the particles the run was trained on (groups "
-            f"{sorted(known)}), so the model has no noise spectrum for them",
-            fix="analyse the particle file the run was trained on", field="rlnOpticsGroup",
-        )  # fmt: skip
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -121,10 +111,10 @@ def load_run(
     dataset = particle_dataset(config, read_particles(config), run, normalisation=normalisation)
     structure = placed_structure(config, dataset.box_size_px * dataset.pixel_size_A)
     optics_groups = np.unique(dataset.metadata.optics_group)
+    check_optics_groups(config.particles, state, optics_groups, resuming=False)
     # the groups the model learned noise spectra for (checkpoints from before: one spectrum, for every group)
     trained_groups = state["model"].get("noise_optics_groups", torch.as_tensor(optics_groups)).numpy()
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A, trained_groups)
     model.load_state_dict(state["model"])
-    check_optics_groups(model, optics_groups, config.particles)
     model = model.to(resolve_device(device)).eval()
     return TrainedRun(run.root, config, int(state["epoch"]), model, structure, dataset, run.metrics)

@@ -123,6 +123,29 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return state
 
 
+def check_optics_groups(
+    particles: Path | str, state: dict[str, Any], optics_groups: np.ndarray, *, resuming: bool
+) -> None:
+    """Refuse particles whose optics groups do not match the noise spectra a checkpoint learned (noise_model shells:
+    one per group; the particle file changed since training): for analysis, a group it has no spectrum for, whose
+    likelihood and importance weights would use another group's noise; to resume training, any other set of groups.
+    Checkpoints from before the groups, and white noise, hold one spectrum for every group: nothing to check."""
+    saved = state["model"].get("noise_optics_groups")
+    spectra = state["model"].get("log_noise_variance")
+    if saved is None or spectra is None or spectra.dim() < 2:
+        return
+    known, given = set(saved.tolist()), {int(g) for g in np.unique(optics_groups)}
+    unknown = sorted(given - known)
+    if unknown or (resuming and given != known):
+        problem = (f"optics group(s) {unknown} were not" if unknown else f"optics groups {sorted(given)} are not those")
+        raise CryoflexInputError(
+            particles, f"{problem} in the particles the run was trained on (groups {sorted(known)}): the run learned "
+            "a noise spectrum for each of those",
+            fix="use the particle file the run was trained on" + (" (or train a new run)" if resuming else ""),
+            field="rlnOpticsGroup",
+        )  # fmt: skip
+
+
 def check_likelihood_state(path: Path, state: dict[str, Any], likelihood: str) -> None:
     """Refuse a checkpoint trained with the Gaussian likelihood before its image scale was learned (earlier versions
     fitted each image's scale): its noise variance and weights belong to that other likelihood."""

@@ -33,6 +33,7 @@ from cryoflex.run_dir import RunDir
 from cryoflex.threads import configure_threads
 from cryoflex.train.checkpoint import (
     check_likelihood_state,
+    check_optics_groups,
     find_checkpoint,
     load_checkpoint,
     random_states,
@@ -317,6 +318,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     start_epoch, step = 0, 0
     if checkpoint is not None and state is not None:
         check_likelihood_state(checkpoint, state, config.likelihood)
+        check_optics_groups(config.particles, state, dataset.metadata.optics_group, resuming=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints from before schedules had a constant rate: nothing to restore
