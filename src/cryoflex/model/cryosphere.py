@@ -204,15 +204,18 @@ class CryoSphere(nn.Module):
     def noise_spectra(self, optics_groups: torch.Tensor) -> torch.Tensor:
         """The noise model for images of these optics groups (B,): the white log variance (scalar), else each image's
         group's log variance per shell (B, S), or the one spectrum (S,) all share when there is one group (the same
-        likelihood, without a per-image copy). A group the model has no spectrum for takes the nearest one above it
-        (or the last): callers check the groups first (analysis.run.load_run)."""
+        likelihood, without a per-image copy)."""
         if self.log_noise_variance.dim() == 0:
             return self.log_noise_variance
-        groups = self.noise_optics_groups
-        if len(groups) == 1:
+        if len(self.noise_optics_groups) == 1:
             return self.log_noise_variance[0]
-        rows = torch.searchsorted(groups, optics_groups.to(groups.device)).clamp_max(len(groups) - 1)
-        return self.log_noise_variance[rows]
+        return self.log_noise_variance[self.noise_group_rows(optics_groups)]
+
+    def noise_group_rows(self, optics_groups: torch.Tensor) -> torch.Tensor:
+        """(B,) optics group numbers -> their rows of noise_optics_groups. A group the model has no spectrum for takes
+        the nearest one above it (or the last): callers check the groups first (checkpoint.check_optics_groups)."""
+        groups = self.noise_optics_groups
+        return torch.searchsorted(groups, optics_groups.to(groups.device)).clamp_max(len(groups) - 1)
 
     def image_nll(self, latent: torch.Tensor, batch: ParticleBatch) -> torch.Tensor:
         """(B, K, L) latents, K per image of the batch -> (B, K) -log p(image | structure decoded at each) in nats, with

@@ -220,7 +220,7 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
         nominal = model.nominal_density_A.expand(len(batch), -1, -1)
         predicted_images = model.render(nominal, batch.poses, batch.ctf).double()
         spectra = torch.fft.rfft2(batch.images.double()), torch.fft.rfft2(predicted_images)
-        rows = torch.searchsorted(groups, batch.optics_groups).clamp_max(len(groups) - 1)
+        rows = model.noise_group_rows(batch.optics_groups)
         for group in rows.unique().tolist():
             members = rows == group
             images_per_group[group] += members.sum()

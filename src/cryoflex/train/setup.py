@@ -188,7 +188,7 @@ def build_model(
         torch.as_tensor(offsets_A, dtype=torch.float32),
         torch.as_tensor(shares, dtype=torch.float32),
         noise_shells=n_shells(box_size_px) if config.likelihood == "gaussian" and config.noise_model == "shells" else 0,
-        optics_groups=[int(g) for g in np.unique(optics_groups)],
+        optics_groups=[int(g) for g in np.unique(optics_groups)],  # one entry per group, not per particle
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
     model.sample_segmentation = config.sample_segmentation
