@@ -67,8 +67,11 @@ def start_processes(requested_device: str) -> ProcessContext:
 
 def stop_processes(context: ProcessContext, *, finished: bool) -> None:
     """Leave the process group. After a finished run every rank first waits for the others: a rank that closes its
-    connections while another still reads the last broadcast can make that one abort (gloo: connection closed by
-    peer). After an error there is no waiting, since the other ranks may never get there."""
+    connections while another still completes the last collective can make that one abort (gloo: connection closed by
+    peer). After an error there is no waiting, since the other ranks may never get there.
+
+    With DDP the backend outlives this (the reducer keeps it), so its worker threads run until the interpreter exits:
+    no collective may hand them a tensor that Python also holds (loop._rank0_decides uses the store for that)."""
     if context.distributed and dist.is_initialized():
         if finished:
             dist.barrier()

@@ -158,13 +158,20 @@ def validation_score(metrics: dict[str, float]) -> float:
     return -metrics["val_log_evidence"] if "val_log_evidence" in metrics else metrics["val_total"]
 
 
-def _rank0_decides(decision: bool, context: ProcessContext) -> bool:
-    """Rank 0's decision on every rank; the other ranks wait here while rank 0 validates and writes the checkpoint."""
+def _rank0_decides(decision: bool, context: ProcessContext, epoch: int) -> bool:
+    """Rank 0's decision after `epoch` on every rank; the other ranks wait here while rank 0 validates and writes the
+    checkpoint.
+
+    Passed through the process group's key-value store, not a broadcast: a gloo collective's worker thread can release
+    its Python tensor after the main thread has moved on, and if that is at interpreter exit the process aborts
+    ("terminate called without an active exception"), failing a finished run."""
     if not context.distributed:
         return decision
-    flag = torch.tensor([int(decision)], dtype=torch.int32, device=context.device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
+    store = torch.distributed.distributed_c10d._get_default_store()
+    key = f"cryoflex/rank0_decides/epoch{epoch}"
+    if context.is_main:
+        store.set(key, "1" if decision else "0")
+    return store.get(key) == b"1"
 
 
 @dataclass(frozen=True)
@@ -467,7 +474,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
                 "epoch %d/%d: %s%s, %.0f images/s (%d CPU threads)", epoch + 1, config.epochs, format_terms(metrics),
                 format_validation(metrics, improved), metrics["images_per_s"], metrics["threads"],
             )  # fmt: skip
-        if _rank0_decides(record.exhausted(patience), context):
+        if _rank0_decides(record.exhausted(patience), context, epoch + 1):
             if context.is_main:
                 logger.info(
                     "stopping early after epoch %d: no better validation score for %d epochs (early_stopping_patience "
