@@ -24,6 +24,7 @@ Output layout under OUT (default RUN/reconstruct):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -162,8 +163,7 @@ def check_analysis_source(analysis_dir: Path, run: TrainedRun) -> None:
     latent_dir = Path(analysis_dir) / "latent"
     source = read_source(latent_dir)
     if source is None:
-        logger.warning("%s has no %s: cannot check that its latents came from the model loaded here (epoch %d); "
-                       "rerun `cryoflex analyze RUN` to record it", latent_dir, SOURCE_NAME, run.epoch)  # fmt: skip
+        _warn_unrecorded_source(latent_dir.resolve(), run.epoch)
         return
     if source.get("model_fingerprint") != run.fingerprint:
         epoch = source.get("epoch")
@@ -175,6 +175,13 @@ def check_analysis_source(analysis_dir: Path, run: TrainedRun) -> None:
             "best.pt), or rerun `cryoflex analyze RUN` with this one",
             field="model_fingerprint",
         )  # fmt: skip
+
+
+@functools.cache
+def _warn_unrecorded_source(latent_dir: Path, epoch: int) -> None:
+    """The warning for an analysis without source.json, once per folder: reconstruct reads up to three of its files."""
+    logger.warning("%s has no %s: cannot check that its latents came from the model loaded here (epoch %d); "
+                   "rerun `cryoflex analyze RUN` to record it", latent_dir, SOURCE_NAME, epoch)  # fmt: skip
 
 
 def cluster_groups(labels: np.ndarray) -> dict[str, np.ndarray]:
