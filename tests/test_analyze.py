@@ -122,6 +122,29 @@ def test_subset_clusters_are_numbered_from_one(
     assert subset.n_particles == int(np.sum(labels == 2)) > 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--points", "0"], "give --points 1 or more"),
+        (["--pcs", "0"], "give --pcs 1 or more"),
+        (["--voxel-size-A", "-2"], "give a positive --voxel-size-A"),
+        (["--per-particle-cif", "5", "40"], "no particle 40: the run has 40 particles, at positions 0..39"),
+        (["--per-particle-cif", "-1"], "no particle -1"),
+        (["--per-particle-cif", "3", "3"], "particle 3 given twice"),
+        (["--subset-region", "1", "0", "-1", "1"], "each minimum below its maximum"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    """Options that used to fail with a traceback after the particles were encoded: a clear error, nothing written."""
+    out = tmp_path / "analysis"
+    assert cli_main(["analyze", str(trained_run), "--out", str(out), "--device", "cpu", *flags]) == 2
+    message = capsys.readouterr().err
+    assert expected in message and flags[0] in message and "Traceback" not in message
+    assert not out.exists()
+
+
 class _Captions(HTMLParser):
     def __init__(self) -> None:
         super().__init__()

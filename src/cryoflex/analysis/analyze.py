@@ -109,6 +109,44 @@ def check_subset_clusters(chosen: Sequence[int], n_clusters: int) -> None:
         )
 
 
+def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) -> None:
+    """Refuse options that would fail only after minutes of encoding and sampling, naming the flag and the fix."""
+    check_subset_clusters(options.subset_clusters, options.n_clusters)
+    check_posterior_options(options.posterior_samples, options.seed)
+    if options.n_points < 1:
+        raise CryoflexInputError(None, f"{options.n_points} structures per traversal", fix="give --points 1 or more",
+                                 field="--points")  # fmt: skip
+    if options.n_components < 1:
+        raise CryoflexInputError(None, f"{options.n_components} principal components", fix="give --pcs 1 or more",
+                                 field="--pcs")  # fmt: skip
+    if options.volume_voxel_A is not None and not options.volume_voxel_A > 0:
+        raise CryoflexInputError(None, f"voxel size {options.volume_voxel_A:g} A",
+                                 fix="give a positive --voxel-size-A, or leave it out for the run's pixel size",
+                                 field="--voxel-size-A")  # fmt: skip
+    chosen = list(options.per_particle_cif)
+    outside = sorted({k for k in chosen if not 0 <= k < n_particles})
+    if outside:
+        raise CryoflexInputError(
+            None, f"no particle {', '.join(map(str, outside))}: the run has {n_particles} particles, at positions "
+            f"0..{n_particles - 1}", fix="give 0-based positions in the particle file", field="--per-particle-cif",
+        )  # fmt: skip
+    if len(set(chosen)) != len(chosen):
+        repeated = sorted({k for k in chosen if chosen.count(k) > 1})
+        raise CryoflexInputError(None, f"particle {', '.join(map(str, repeated))} given twice",
+                                 fix="give each position once", field="--per-particle-cif")  # fmt: skip
+    if options.subset_region is not None:
+        x0, x1, y0, y1 = options.subset_region
+        if latent_dim < 2:
+            raise CryoflexInputError(
+                None, f"the run's latent has {latent_dim} dimension: there is no PC2 to select a region on",
+                fix="select particles with --subset-clusters instead", field="--subset-region",
+            )  # fmt: skip
+        if not (x0 <= x1 and y0 <= y1):
+            raise CryoflexInputError(None, f"the region {options.subset_region} is empty",
+                                     fix="give PC1_MIN PC1_MAX PC2_MIN PC2_MAX, each minimum below its maximum",
+                                     field="--subset-region")  # fmt: skip
+
+
 def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
     paths: list[Path] = []
     metadata = run.dataset.metadata
@@ -194,8 +232,7 @@ def analyze_run(
 
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
-    check_subset_clusters(options.subset_clusters, options.n_clusters)  # before minutes of encoding
-    check_posterior_options(options.posterior_samples, options.seed)
+    check_options(options, len(run.dataset), run.model.encoder.latent_dim)  # before minutes of encoding
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
