@@ -1,6 +1,7 @@
 """MD trajectories (PSF + DCD) read as structure ensembles, consistent with the PDB reader."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,21 @@ def test_chains_are_segments_and_residue_number_restarts():
     segids = ["4AKE"] * 3 + ["SYSTEM"] * 4 + ["4AKE"]
     resids = np.array([1, 2, 3, 1, 2, 1, 2, 5])  # a .gro file: two chains in one segment, numbering restarts
     assert chain_ids_from_topology(segids, resids).tolist() == ["A", "A", "A", "B", "B", "C", "C", "D"]
+
+
+def test_every_chain_of_a_large_complex_keeps_its_own_id(tmp_path: Path) -> None:
+    """80 segments (a ribosome's chains): 80 distinct ids, A-Z, a-z, 0-9, then two characters, written to a PDB file
+    and read back unchanged."""
+    from cryoflex.io.structure import Structure, write_structure
+
+    segids = [f"S{k:03d}" for k in range(80) for _ in range(2)]
+    resids = np.tile([1, 2], 80)
+    ids = chain_ids_from_topology(segids, resids)
+    assert len(set(ids)) == 80 and ids[0] == "A" and ids[2 * 26] == "a" and ids[2 * 62] == "AA"
+    coords_A = np.stack([np.arange(160) * 3.8, np.zeros(160), np.zeros(160)], axis=-1)[None]
+    structure = Structure(
+        coords_A=coords_A, chain_ids=ids, residue_numbers=resids, insertion_codes=[""] * 160,
+        residue_names=["ALA"] * 160, atom_names=["CA"] * 160, amplitudes_e=[33.0] * 160,
+    )  # fmt: skip
+    write_structure(tmp_path / "complex.pdb", structure)
+    assert read_structure(tmp_path / "complex.pdb").chain_ids.tolist() == ids.tolist()

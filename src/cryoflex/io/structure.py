@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -291,10 +292,17 @@ def _describe_others(others: Counter[str]) -> str:
     return ", ".join(f"{name} x {count}" for name, count in others.most_common(8))
 
 
+def chain_id_sequence() -> Iterator[str]:
+    """Chain ids to hand out in order: A-Z, a-z, 0-9, then two characters (AA, AB, ...), which PDB files still hold
+    (columns 21-22) and mmCIF any."""
+    yield from _CHAIN_LETTERS
+    yield from (first + second for first in _CHAIN_LETTERS for second in _CHAIN_LETTERS)
+
+
 def _name_blank_chains(selected: list[_Selected]) -> list[str]:
-    """Chain ids of the residues; blank ones become unused letters, one per segment in order of appearance."""
+    """Chain ids of the residues; blank ones become unused ids, one per segment in order of appearance."""
     used = {s.chain_id for s in selected if s.chain_id}
-    free = iter(letter for letter in _CHAIN_LETTERS if letter not in used)
+    free = iter(name for name in chain_id_sequence() if name not in used)
     by_segment: dict[str, str] = {}
     for s in selected:
         if not s.chain_id and s.segment not in by_segment:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoflex.errors import CryoflexInputError
-from cryoflex.io.structure import Structure, warn_chain_gaps
+from cryoflex.io.structure import Structure, chain_id_sequence, warn_chain_gaps
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +43,18 @@ def atomic_numbers_from_masses(masses_Da: np.ndarray) -> np.ndarray:
 
 
 def chain_ids_from_topology(segids: list[str], resids: np.ndarray) -> np.ndarray:
-    """One-letter chain ids (A, B, ...; PDB holds one) in order of appearance: one per MD segment such as '4AKE', and a
-    new one where residue numbers restart inside a segment (GROMACS .gro files put every chain in one segment)."""
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    """Chain ids (A, B, ...; structure.chain_id_sequence) in order of appearance: one per MD segment such as '4AKE',
+    and a new one where residue numbers restart inside a segment (GROMACS .gro files put every chain in one segment)."""
     pieces = [0]
     for i in range(1, len(segids)):
         restart = segids[i] == segids[i - 1] and resids[i] <= resids[i - 1]
         pieces.append(pieces[-1] + 1 if restart else pieces[-1])
     keys = list(zip(segids, pieces, strict=True))
+    names = chain_id_sequence()
     order: dict[tuple[str, int], str] = {}
     for key in keys:
-        order.setdefault(key, letters[len(order) % len(letters)])
+        if key not in order:
+            order[key] = next(names)
     return np.array([order[key] for key in keys])
 
 
