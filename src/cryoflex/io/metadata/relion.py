@@ -510,7 +510,9 @@ def _particles_for_writing(metadata: ParticleMetadata, ctf: CTFParameters, group
 
 
 def _with_version_comments(text: str) -> str:
-    """Put RELION's '# version 30001' line before each block: RELION reads files without it as pre-3.1."""
+    """Put RELION's '# version 30001' line before each block: RELION reads files without it as pre-3.1. The writer's
+    own time-stamped comment is dropped, so that the same particles always give the same bytes."""
+    text = re.sub(r"^# Created by the starfile Python package.*\n", "", text, flags=re.MULTILINE)
     header = f"# version {RELION_WRITE_VERSION}\n\n"
     return re.sub(r"^(data_(?:optics|particles))$", header + r"\1", text, flags=re.MULTILINE)
 
