@@ -97,6 +97,24 @@ def test_datadir_and_basename_resolution(tmp_path: Path, data_dir: Path) -> None
     assert beside.stack_paths == [moved / "000000.mrcs"]
 
 
+def test_two_stacks_found_as_one_file_by_their_name_are_refused(tmp_path: Path, data_dir: Path) -> None:
+    """Two extraction jobs name their stacks alike; with --datadir at one job's folder, the other job's particles
+    would read its images. Refused, naming both stacks; with the project as --datadir each finds its own file."""
+    for job in ("job007", "job012"):
+        (tmp_path / "Extract" / job).mkdir(parents=True)
+        shutil.copy(data_dir / "000000.mrcs", tmp_path / "Extract" / job / "mic_001.mrcs")
+    written = ["Extract/job007/mic_001.mrcs", "Extract/job012/mic_001.mrcs"]
+    elsewhere = tmp_path / "Refine3D"
+    with pytest.raises(CryoflexInputError, match="two different stacks by their shared file name") as info:
+        ParticleStack(written, [0, 1], base_dir=elsewhere, datadir=tmp_path / "Extract" / "job007")
+    assert "Extract/job012/mic_001.mrcs" in str(info.value) and "rlnImageName" in str(info.value)
+    stack = ParticleStack(written, [0, 1], base_dir=elsewhere, datadir=tmp_path)
+    assert stack.stack_paths == [tmp_path / "Extract" / job / "mic_001.mrcs" for job in ("job007", "job012")]
+    same = ParticleStack(["Extract/job007/mic_001.mrcs", "./Extract/job007/mic_001.mrcs:mrcs"], [0, 1],
+                         base_dir=tmp_path)  # fmt: skip
+    assert same.stack_paths[0].resolve() == same.stack_paths[1].resolve()  # one stack written two ways: fine
+
+
 def test_absolute_path_and_relion_type_suffix(data_dir: Path, tmp_path: Path) -> None:
     absolute = str((data_dir / "000000.mrcs").resolve())
     stack = ParticleStack([absolute + ":mrcs"], [2], base_dir=tmp_path)

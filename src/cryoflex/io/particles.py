@@ -8,6 +8,7 @@ headers of the unique stack files, so a million-image dataset opens without read
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -54,32 +55,59 @@ def _strip_relion_type_suffix(path: str) -> str:
     return path
 
 
-def _candidate_paths(written: str, base_dir: Path, datadir: Path | None) -> list[Path]:
-    """The places a stack named `written` may be, in the order they are tried, without duplicates."""
+def _candidate_paths(written: str, base_dir: Path, datadir: Path | None) -> list[tuple[Path, bool]]:
+    """The places a stack named `written` may be, in the order they are tried, without duplicates; each with whether
+    it matches the file name alone (the written folders dropped)."""
     path = Path(_strip_relion_type_suffix(written))
-    candidates: list[Path] = []
+    candidates: list[tuple[Path, bool]] = []
     if path.is_absolute():
-        candidates.append(path)
+        candidates.append((path, False))
     if datadir is not None:
-        candidates += [datadir / path, datadir / path.name]
-    candidates.append(base_dir / path)
-    candidates += [parent / path for parent in base_dir.parents[:PARENT_LEVELS_SEARCHED]]
-    candidates.append(base_dir / path.name)
+        candidates += [(datadir / path, False), (datadir / path.name, True)]
+    candidates.append((base_dir / path, False))
+    candidates += [(parent / path, False) for parent in base_dir.parents[:PARENT_LEVELS_SEARCHED]]
+    candidates.append((base_dir / path.name, True))
     return list(dict.fromkeys(candidates))
 
 
-def resolve_stack_path(written: str, base_dir: Path, datadir: Path | None = None) -> Path:
-    """Find the stack a metadata file names; RELION names are relative to the project, not the star file."""
+def _resolve(written: str, base_dir: Path, datadir: Path | None) -> tuple[Path, bool]:
+    """The first existing candidate of _candidate_paths, and whether it matched by file name alone."""
     candidates = _candidate_paths(written, base_dir, datadir)
-    for candidate in candidates:
+    for candidate, by_name in candidates:
         if candidate.is_file():
-            return candidate
-    tried = "\n    ".join(str(c) for c in candidates)
+            return candidate, by_name
+    tried = "\n    ".join(str(c) for c, _ in candidates)
     raise CryoflexInputError(
         written,
         f"particle stack not found (relative paths resolved against {base_dir}); tried:\n    {tried}",
         fix=_DATADIR_FIX,
     )
+
+
+def resolve_stack_path(written: str, base_dir: Path, datadir: Path | None = None) -> Path:
+    """Find the stack a metadata file names; RELION names are relative to the project, not the star file."""
+    return _resolve(written, base_dir, datadir)[0]
+
+
+def _stack_key(written: str) -> str:
+    """A written stack name without RELION's type hint, normalised ('./a/../b.mrcs' and 'b.mrcs' are one stack)."""
+    return os.path.normpath(_strip_relion_type_suffix(written))
+
+
+def _check_one_file_per_stack(written: Sequence[str], resolved: Sequence[tuple[Path, bool]]) -> None:
+    """Refuse two stacks of different folders that were found as one file by their shared name (e.g. mic_001.mrcs of
+    two extraction jobs, with --datadir pointing at one of them): the other's particles would read its images."""
+    first_of: dict[Path, tuple[str, bool]] = {}
+    for name, (path, by_name) in zip(written, resolved, strict=True):
+        other, other_by_name = first_of.setdefault(path.resolve(), (name, by_name))
+        if (by_name or other_by_name) and _stack_key(other) != _stack_key(name):
+            raise CryoflexInputError(
+                path,
+                f"found for two different stacks by their shared file name: {other} and {name}",
+                fix="give --datadir the folder their written paths are relative to (so each keeps its sub-folder), "
+                "or leave --datadir out if the written paths are right",
+                field="rlnImageName",
+            )
 
 
 def _read_stack_header(path: Path) -> _StackHeader:
@@ -175,7 +203,9 @@ class ParticleStack:
         self._file_ids, unique_written = _factorize(image_paths)
         base_dir = Path(base_dir)
         datadir = None if datadir is None else Path(datadir)
-        self._paths = [resolve_stack_path(w, base_dir, datadir) for w in unique_written]
+        resolved = [_resolve(w, base_dir, datadir) for w in unique_written]
+        _check_one_file_per_stack(unique_written, resolved)
+        self._paths = [path for path, _ in resolved]
         headers = [_read_stack_header(p) for p in self._paths]
         self._box_size_px = _check_boxes(self._paths, headers)
         self._indices = np.asarray(image_indices, dtype=np.int64)
