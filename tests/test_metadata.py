@@ -300,6 +300,8 @@ def test_relion_star_round_trip(data_dir: Path, tmp_path: Path, name: str, optio
     _assert_ctf_equal(back.ctf, md.ctf, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(back.pixel_size_A, md.pixel_size_A, rtol=1e-6)
     np.testing.assert_array_equal(back.optics_group, md.optics_group)
+    assert md.half_sets is not None and set(np.unique(md.half_sets)) <= {1, 2}  # every file here has half sets
+    np.testing.assert_array_equal(back.half_sets, md.half_sets)  # rlnRandomSubset, also from cryoSPARC's split
     np.testing.assert_array_equal(back.image_paths, md.image_paths)
     np.testing.assert_array_equal(back.image_indices, md.image_indices)
     assert back.box_size_px == md.box_size_px

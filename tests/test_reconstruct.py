@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mrcfile
@@ -99,6 +100,24 @@ def test_half_split_is_fixed_per_seed_and_stored(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored_half_split(path, 101, seed=9), stored)  # reused, whatever the seed
     assert stored_half_split(path, 50, seed=4).shape == (50,)  # another particle count: a new split
     np.testing.assert_array_equal(np.load(path), half_split(50, seed=4))
+
+
+def test_half_maps_follow_the_refinements_half_sets(data_dir: Path, tmp_path: Path) -> None:
+    """cryoSPARC's alignments3D/split (1,010 and 1,009 particles of the data pack's file) become the halves, stored for
+    later runs; a file whose particles all lie in one half gets seeded random halves instead."""
+    from cryoflex.analysis.reconstruct import reconstruction_halves
+
+    metadata = read_metadata(data_dir / "cryosparc_P12_J24_001_particles.cs")
+    split = np.load(data_dir / "cryosparc_P12_J24_001_particles.cs")["alignments3D/split"]
+    np.testing.assert_array_equal(metadata.half_sets, split + 1)
+    path = tmp_path / "half_split.npy"
+    in_half_a = reconstruction_halves(metadata, path, seed=0)
+    np.testing.assert_array_equal(in_half_a, split == 0)
+    assert in_half_a.sum() == 1010 and (~in_half_a).sum() == 1009
+    np.testing.assert_array_equal(np.load(path), in_half_a)
+    one_half = replace(metadata, half_sets=np.ones(metadata.n_particles, np.int64))
+    np.testing.assert_array_equal(reconstruction_halves(one_half, tmp_path / "other.npy", seed=3),
+                                  half_split(metadata.n_particles, seed=3))  # fmt: skip
 
 
 def test_groups_from_clusters_pc_bins_and_subset(dataset_dir: Path, tmp_path: Path) -> None:

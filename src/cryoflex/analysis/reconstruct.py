@@ -55,7 +55,7 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_from_fsc
 from cryoflex.imaging.volume import gaussian_volume, write_volume_mrc
 from cryoflex.io.atomic import save_npy_atomic, write_text_atomic
-from cryoflex.io.metadata import read_metadata
+from cryoflex.io.metadata import ParticleMetadata, read_metadata
 from cryoflex.io.structure import write_structure
 from cryoflex.progress import Progress
 
@@ -131,6 +131,23 @@ def stored_half_split(path: Path, n_particles: int, seed: int) -> np.ndarray:
     in_half_a = half_split(n_particles, seed)
     save_npy_atomic(path, in_half_a)
     return in_half_a
+
+
+def reconstruction_halves(metadata: ParticleMetadata, path: Path, seed: int) -> np.ndarray:
+    """(n,) bool, True = half A: the refinement's own half sets when the particle file has both (rlnRandomSubset 1,
+    alignments3D/split 0), else stored_half_split's. The poses of each refinement half were aligned to that half's
+    reference, so a half map mixing both would share their alignment bias and overstate the FSC (gold standard)."""
+    halves = metadata.half_sets
+    if halves is not None and np.isin((1, 2), halves).all():
+        in_half_a = halves == 1
+        logger.info("half maps from the refinement's half sets (%d and %d particles), as its poses were aligned",
+                    int(in_half_a.sum()), int((~in_half_a).sum()))  # fmt: skip
+        if not (path.is_file() and np.array_equal(np.load(path, allow_pickle=False), in_half_a)):
+            save_npy_atomic(path, in_half_a)
+        return in_half_a
+    if halves is not None:
+        logger.warning("every particle is in refinement half %d: drawing random halves instead", int(halves[0]))
+    return stored_half_split(path, metadata.n_particles, seed)
 
 
 # ------------------------------------------------------------ groups
@@ -650,7 +667,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
             raise CryoflexInputError(None, f"{flag} {value}", fix=f"give {flag} 1 or more", field=flag)
     groups = select_groups(run, options)
     source = run.dataset.metadata.source_path
-    in_half_a = stored_half_split(run.paths.reconstruct / HALF_SPLIT_NAME, len(run.dataset), options.seed)
+    in_half_a = reconstruction_halves(run.dataset.metadata, run.paths.reconstruct / HALF_SPLIT_NAME, options.seed)
     check_groups(groups, in_half_a, source)
     dataset = reconstruction_dataset(run, options.box_size_px)
     box_size_px, voxel_size_A = dataset.box_size_px, dataset.pixel_size_A

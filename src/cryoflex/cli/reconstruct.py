@@ -1,15 +1,16 @@
 """Reconstruct density maps from the particle images of a trained run, grouped by what the model learned.
 
-Direct Fourier inversion of the images with their poses and CTF, per group of particles: the consensus (all
-particles, always written) and, with no group option, one map per k-means cluster when `cryoflex analyze RUN` has
-run (--clusters asks for them); or equal-count bins along a principal component (--pc K --bins B), or particle
-subsets (--subset FILE.star ..., matched by rlnImageName). Gold standard: a fixed seeded half split of the particles
-(RUN/reconstruct/half_split.npy, reused), two half-maps per group, their FSC and the resolution at 0.143, the full
-map and that map low-pass filtered at the resolution. Model-bias check: FSC of each group's map against the mean map
-of each group's decoded structures; the learned motion is supported by the data when each map agrees best with its
-own structures. Writes under --out (default RUN/reconstruct): NAME.mrc, NAME_filtered.mrc, NAME_half_a.mrc,
-NAME_half_b.mrc, NAME.pdb, NAME_structures.mrc per group, fsc.csv/.json/.png, model_bias.csv/.json/.png,
-reconstruct.cxc (open in ChimeraX) and report.html; `cryoflex analyze RUN` then adds them to its report too.
+Direct Fourier inversion of the images with their poses and CTF, per group of particles: the consensus (all particles,
+always written) and, with no group option, one map per k-means cluster when `cryoflex analyze RUN` has run (--clusters
+asks for them); or equal-count bins along a principal component (--pc K --bins B), or particle subsets (--subset
+FILE.star ..., matched by rlnImageName). Gold standard: the refinement's half sets (rlnRandomSubset,
+alignments3D/split), else a fixed seeded half split (RUN/reconstruct/half_split.npy, reused), two half-maps per group,
+their FSC and the resolution at 0.143, the full map and that map low-pass filtered at the resolution. Model-bias
+check: FSC of each group's map against the mean map of each group's decoded structures; the learned motion is
+supported by the data when each map agrees best with its own structures. Writes under --out (default RUN/reconstruct):
+NAME.mrc, NAME_filtered.mrc, NAME_half_a.mrc, NAME_half_b.mrc, NAME.pdb, NAME_structures.mrc per group,
+fsc.csv/.json/.png, model_bias.csv/.json/.png, reconstruct.cxc (open in ChimeraX) and report.html; `cryoflex analyze
+RUN` then adds them to its report too.
 
 examples:
   cryoflex reconstruct run1                          # consensus, and one map per k-means cluster of cryoflex analyze

@@ -19,6 +19,7 @@ from cryoflex.io.metadata.record import (
     _checked_pixel_size,
     _fill,
     _first_bad_row,
+    _half_sets,
     _Overrides,
     _settle_box,
 )
@@ -113,6 +114,12 @@ def _cs_box(path: Path, table: np.ndarray, overrides: _Overrides) -> int | None:
     return _settle_box(path, "blob/shape", [("blob/shape", from_file), (overrides.box_source, overrides.box_size_px)])
 
 
+def _cs_half_sets(path: Path, table: np.ndarray, prefix: str | None) -> np.ndarray | None:
+    """A 3-D refinement's half sets: alignments3D/split (0 or 1) as 1 or 2, RELION's numbering."""
+    split = _cs_field(path, table, "alignments3D/split") if prefix == "alignments3D" else None
+    return _half_sets(path, "alignments3D/split", None if split is None else split + 1)
+
+
 def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
     """A cryoSPARC particle table: poses from alignments3D (else alignments_class_0), shifts in pixels.
 
@@ -168,6 +175,7 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
         image_indices=image_indices,
         particles_table=None,
         optics_table=None,
+        half_sets=_cs_half_sets(path, table, prefix),
     )
 
 

@@ -10,6 +10,7 @@ Sections of docs/conventions.md: "Rotations and projection", "Origins (particle 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from cryoflex.errors import CryoflexInputError
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("relion3.0", "relion3.1", "relion5", "cryosparc", "cryodrgn")
 # Per-particle CTF fields every file must give; the optional ones default to no phase shift, no B-factor, scale 1.
@@ -79,6 +82,9 @@ class ParticleMetadata:
     image_indices: np.ndarray | None
     particles_table: pd.DataFrame | None
     optics_table: pd.DataFrame | None
+    # (n,) 1 or 2: the refinement's gold-standard half of each particle (RELION rlnRandomSubset, cryoSPARC
+    # alignments3D/split + 1); None when the file has none
+    half_sets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -100,6 +106,8 @@ class ParticleMetadata:
         if self.image_paths is not None:
             set_(self, "image_paths", _as_vector(self.image_paths, str, "image_paths", n))
             set_(self, "image_indices", _as_vector(self.image_indices, np.int64, "image_indices", n))
+        if self.half_sets is not None:
+            set_(self, "half_sets", _as_vector(self.half_sets, np.int64, "half_sets", n))
         if self.ctf is not None and self.ctf.n_particles != n:
             raise ValueError(f"ctf has {self.ctf.n_particles} particles but names has {n}")
         if self.particles_table is not None and len(self.particles_table) != n:
@@ -134,6 +142,7 @@ class ParticleMetadata:
             ctf=None if self.ctf is None else self.ctf.subset(index),
             image_paths=take(self.image_paths),
             image_indices=take(self.image_indices),
+            half_sets=take(self.half_sets),
             particles_table=None if table is None else table.iloc[index].reset_index(drop=True),
         )
 
@@ -199,6 +208,17 @@ def _fill(path: Path, field: str, from_file: np.ndarray | None, override: float 
             field=field,
         )
     return from_file
+
+
+def _half_sets(path: Path, field: str, values: np.ndarray | None) -> np.ndarray | None:
+    """A refinement's half sets (1 or 2 per particle) from `field`, or None: absent, or holding other values (then
+    with a warning, and reconstruction draws its own halves)."""
+    if values is None:
+        return None
+    if not np.isin(values, (1, 2)).all():
+        logger.warning("%s: %s holds values other than 1 and 2; its half sets are not used", path, field)
+        return None
+    return np.asarray(values, dtype=np.int64)
 
 
 def _check_values(path: Path, field: str, values: np.ndarray, ok: np.ndarray, requirement: str) -> None:

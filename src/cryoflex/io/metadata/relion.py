@@ -27,6 +27,7 @@ from cryoflex.io.metadata.record import (
     _checked_pixel_size,
     _fill,
     _first_bad_row,
+    _half_sets,
     _Overrides,
     _required,
     _settle_box,
@@ -61,6 +62,7 @@ _DERIVED_PARTICLE_COLUMNS = frozenset(
         "rlnImageDimensionality",
         "rlnDetectorPixelSize",
         "rlnMagnification",
+        "rlnRandomSubset",
         *_ANGLE_COLUMNS,
         *_STAR_CTF_COLUMNS.values(),
         *_OPTICS_KEY_COLUMNS,
@@ -437,6 +439,7 @@ def read_star(path: Path, overrides: _Overrides, duplicate_images: str) -> Parti
         image_indices=image_indices,
         particles_table=particles,
         optics_table=optics,
+        half_sets=_half_sets(path, "rlnRandomSubset", tables.values("rlnRandomSubset")),
     )
 
 
@@ -501,6 +504,8 @@ def _particles_for_writing(metadata: ParticleMetadata, ctf: CTFParameters, group
         ours["rlnOriginXAngst"], ours["rlnOriginYAngst"] = metadata.shifts_A.T
     for name in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "bfactor_A2", "scale"):
         ours[_STAR_CTF_COLUMNS[name]] = getattr(ctf, name)
+    if metadata.half_sets is not None:
+        ours["rlnRandomSubset"] = metadata.half_sets
     table = pd.DataFrame(ours)
     original = metadata.particles_table
     if original is not None and metadata.format.startswith("relion"):
