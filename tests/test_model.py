@@ -444,6 +444,21 @@ def test_learn_sigma_decides_whether_the_optimiser_moves_the_width(data_dir, lea
     assert model.log_sigma_A.requires_grad == learn and (id(model.log_sigma_A) in optimised) == learn
 
 
+@pytest.mark.parametrize("likelihood", ["gaussian", "correlation"])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_every_trainable_parameter_is_optimised(data_dir, likelihood: str, learn_sigma: bool) -> None:
+    """The trainable parameters are exactly the optimiser's: DDP waits for a gradient of every trainable parameter, so
+    one the loss never uses (the likelihood's scale and noise under the correlation loss) stops the second step."""
+    from cryoflex.config import load_config
+    from cryoflex.train.setup import build_model, build_optimizer
+
+    config = load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": 2, "likelihood": likelihood,
+                                "learn_sigma": learn_sigma})  # fmt: skip
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0)
+    optimised = {id(p) for group in build_optimizer(config, model).param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("rendering", ["band_limited", "point"])
 def test_the_rendering_setting_reaches_the_image_formation(data_dir, rendering: str) -> None:
     from cryoflex.config import load_config

@@ -191,6 +191,8 @@ def build_model(
         optics_groups=[int(g) for g in np.unique(optics_groups)],  # one entry per group, not per particle
     )
     model.log_sigma_A.requires_grad_(config.learn_sigma)
+    for name in LIKELIHOOD_CONSTANTS:  # the correlation loss never uses them: DDP would wait for their gradients
+        getattr(model, name).requires_grad_(config.likelihood == "gaussian")
     model.sample_segmentation = config.sample_segmentation
     model.sleep_phase = config.sleep_phase
     return model
