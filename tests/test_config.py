@@ -84,6 +84,23 @@ def test_a_run_saved_before_the_likelihood_setting_keeps_its_objective(tmp_path:
     assert load_run_config(path).latent_kl_weight == 1e-3
 
 
+def test_a_run_saved_before_schedules_validation_and_the_learned_width_resumes_as_it_trained(tmp_path: Path) -> None:
+    """A config without lr_schedule, validation_fraction and learn_sigma: a constant rate on every particle at a
+    fixed width, not today's defaults (which would hold out particles it trained on and learn a width it lacks)."""
+    saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
+    del saved["lr_schedule"], saved["validation_fraction"], saved["learn_sigma"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    config = load_run_config(path)
+    assert (config.lr_schedule, config.validation_fraction, config.learn_sigma) == ("constant", 0.0, False)
+
+
+def test_invalid_loader_and_clash_settings_are_refused_before_training() -> None:
+    for name, value in (("num_workers", -1), ("clash_cutoff_A", 0.0), ("clash_skin_A", -1.0)):
+        with pytest.raises(CryoflexInputError, match=name):
+            load_config(None, {"particles": "p.star", "structure": "s.pdb", name: value})
+
+
 def test_a_run_saved_before_the_encoder_settings_keeps_its_full_box_encoder_without_dropout(tmp_path: Path) -> None:
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
     assert saved["encoder_downsample"] == 2 and saved["encoder_dropout"] == 0.5

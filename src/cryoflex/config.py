@@ -141,6 +141,9 @@ class TrainConfig:
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),
+            ("num_workers", self.num_workers >= 0, "use 0 (read in the training process) or a number of workers"),
+            ("clash_cutoff_A", self.clash_cutoff_A > 0, "use a positive distance, e.g. 4"),
+            ("clash_skin_A", self.clash_skin_A >= 0, "use 0 or a positive margin, e.g. 2"),
             ("likelihood", self.likelihood in LIKELIHOODS, f"use one of {', '.join(LIKELIHOODS)}"),
             ("noise_model", self.noise_model in NOISE_MODELS, f"use one of {', '.join(NOISE_MODELS)}"),
             ("importance_samples", self.importance_samples >= 1, "use 1 (the evidence lower bound) or more"),
@@ -197,14 +200,16 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A run's saved RUN/config.yaml (then `overrides`). Runs saved before a setting existed were trained the way
-    the code then worked: with 1 - correlation (likelihood) or white noise (noise_model), an encoder that read the
-    full box without dropout, every residue rendered at its pseudo-atom (density) and sampled at the pixel centres
+    the code then worked: with 1 - correlation (likelihood) or white noise (noise_model), a constant learning rate
+    on every particle (lr_schedule, validation_fraction), an encoder that read the full box without dropout, every
+    residue rendered at its pseudo-atom (density) at a fixed width (learn_sigma) and sampled at the pixel centres
     (rendering), with segmentations drawn from their posterior (sample_segmentation)."""
     config = load_config(path, overrides)
     saved = yaml.safe_load(Path(path).read_text())
     earlier: dict[str, Any] = {
-        "likelihood": "correlation", "noise_model": "white", "encoder_downsample": 1, "encoder_dropout": 0.0,
-        "density": "pseudo_atom", "rendering": "point", "sample_segmentation": True,
+        "likelihood": "correlation", "noise_model": "white", "lr_schedule": "constant", "validation_fraction": 0.0,
+        "encoder_downsample": 1, "encoder_dropout": 0.0, "density": "pseudo_atom", "learn_sigma": False,
+        "rendering": "point", "sample_segmentation": True,
     }  # fmt: skip
     return replace(config, **{name: value for name, value in earlier.items() if name not in saved | (overrides or {})})
 
