@@ -75,7 +75,11 @@ def test_checkpoint_with_numpy_random_state_loads(tmp_path: Path) -> None:
 
 
 def test_damaged_checkpoint_is_an_input_error(tmp_path: Path) -> None:
+    """Garbage, an empty file, and a checkpoint cut in half (a copy that did not finish; torch raises RuntimeError)."""
     path = tmp_path / "last.pt"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CryoflexInputError, match="not a readable checkpoint"):
-        load_checkpoint(path)
+    whole = tmp_path / "whole.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "weights": torch.zeros(1000)}, whole)
+    for damaged in (b"not a checkpoint", b"", whole.read_bytes()[: whole.stat().st_size // 2]):
+        path.write_bytes(damaged)
+        with pytest.raises(CryoflexInputError, match="not a readable checkpoint"):
+            load_checkpoint(path)

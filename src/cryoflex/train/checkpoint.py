@@ -23,26 +23,33 @@ from cryoflex.run_dir import RunDir
 CHECKPOINT_FORMAT = 1
 
 
-def random_states() -> dict[str, Any]:
-    """The states of every random generator training draws from."""
+def random_states(device: torch.device) -> dict[str, Any]:
+    """The states of every random generator training draws from: the CPU's, and the training GPU's when it runs on
+    one (not every visible GPU's: a resume may see fewer)."""
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def restore_random_states(states: dict[str, Any]) -> None:
+def restore_random_states(states: dict[str, Any], device: torch.device) -> None:
     """Set every generator from random_states(). The torch states must be CPU byte tensors whatever the device:
-    a checkpoint loaded with map_location="cuda" brings them back on the GPU."""
+    a checkpoint loaded with map_location="cuda" brings them back on the GPU. A checkpoint from before it kept the
+    training GPU's state alone holds one per GPU then visible: the training GPU's index picks its own."""
     torch.set_rng_state(states["torch"].cpu())
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    if "cuda" in states and device.type == "cuda":
+        state = states["cuda"]
+        if isinstance(state, (list, tuple)):
+            index = device.index or 0
+            state = state[index] if index < len(state) else None
+        if state is not None:
+            torch.cuda.set_rng_state(state.cpu(), device)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False) -> Path:
@@ -99,8 +106,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as error:  # truncated: RuntimeError, KeyError
+        found = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
         if found is None:
             raise CryoflexInputError(
                 path,

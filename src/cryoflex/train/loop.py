@@ -332,7 +332,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             scheduler.load_state_dict(state["scheduler"])
         record = ValidationRecord(**state.get("validation", {}))
         start_epoch, step = state["epoch"], state["step"]
-        restore_random_states(state["random"])
+        restore_random_states(state["random"], device)
         if record.exhausted(patience):
             logger.info(
                 "%s stopped early after epoch %d: no better validation score for %d epochs since epoch %d meets "
@@ -467,7 +467,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             save_checkpoint(run.root, {
                 "epoch": epoch + 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "validation": dataclasses.asdict(record),
-                "random": random_states(), "config": config.to_dict(), "metrics": metrics,
+                "random": random_states(device), "config": config.to_dict(), "metrics": metrics,
                 "normalisation": dataclasses.asdict(dataset.normalisation),
             }, best=improved)  # fmt: skip
             logger.info(
