@@ -11,6 +11,7 @@ layout in cryoflex/run_dir.py. Every input is read and checked before the run di
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -158,6 +159,10 @@ def validation_score(metrics: dict[str, float]) -> float:
     return -metrics["val_log_evidence"] if "val_log_evidence" in metrics else metrics["val_total"]
 
 
+# How long the other ranks wait for rank 0's validation and checkpoint after each epoch.
+RANK0_DECISION_TIMEOUT = datetime.timedelta(hours=12)
+
+
 def _rank0_decides(decision: bool, context: ProcessContext, epoch: int) -> bool:
     """Rank 0's decision after `epoch` on every rank; the other ranks wait here while rank 0 validates and writes the
     checkpoint.
@@ -171,6 +176,8 @@ def _rank0_decides(decision: bool, context: ProcessContext, epoch: int) -> bool:
     key = f"cryoflex/rank0_decides/epoch{epoch}"
     if context.is_main:
         store.set(key, "1" if decision else "0")
+    else:  # rank 0 may validate a large held-out share for longer than the process group's timeout (NCCL: 10 min)
+        store.wait([key], RANK0_DECISION_TIMEOUT)
     return store.get(key) == b"1"
 
 
