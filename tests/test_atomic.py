@@ -150,3 +150,21 @@ def test_memory_mapped_outputs_reserve_their_space_so_a_full_disk_is_a_clear_err
     with pytest.raises(CryoflexOutputError, match="the disk is full"), StackWriter(tmp_path / "b.mrcs", 4, 8, 1.0):
         pass
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_file_reaches_the_disk_before_it_takes_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary file is fsynced while the target does not exist yet, then the folder after the rename: a crash of
+    the machine cannot leave the name on an empty file."""
+    target = tmp_path / "out" / "result.json"
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{descriptor}"), target.exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_text_atomic(target, "{}\n")
+    (first, existed), (folder, after) = synced
+    assert Path(first).parent == target.parent and Path(first) != target and not existed
+    assert Path(folder) == target.parent and after

@@ -87,6 +87,26 @@ def describe_write_failure(error: BaseException, directory: Path) -> str:
     return f"{cause}: {free}"
 
 
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file before it is renamed into place, and its folder after: without it a machine that crashes (not
+    only the process) can leave the new name pointing at an empty or partial file. A folder some filesystems cannot
+    sync is left as it is."""
+    is_dir = path.is_dir()
+    try:
+        descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed."""
@@ -96,7 +116,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _create_temporary(target)
     try:
         yield tmp
+        _flush_to_disk(tmp)
         os.replace(tmp, target)
+        _flush_to_disk(target.parent)
     except OSError as error:
         tmp.unlink(missing_ok=True)
         if error.errno not in _DISK_FULL_ERRNOS:
