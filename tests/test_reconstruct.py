@@ -314,6 +314,29 @@ def test_report_section_shows_fsc_and_model_bias(tmp_path: Path) -> None:
     assert page.read_text().count("data:image/png;base64,") == 2
 
 
+def test_report_leaves_out_reconstructions_of_another_model_clustering_or_call(tmp_path: Path) -> None:
+    """A later `reconstruct` without --deformed, `analyze --epoch` of another state or another k-means clustering:
+    the report does not show maps that are not of what it describes."""
+    from cryoflex.analysis import reconstruct as module
+    from cryoflex.analysis.reconstruct import GroupMaps
+
+    volume = torch.zeros(8, 8, 8)
+    group = GroupMaps("consensus", np.arange(20), volume, volume, volume, volume, np.arange(5) / 32.0,
+                      np.array([1.0, 0.9, 0.4, 0.1, 0.0]), 12.0)  # fmt: skip
+    (tmp_path / report.RECONSTRUCT_DEFORMED_JSON).write_text(
+        json.dumps({"global": {"plain_resolution_A": 9.0, "deformed_resolution_A": 8.0}})
+    )
+    for deformed in (True, False):
+        provenance = {"epoch": 3, "model_fingerprint": "abc", "deformed": deformed, "clusters_fingerprint": "k6"}
+        module.write_fsc({"consensus": group}, np.arange(20) % 2 == 0, 4.0, tmp_path, provenance)
+        _, tables = report.reconstruction_content(tmp_path, "abc", "k6")
+        assert any(title.startswith("Deformed backprojection") for title in tables) == deformed
+    _, tables = report.reconstruction_content(tmp_path, "another state", "k6")
+    assert "model after epoch 3" in tables["Density from the particles"][0]["note"]
+    _, tables = report.reconstruction_content(tmp_path, "abc", "k8")
+    assert "other k-means clusters" in tables["Density from the particles"][0]["note"]
+
+
 # ------------------------------------------------------------ the two-state check
 
 

@@ -289,7 +289,9 @@ def analyze_run(
             uncertainty_summary(expected_rmsd_A, options.posterior_samples)
         ]
     sections += extra_sections or []
-    reconstruction_sections, reconstruction_tables = report.reconstruction_content(run.paths.reconstruct)
+    reconstruction_sections, reconstruction_tables = report.reconstruction_content(
+        run.paths.reconstruct, run.fingerprint, latent.labels_fingerprint(embedding.kmeans_labels)
+    )
     sections += reconstruction_sections
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")

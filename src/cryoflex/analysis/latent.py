@@ -7,6 +7,7 @@ give byte-identical files. Figures are drawn on matplotlib Figure objects with t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -163,6 +164,11 @@ def save_embedding(embedding: LatentEmbedding, names: Sequence[str] | np.ndarray
     csv_path = out_dir / "latent_embedding.csv"
     write_text_atomic(csv_path, table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n"))
     return [*paths, csv_path]
+
+
+def labels_fingerprint(labels: np.ndarray) -> str:
+    """SHA-256 of k-means labels: which clustering a reconstruction's cluster maps are of."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
 
 
 def write_source(out_dir: Path, epoch: int, model_fingerprint: str) -> Path:

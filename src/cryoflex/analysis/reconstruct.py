@@ -43,6 +43,7 @@ from cryoflex.analysis.latent import (
     CSV_FLOAT_FORMAT,
     SOURCE_NAME,
     cluster_colours,
+    labels_fingerprint,
     new_figure,
     read_source,
     save_figure,
@@ -199,6 +200,17 @@ def _warn_unrecorded_source(latent_dir: Path, epoch: int) -> None:
     """The warning for an analysis without source.json, once per folder: reconstruct reads up to three of its files."""
     logger.warning("%s has no %s: cannot check that its latents came from the model loaded here (epoch %d); "
                    "rerun `cryoflex analyze RUN` to record it", latent_dir, SOURCE_NAME, epoch)  # fmt: skip
+
+
+def is_cluster_group(name: str) -> bool:
+    """Whether a group is one of cluster_groups' (cluster_01, ...)."""
+    return name.startswith("cluster_")
+
+
+def clusters_fingerprint(analysis_dir: Path) -> str | None:
+    """latent.labels_fingerprint of an analysis's k-means labels (latent/kmeans_labels.npy), None without them."""
+    path = Path(analysis_dir) / "latent" / "kmeans_labels.npy"
+    return labels_fingerprint(np.load(path, allow_pickle=False)) if path.is_file() else None
 
 
 def cluster_groups(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -478,8 +490,10 @@ def fsc_rows(maps: dict[str, GroupMaps]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def write_fsc(maps: dict[str, GroupMaps], in_half_a: np.ndarray, voxel_size_A: float, out_dir: Path) -> list[Path]:
-    """fsc.csv (group, shell, frequency, FSC), fsc.json (the same with resolutions and half sizes) and fsc.png."""
+def write_fsc(maps: dict[str, GroupMaps], in_half_a: np.ndarray, voxel_size_A: float, out_dir: Path,
+              provenance: dict[str, Any] | None = None) -> list[Path]:  # fmt: skip
+    """fsc.csv (group, shell, frequency, FSC), fsc.json (the same with resolutions and half sizes, and `provenance`:
+    what the groups came from, report.reconstruction_content) and fsc.png."""
     frames = [
         pd.DataFrame({"group": name, "shell": np.arange(group.fsc.size), "frequency_per_A": group.frequency_per_A,
                       "fsc": group.fsc})
@@ -490,6 +504,7 @@ def write_fsc(maps: dict[str, GroupMaps], in_half_a: np.ndarray, voxel_size_A: f
                                                          lineterminator="\n"))  # fmt: skip
     summary = {row["group"]: row for row in fsc_rows(maps)}
     document = {
+        **(provenance or {}),
         "voxel_size_A": voxel_size_A,
         "box_size_px": int(next(iter(maps.values())).full.shape[0]),
         "groups": [
@@ -679,9 +694,14 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     files: list[Path] = []
     for group in maps.values():
         files += write_group_maps(group, voxel_size_A, out_dir)
-    files += write_fsc(maps, in_half_a, voxel_size_A, out_dir)
+    analysis_dir = options.analysis_dir or run.paths.analysis
+    provenance = {
+        "epoch": run.epoch, "model_fingerprint": run.fingerprint, "deformed": options.deformed,
+        "clusters_fingerprint": clusters_fingerprint(analysis_dir) if any(map(is_cluster_group, groups)) else None,
+    }  # fmt: skip
+    files += write_fsc(maps, in_half_a, voxel_size_A, out_dir, provenance)
 
-    latents = particle_latents(run, options.analysis_dir or run.paths.analysis, options.batch_size)
+    latents = particle_latents(run, analysis_dir, options.batch_size)
     rng = np.random.default_rng(options.seed)
     structure_maps = {}
     for name, indices in groups.items():
@@ -700,7 +720,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     if options.deformed:
         files += _deformed(run, dataset, maps[CONSENSUS], in_half_a, options, out_dir, latents)
 
-    sections, tables = report.reconstruction_content(out_dir)
+    sections, tables = report.reconstruction_content(out_dir, run.fingerprint)
     return report.write_report(
         out_dir / "report.html", title=f"cryoflex reconstruction of {run.run_dir.name} (epoch {run.epoch})",
         sections=sections, config=run.config.to_dict(), tables=tables, files=files,

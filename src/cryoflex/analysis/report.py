@@ -165,14 +165,26 @@ def training_curves_figure(metrics_path: str | Path, out_png: str | Path) -> Pat
 # ------------------------------------------------------------ cryoflex reconstruct
 
 
-def reconstruction_content(directory: str | Path) -> tuple[list[ReportSection], dict[str, list[dict[str, Any]]]]:
+def reconstruction_content(
+    directory: str | Path, model_fingerprint: str | None = None, clusters_fingerprint: str | None = None
+) -> tuple[list[ReportSection], dict[str, list[dict[str, Any]]]]:
     """The report's section and tables for the results of `cryoflex reconstruct` in `directory` (none when absent):
-    the FSC figure, the resolutions table and the model-bias figure and table."""
+    the FSC figure, the resolutions table, the model-bias figure and table, and the deformed backprojection's table
+    when that reconstruction made one. Results of another model state, or of other k-means clusters, than the
+    fingerprints given are not shown: a note says to reconstruct again."""
     directory = Path(directory)
     fsc_json = directory / RECONSTRUCT_FSC_JSON
     if not fsc_json.is_file():
         return [], {}
     fsc = json.loads(fsc_json.read_text())
+    stale = None
+    if model_fingerprint and fsc.get("model_fingerprint") not in (None, model_fingerprint):
+        stale = f"of the model after epoch {fsc.get('epoch')}, another model state than this one's"
+    elif clusters_fingerprint and fsc.get("clusters_fingerprint") not in (None, clusters_fingerprint):
+        stale = "of other k-means clusters than this analysis's"
+    if stale:
+        note = f"{directory} holds maps {stale}: run `cryoflex reconstruct` again to see them here"
+        return [], {"Density from the particles": [{"note": note}]}
     figures = [(_FSC_CAPTION, directory / RECONSTRUCT_FSC_PNG)]
     tables: dict[str, list[dict[str, Any]]] = {
         "Reconstructions (resolution where the half-map FSC falls below 0.5 and 0.143)": [
@@ -190,7 +202,7 @@ def reconstruction_content(directory: str | Path) -> tuple[list[ReportSection], 
             for row_name, row in zip(bias["groups"], bias["mean_fsc"], strict=True)
         ]
     deformed_json = directory / RECONSTRUCT_DEFORMED_JSON
-    if deformed_json.is_file():
+    if deformed_json.is_file() and fsc.get("deformed", True):  # an older fsc.json did not record it
         regions = json.loads(deformed_json.read_text())
         title = "Deformed backprojection (half-map FSC 0.143 resolution of the consensus, plain and motion-corrected)"
         tables[title] = [
