@@ -11,6 +11,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 import torch
 
 from cryoflex.analysis import report
@@ -137,7 +138,30 @@ def test_groups_from_clusters_pc_bins_and_subset(dataset_dir: Path, tmp_path: Pa
     metadata = read_metadata(dataset_dir / "particles.star")
     chosen = np.array([3, 17, 64, 99])
     star = write_subset(metadata, chosen[::-1], tmp_path / "mine")[0]
-    np.testing.assert_array_equal(subset_group(star, metadata.names, PIXEL_A), chosen)
+    np.testing.assert_array_equal(subset_group(star, metadata, PIXEL_A), chosen)
+
+
+def test_star_subsets_of_cryosparc_and_symmetry_expanded_runs_find_their_particles(
+    data_dir: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    """Names differ there (uids; rows numbered within each file), so the particles are matched by image, and among
+    the copies of an expanded image by pose."""
+    cs = read_metadata(data_dir / "cryosparc_P12_J24_001_particles.cs")
+    chosen = np.array([5, 700, 2018])
+    star, cs_subset = write_subset(cs, chosen, tmp_path / "from_cs")
+    for path in (star, cs_subset):
+        np.testing.assert_array_equal(subset_group(path, cs, float(cs.pixel_size_A[0])), chosen)
+
+    table = starfile.read(dataset_dir / "particles.star", always_dict=True)
+    particles = table["particles"]
+    turned = particles.assign(rlnAngleRot=particles["rlnAngleRot"] + 120.0)
+    table["particles"] = pd.concat([particles, turned], ignore_index=True)  # each image twice, two poses
+    expanded_path = tmp_path / "expanded.star"
+    starfile.write(table, expanded_path)
+    expanded = read_metadata(expanded_path, duplicate_images="distinct")
+    chosen = np.array([2, 120 + 2, 150])
+    subset = write_subset(expanded, chosen, tmp_path / "expanded_subset")[0]
+    np.testing.assert_array_equal(subset_group(subset, expanded, PIXEL_A), chosen)
 
 
 def test_memory_budget_splits_the_groups_into_passes_with_the_same_maps(dataset_dir: Path) -> None:

@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,10 +234,14 @@ def pc_bin_groups(pca: np.ndarray, component: int, n_bins: int) -> dict[str, np.
     return {f"pc{component}_bin{k + 1:02d}": np.sort(chunk) for k, chunk in enumerate(np.array_split(order, n_bins))}
 
 
-def subset_group(path: Path, names: np.ndarray, pixel_size_A: float) -> np.ndarray:
-    """Positions (ascending) of the particles of a star/.cs subset, matched by name (rlnImageName or uid)."""
-    subset = read_metadata(path)
-    positions = pd.Index(np.asarray(names, dtype=str)).get_indexer(subset.names)
+def subset_group(path: Path, metadata: ParticleMetadata, pixel_size_A: float) -> np.ndarray:
+    """Positions (ascending) of the run's particles that a star/.cs subset lists: by name (rlnImageName, or uid), else
+    by image (stack and index, and the pose among rows that share an image: symmetry-expanded particles), so that a
+    STAR subset of a cryoSPARC, cryoDRGN or expanded run finds its particles too."""
+    subset = read_metadata(path, duplicate_images="distinct")
+    positions = pd.Index(np.asarray(metadata.names, dtype=str)).get_indexer(subset.names)
+    if (positions < 0).any() and subset.image_paths is not None and metadata.image_paths is not None:
+        positions = _positions_by_image(subset, metadata)
     unknown = subset.names[positions < 0]
     if unknown.size:
         raise CryoflexInputError(
@@ -245,12 +250,39 @@ def subset_group(path: Path, names: np.ndarray, pixel_size_A: float) -> np.ndarr
             fix="give a subset of the particles this run was trained on (e.g. from `cryoflex analyze --subset-...`)",
             field="rlnImageName",
         )  # fmt: skip
+    if np.unique(positions).size != positions.size:
+        raise CryoflexInputError(path, "lists some of the run's particles twice", fix="list each particle once",
+                                 field="rlnImageName")  # fmt: skip
     if not np.allclose(subset.pixel_size_A, pixel_size_A, rtol=1e-4):
         raise CryoflexInputError(
             path, f"pixel size {float(subset.pixel_size_A[0]):g} A does not match the run's {pixel_size_A:g} A",
             fix="give a subset of the run's own particle file", field="rlnImagePixelSize",
         )  # fmt: skip
     return np.sort(positions).astype(np.int64)
+
+
+def _positions_by_image(subset: ParticleMetadata, metadata: ParticleMetadata) -> np.ndarray:
+    """Each subset row's position in the run by its image (normalised stack path, index; -1 if none); among run rows
+    that share the image, the one whose rotation matches (to 1e-3), as symmetry expansion repeats images."""
+
+    def keys(record: ParticleMetadata) -> pd.MultiIndex:
+        assert record.image_paths is not None and record.image_indices is not None
+        stacks = [os.path.normpath(p.removesuffix(":mrcs").removesuffix(":mrc")) for p in record.image_paths]
+        return pd.MultiIndex.from_arrays([stacks, record.image_indices])
+
+    run_keys, subset_keys = keys(metadata), keys(subset)
+    rows_of: dict[tuple[str, int], list[int]] = {}
+    for row, key in enumerate(run_keys):
+        rows_of.setdefault(key, []).append(row)
+    positions = np.full(subset.n_particles, -1, dtype=np.int64)
+    for k, key in enumerate(subset_keys):
+        rows = rows_of.get(key, [])
+        if len(rows) > 1 and metadata.rotations is not None and subset.rotations is not None:
+            distances = np.abs(metadata.rotations[rows] - subset.rotations[k]).max(axis=(1, 2))
+            rows = [rows[int(np.argmin(distances))]] if distances.min() < 1e-3 else []
+        if len(rows) == 1:
+            positions[k] = rows[0]
+    return positions
 
 
 def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np.ndarray:
@@ -289,7 +321,7 @@ def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.
             name = Path(path).stem
             if name in groups:
                 raise CryoflexInputError(path, f"a second group named {name!r}", fix="rename one of the files")
-            groups[name] = subset_group(Path(path), metadata.names, run.dataset.original_pixel_size_A)
+            groups[name] = subset_group(Path(path), metadata, run.dataset.original_pixel_size_A)
     if options.clusters:
         groups.update(cluster_groups(_analysis_array(analysis_dir, "kmeans_labels", run)))
     elif options.pc is None and not options.subsets:

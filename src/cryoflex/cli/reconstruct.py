@@ -3,7 +3,7 @@
 Direct Fourier inversion of the images with their poses and CTF, per group of particles: the consensus (all particles,
 always written) and, with no group option, one map per k-means cluster when `cryoflex analyze RUN` has run (--clusters
 asks for them); or equal-count bins along a principal component (--pc K --bins B), or particle subsets (--subset
-FILE.star ..., matched by rlnImageName). Gold standard: the refinement's half sets (rlnRandomSubset,
+FILE.star ..., matched by name, else by image and pose). Gold standard: the refinement's half sets (rlnRandomSubset,
 alignments3D/split), else a fixed seeded half split (RUN/reconstruct/half_split.npy, reused), two half-maps per group,
 their FSC and the resolution at 0.143, the full map and that map low-pass filtered at the resolution. Model-bias
 check: FSC of each group's map against the mean map of each group's decoded structures; the learned motion is
