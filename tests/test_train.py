@@ -523,3 +523,25 @@ def test_each_optics_group_learns_its_own_noise_spectrum(tiny_dataset: Path, tmp
     assert "two_groups.star" in str(refused.value) and "rlnOpticsGroup" in str(refused.value)
     with pytest.raises(CryoflexInputError, match="the run learned a noise spectrum for each of those"):
         train(_config(tiny_dataset, particles=str(particles), epochs=2), tmp_path / "run", resume=True)
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_path: Path) -> None:
+    """Steps 6-10 were logged, then the run was killed and resumed from its checkpoint at step 5: TensorBoard shows
+    each step once, the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cryoflex.run_dir import RunDir
+    from cryoflex.train.logs import RunLogs
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    for resume_step, steps, value in ((None, range(1, 11), 1.0), (5, range(6, 9), 2.0)):
+        logs = RunLogs(run, resume_step=resume_step)
+        assert logs.tensorboard is not None
+        for step in steps:
+            logs.tensorboard.add_scalar("loss", value, step)
+        logs.tensorboard.close()
+    events = EventAccumulator(str(run.tensorboard))
+    events.Reload()
+    scalars = [(event.step, event.value) for event in events.Scalars("loss")]
+    assert scalars == [*((step, 1.0) for step in range(1, 6)), *((step, 2.0) for step in range(6, 9))]

@@ -62,7 +62,9 @@ class RunLogs:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run.tensorboard))
+            # a resumed run drops the events it logged after its checkpoint, as drop_metrics_after does
+            purge_step = None if resume_step is None else resume_step + 1
+            self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=purge_step)
         except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
             logger.warning("tensorboard is not importable: no TensorBoard logs (metrics.jsonl is still written)")
 
