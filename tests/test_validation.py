@@ -258,3 +258,19 @@ def test_held_out_log_evidence_is_the_mean_likelihood_of_prior_draws(data_dir: P
     nominal = model.nominal_coords_A[None]
     expected = [_numpy_log_likelihood(model, nominal, batch, row) for row in range(2)]
     np.testing.assert_allclose(evidence, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_each_rank_and_epoch_draws_its_own_random_numbers() -> None:
+    """Ranks train on different images and must not share their latent draws and dropout masks; an epoch's draws
+    depend on (seed, epoch, rank) alone, so a resumed run draws what an uninterrupted one would."""
+    from cryoflex.train.distributed import seed_epoch
+
+    def draws(seed: int, epoch: int, rank: int) -> torch.Tensor:
+        seed_epoch(seed, epoch, rank)
+        return torch.randn(4)
+
+    first = draws(0, 3, 0)
+    torch.randn(100)  # whatever was drawn before
+    assert torch.equal(draws(0, 3, 0), first)
+    for other in ((0, 3, 1), (0, 4, 0), (1, 3, 0)):
+        assert not torch.equal(draws(*other), first)

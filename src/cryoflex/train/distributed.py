@@ -78,6 +78,12 @@ def stop_processes(context: ProcessContext, *, finished: bool) -> None:
         dist.destroy_process_group()
 
 
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch's generators (the CPU's and every GPU's) for this rank's `epoch`: each rank draws its own latents,
+    segmentations and dropout masks for its own images, and a resumed run draws what an uninterrupted one would."""
+    torch.manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank)
+
+
 def epoch_batches(
     n_images: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[list[int]]:

@@ -43,6 +43,7 @@ from cryoflex.train.checkpoint import (
 )
 from cryoflex.train.distributed import (
     ProcessContext,
+    seed_epoch,
     start_processes,
     stop_processes,
     training_batches,
@@ -428,6 +429,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     epochs_done, stopped_early = start_epoch, False
     for epoch in range(start_epoch, config.epochs):
         engine.train()
+        seed_epoch(config.seed, epoch, context.rank)
         # this rank's batches of the epoch (training particles only): the same after a resume
         batches = training_batches(
             train_indices, config.batch_size, epoch, config.seed, context.rank, context.world_size
