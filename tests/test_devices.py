@@ -16,6 +16,7 @@ import torch
 import cryoflex.model.deformation as deformation
 from cryoflex.config import load_config
 from cryoflex.data.dataset import particle_loader
+from cryoflex.errors import CryoflexInputError
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.train.objective import LossTerms
 from cryoflex.train.setup import prepare_inputs, prepare_model
@@ -73,3 +74,14 @@ def test_a_training_step_keeps_every_tensor_on_the_models_device(
     with torch.no_grad():
         terms = losses(model(batch), batch.images, 1.0, False)
     assert {term.device for term in terms.values()} == {META}
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:1 with several processes would put them all on GPU 1; the error says to give cuda."""
+    from cryoflex.train.distributed import start_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(CryoflexInputError, match="all 2 processes on one GPU") as refused:
+        start_processes("cuda:1")
+    assert "--device cuda" in str(refused.value)

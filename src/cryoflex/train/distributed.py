@@ -55,6 +55,12 @@ def start_processes(requested_device: str) -> ProcessContext:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and requested_device.startswith("cuda:"):
+        raise CryoflexInputError(
+            None, f"--device {requested_device} under torchrun would put all {world_size} processes on one GPU",
+            "give --device cuda (or auto): each process takes the GPU of its LOCAL_RANK; choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES", field="device",
+        )  # fmt: skip
     device = resolve_device(requested_device, local_rank)
     if world_size == 1:
         return ProcessContext(0, 1, device)
