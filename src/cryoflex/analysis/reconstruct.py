@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_
 from cryoflex.imaging.volume import gaussian_volume, write_volume_mrc
 from cryoflex.io.atomic import save_npy_atomic, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
+from cryoflex.io.particles import stack_key
 from cryoflex.io.structure import write_structure
 from cryoflex.progress import Progress
 
@@ -265,10 +265,9 @@ def _positions_by_image(subset: ParticleMetadata, metadata: ParticleMetadata) ->
     """Each subset row's position in the run by its image (normalised stack path, index; -1 if none); among run rows
     that share the image, the one whose rotation matches (to 1e-3), as symmetry expansion repeats images."""
 
-    def keys(record: ParticleMetadata) -> pd.MultiIndex:
+    def keys(record: ParticleMetadata) -> list[tuple[str, int]]:
         assert record.image_paths is not None and record.image_indices is not None
-        stacks = [os.path.normpath(p.removesuffix(":mrcs").removesuffix(":mrc")) for p in record.image_paths]
-        return pd.MultiIndex.from_arrays([stacks, record.image_indices])
+        return [(stack_key(p), int(k)) for p, k in zip(record.image_paths, record.image_indices, strict=True)]
 
     run_keys, subset_keys = keys(metadata), keys(subset)
     rows_of: dict[tuple[str, int], list[int]] = {}

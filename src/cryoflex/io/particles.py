@@ -89,7 +89,7 @@ def resolve_stack_path(written: str, base_dir: Path, datadir: Path | None = None
     return _resolve(written, base_dir, datadir)[0]
 
 
-def _stack_key(written: str) -> str:
+def stack_key(written: str) -> str:
     """A written stack name without RELION's type hint, normalised ('./a/../b.mrcs' and 'b.mrcs' are one stack)."""
     return os.path.normpath(_strip_relion_type_suffix(written))
 
@@ -100,7 +100,7 @@ def _check_one_file_per_stack(written: Sequence[str], resolved: Sequence[tuple[P
     first_of: dict[Path, tuple[str, bool]] = {}
     for name, (path, by_name) in zip(written, resolved, strict=True):
         other, other_by_name = first_of.setdefault(path.resolve(), (name, by_name))
-        if (by_name or other_by_name) and _stack_key(other) != _stack_key(name):
+        if (by_name or other_by_name) and stack_key(other) != stack_key(name):
             raise CryoflexInputError(
                 path,
                 f"found for two different stacks by their shared file name: {other} and {name}",
@@ -448,5 +448,6 @@ __all__ = [
     "count_images",
     "open_particle_images",
     "resolve_stack_path",
+    "stack_key",
     "write_stack",
 ]
