@@ -339,6 +339,11 @@ def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_di
     frequencies = shell_counts(32).numpy() * n
     assert np.sum(fit.shell_noise_variances[1:] * frequencies[1:]) == pytest.approx(float(residual[0]), rel=1e-6)
     assert fit.correlations.shape == (8,) and np.all(fit.correlations > 0)
+    # the SNR these images were made with: the scaled projections' variance over the noise's (std 0.2 x each batch's
+    # projections' std, as _nominal_batches adds it)
+    signal_variance = 0.37**2 * projections.var(axis=1).mean()
+    noise_variance = np.mean([(0.2 * projections[:5].std()) ** 2] * 5 + [(0.2 * projections[5:].std()) ** 2] * 3)
+    assert fit.snr == pytest.approx(signal_variance / noise_variance, rel=0.1)
     inverted = [ParticleBatch(-b.images, b.poses, b.ctf, b.indices, b.optics_groups) for b in batches]
     floor = nominal_fit(model, inverted, torch.device("cpu"))
     observed_power = np.square(observed - observed.mean(1, keepdims=True)).sum()

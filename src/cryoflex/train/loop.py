@@ -196,6 +196,9 @@ class NominalFit:
     # has the pooled spectrum above
     group_shell_noise_variances: np.ndarray
     images_per_group: np.ndarray  # (G,)
+    # the fitted projections' variance over the noise's, per pixel at the training box: the images' SNR as simulate
+    # defines it, if the particles were all in the nominal conformation (otherwise a little lower than theirs)
+    snr: float
 
 
 # The image scale starts at least at this share of the scale that would give the projections the images' power:
@@ -271,6 +274,7 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
     return NominalFit(
         torch.cat(correlations).float().cpu().numpy(), scale, noise_variance, pooled.cpu().numpy(),
         per_group.cpu().numpy(), images_per_group.cpu().numpy().astype(np.int64),
+        snr=scale**2 * predicted_power / pixels / noise_variance,
     )  # fmt: skip
 
 
@@ -402,7 +406,9 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
             if config.likelihood == "gaussian":
                 logger.info(
                     "likelihood starts at the nominal structure's fit to %d images: image scale %.4g, noise variance "
-                    "%.4g per pixel", len(fit.correlations), fit.image_scale, fit.noise_variance,
+                    "%.4g per pixel; signal-to-noise ratio about %.2g per pixel at %d px (docs/low_snr.md: at 0.001 "
+                    "an image holds a fraction of a nat about its particle's conformation)", len(fit.correlations),
+                    fit.image_scale, fit.noise_variance, fit.snr, model.formation.box_size_px,
                 )  # fmt: skip
                 if config.noise_model == "shells":
                     variances = fit.shell_noise_variances
