@@ -67,7 +67,10 @@ def _candidate_paths(written: str, base_dir: Path, datadir: Path | None) -> list
     candidates.append((base_dir / path, False))
     candidates += [(parent / path, False) for parent in base_dir.parents[:PARENT_LEVELS_SEARCHED]]
     candidates.append((base_dir / path.name, True))
-    return list(dict.fromkeys(candidates))
+    first_flag: dict[Path, bool] = {}
+    for candidate, by_name in candidates:
+        first_flag.setdefault(candidate, by_name)
+    return list(first_flag.items())
 
 
 def _resolve(written: str, base_dir: Path, datadir: Path | None) -> tuple[Path, bool]:
