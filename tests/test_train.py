@@ -92,6 +92,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     _assert_same_state(before["model"], after["model"])
 
 
+def test_a_run_that_raises_keeps_its_tensorboard_scalars(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training that fails after logging an epoch (here: the checkpoint cannot be written) still closes TensorBoard's
+    event file, so the curve up to the failure can be read."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import cryoflex.train.loop as loop
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(_config(tiny_dataset, epochs=2), tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("epoch/total")] == [3]  # 40 images / 16: 3 steps in epoch 1
+
+
 def test_cli_train_and_resume(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     common = ["train", "--out", str(run), "--no-progress", "--device", "cpu"]

@@ -105,8 +105,15 @@ class RunLogs:
         self.tensorboard.add_images("predicted (top) vs observed (bottom)", pairs.cpu(), step)
 
     def close(self) -> None:
+        """Flush and close TensorBoard's event file (metrics.jsonl is written line by line)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+    def __enter__(self) -> RunLogs:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:

@@ -10,6 +10,7 @@ layout in cryoflex/run_dir.py. Every input is read and checked before the run di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -282,7 +283,8 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainR
     """Train (or continue, with resume) the run in run_dir; one process, or one rank of a torchrun launch."""
     context = start_processes(config.device)
     try:
-        result = _train(config, RunDir(run_dir), resume, context)
+        with contextlib.ExitStack() as closing:  # closes the logs also when training raises, keeping what they hold
+            result = _train(config, RunDir(run_dir), resume, context, closing)
     except BaseException:
         stop_processes(context, finished=False)
         raise
@@ -307,7 +309,9 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -
     return RunInputs(checked.metadata, checked.structure, dataset, checked.validation)
 
 
-def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessContext) -> TrainResult:
+def _train(
+    config: TrainConfig, run: RunDir, resume: bool, context: ProcessContext, closing: contextlib.ExitStack
+) -> TrainResult:
     if run.last_checkpoint.exists() and not resume:
         raise FileExistsError(
             f"{run.root} already holds a run (checkpoints/last.pt): "
@@ -371,7 +375,7 @@ def _train(config: TrainConfig, run: RunDir, resume: bool, context: ProcessConte
     if context.distributed:
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    logs = RunLogs(run, resume_step=step) if context.is_main else None
+    logs = closing.enter_context(RunLogs(run, resume_step=step)) if context.is_main else None
     validation_loader = None
     if context.is_main:
         logger.info(
