@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark run: the training step (precision fp32, and bf16 networks with TF32 projection products, each eager
-# and with torch.compile; the original's objective, and training's default one with 20 segments in bf16, eager), the
-# TF32 images' error, the projector and the reconstruction at 13,941 residues / 128 px and 214 residues / 64 px on
+# and with torch.compile; the original's objective, and training's default one in bf16, eager, with the segment count
+# training would choose: 40 at 13,941 residues, as for images with signal, and 20 at 214 residues, as at low SNR),
+# the TF32 images' error, the projector and the reconstruction at 13,941 residues / 128 px and 214 residues / 64 px on
 # CUDA, all JSON into one folder, then a summary with the time of an EMPIAR-10180-sized epoch
 # (benchmarks/gpu_summary.py; also saved as summary.txt).
 #
@@ -47,7 +48,7 @@ else
     device=cuda
     steps=10
     train_rows=(13941:128:32 13941:128:128 214:64:32 214:64:128)
-    default_rows=(13941:128:32:20 214:64:32:20)  # training's default segments; batch 32 x 8 draws = 256 images
+    default_rows=(13941:128:32:40 214:64:32:20)  # segments 40 and 20, as chosen by default; batch 32 x 8 draws
     projector_rows=("${train_rows[@]}")
     reconstruct_boxes=(64 128)
     tf32_rows=(214:64:64 13941:128:8)

@@ -1,4 +1,5 @@
-"""What one training setting costs per step, with the default objective (8 importance-weighted draws, 20 segments).
+"""What one training setting costs per step, with the default objective (8 importance-weighted draws, 20 segments:
+the automatic count at low SNR).
 
 Run: .venv/bin/python benchmarks/setting_cost.py --setting noise_model --values white shells
      [--rows 214:32:32 2750:64:32] [--steps 10] [--rounds 3] [--out benchmarks/results/setting_cost.json]

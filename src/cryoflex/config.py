@@ -50,7 +50,9 @@ class TrainConfig:
     centre_structure: bool = False  # or: the particles are centred on the structure's centroid
     amplitude_contrast: float | None = None  # for RELION 3.0 files without rlnAmplitudeContrast
     # model
-    segments: int = 20  # the most segments; with the cosine schedule 20 beat 12 at every SNR (docs/low_snr.md)
+    # the most segments; 0 = chosen when training starts from the images' signal-to-noise ratio: 40 where the
+    # images can tell them apart, else 20 (cryoflex.train.setup.automatic_segments, docs/low_snr.md)
+    segments: int = 0
     parts: list[str] = field(default_factory=list)  # e.g. ["A:1-120:3", "B:4"]; empty = whole structure
     latent_dim: int = 8
     tau: float = 20.0
@@ -122,7 +124,7 @@ class TrainConfig:
         checks = [
             ("particles", bool(self.particles), "give the particle file (--particles)"),
             ("structure", bool(self.structure), "give the nominal structure (--structure)"),
-            ("segments", self.segments >= 1, "use at least 1 segment"),
+            ("segments", self.segments >= 0, "use 0 (automatic) or a number of segments"),
             ("encoder_downsample", self.encoder_downsample >= 1, "use 1 (the full box) or a larger factor, e.g. 2"),
             ("encoder_dropout", 0 <= self.encoder_dropout < 1, "use a probability from 0 (none) to under 1, e.g. 0.5"),
             ("latent_dim", self.latent_dim >= 1, "use a latent dimension of at least 1"),

@@ -70,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     placement.add_argument("--centre-structure", action="store_true", default=None,
                            help="the particles are centred on the structure's centroid")
     model = parser.add_argument_group("model")
-    model.add_argument("--segments", type=int, help="the most segments (default 20)")
+    model.add_argument(
+        "--segments", type=int,
+        help="the most segments (default 0: 40 where the images hold enough signal, else 20; the log says which)",
+    )  # fmt: skip
     model.add_argument("--parts", nargs="+", metavar="PART",
                        help="segment only these parts, each CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS")
     model.add_argument("--latent-dim", type=int, help="latent dimension (default 8)")

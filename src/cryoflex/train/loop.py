@@ -52,12 +52,18 @@ from cryoflex.train.distributed import (
 from cryoflex.train.logs import EpochProgress, RunLogs, format_terms, format_validation
 from cryoflex.train.objective import LossTerms, prior_log_evidence
 from cryoflex.train.setup import (
+    FEWER_SEGMENTS,
+    IMAGE_SNR_FOR_MORE_SEGMENTS,
+    MIN_RESIDUES_PER_AUTOMATIC_SEGMENT,
+    MORE_SEGMENTS,
     RunInputs,
+    automatic_segments,
     build_optimizer,
     build_scheduler,
     check_inputs,
     particle_dataset,
     prepare_model,
+    resolved_segments,
 )
 
 logger = logging.getLogger(__name__)
@@ -167,20 +173,42 @@ RANK0_DECISION_TIMEOUT = datetime.timedelta(hours=12)
 
 def _rank0_decides(decision: bool, context: ProcessContext, epoch: int) -> bool:
     """Rank 0's decision after `epoch` on every rank; the other ranks wait here while rank 0 validates and writes the
-    checkpoint.
+    checkpoint."""
+    return _from_rank0("1" if decision else "0", context, f"epoch{epoch}") == "1"
+
+
+def _from_rank0(value: str, context: ProcessContext, name: str) -> str:
+    """Rank 0's `value` on every rank (each `name` once per run), waiting up to RANK0_DECISION_TIMEOUT for it.
 
     Passed through the process group's key-value store, not a broadcast: a gloo collective's worker thread can release
     its Python tensor after the main thread has moved on, and if that is at interpreter exit the process aborts
     ("terminate called without an active exception"), failing a finished run."""
     if not context.distributed:
-        return decision
+        return value
     store = torch.distributed.distributed_c10d._get_default_store()
-    key = f"cryoflex/rank0_decides/epoch{epoch}"
+    key = f"cryoflex/rank0_decides/{name}"
     if context.is_main:
-        store.set(key, "1" if decision else "0")
+        store.set(key, value)
     else:  # rank 0 may validate a large held-out share for longer than the process group's timeout (NCCL: 10 min)
         store.wait([key], RANK0_DECISION_TIMEOUT)
-    return store.get(key) == b"1"
+    return store.get(key).decode()
+
+
+def _choose_segments(config: TrainConfig, fit: NominalFit, n_residues: int, box_size_px: int, run: RunDir,
+                     context: ProcessContext) -> TrainConfig:  # fmt: skip
+    """For segments 0: the config with rank 0's automatic count (automatic_segments), saved in the run's config."""
+    image_snr = fit.snr * box_size_px**2
+    count = int(_from_rank0(str(automatic_segments(image_snr, n_residues)), context, "segments"))
+    config = dataclasses.replace(config, segments=count)
+    if context.is_main:
+        config.save(run.config)
+        logger.info(
+            "segments: %d (segments 0, automatic). The nominal structure's signal energy in an image is about %.3g "
+            "times the noise variance per pixel: %d segments from %g on, else %d, at most one per %d residues "
+            "(docs/low_snr.md, \"The model's reach\"); --segments sets the count", count, image_snr, MORE_SEGMENTS,
+            IMAGE_SNR_FOR_MORE_SEGMENTS, FEWER_SEGMENTS, MIN_RESIDUES_PER_AUTOMATIC_SEGMENT,
+        )  # fmt: skip
+    return config
 
 
 @dataclass(frozen=True)
@@ -327,7 +355,14 @@ def _train(
     dataset, structure = inputs.dataset, inputs.structure
     train_indices = np.flatnonzero(~inputs.validation)
     validation_indices = np.flatnonzero(inputs.validation)
-    model = prepare_model(config, inputs, device)
+    model = prepare_model(resolved_segments(config, structure.n_residues, math.inf), inputs, device)
+    fit = None
+    if checkpoint is None:  # every rank fits the same training images; DDP then starts all from rank 0's parameters
+        first_batches = training_batches(train_indices, config.batch_size, 0, config.seed)[:_NOMINAL_FIT_BATCHES]
+        fit = nominal_fit(model, particle_loader(dataset, first_batches), device)
+        if config.segments == 0:
+            config = _choose_segments(config, fit, structure.n_residues, model.formation.box_size_px, run, context)
+            model = prepare_model(config, inputs, device)  # seeded as if the count had been given
     state = None if checkpoint is None else load_checkpoint(checkpoint, device)
     if state is not None and "log_sigma_A" not in state["model"]:
         model.log_sigma_A.requires_grad_(False)  # a run from before the width was learned goes on as it began
@@ -361,10 +396,7 @@ def _train(
             logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
             return TrainResult(run.root, start_epoch, step, {}, model)
         logger.info("resuming %s after epoch %d (step %d)", run.root, start_epoch, step)
-    fit = None
-    if start_epoch == 0:  # every rank fits the same training images; DDP then starts all from rank 0's parameters
-        first_batches = training_batches(train_indices, config.batch_size, 0, config.seed)[:_NOMINAL_FIT_BATCHES]
-        fit = nominal_fit(model, particle_loader(dataset, first_batches), device)
+    if fit is not None:
         with torch.no_grad():
             model.log_image_scale.fill_(math.log(fit.image_scale))
             if model.log_noise_variance.dim() == 0:
