@@ -84,7 +84,8 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
 
 
 # The automatic segment count (config segments 0). On the AdK benchmark 40 segments were 0.04-0.09 A better than 20
-# at SNR 0.1 and 0.01, level at 0.003 and 0.21 A worse at 0.001 (docs/low_snr.md, "The model's reach"). Measured
+# at SNR 0.1 and 0.01, level at 0.003 and 0.09 A worse at 0.001 over two seeds (docs/low_snr.md, "The model's
+# reach"). Measured
 # as the nominal structure's signal energy in an image over the noise variance per pixel (NominalFit.snr times the
 # pixels), those images read about 220, 24, 7 and 2.4 at 32 px: 40 segments from IMAGE_SNR_FOR_MORE_SEGMENTS on.
 FEWER_SEGMENTS, MORE_SEGMENTS = 20, 40
