@@ -144,23 +144,31 @@ def test_automatic_segments_follow_the_images_signal_and_the_structure_size() ->
     assert automatic_segments(1e3, 100) == 20 and automatic_segments(1e3, 12) == 2 and automatic_segments(0.0, 3) == 1
 
 
-@pytest.mark.parametrize(("snr", "expected"), [(1.0, 40), (1e-4, 20)])
-def test_segments_0_are_chosen_from_the_images_and_saved_with_the_run(
-    data_dir: Path, tmp_path: Path, snr: float, expected: int
-) -> None:
-    """AdK (214 residues): clean images get 40 segments, images of nearly pure noise 20; the count is in the saved
-    configuration and the checkpoint, so resume and analysis rebuild the same model."""
+@pytest.fixture(scope="module")
+def noise_dataset(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset's images at SNR 1e-4: nearly pure noise."""
     from cryoflex.io.trajectory import read_trajectory
     from cryoflex.simulate import SimulationConfig, simulate_dataset
 
     ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=10)
-    simulated = SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=snr, seed=3)
-    simulate_dataset(ensemble, simulated, tmp_path / "data", progress=False)
-    result = train(_config(tmp_path / "data", segments=0, epochs=1), tmp_path / "run")
+    out = tmp_path_factory.mktemp("noise")
+    simulate_dataset(ensemble, SimulationConfig(n_images=40, box_size_px=32, pixel_size_A=4.0, sigma_A=4.0, snr=1e-4,
+                                                seed=3), out, progress=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(("dataset", "expected"), [("tiny_dataset", 40), ("noise_dataset", 20)])
+def test_segments_0_are_chosen_from_the_images_and_saved_with_the_run(
+    request: pytest.FixtureRequest, tmp_path: Path, dataset: str, expected: int
+) -> None:
+    """AdK (214 residues): clean images get 40 segments, images of nearly pure noise 20; the count is in the saved
+    configuration and the checkpoint, so resume and analysis rebuild the same model."""
+    data = request.getfixturevalue(dataset)
+    result = train(_config(data, segments=0, epochs=1), tmp_path / "run")
     assert result.model.segmentation.n_segments == expected
     assert load_config(tmp_path / "run" / "config.yaml").segments == expected
     assert load_checkpoint(find_checkpoint(tmp_path / "run"))["config"]["segments"] == expected
-    direct = train(_config(tmp_path / "data", segments=expected, epochs=1), tmp_path / "direct")
+    direct = train(_config(data, segments=expected, epochs=1), tmp_path / "direct")
     _assert_same_state(result.model.state_dict(), direct.model.state_dict())  # as if the count had been given
 
 
