@@ -5,7 +5,8 @@ Run: .venv/bin/python benchmarks/posterior_estimators.py WORK [WORK ...] [--part
      [--out benchmarks/results/posterior_estimators.json]
 WORK is a recovery_adk.py work folder of one SNR (it holds data/truth.npz and run/). Each particle's 64 posterior
 draws are taken and weighted as analysis takes them (the last checkpoint), decoded, and reduced to one structure in
-six ways: the weighted mean of the structures (what analysis reports), the structure decoded at the weighted mean of
+seven ways: the weighted mean of the structures (what analysis reports), that mean with each learned segment made
+rigid again (the nominal segment superposed onto it), the structure decoded at the weighted mean of
 the latents (the particle's point in the latent plots), the one decoded at the mean of q(z | image), the weighted
 geometric median of the structures (the estimate with the least expected RMSD under the posterior;
 bayes_oracle.geometric_median_A), the weighted medoid (the draw with the least expected RMSD: a structure the decoder
@@ -33,14 +34,15 @@ from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.metrics import centroid_distance_A, rmsd_A
 from cryoflex.analysis.predict import importance_log_weights, latent_posteriors, posterior_noise
 from cryoflex.analysis.run import load_run
+from cryoflex.geometry.superposition import superpose_A
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.trajectory import read_trajectory
 
 SEED = 0
 CHUNK = 100  # particles decoded at a time: CHUNK x 64 structures in memory
 ESTIMATORS = (
-    "posterior_mean", "at_posterior_mean_latent", "at_encoder_mean", "geometric_median", "weighted_medoid",
-    "largest_weight",
+    "posterior_mean", "rigid_segment_mean", "at_posterior_mean_latent", "at_encoder_mean", "geometric_median",
+    "weighted_medoid", "largest_weight",
 )  # fmt: skip
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -57,6 +59,18 @@ def weighted_medoid_A(weights: np.ndarray, draws_A: np.ndarray) -> np.ndarray:
     pairwise_A = torch.cdist(flat, flat).numpy() / np.sqrt(draws_A.shape[2])  # (B, K, K) RMSD between draws
     best = np.einsum("bjk,bk->bj", pairwise_A, weights).argmin(1)
     return draws_A[np.arange(len(draws_A)), best]
+
+
+def rigid_segment_mean_A(mean_A: np.ndarray, nominal_A: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """(B, n, 3) posterior means -> (B, n, 3): each segment's nominal residues superposed onto their mean (the
+    rigid placement of the segment with the least expected squared error under the posterior; the mean itself is
+    contracted where the draws rotate a segment differently). `segment`: (n,) each residue's segment."""
+    out = mean_A.copy()
+    for m in np.unique(segment):
+        rows = segment == m
+        if rows.sum() >= 3:
+            out[:, rows] = superpose_A(nominal_A[rows], mean_A[:, rows])
+    return out
 
 
 @torch.no_grad()
@@ -80,6 +94,8 @@ def score(work: Path, particles: int) -> dict:
     summaries = {"mean_spread": np.empty(len(positions)), "rms_spread": np.empty(len(positions))}
     expected = {name: np.empty(len(positions)) for name in ESTIMATORS}
     model.eval()
+    nominal_A = model.nominal_coords_A.double().numpy()
+    segment = model.segmentation(False).argmax(1).numpy()
 
     def decode(z: np.ndarray) -> np.ndarray:
         coords_A, _ = model.decode(torch.as_tensor(z, dtype=torch.float32), sample_segmentation=False)
@@ -92,6 +108,7 @@ def score(work: Path, particles: int) -> dict:
         draws_A = decode(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], n_residues, 3)
         mean_A = np.einsum("bk,bkni->bni", w, draws_A)
         estimates["posterior_mean"][rows] = mean_A
+        estimates["rigid_segment_mean"][rows] = rigid_segment_mean_A(mean_A, nominal_A, segment)
         estimates["at_posterior_mean_latent"][rows] = decode(np.einsum("bk,bkl->bl", w, z))
         estimates["at_encoder_mean"][rows] = decode(posterior.mean[rows])
         estimates["geometric_median"][rows] = [geometric_median_A(w[i : i + 1], draws_A[i])[0] for i in range(len(w))]
