@@ -180,6 +180,16 @@ def test_epoch_batches_shard_disjointly() -> None:
     assert epoch_batches(10, 3, epoch=2, seed=0) != epoch_batches(10, 3, epoch=3, seed=0)
 
 
+@pytest.mark.parametrize(("n_images", "world_size"), [(10, 4), (3, 8), (1, 4)])
+def test_epoch_batches_give_every_rank_the_same_count(n_images: int, world_size: int) -> None:
+    """Ranks pair their gradient averages batch by batch, so none may run out first, even with fewer images than
+    ranks; every image is still seen."""
+    shards = [epoch_batches(n_images, 2, epoch=0, seed=0, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(shard) for shard in shards}) == 1
+    assert len({sum(len(batch) for batch in shard) for shard in shards}) == 1
+    assert {i for shard in shards for batch in shard for i in batch} == set(range(n_images))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -93,12 +93,14 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 def epoch_batches(
     n_images: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[list[int]]:
-    """This rank's batches of particle indices for `epoch`: a seeded permutation, sharded, cut into batches."""
+    """This rank's batches of particle indices for `epoch`: a seeded permutation, sharded, cut into batches.
+
+    The permutation is repeated to a multiple of world_size, so every rank gets as many images, and as many batches,
+    as every other (the ranks' gradient averages must pair up), even with fewer images than ranks."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_images, generator=generator)
     per_rank = -(-n_images // world_size)
-    if per_rank * world_size > n_images:
-        order = torch.cat([order, order[: per_rank * world_size - n_images]])
+    order = order.repeat(-(-per_rank * world_size // n_images))[: per_rank * world_size]
     mine = order[rank::world_size].tolist()
     return [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
 
