@@ -100,7 +100,7 @@ def epoch_batches(
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_images, generator=generator)
     per_rank = -(-n_images // world_size)
-    order = order.repeat(-(-per_rank * world_size // n_images))[: per_rank * world_size]
+    order = order.repeat(-(-per_rank * world_size // max(n_images, 1)))[: per_rank * world_size]
     mine = order[rank::world_size].tolist()
     return [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
 
