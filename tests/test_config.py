@@ -101,6 +101,15 @@ def test_invalid_loader_and_clash_settings_are_refused_before_training() -> None
             load_config(None, {"particles": "p.star", "structure": "s.pdb", name: value})
 
 
+def test_a_sleep_phase_without_several_draws_is_refused_not_ignored() -> None:
+    inputs = {"particles": "p.star", "structure": "s.pdb", "sleep_phase": True}
+    assert load_config(None, inputs).sleep_phase
+    for other in ({"importance_samples": 1}, {"likelihood": "correlation"}):
+        with pytest.raises(CryoflexInputError, match="importance_samples above 1") as caught:
+            load_config(None, {**inputs, **other})
+        assert caught.value.field == "sleep_phase"
+
+
 def test_a_run_saved_before_the_encoder_settings_keeps_its_full_box_encoder_without_dropout(tmp_path: Path) -> None:
     saved = load_config(None, {"particles": "p.star", "structure": "s.pdb"}).to_dict()
     assert saved["encoder_downsample"] == 2 and saved["encoder_dropout"] == 0.5

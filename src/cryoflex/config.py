@@ -157,6 +157,9 @@ class TrainConfig:
             ("early_stopping_patience", self.early_stopping_patience >= 0, "use 0 (never stop early) or more epochs"),
             ("early_stopping_patience", self.early_stopping_patience == 0 or self.validation_fraction > 0,
              "early stopping needs a validation share: set validation_fraction above 0, or patience 0"),
+            ("sleep_phase", not self.sleep_phase or self.draws_per_image > 1,
+             "the sleep phase needs several draws per image: likelihood gaussian and importance_samples above 1, "
+             "or set sleep_phase false"),
         ]  # fmt: skip
         for name, ok, fix in checks:
             if not ok:

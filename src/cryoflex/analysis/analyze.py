@@ -6,11 +6,13 @@ Output layout under OUT (default RUN/analysis):
   traversals/   traversal_pcK.pdb (multi-model, B-factor = segment) + traversal_pcK.cxc; volumes/ with --volumes
   segments/     segmentation.png, nominal_segments.pdb (B-factor = segment), segments.csv
   motions/      segment_motions.csv and .png (rotation angle and translation per particle and segment)
-  per_particle_uncertainty.csv  each particle's expected RMSD under the posterior (A) and its rank
+  per_particle_uncertainty.csv  each particle's expected RMSD under the posterior (A) and its rank (with more than
+                one posterior sample)
   per_particle_coords.npy and per_particle_spread_A.npy (--per-particle), per_particle_subset.cif (--per-particle-cif)
   subsets/      STAR (and .cs for cryoSPARC input) of chosen clusters (--subset-clusters) or a PC box (--subset-region)
   report.html   one offline page with every figure, the segment table, the training curves and the configuration
-  training_curves.png, noise_spectrum.png (noise_model shells), particles.png  the report's figures of the run
+  training_curves.png, noise_spectrum.png (noise_model shells), particles.png, per_particle_uncertainty.png  the
+                report's figures of the run
 Every numeric output is deterministic: the same run and options give byte-identical files.
 """
 

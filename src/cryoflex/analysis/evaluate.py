@@ -367,9 +367,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `run` against truth.npz; writes OUT/eval.json and PNG plots (OUT default RUN/eval), returns the dict.
 
-    Structures are the means of posterior_samples decoded samples of q(z | image) drawn with `seed` (0: decoded at
-    the mean). FSC uses a seeded sample of fsc_samples images, clash counts one of clash_samples images (all when
-    fewer).
+    Structures are posterior means over posterior_samples quasi-random draws of q(z | image) drawn with `seed`,
+    importance-weighted for runs of the Gaussian likelihood (0 or 1: decoded at the latent mean); errors are ranked
+    by each particle's expected RMSD. FSC uses a seeded sample of fsc_samples images, clash counts one of
+    clash_samples images (all when fewer).
     """
     check_posterior_options(posterior_samples, seed)
     if fsc_samples < 1 or clash_samples < 1:

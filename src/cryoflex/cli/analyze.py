@@ -41,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-region", type=float, nargs=4, metavar=("PC1_MIN", "PC1_MAX", "PC2_MIN", "PC2_MAX"),
                         help="write the particles inside this box of the PC1/PC2 plane")
     parser.add_argument("--posterior-samples", type=int, default=DEFAULT_POSTERIOR_SAMPLES, metavar="K",
-                        help="per-particle structures: mean of K structures decoded from q(z | image), with their "
-                             f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
-                             "mean, no spread)")
+                        help="per-particle structures: the mean of K structures decoded from quasi-random draws of "
+                             "q(z | image), weighted by how well each explains the image (the model's posterior; "
+                             "equal weights for runs of the correlation loss), with each particle's expected RMSD "
+                             f"as its uncertainty (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0 or 1: "
+                             "decode at the latent mean, no uncertainty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means, UMAP and the posterior draws (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)

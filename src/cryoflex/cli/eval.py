@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--voxel-size-A", type=float, help="voxel of the FSC volumes (default: the run's pixel size, at most 1.5 A)"
     )
     parser.add_argument("--posterior-samples", type=int, default=DEFAULT_POSTERIOR_SAMPLES, metavar="K",
-                        help="score the mean of K structures decoded from q(z | image), and rank errors by their "
-                             f"spread (drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0: decode at the latent "
+                        help="score the posterior mean over K quasi-random draws of q(z | image) (importance-weighted "
+                             "for runs of the Gaussian likelihood), and rank errors by each particle's expected RMSD "
+                             f"(drawn with --seed; default {DEFAULT_POSTERIOR_SAMPLES}; 0 or 1: decode at the latent "
                              "mean)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the image samples and the posterior draws (default 0)")

@@ -7,10 +7,10 @@ centroid.
 Settings: defaults < --config YAML < flags; the full configuration is saved as RUN/config.yaml. Every epoch writes an
 atomic checkpoint to RUN/checkpoints; --resume continues a stopped run exactly, and --resume --epochs N extends it
 (the cosine learning-rate decay then spans the N epochs). A fixed share of the particles (--validation-fraction, by
-particle name) is never trained on: its loss is logged every epoch (val_*), the best epoch by it is
-RUN/checkpoints/best.pt (analyze, eval and reconstruct load it with --checkpoint best; the last epoch by default), and
---early-stopping-patience N stops after N epochs without improvement. Logs: RUN/metrics.jsonl and TensorBoard
-(tensorboard --logdir RUN/tensorboard).
+particle name) is never trained on: its loss terms and, with the Gaussian likelihood, its log evidence are logged
+every epoch (val_*); the best epoch by the evidence (else by the loss) is RUN/checkpoints/best.pt (analyze, eval
+and reconstruct load it with --checkpoint best; the last epoch by default), and --early-stopping-patience N stops
+after N epochs without improvement. Logs: RUN/metrics.jsonl and TensorBoard (tensorboard --logdir RUN/tensorboard).
 Several GPUs (or CPU processes):
   torchrun --nproc-per-node K -m cryoflex train ...
 
@@ -113,9 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "residues, 64 px) faster per step; the correlation loss always takes 1)")
     run.add_argument("--sleep-phase", dest="sleep_phase", action="store_true", default=None,
                      help="also train the encoder on images simulated from the model (the sleep phase of reweighted "
-                          "wake-sleep): measured without encoder dropout, on the AdK benchmark at SNR 0.1 r 0.992 "
-                          "against 0.987 and held-out particles 0.90-0.94 against 0.98 A, as dropout now gives; no "
-                          "gain at SNR 0.01 or 0.001; 1.16-1.25x the step (docs/low_snr.md)")
+                          "wake-sleep; needs the Gaussian likelihood and --importance-samples above 1): measured "
+                          "without encoder dropout, on the AdK benchmark at SNR 0.1 r 0.992 against 0.987 and "
+                          "held-out particles 0.90-0.94 against 0.98 A, as dropout now gives; no gain at SNR 0.01 "
+                          "or 0.001; 1.16-1.25x the step (docs/low_snr.md)")
     run.add_argument("--epochs", type=int, help="(default 20)")
     run.add_argument("--batch-size", type=int, help="images per step and process (default 32)")
     run.add_argument("--learning-rate", type=float, help="Adam learning rate (default 3e-4)")

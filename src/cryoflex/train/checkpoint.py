@@ -1,8 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly (model, optimiser, epoch, step, random states).
 
 Written atomically at the end of every epoch (RUN/checkpoints/epoch_NNNN.pt, last.pt, and best.pt when the validation
-loss improved), so a crash or a kill leaves the last complete epoch intact and `--resume` continues from it with the
-same results as an uninterrupted run.
+score improved: the held-out evidence, or the loss with the correlation objective), so a crash or a kill leaves the
+last complete epoch intact and `--resume` continues from it with the same results as an uninterrupted run.
 """
 
 from __future__ import annotations
