@@ -187,3 +187,15 @@ def test_train_samples_the_segmentation_unless_asked_for_its_mean(flags: list[st
 
     args = build_parser().parse_args(["train", "--out", "run", "--particles", "p.star", "--structure", "s.pdb", *flags])
     assert resolve_config(args).sample_segmentation is expected
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    run = str(tmp_path / "run")
+    for command in (["analyze", run], ["eval", run, "--truth", str(afile)], ["reconstruct", run, "--all"],
+                    ["demo"], ["train", "--particles", "p.star", "--structure", "s.pdb"]):  # fmt: skip
+        assert main([*command, "--out", str(afile)]) == 2, command
+        err = capsys.readouterr().err
+        assert "writes a directory" in err and "Traceback" not in err, command
+    assert afile.read_text() == "kept"

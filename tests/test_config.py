@@ -153,3 +153,13 @@ def test_a_run_saved_before_the_segmentation_setting_keeps_drawing_segmentations
     del saved["sample_segmentation"]
     path.write_text(yaml.safe_dump(saved))
     assert load_run_config(path).sample_segmentation is True
+
+
+def test_negative_weights_and_empty_layers_are_refused() -> None:
+    inputs = {"particles": "p.star", "structure": "s.pdb"}
+    for name, value in (("clash_weight", -1.0), ("latent_kl_weight", -1.0), ("latent_kl_warmup_epochs", -1.0),
+                        ("translation_scale_A", 0.0), ("decoder_hidden", [0]), ("encoder_hidden", [8, 0])):  # fmt: skip
+        with pytest.raises(CryoflexInputError) as refused:
+            load_config(None, {**inputs, name: value})
+        assert refused.value.field == name
+    assert load_config(None, {**inputs, "clash_weight": 0.0}).clash_weight == 0.0

@@ -85,3 +85,12 @@ def test_an_explicit_gpu_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPat
     with pytest.raises(CryoflexInputError, match="all 2 processes on one GPU") as refused:
         start_processes("cuda:1")
     assert "--device cuda" in str(refused.value)
+
+
+def test_an_unknown_device_name_is_a_clear_error() -> None:
+    from cryoflex.train.distributed import resolve_device
+
+    for name in ("gpu", "cuda:x", "CPU"):
+        with pytest.raises(CryoflexInputError, match="use auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    assert resolve_device("cpu").type == "cpu"

@@ -521,6 +521,19 @@ def test_rows_sharing_an_image_are_refused_with_the_choices(data_dir: Path, tmp_
     assert "--duplicate-images first" in error.fix and "--duplicate-images distinct" in error.fix
 
 
+def test_one_image_written_two_ways_is_one_image(data_dir: Path, tmp_path: Path) -> None:
+    """'000001@s.mrcs' and '1@s.mrcs' name the same image: refused as rows sharing it, not read as two particles."""
+    blocks = _relion31_blocks(data_dir)
+    particles = blocks["particles"]
+    copy = particles.iloc[[0]].copy()
+    number, _, stack = str(copy["rlnImageName"].iloc[0]).partition("@")
+    copy["rlnImageName"] = f"{int(number)}@{stack}"
+    assert copy["rlnImageName"].iloc[0] != particles["rlnImageName"].iloc[0]
+    blocks["particles"] = pd.concat([particles, copy], ignore_index=True)
+    error = _error(_write_star(tmp_path / "two_ways.star", blocks))
+    assert error.field == "rlnImageName" and "2 rows share 1 image(s)" in str(error) and "are one image" in str(error)
+
+
 def test_rows_sharing_an_image_first_row_kept(data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     original = read_metadata(data_dir / "relion31.star")
     with caplog.at_level("WARNING"):

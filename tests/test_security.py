@@ -75,11 +75,13 @@ def test_checkpoint_with_numpy_random_state_loads(tmp_path: Path) -> None:
 
 
 def test_damaged_checkpoint_is_an_input_error(tmp_path: Path) -> None:
-    """Garbage, an empty file, and a checkpoint cut in half (a copy that did not finish; torch raises RuntimeError)."""
+    """Garbage, an empty file, and checkpoints cut short (a copy that did not finish): torch raises RuntimeError for
+    one cut in half, OSError for one cut near its start."""
     path = tmp_path / "last.pt"
     whole = tmp_path / "whole.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "weights": torch.zeros(1000)}, whole)
-    for damaged in (b"not a checkpoint", b"", whole.read_bytes()[: whole.stat().st_size // 2]):
+    torch.save({"format": CHECKPOINT_FORMAT, "weights": torch.zeros(100_000)}, whole)
+    cut_short = [whole.read_bytes()[:size] for size in (whole.stat().st_size // 2, 20_000)]
+    for damaged in (b"not a checkpoint", b"", *cut_short):
         path.write_bytes(damaged)
         with pytest.raises(CryoflexInputError, match="not a readable checkpoint"):
             load_checkpoint(path)

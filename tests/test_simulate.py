@@ -1,8 +1,10 @@
 """Simulation round trip: write a small dataset, read it back with cryoflex's readers, re-render the clean images."""
 
 import numpy as np
+import pytest
 import torch
 
+from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.formation import ImageFormation
 from cryoflex.io.metadata import read_metadata
@@ -106,3 +108,38 @@ def test_cli_simulate_without_ensemble_is_a_clear_error(tmp_path, capsys):
 
     assert main(["simulate", "--out", str(tmp_path), "--n-images", "3"]) == 2
     assert "--structure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("n_images", 0), ("snr", -1.0), ("snr", float("nan")), ("pixel_size_A", float("inf")), ("voltage_kV", 0.0),
+     ("amplitude_contrast", 2.0), ("defocus_max_A", 5000.0), ("shift_std_A", -1.0), ("batch_size", 0)],
+)  # fmt: skip
+def test_settings_that_would_write_nan_or_no_images_are_refused(setting: str, value: float) -> None:
+    """Before, a negative or NaN SNR, a voltage of 0 or an amplitude contrast of 2 wrote NaN images and exited 0."""
+    with pytest.raises(CryoflexInputError, match="--" + setting.replace("_", "-")) as refused:
+        SimulationConfig(**{"n_images": 4, setting: value})
+    assert refused.value.field == setting
+
+
+def test_cli_simulate_refuses_to_overwrite_a_dataset_or_a_file(data_dir, tmp_path, capsys):
+    from cryoflex.cli import main
+
+    ensemble = ["--topology", str(data_dir / "adk.psf"), "--trajectory", str(data_dir / "adk_dims.dcd")]
+    small = ["--n-images", "2", "--box-size-px", "16", "--no-progress"]
+    assert main(["simulate", *ensemble, "--out", str(tmp_path / "sim"), *small]) == 0
+    star = (tmp_path / "sim" / "particles.star").read_bytes()
+    assert main(["simulate", *ensemble, "--out", str(tmp_path / "sim"), *small, "--seed", "1"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert (tmp_path / "sim" / "particles.star").read_bytes() == star
+    (tmp_path / "afile").write_text("kept")
+    assert main(["simulate", *ensemble, "--out", str(tmp_path / "afile"), *small]) == 2
+    assert "writes a directory" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "kept"
+    both = ["--structure", str(data_dir / "adk_open.pdb"), *ensemble]
+    assert main(["simulate", *both, "--out", str(tmp_path / "other"), *small]) == 2
+    assert "both --structure and --topology" in capsys.readouterr().err
+    weights = tmp_path / "weights.txt"
+    weights.write_text("abc\n")
+    assert main(["simulate", *ensemble, "--weights", str(weights), "--out", str(tmp_path / "w"), *small]) == 2
+    err = capsys.readouterr().err
+    assert "weights.txt" in err and "Traceback" not in err

@@ -379,6 +379,20 @@ def _nominal_batches(model: CryoSphere, scale: float) -> list[ParticleBatch]:
     return batches
 
 
+def test_projections_blank_at_the_width_are_a_clear_error(data_dir: Path) -> None:
+    """A Gaussian width far beyond the box renders constant images: an error naming sigma_A, not a division by 0."""
+    from cryoflex.io.structure import read_structure
+    from cryoflex.train.loop import nominal_fit
+    from cryoflex.train.setup import build_model
+
+    config = load_config(None, dict(particles="unused.star", structure=str(data_dir / "adk_open.pdb"), segments=2,
+                                    latent_dim=2, encoder_hidden=[8], decoder_hidden=[8], sigma_A=1000.0))  # fmt: skip
+    model = build_model(config, read_structure(data_dir / "adk_open.pdb"), 32, 4.0).eval()
+    with pytest.raises(CryoflexInputError, match="blank at the Gaussian width 1000 A") as refused:
+        nominal_fit(model, _nominal_batches(model, scale=0.37), torch.device("cpu"))
+    assert refused.value.field == "sigma_A"
+
+
 def test_nominal_fit_is_the_least_squares_scale_with_an_offset_per_image(data_dir: Path) -> None:
     """Scale and noise variance equal numpy's least squares on one design (the projections and one indicator column
     per image); a scale the images contradict (here negative) starts at the floor instead."""

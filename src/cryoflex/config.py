@@ -157,6 +157,12 @@ class TrainConfig:
             ("early_stopping_patience", self.early_stopping_patience >= 0, "use 0 (never stop early) or more epochs"),
             ("early_stopping_patience", self.early_stopping_patience == 0 or self.validation_fraction > 0,
              "early stopping needs a validation share: set validation_fraction above 0, or patience 0"),
+            *[(name, getattr(self, name) >= 0, "use 0 (the term off) or a positive weight")
+              for name in ("latent_kl_weight", "segmentation_kl_weight", "continuity_weight", "clash_weight")],
+            ("latent_kl_warmup_epochs", self.latent_kl_warmup_epochs >= 0, "use 0 (no ramp) or a number of epochs"),
+            ("translation_scale_A", self.translation_scale_A > 0, "use a positive scale in A, e.g. 10"),
+            *[(name, all(width >= 1 for width in getattr(self, name)),
+               "give layer widths of at least 1, e.g. [256, 256]") for name in ("encoder_hidden", "decoder_hidden")],
             ("sleep_phase", not self.sleep_phase or self.draws_per_image > 1,
              "the sleep phase needs several draws per image: likelihood gaussian and importance_samples above 1, "
              "or set sleep_phase false"),

@@ -9,6 +9,7 @@ radial power spectrum (noise_spectrum; its variance per pixel is the same either
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,35 @@ class SimulationConfig:
     # the noise's relative power against spatial frequency: (frequency in 1/A, power) points, frequencies increasing,
     # interpolated linearly and flat beyond the ends; None = white
     noise_spectrum: tuple[tuple[float, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would write blank or NaN images, or none, naming the flag and the fix."""
+        finite = {name: math.isfinite(value) for name, value in vars(self).items() if isinstance(value, int | float)}
+        checks = [
+            ("n_images", self.n_images >= 1, "simulate at least 1 image"),
+            ("box_size_px", self.box_size_px >= 8, "use a box of at least 8 pixels"),
+            ("pixel_size_A", finite["pixel_size_A"] and self.pixel_size_A > 0, "use a positive pixel size in A"),
+            ("snr", finite["snr"] and self.snr > 0, "use a positive SNR, e.g. 0.1 (signal variance / noise variance)"),
+            ("sigma_A", finite["sigma_A"] and self.sigma_A > 0, "use a positive Gaussian width in A, e.g. 2"),
+            ("defocus_min_A", finite["defocus_min_A"] and self.defocus_min_A >= 0,
+             "use an underfocus of 0 A or more (RELION's sign: positive is underfocus)"),
+            ("defocus_max_A", finite["defocus_max_A"] and self.defocus_max_A >= self.defocus_min_A,
+             f"use a largest defocus of at least the smallest ({self.defocus_min_A:g} A)"),
+            ("astigmatism_max_A", finite["astigmatism_max_A"] and self.astigmatism_max_A >= 0,
+             "use 0 (no astigmatism) or a positive difference in A"),
+            ("voltage_kV", finite["voltage_kV"] and self.voltage_kV > 0, "use the acceleration voltage, e.g. 300"),
+            ("cs_mm", finite["cs_mm"] and self.cs_mm >= 0, "use the spherical aberration in mm, e.g. 2.7"),
+            ("amplitude_contrast", finite["amplitude_contrast"] and 0 <= self.amplitude_contrast < 1,
+             "use a fraction from 0 to under 1, e.g. 0.1"),
+            ("shift_std_A", finite["shift_std_A"] and self.shift_std_A >= 0, "use 0 (centred) or a positive spread"),
+            ("images_per_file", self.images_per_file >= 1, "use at least 1 image per stack file"),
+            ("batch_size", self.batch_size >= 1, "project at least 1 image at once"),
+            ("nominal_frame", self.nominal_frame >= 0, "use a 0-based model number"),
+        ]  # fmt: skip
+        for name, ok, fix in checks:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise CryoflexInputError(None, f"invalid {flag} {getattr(self, name)!r}", fix, field=name)
 
 
 def noise_colouring(spectrum: np.ndarray, box_size_px: int, pixel_size_A: float) -> np.ndarray:

@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cryoflex import __version__
 from cryoflex.errors import CryoflexError, CryoflexInputError
@@ -18,6 +19,15 @@ THREADS_HELP = (
     "CPU threads: 0 (default) = automatic: the CPUs this process may use (affinity and cgroup quota), and while it "
     "runs the count that measures fastest, so other jobs on the machine do not slow it down many times; N = exactly N"
 )
+
+
+def check_output_directory(out: Path | None) -> None:
+    """Refuse an --out that names an existing file: every command writes a directory there."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise CryoflexInputError(
+            out, "this is a file, and the command writes a directory here",
+            "pass --out a directory: a new one, or one this command wrote before", field="--out",
+        )  # fmt: skip
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

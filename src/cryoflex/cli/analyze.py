@@ -19,7 +19,13 @@ import argparse
 from pathlib import Path
 
 from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
-from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
+from cryoflex.cli import (
+    DEVICE_HELP,
+    add_checkpoint_arguments,
+    add_threads_argument,
+    apply_threads,
+    check_output_directory,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.analyze import AnalyzeOptions, analyze_run
     from cryoflex.analysis.run import load_run
 
+    check_output_directory(args.out)
     apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = AnalyzeOptions(

@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP
+from cryoflex.cli import DEVICE_HELP, check_output_directory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.demo import run_demo
     from cryoflex.errors import CryoflexInputError
 
+    check_output_directory(args.out)
     if args.out.exists() and any(args.out.iterdir()):
         if not args.overwrite:
             raise CryoflexInputError(args.out, "the output directory is not empty", "pass --overwrite or another --out")

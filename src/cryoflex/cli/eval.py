@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
-from cryoflex.cli import DEVICE_HELP, add_checkpoint_arguments, add_threads_argument, apply_threads
+from cryoflex.cli import (
+    DEVICE_HELP,
+    add_checkpoint_arguments,
+    add_threads_argument,
+    apply_threads,
+    check_output_directory,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.evaluate import EVAL_JSON, evaluate
     from cryoflex.analysis.run import load_run
 
+    check_output_directory(args.out)
     apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     out = args.out if args.out is not None else trained.paths.eval

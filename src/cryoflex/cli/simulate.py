@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import add_threads_argument, apply_threads
+from cryoflex.cli import add_threads_argument, apply_threads, check_output_directory
 from cryoflex.errors import CryoflexInputError
 
 # Flags of SimulationConfig's fields: (type, help). Defaults stay in SimulationConfig (cryoflex.simulate imports torch,
@@ -63,6 +63,19 @@ def run(args: argparse.Namespace) -> int:
 
     from cryoflex.simulate import SimulationConfig, read_noise_spectrum, simulate_dataset
 
+    check_output_directory(args.out)
+    written = [name for name in ("particles.star", "truth.npz", "stacks") if (args.out / name).exists()]
+    if written:
+        raise CryoflexInputError(
+            args.out, f"already holds a dataset ({', '.join(written)}), which this would overwrite",
+            "pass another --out, or delete the old dataset first", field="--out",
+        )  # fmt: skip
+    sources = [args.structure is not None, args.topology is not None or args.trajectory is not None]
+    if all(sources):
+        raise CryoflexInputError(
+            args.structure, "both --structure and --topology/--trajectory were given",
+            "pass one ensemble: --structure FILE, or --topology T --trajectory X",
+        )  # fmt: skip
     apply_threads(args)
     if args.structure is not None:
         from cryoflex.io.structure import read_structure
@@ -86,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
         )
     weights = None
     if args.weights is not None:
-        weights = np.loadtxt(args.weights, ndmin=1)
+        try:
+            weights = np.loadtxt(args.weights, ndmin=1)
+        except (OSError, ValueError) as error:
+            raise CryoflexInputError(
+                args.weights, f"cannot read it as numbers ({error})", "one weight per conformation, one per line",
+                field="--weights",
+            ) from error
         if weights.shape != (ensemble.n_models,) or np.any(weights < 0) or weights.sum() <= 0:
             raise CryoflexInputError(
                 args.weights,

@@ -27,7 +27,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cryoflex.cli import DEVICE_HELP, THREADS_HELP
+from cryoflex.cli import DEVICE_HELP, THREADS_HELP, check_output_directory
 from cryoflex.config import (
     DENSITIES,
     DUPLICATE_IMAGES,
@@ -176,6 +176,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from cryoflex.train.loop import TrainingDiverged, train
 
+    check_output_directory(args.out)
     config = resolve_config(args)
     try:
         result = train(config, args.out, resume=args.resume)

@@ -120,6 +120,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             f"{found.group(1).rstrip('.,:')}); cryoflex refuses to load it, since unpickling them can run any code",
             "use a checkpoint written by cryoflex train, from a source you trust",
         ) from None
+    except OSError as error:  # a zip archive cut short can fail as a read error, as can the disk
+        raise CryoflexInputError(
+            path, f"not a readable checkpoint (damaged, incomplete or unreadable: {error.strerror or error})",
+            "use another of the run's checkpoints (copy RUN/checkpoints/epoch_NNNN.pt to last.pt to resume)",
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found_format = state.get("format") if isinstance(state, dict) else None
         raise CryoflexInputError(

@@ -9,6 +9,7 @@ particles are drawn (training_batches); the validation share is never in a batch
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,10 @@ class ProcessContext:
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """'auto' -> the local GPU when there is one, else the CPU; 'cuda' -> this process's GPU."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested) is None:
+        raise CryoflexInputError(
+            None, f"unknown --device {requested!r}", "use auto, cpu, cuda or cuda:N", field="device"
+        )
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from cryoflex.config import TrainConfig
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import particle_loader
+from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.noise import n_shells, shell_counts, shell_sums
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import correlation_loss
@@ -257,6 +258,7 @@ def density_description(model: CryoSphere, density: str) -> str:
 def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> NominalFit:
     """The nominal structure's projections against every image of `loader`, as the images are used (NominalFit)."""
     correlations, inner, predicted_power, observed_power, pixels = [], 0.0, 0.0, 0.0, 0
+    uncentred_power = 0.0  # of the projections before each image's mean is taken off
     box_size_px = model.formation.box_size_px
     groups = model.noise_optics_groups
     # per optics group: observed, cross and predicted power in each shell
@@ -276,6 +278,7 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
                 shells[group, row] += shell_sums(products.real / box_size_px**2)
         predicted = predicted_images.flatten(1)
         observed = batch.images.flatten(1).double()
+        uncentred_power += float(predicted.square().sum())
         correlations.append(1.0 - correlation_loss(predicted, observed))
         predicted = predicted - predicted.mean(1, keepdim=True)
         observed = observed - observed.mean(1, keepdim=True)
@@ -283,6 +286,12 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
         predicted_power += float(predicted.square().sum())
         observed_power += float(observed.square().sum())
         pixels += observed.numel()
+    if not predicted_power > 1e-12 * uncentred_power:  # a constant image, or none: no signal to fit
+        raise CryoflexInputError(
+            None, f"the nominal structure's projections are blank at the Gaussian width {float(model.sigma_A):g} A in "
+            f"a box of {box_size_px} px: the model would see no signal", "use a width well inside the box, e.g. 2 A",
+            field="sigma_A",
+        )  # fmt: skip
     floor = _MIN_START_SCALE_SHARE * math.sqrt(observed_power / predicted_power)
     scale = max(inner / predicted_power, floor)
     residual_power = observed_power - 2 * scale * inner + scale**2 * predicted_power

@@ -282,15 +282,22 @@ def _image_names(path: Path, particles: pd.DataFrame, block: str) -> np.ndarray:
     return column.astype(str).to_numpy(dtype=str)
 
 
+def _image_keys(names: np.ndarray) -> np.ndarray:
+    """One key per image a name refers to: '000001@a.mrcs', '1@a.mrcs' and 'a.mrcs' are the same image."""
+    paths, indices, valid = _parse_image_names(names)
+    return np.where(valid, np.char.add(np.char.add(indices.astype(str), "@"), paths), names)
+
+
 def _rows_per_image(path: Path, particles: pd.DataFrame, block: str, duplicate_images: str) -> pd.DataFrame:
     """The rows to read when several share an rlnImageName (e.g. symmetry expansion), as `duplicate_images` says:
     refuse with the choices, keep the first row of each image, or keep every row ("distinct")."""
     names = _image_names(path, particles, block)
-    shared = pd.Index(names).duplicated(keep=False)
+    keys = _image_keys(names)
+    shared = pd.Index(keys).duplicated(keep=False)
     if not shared.any() or duplicate_images == "distinct":
         return particles
-    n_rows, n_images = int(shared.sum()), int(np.unique(names[shared]).size)
-    later = pd.Index(names).duplicated()
+    n_rows, n_images = int(shared.sum()), int(np.unique(keys[shared]).size)
+    later = pd.Index(keys).duplicated()
     if duplicate_images == "first":
         logger.warning(
             "%s: %d rows share %d images (e.g. symmetry expansion); kept the first row of each image, dropped %d rows",
@@ -298,11 +305,15 @@ def _rows_per_image(path: Path, particles: pd.DataFrame, block: str, duplicate_i
         )  # fmt: skip
         return particles[~later].reset_index(drop=True)
     row = int(np.argmax(later))
-    first = int(np.argmax(names == names[row]))
+    first = int(np.argmax(keys == keys[row]))
+    if names[first] == names[row]:
+        example = f"rlnImageName '{names[row]}' appears at rows {first + 1} and {row + 1}"
+    else:
+        example = f"rlnImageName '{names[first]}' at row {first + 1} and '{names[row]}' at row {row + 1} are one image"
     raise CryoflexInputError(
         path,
-        f"{n_rows} rows share {n_images} image(s): rlnImageName '{names[row]}' appears at rows {first + 1} and "
-        f"{row + 1} (symmetry expansion or duplicated particles give one image several rows)",
+        f"{n_rows} rows share {n_images} image(s): {example} (symmetry expansion or duplicated particles give one "
+        "image several rows)",
         fix="choose how to read them: --duplicate-images first keeps the first row of each image, "
         "--duplicate-images distinct treats every row as its own particle (read_metadata's duplicate_images); "
         "or remove the duplicates (relion_star_handler --remove_duplicates)",
@@ -326,7 +337,7 @@ def _star_image_refs(path: Path, tables: _StarTables) -> tuple[np.ndarray, np.nd
             fix="write image names as e.g. 000001@Extract/job007/particles.mrcs",
             field="rlnImageName",
         )
-    shared = pd.Index(names).duplicated(keep=False)
+    shared = pd.Index(_image_keys(names)).duplicated(keep=False)
     if shared.any():
         rows = np.arange(1, names.size + 1).astype(str)
         names = np.where(shared, np.char.add(np.char.add(names, "#row"), rows), names)
