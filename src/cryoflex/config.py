@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -32,6 +33,11 @@ PRECISIONS = ("auto", "fp32", "bf16")  # the networks' arithmetic: auto = bf16 o
 # Weights on the scale of 1 - correlation (in [0, 2]), the defaults with likelihood "correlation" (the original's);
 # the dataclass defaults are for the Gaussian likelihood, whose terms are in nats.
 CORRELATION_WEIGHTS = {"latent_kl_weight": 1e-3, "continuity_weight": 1e-2, "clash_weight": 1e-2}
+
+
+def is_device_name(name: str) -> bool:
+    """Whether `name` is a device cryoflex takes: auto, cpu, cuda or cuda:N."""
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
 @dataclass
@@ -138,7 +144,7 @@ class TrainConfig:
             ("rendering", self.rendering in RENDERINGS, f"use one of {', '.join(RENDERINGS)}"),
             ("downsample", self.downsample is None or (self.downsample >= 8 and self.downsample % 2 == 0),
              "downsample to an even box of at least 8 pixels"),
-            ("device", self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "use auto, cpu or cuda"),
+            ("device", is_device_name(self.device), "use auto, cpu, cuda or cuda:N"),
             ("precision", self.precision in PRECISIONS, f"use {', '.join(PRECISIONS)}"),
             ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),

@@ -9,13 +9,13 @@ particles are drawn (training_batches); the validation share is never in a batch
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from cryoflex.config import is_device_name
 from cryoflex.errors import CryoflexInputError
 
 
@@ -36,7 +36,7 @@ class ProcessContext:
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """'auto' -> the local GPU when there is one, else the CPU; 'cuda' -> this process's GPU."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested) is None:
+    if not is_device_name(requested):
         raise CryoflexInputError(
             None, f"unknown --device {requested!r}", "use auto, cpu, cuda or cuda:N", field="device"
         )
