@@ -132,6 +132,7 @@ def test_subset_clusters_are_numbered_from_one(
         (["--per-particle-cif", "-1"], "no particle -1"),
         (["--per-particle-cif", "3", "3"], "particle 3 given twice"),
         (["--subset-region", "1", "0", "-1", "1"], "each minimum below its maximum"),
+        (["--clusters", "41"], "give --clusters 40 or fewer"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(

@@ -453,6 +453,15 @@ def test_non_finite_values_name_column_and_row(
     assert error.field == column and f"row {row + 1}" in str(error)
 
 
+@pytest.mark.parametrize("column", ["rlnDefocusU", "rlnDefocusV"])
+def test_negative_defocus_names_column_and_row(data_dir: Path, tmp_path: Path, column: str) -> None:
+    """Defocus is positive for underfocus in RELION; a negative value is a broken row, not an overfocus to model."""
+    blocks = _relion31_blocks(data_dir)
+    blocks["particles"].loc[3, column] = -12000.0
+    error = _error(_write_star(tmp_path / "negative.star", blocks))
+    assert error.field == column and "row 4" in str(error) and "-12000" in str(error) and "0 or more" in str(error)
+
+
 def test_disagreeing_box_sizes(data_dir: Path, tmp_path: Path) -> None:
     blocks = starfile.read(data_dir / "relion31.6opticsgroups.star", always_dict=True)
     blocks["optics"].loc[2, "rlnImageSize"] = 128

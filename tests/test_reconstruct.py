@@ -202,6 +202,9 @@ def test_bad_input_is_refused_with_file_and_fix(
     assert "--box-size-px" in capsys.readouterr().err
     assert _reconstruct(trained_run, out, "--padding", "0") == 2
     assert "give --padding 1 or more" in capsys.readouterr().err
+    for memory in ("0", "-1", "nan"):
+        assert _reconstruct(trained_run, out, "--all", "--memory-gb", memory) == 2
+        assert "give a positive size" in capsys.readouterr().err
 
     assert _reconstruct(trained_run, out, "--analysis", str(fake_analysis), "--pc", "1", "--bins", "10") == 2
     assert "a half-map needs at least 10" in capsys.readouterr().err

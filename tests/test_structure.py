@@ -224,7 +224,37 @@ def test_residue_without_calpha_warns(tmp_path: Path, caplog: pytest.LogCaptureF
     path.write_text(DNA_AND_PROTEIN_PDB)
     with caplog.at_level(logging.WARNING, logger="cryoflex.io.structure"):
         read_structure(path)
-    assert "ALA" in caplog.text and "no CA atom" in caplog.text
+    assert "ALA" in caplog.text and "(no CA)" in caplog.text
+
+
+def _pdb_atom(serial: int, name: str, residue: str, number: int, x: float) -> str:
+    coordinates = f"{x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+    return f"ATOM  {serial:>5} {name:<4} {residue} A{number:>4}    {coordinates}  1.00  0.00           {name[0]}"
+
+
+def test_residues_without_calpha_give_one_warning_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Many residues without a CA: one warning naming a few, not one line each (a new user saw 214 lines)."""
+    lines = [_pdb_atom(k + 1, "N", "ALA", k + 1, 3.8 * k) for k in range(40)]
+    lines.append(_pdb_atom(41, "CA", "GLY", 41, 160.0))
+    path = tmp_path / "backbone_less.pdb"
+    path.write_text("\n".join(lines) + "\nEND\n")
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.structure"):
+        structure = read_structure(path)
+    assert structure.n_residues == 1
+    skipped = [record for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1
+    assert "40 residue(s)" in skipped[0].getMessage() and "and 35 more" in skipped[0].getMessage()
+
+
+def test_structure_without_any_calpha_is_one_error_without_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "no_calpha.pdb"
+    path.write_text("\n".join(_pdb_atom(k + 1, "N", "ALA", k + 1, 3.8 * k) for k in range(30)) + "\nEND\n")
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.structure"), pytest.raises(CryoflexInputError) as error:
+        read_structure(path)
+    assert "no amino-acid (CA)" in str(error.value) and "ALA without CA x 30" in str(error.value)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("suffix", [".pdb", ".cif", ".mmcif"])

@@ -115,6 +115,11 @@ def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) ->
     """Refuse options that would fail only after minutes of encoding and sampling, naming the flag and the fix."""
     check_subset_clusters(options.subset_clusters, options.n_clusters)
     check_posterior_options(options.posterior_samples, options.seed)
+    if options.n_clusters > n_particles:
+        raise CryoflexInputError(
+            None, f"{options.n_clusters} k-means clusters for {n_particles} particles",
+            fix=f"give --clusters {n_particles} or fewer", field="--clusters",
+        )  # fmt: skip
     if options.n_points < 1:
         raise CryoflexInputError(None, f"{options.n_points} structures per traversal", fix="give --points 1 or more",
                                  field="--points")  # fmt: skip
@@ -243,6 +248,11 @@ def analyze_run(
     posterior = particle_posteriors(model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed)
     latents = posterior_latents(posterior, samples, seed)
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
+    if len(embedding.kmeans_centres) < options.n_clusters:
+        logger.warning(
+            "%d k-means clusters instead of the %d asked: the particles have only %d distinct latents",
+            len(embedding.kmeans_centres), options.n_clusters, len(embedding.kmeans_centres),
+        )  # fmt: skip
     files = latent.save_embedding(embedding, names, out_dir / "latent")
     files.append(latent.write_source(out_dir / "latent", run.epoch, run.fingerprint))
     latent_figures = latent.plot_embedding(embedding, out_dir / "latent")

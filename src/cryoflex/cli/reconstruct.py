@@ -31,6 +31,7 @@ from cryoflex.cli import (
     apply_threads,
     check_output_directory,
 )
+from cryoflex.errors import CryoflexInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.run import load_run
 
     check_output_directory(args.out)
+    if not args.memory_gb > 0:  # also NaN
+        raise CryoflexInputError(
+            None, f"--memory-gb {args.memory_gb:g}", fix="give a positive size, e.g. --memory-gb 8", field="--memory-gb"
+        )
     apply_threads(args)
     trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
     options = ReconstructOptions(

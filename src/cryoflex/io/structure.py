@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 AMINO_ACID_ATOM = "CA"
 NUCLEOTIDE_ATOM = "C1'"
+_SKIPPED_SHOWN = 5  # residues named in the warning about residues skipped for lacking their CA / C1' atom
 _NUCLEOTIDE_ATOM_OLD_NAME = "C1*"  # PDB format version 2 and some old programs
 _FORCE_FIELD_AMINO_ACIDS = frozenset(
     {"HSD", "HSE", "HSP", "HID", "HIE", "HIP", "CYX", "CYM", "ASH", "GLH", "LYN"}
@@ -262,10 +263,12 @@ def _pseudo_atom(residue: gemmi.Residue, kind: str) -> gemmi.Atom | None:
     return None
 
 
-def _select_residues(model: gemmi.Model, path: Path, warn: bool) -> tuple[list[_Selected], Counter[str]]:
-    """The model's polymer residues with their pseudo-atom, and a count of the other residues."""
+def _select_residues(model: gemmi.Model, path: Path) -> tuple[list[_Selected], Counter[str], list[str]]:
+    """The model's polymer residues with their pseudo-atom, a count of the other residues, and the polymer residues
+    skipped for lacking their pseudo-atom ("chain 'A' ALA 5 (no CA)")."""
     selected: list[_Selected] = []
     others: Counter[str] = Counter()
+    skipped: list[str] = []
     for chain in model:
         for residue in chain:
             kind = residue_kind(residue.name)
@@ -276,15 +279,13 @@ def _select_residues(model: gemmi.Model, path: Path, warn: bool) -> tuple[list[_
             if atom is None:
                 wanted = AMINO_ACID_ATOM if kind == "amino acid" else NUCLEOTIDE_ATOM
                 others[f"{residue.name} without {wanted}"] += 1
-                if warn:
-                    logger.warning("chain '%s' residue %s %s has no %s atom; skipped",
-                                   chain.name, residue.name, residue.seqid, wanted)
+                skipped.append(f"chain '{chain.name}' {residue.name} {residue.seqid} (no {wanted})")
                 continue
             if residue.seqid.num is None:
                 raise CryoflexInputError(path, f"chain '{chain.name}' residue {residue.name} has no residue number",
                                          "give every residue a number (PDB columns 23-26, mmCIF auth_seq_id)")
             selected.append(_Selected(chain.name.strip(), residue.segment.strip(), residue, residue.seqid.num, atom))
-    return selected, others
+    return selected, others, skipped
 
 
 def _describe_others(others: Counter[str]) -> str:
@@ -337,18 +338,22 @@ def read_structure(path: str | Path) -> Structure:
     """Read a PDB or mmCIF file as one CA/C1' pseudo-atom per residue; several models give an ensemble."""
     path = Path(path)
     gemmi_structure = _read_gemmi(path)
-    first, others = _select_residues(gemmi_structure[0], path, warn=True)
+    first, others, skipped = _select_residues(gemmi_structure[0], path)
     if not first:
         found = _describe_others(others)
         raise CryoflexInputError(path, f"no amino-acid (CA) or nucleotide (C1') residue found; only {found}",
                                  "give a protein or nucleic-acid structure")
+    if skipped:  # one line, however many: a file of backbone-less residues must not bury the log
+        shown = ", ".join(skipped[:_SKIPPED_SHOWN]) + (f" and {len(skipped) - _SKIPPED_SHOWN} more"
+                                                        if len(skipped) > _SKIPPED_SHOWN else "")  # fmt: skip
+        logger.warning("%s: %d residue(s) skipped for lacking the atom that places them: %s", path, len(skipped), shown)
     first_keys = [s.key for s in first]
     coords = [[s.atom.pos.tolist() for s in first]]
     groups = [density_groups(s.residue, s.atom) for s in first]
     offsets = [[offset for offset, _ in groups]]
     shares = [share for _, share in groups]  # the first model's: the amplitudes are the first model's too
     for model in list(gemmi_structure)[1:]:
-        selected, _ = _select_residues(model, path, warn=False)
+        selected, _, _ = _select_residues(model, path)
         keys = [s.key for s in selected]
         if keys != first_keys:
             difference = next((f"{a} vs {b}" for a, b in zip(first_keys, keys, strict=False) if a != b),

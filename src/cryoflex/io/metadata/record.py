@@ -263,6 +263,9 @@ def _assemble_ctf(
         value = values.get(name)
         complete[name] = np.full(n, default) if value is None else value
     ctf = CTFParameters(**complete)
+    for name in ("defocus_u_A", "defocus_v_A"):  # RELION's and cryoSPARC's defocus is positive for underfocus
+        defocus = getattr(ctf, name)
+        _check_values(path, sources[name], defocus, defocus >= 0, "0 or more (Angstrom, positive for underfocus)")
     _check_values(path, sources["voltage_kV"], ctf.voltage_kV, ctf.voltage_kV > 0, "positive (kV)")
     contrast = ctf.amplitude_contrast
     _check_values(path, sources["amplitude_contrast"], contrast, (contrast >= 0) & (contrast <= 1), "between 0 and 1")
