@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from dataclasses import fields
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -502,11 +504,29 @@ def test_stack_must_match_box_and_count(data_dir: Path, tmp_path: Path) -> None:
     blocks = _relion31_blocks(data_dir)
     blocks["particles"] = blocks["particles"].iloc[:3]
     error = _error(_write_star(tmp_path / "three.star", blocks), stack_path=stack)
-    assert error.field == "stack_path" and "holds 5 images" in str(error) and "3 particles" in str(error)
+    assert error.field == "--stack" and "holds 5 images" in str(error) and "3 particles" in str(error)
+
+
+def test_stack_replacing_the_images_a_star_file_names_warns(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--stack is cryoDRGN's convention; given with a STAR file that names its images it still wins, but says so."""
+    stack = data_dir / "relion31.mrcs"
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.metadata"):
+        metadata = read_metadata(data_dir / "relion31.star", stack_path=stack)
+    assert metadata.image_indices.tolist() == [0, 1, 2, 3, 4]
+    assert "names its images" in caplog.text and "replaces them" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.metadata"):
+        pkl_stack = tmp_path / "five.mrcs"  # the .pkl's particles are 300 px
+        with mrcfile.new(pkl_stack) as handle:
+            handle.set_data(np.zeros((5, 300, 300), np.float32))
+        read_metadata(data_dir / "pose.star.pkl", ctf_path=data_dir / "ctf1.pkl", stack_path=pkl_stack)
+    assert "replaces them" not in caplog.text  # a cryoDRGN .pkl names no images: nothing is replaced
 
 
 def test_ctf_path_only_with_pkl(data_dir: Path) -> None:
-    assert _error(data_dir / "relion31.star", ctf_path=data_dir / "ctf1.pkl").field == "ctf_path"
+    assert _error(data_dir / "relion31.star", ctf_path=data_dir / "ctf1.pkl").field == "--ctf"
 
 
 # ------------------------------------------------------------------------------------------- rows sharing an image

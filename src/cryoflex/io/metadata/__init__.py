@@ -6,6 +6,7 @@ record and the checks they share. This package reads any of them by suffix and s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from cryoflex.io.metadata.record import (
 )
 from cryoflex.io.metadata.relion import DUPLICATE_IMAGES, RELION_WRITE_VERSION, write_relion_star
 from cryoflex.io.particles import ParticleStack
+
+logger = logging.getLogger(__name__)
 
 
 def read_metadata(
@@ -58,7 +61,7 @@ def read_metadata(
             ctf_path,
             "a separate CTF file only goes with a cryoDRGN poses .pkl; .star and .cs files hold their CTF",
             fix="leave out the CTF file",
-            field="ctf_path",
+            field="--ctf",
         )
     stack = None if stack_path is None else _open_stack(Path(stack_path))
     box_source = "box_size_px"
@@ -104,8 +107,15 @@ def _attach_stack(metadata: ParticleMetadata, stack: tuple[str, int, int]) -> Pa
             stack_file,
             f"the stack holds {n_images} images but {metadata.source_path} lists {n} particles",
             fix="give the stack these particles were taken from (particle i must be image i)",
-            field="stack_path",
+            field="--stack",
         )
+    if metadata.image_paths is not None:  # cryoDRGN's convention, but a STAR or .cs file names its own images
+        named = np.unique(metadata.image_paths)
+        more = f" and {named.size - 1} more stacks" if named.size > 1 else ""
+        logger.warning(
+            "%s names its images (in %s%s); the --stack %s replaces them: particle i is image i of that stack",
+            metadata.source_path, Path(str(named[0])).name, more, stack_file,
+        )  # fmt: skip
     return replace(metadata, image_paths=np.full(n, stack_file), image_indices=np.arange(n))
 
 

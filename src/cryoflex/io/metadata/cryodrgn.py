@@ -146,7 +146,7 @@ def read_pickles(path: Path, ctf_path: Path | None, overrides: _Overrides) -> Pa
                 source,
                 f"both {found[kind][0]} and {source} are cryoDRGN {kind} files",
                 fix="give one poses .pkl and one ctf .pkl",
-                field="ctf_path",
+                field="--ctf",
             )
         found[kind] = (source, arrays)
     lengths = {str(source): arrays[0].shape[0] for source, arrays in found.values()}
