@@ -143,8 +143,11 @@ def test_particles_are_matched_by_name_not_position(simulation: Path, trained: T
     truth_path = simulation / "truth.npz"
     truth = read_truth(truth_path)
     order = np.random.default_rng(0).permutation(len(truth.names))
+    with np.load(simulation / "truth.npz") as npz:
+        defocus_u_A = npz["defocus_u_A"]
     shuffled = _edited_truth(simulation, tmp_path / "shuffled.npz", names=truth.names[order],
-                             conformation_index=truth.conformation_index[order])  # fmt: skip
+                             conformation_index=truth.conformation_index[order],
+                             defocus_u_A=defocus_u_A[order])  # fmt: skip
     rows = truth_rows(truth.names, read_truth(shuffled))
     np.testing.assert_array_equal(rows, np.argsort(order))
     straight = evaluate(trained, truth_path, fsc_samples=3, out_dir=tmp_path / "a")
@@ -160,10 +163,16 @@ def test_user_errors_name_file_and_field(simulation: Path, trained: TrainedRun, 
     short = _edited_truth(simulation, tmp_path / "short.npz", conformations_A=truth.conformations_A[:, :-1])
     with pytest.raises(CryoflexInputError, match=r"short.npz \[conformations_A\]: .*213 residues.* 214"):
         evaluate(trained, short, out_dir=tmp_path)
+    with np.load(simulation / "truth.npz") as npz:
+        defocus_u_A = npz["defocus_u_A"]
     missing = _edited_truth(simulation, tmp_path / "missing.npz", names=truth.names[1:],
-                            conformation_index=truth.conformation_index[1:])  # fmt: skip
+                            conformation_index=truth.conformation_index[1:], defocus_u_A=defocus_u_A[1:])  # fmt: skip
     with pytest.raises(CryoflexInputError, match=r"\[names\]: 1 of 40 particles of the run are not in the truth"):
         evaluate(trained, missing, out_dir=tmp_path)
+    # another simulation's truth names the same particles ('000001@...'): its defocus gives it away
+    other = _edited_truth(simulation, tmp_path / "other.npz", defocus_u_A=defocus_u_A[::-1].copy())
+    with pytest.raises(CryoflexInputError, match=r"other.npz \[defocus_u_A\]: \d+ of 40 particles have another "):
+        evaluate(trained, other, out_dir=tmp_path)
     with pytest.raises(CryoflexInputError, match=r"\[--truth\]: no such file"):
         evaluate(trained, tmp_path / "absent.npz", out_dir=tmp_path)
     np.savez(tmp_path / "fieldless.npz", names=truth.names)

@@ -40,6 +40,7 @@ from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.atomic import write_text_atomic
+from cryoflex.io.metadata import ParticleMetadata
 from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_JSON = "eval.json"
 CLASH_CUTOFF_A = 4.0
+_DEFOCUS_MATCH_A = 0.5  # a particle file rounds defocus to a few decimals; simulations differ by hundreds of A
 _TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
 _FRAME_WARNING_RMSD_A = 1.0
 
@@ -60,6 +62,7 @@ class Truth:
     conformation_index: np.ndarray  # (n,) int
     conformations_A: np.ndarray  # (k, n_residues, 3)
     nominal_frame: int | None
+    defocus_u_A: np.ndarray | None = None  # (n,) the simulated defocus: tells whether the truth is these particles'
 
 
 def read_truth(path: Path) -> Truth:
@@ -92,7 +95,12 @@ def read_truth(path: Path) -> Truth:
             path, f"points outside the {len(conformations)} conformations", fix=fix, field="conformation_index"
         )
     nominal_frame = int(fields["nominal_frame"]) if "nominal_frame" in fields else None
-    return Truth(path, names, index, conformations, nominal_frame)
+    defocus_u_A = np.asarray(fields["defocus_u_A"], np.float64) if "defocus_u_A" in fields else None
+    if defocus_u_A is not None and defocus_u_A.shape != names.shape:
+        raise CryoflexInputError(
+            path, f"has {defocus_u_A.size} entries but names has {names.size}", fix=fix, field="defocus_u_A"
+        )
+    return Truth(path, names, index, conformations, nominal_frame, defocus_u_A)
 
 
 def truth_rows(particle_names: np.ndarray, truth: Truth) -> np.ndarray:
@@ -113,6 +121,25 @@ def truth_rows(particle_names: np.ndarray, truth: Truth) -> np.ndarray:
             field="names",
         )
     return rows
+
+
+def check_truth_matches_particles(metadata: ParticleMetadata, rows: np.ndarray, truth: Truth) -> None:
+    """Refuse a truth whose simulated defocus is not the particles' own: particle names such as
+    '000001@particles_000.mrcs' repeat in every simulation, so a truth of another one would match them all by name."""
+    if truth.defocus_u_A is None or metadata.ctf is None:
+        return
+    in_file_A, in_truth_A = metadata.ctf.defocus_u_A, truth.defocus_u_A[rows]
+    differ = ~np.isclose(in_file_A, in_truth_A, rtol=1e-5, atol=_DEFOCUS_MATCH_A)
+    if differ.any():
+        first = int(np.argmax(differ))
+        raise CryoflexInputError(
+            truth.path,
+            f"{int(differ.sum())} of {differ.size} particles have another defocus in the truth than in "
+            f"{metadata.source_path} (e.g. {metadata.names[first]}: {in_truth_A[first]:.1f} A against "
+            f"{in_file_A[first]:.1f} A): it is the truth of another simulation",
+            fix="evaluate against the truth.npz written beside these particles by cryoflex simulate",
+            field="defocus_u_A",
+        )
 
 
 def parse_residue_group(spec: str, structure: Structure) -> np.ndarray:
@@ -396,7 +423,9 @@ def evaluate(
         )
     groups = [(parse_residue_group(a, structure), parse_residue_group(b, structure)) for a, b in distance_groups]
     names = run.dataset.metadata.names
-    true_index = truth.conformation_index[truth_rows(names, truth)]
+    rows = truth_rows(names, truth)
+    check_truth_matches_particles(run.dataset.metadata, rows, truth)
+    true_index = truth.conformation_index[rows]
     conformations, nominal = truth.conformations_A, structure.coords_A[0]
     n = len(names)
     rng = np.random.default_rng(seed)
