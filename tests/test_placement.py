@@ -1,14 +1,18 @@
 """Placing the nominal structure in the particle frame: map box centres and the placement errors."""
 
+import logging
+
 import mrcfile
 import numpy as np
 import pytest
 
-from cryoflex.data.placement import box_centre_from_map_A, place_structure_A
+from cryoflex.config import TrainConfig
+from cryoflex.data.placement import box_centre_from_map_A, map_extent_A, place_structure_A
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.volume import write_volume_mrc
 from cryoflex.io.maps import read_mrc
 from cryoflex.io.structure import read_structure
+from cryoflex.train.setup import placed_structure
 
 
 @pytest.mark.parametrize("box_px", [32, 33])
@@ -124,3 +128,38 @@ def test_unreadable_map_names_the_file(tmp_path):
     path.write_bytes(b"not a map")
     with pytest.raises(CryoflexInputError, match="broken.mrc"):
         box_centre_from_map_A(path)
+
+
+def test_map_extent_is_counts_times_voxel(tmp_path):
+    path = tmp_path / "extent.mrc"
+    _hand_made_map(path, (0.0, 0.0, 0.0), (0, 0, 0), shape_zyx=(28, 24, 20), voxel_A=2.0)
+    np.testing.assert_allclose(map_extent_A(path), [40.0, 48.0, 56.0], atol=1e-5)
+
+
+def _config_with_map(data_dir, map_path):
+    return TrainConfig(particles="unused.star", structure=str(data_dir / "pdb1ake.pdb"), consensus_map=str(map_path))
+
+
+def test_a_map_of_another_box_is_named_when_placement_fails(adk, data_dir, tmp_path, caplog):
+    """A consensus map whose grid does not span the particles' box: the error blames the map, not the structure."""
+    _, coords = adk
+    centre = coords.mean(axis=0)
+    small = tmp_path / "small_box.mrc"  # 40 voxels of 2 A, centred 50 A off the structure: 80 A, not 128 A
+    _hand_made_map(small, tuple(centre + 50.0 - 40.0), (0, 0, 0), shape_zyx=(40, 40, 40), voxel_A=2.0)
+    with pytest.raises(CryoflexInputError) as error, caplog.at_level(logging.WARNING, "cryoflex.train.setup"):
+        placed_structure(_config_with_map(data_dir, small), box_size_A=128.0)
+    assert error.value.path == str(small) and error.value.field == "--consensus-map"
+    assert "spans 80.0 x 80.0 x 80.0 A but the particles' box 128.0 A" in str(error.value)
+    assert "outside the 128 A box" in str(error.value)
+    assert "spans 80.0 x 80.0 x 80.0 A, the particles' box 128.0 A" in caplog.text
+
+
+def test_a_map_of_the_particles_box_places_quietly(adk, data_dir, tmp_path, caplog):
+    _, coords = adk
+    centre = coords.mean(axis=0)
+    fitted = tmp_path / "fitted.mrc"  # 64 voxels of 2 A = the 128 A box, centre voxel at the structure's centroid
+    _hand_made_map(fitted, tuple(centre - 64.0), (0, 0, 0), shape_zyx=(64, 64, 64), voxel_A=2.0)
+    with caplog.at_level(logging.WARNING, "cryoflex.train.setup"):
+        structure = placed_structure(_config_with_map(data_dir, fitted), box_size_A=128.0)
+    np.testing.assert_allclose(structure.coords_A[0], coords - centre, atol=1e-4)
+    assert "spans" not in caplog.text

@@ -34,9 +34,9 @@ def _read_header(map_path: Path) -> np.recarray:
         raise CryoflexInputError(map_path, f"not a readable MRC map ({err})", field="consensus map") from err
 
 
-def box_centre_from_map_A(map_path: Path) -> np.ndarray:
-    """(x, y, z) in A of a consensus map's centre voxel (index N//2 on each axis), in the structure's frame."""
-    map_path = Path(map_path)
+def _map_grid_xyz(map_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(corner, voxel counts, voxel size), each (x, y, z), of a map's grid in its own frame; corner in A is where voxel
+    (0, 0, 0) sits."""
     header = _read_header(map_path)
     labels = [int(header.mapc), int(header.mapr), int(header.maps)]  # x/y/z label of file axes c, r, s
     if sorted(labels) != [1, 2, 3]:
@@ -62,7 +62,20 @@ def box_centre_from_map_A(map_path: Path) -> np.ndarray:
     if not np.all(np.isfinite(origin_A)):
         raise CryoflexInputError(map_path, f"header origin {origin_A.tolist()} is not finite", field="origin")
     corner_A = origin_A if np.any(origin_A != 0) else starts_xyz * voxel_A
+    return corner_A, counts_xyz, voxel_A
+
+
+def box_centre_from_map_A(map_path: Path) -> np.ndarray:
+    """(x, y, z) in A of a consensus map's centre voxel (index N//2 on each axis), in the structure's frame."""
+    corner_A, counts_xyz, voxel_A = _map_grid_xyz(Path(map_path))
     return corner_A + (counts_xyz // 2) * voxel_A
+
+
+def map_extent_A(map_path: Path) -> np.ndarray:
+    """(x, y, z) in A that a map's grid spans (voxel counts times voxel size): a consensus map reconstructed from the
+    particles spans their box."""
+    _, counts_xyz, voxel_A = _map_grid_xyz(Path(map_path))
+    return counts_xyz * voxel_A
 
 
 def _centroid_A(coords_A: np.ndarray) -> np.ndarray:
