@@ -321,7 +321,7 @@ def test_ligand_only_file_raises_clear_error(tmp_path: Path) -> None:
 
 def test_residue_without_number_raises_naming_the_residue(tmp_path: Path) -> None:
     path = tmp_path / "unnumbered.pdb"
-    path.write_text("ATOM      1  CA  ALA A       1.000   2.000   3.000  1.00  0.00           C\n")
+    path.write_text("ATOM      1  CA  ALA A           1.000   2.000   3.000  1.00  0.00           C\n")
     with pytest.raises(CryoflexInputError, match="chain 'A' residue ALA has no residue number") as error:
         read_structure(path)
     assert str(path) in str(error.value)
@@ -460,3 +460,33 @@ def test_info_on_bad_structure_exits_2_without_traceback(
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}" in err and "fix:" in err and "Traceback" not in err
+
+
+def test_pdb_coordinates_that_are_not_numbers_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    """gemmi reads a PDB coordinate such as 'abc' as 0: cryoflex names the line and the column instead."""
+    lines = (data_dir / "pdb1ake.pdb").read_text().splitlines()
+    first_atom = next(k for k, line in enumerate(lines) if line.startswith("ATOM"))
+    lines[first_atom] = lines[first_atom][:38] + "     abc" + lines[first_atom][46:]
+    path = tmp_path / "bad_y.pdb"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CryoflexInputError) as error:
+        read_structure(path)
+    assert error.value.field == "ATOM y" and f"line {first_atom + 1}" in str(error.value)
+    assert "'abc'" in str(error.value)
+
+
+def test_mmcif_positions_that_are_not_numbers_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    """An mmCIF Cartn_x that is not a number reads as NaN: a clear error naming the atom, not a traceback."""
+    document = gemmi.read_structure(str(data_dir / "pdb1ake.pdb"))
+    document.setup_entities()
+    path = tmp_path / "nan.cif"
+    document.make_mmcif_document().write_file(str(path))
+    text = path.read_text()
+    atom = next(line for line in text.splitlines() if line.startswith("ATOM") and " CA " in line)
+    fields = atom.split()
+    x_column = fields.index("?", 7) + 1  # Cartn_x follows the pdbx_PDB_ins_code '?' column in gemmi's layout
+    fields[x_column] = "abc"
+    path.write_text(text.replace(atom, " ".join(fields), 1))
+    with pytest.raises(CryoflexInputError) as error:
+        read_structure(path)
+    assert error.value.field == "Cartn_x/y/z" and "atom CA has no numeric position" in str(error.value)

@@ -29,7 +29,9 @@ and selected in ChimeraX."""
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -330,8 +332,46 @@ def _read_gemmi(path: Path) -> gemmi.Structure:
     if len(structure) == 0 or structure[0].count_atom_sites() == 0:
         raise CryoflexInputError(path, "no atom records found: not a PDB or mmCIF structure, or one without atoms",
                                  fix)
+    if structure.input_format == gemmi.CoorFormat.Pdb:
+        _check_pdb_coordinates(path, start.startswith(_GZIP_MAGIC))
+    _check_finite_positions(path, structure)
     structure.remove_alternative_conformations()
     return structure
+
+
+def _check_pdb_coordinates(path: Path, gzipped: bool) -> None:
+    """Refuse ATOM/HETATM records whose x, y, z columns (31-54) are not numbers: gemmi reads those as 0."""
+    with (gzip.open(path, "rt", errors="replace") if gzipped else path.open(errors="replace")) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.startswith(("ATOM  ", "HETATM")):
+                continue
+            for axis, (first, last) in zip("xyz", ((30, 38), (38, 46), (46, 54)), strict=True):
+                text = line[first:last]
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise CryoflexInputError(
+                        path, f"line {number}: the {axis} coordinate (columns {first + 1}-{last}) is '{text.strip()}'",
+                        fix="repair that atom's coordinates (PDB columns 31-54 hold x, y, z in A) or write the "
+                        "structure again from the program that made it", field=f"ATOM {axis}",
+                    )  # fmt: skip
+
+
+def _check_finite_positions(path: Path, structure: gemmi.Structure) -> None:
+    """Refuse atoms without a finite position (an mmCIF Cartn_x of '?' or text reads as NaN), naming the first."""
+    for model in structure:
+        for chain in model:
+            for residue in chain:
+                for atom in residue:
+                    if not all(math.isfinite(value) for value in atom.pos.tolist()):
+                        raise CryoflexInputError(
+                            path, f"chain '{chain.name}' residue {residue.name} {residue.seqid} atom {atom.name} has "
+                            f"no numeric position ({atom.pos.tolist()})",
+                            fix="repair that atom's coordinates (mmCIF _atom_site.Cartn_x/y/z, PDB columns 31-54)",
+                            field="Cartn_x/y/z",
+                        )  # fmt: skip
 
 
 def read_structure(path: str | Path) -> Structure:
