@@ -15,6 +15,7 @@ import mrcfile
 import numpy as np
 
 from cryoflex.errors import CryoflexInputError
+from cryoflex.io.maps import MAP_FIX
 
 CENTROID_TOLERANCE = 0.1  # centroid farther than this fraction of the box from the origin: placement is unknown
 _PLACEMENT_FIX = (
@@ -31,7 +32,9 @@ def _read_header(map_path: Path) -> np.recarray:
             with mrcfile.open(map_path, header_only=True, permissive=True) as mrc:
                 return mrc.header.copy()
     except (OSError, ValueError, EOFError) as err:
-        raise CryoflexInputError(map_path, f"not a readable MRC map ({err})", field="consensus map") from err
+        raise CryoflexInputError(
+            map_path, f"not a readable MRC map ({err})", fix=MAP_FIX, field="--consensus-map"
+        ) from err
 
 
 def _map_grid_xyz(map_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,7 +44,7 @@ def _map_grid_xyz(map_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = [int(header.mapc), int(header.mapr), int(header.maps)]  # x/y/z label of file axes c, r, s
     if sorted(labels) != [1, 2, 3]:
         raise CryoflexInputError(
-            map_path, f"MAPC/MAPR/MAPS = {tuple(labels)} is not a permutation of 1, 2, 3", field="MAPC"
+            map_path, f"MAPC/MAPR/MAPS = {tuple(labels)} is not a permutation of 1, 2, 3", fix=MAP_FIX, field="MAPC"
         )
     counts_crs = (int(header.nx), int(header.ny), int(header.nz))
     starts_crs = (int(header.nxstart), int(header.nystart), int(header.nzstart))
@@ -60,7 +63,9 @@ def _map_grid_xyz(map_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     voxel_A = cell_A / sampling
     origin_A = np.array([header.origin.x, header.origin.y, header.origin.z], dtype=np.float64)
     if not np.all(np.isfinite(origin_A)):
-        raise CryoflexInputError(map_path, f"header origin {origin_A.tolist()} is not finite", field="origin")
+        raise CryoflexInputError(
+            map_path, f"header origin {origin_A.tolist()} is not finite", fix=MAP_FIX, field="origin"
+        )
     corner_A = origin_A if np.any(origin_A != 0) else starts_xyz * voxel_A
     return corner_A, counts_xyz, voxel_A
 

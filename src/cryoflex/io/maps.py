@@ -18,6 +18,8 @@ from cryoflex.io.atomic import atomic_path
 
 _AXIS_X, _AXIS_Y, _AXIS_Z = 1, 2, 3
 _ANISOTROPY_TOLERANCE = 1e-4
+# the fix line of errors about a map file
+MAP_FIX = "give the MRC map as RELION, cryoSPARC or ChimeraX wrote it (copy it again if a transfer was cut short)"
 
 
 def write_mrc(
@@ -44,7 +46,9 @@ def _axis_order(path: Path, header: np.recarray) -> tuple[int, int, int]:
     """Axis labels (1=X, 2=Y, 3=Z) of the data's (section, row, column) axes, from MAPS/MAPR/MAPC."""
     labels = (int(header.maps), int(header.mapr), int(header.mapc))
     if sorted(labels) != [_AXIS_X, _AXIS_Y, _AXIS_Z]:
-        raise CryoflexInputError(path, f"MAPC/MAPR/MAPS = {labels[::-1]} is not a permutation of 1, 2, 3")
+        raise CryoflexInputError(
+            path, f"MAPC/MAPR/MAPS = {labels[::-1]} is not a permutation of 1, 2, 3", fix=MAP_FIX, field="MAPC"
+        )
     return labels
 
 
@@ -75,10 +79,10 @@ def read_mrc(path: str | Path) -> tuple[np.ndarray, float, tuple[float, float, f
                 )
                 raw = None if mrc.data is None else np.array(mrc.data, dtype=np.float32)
     except (OSError, ValueError, EOFError) as err:
-        raise CryoflexInputError(path, f"not a readable MRC map ({err})") from err
+        raise CryoflexInputError(path, f"not a readable MRC map ({err})", fix=MAP_FIX) from err
     if raw is None or raw.ndim != 3 or raw.size == 0:
         shape = None if raw is None else raw.shape
-        raise CryoflexInputError(path, f"no non-empty 3-D data block could be read (data shape {shape})")
+        raise CryoflexInputError(path, f"no non-empty 3-D data block could be read (data shape {shape})", fix=MAP_FIX)
     labels = _axis_order(path, header)
     data = np.ascontiguousarray(
         np.transpose(raw, [labels.index(axis) for axis in (_AXIS_Z, _AXIS_Y, _AXIS_X)])

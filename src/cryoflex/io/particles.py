@@ -28,6 +28,7 @@ DEFAULT_MAX_OPEN_FILES = 64
 PARENT_LEVELS_SEARCHED = 3
 _RELION_TYPE_SUFFIXES = (":mrcs", ":mrc")
 _DATADIR_FIX = "pass --datadir DIR, the folder that holds the particle stacks"
+_STACK_FIX = "extract the particles again or copy the stack again (a transfer may have been cut short)"
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,13 @@ def _read_stack_header(path: Path) -> _StackHeader:
             data_offset = int(header.nbytes) + int(header.nsymbt)
             dtype = mrcfile.utils.data_dtype_from_header(header)
     except (OSError, ValueError, EOFError) as err:
-        raise CryoflexInputError(path, f"not a readable MRC particle stack ({err})") from err
+        raise CryoflexInputError(path, f"not a readable MRC particle stack ({err})", fix=_STACK_FIX) from err
     if min(nx, ny, nz) <= 0:
         raise CryoflexInputError(
-            path, f"MRC header declares an empty or invalid shape nx={nx} ny={ny} nz={nz}"
+            path, f"MRC header declares an empty or invalid shape nx={nx} ny={ny} nz={nz}", fix=_STACK_FIX
         )
     if dtype.kind not in "iuf":
-        raise CryoflexInputError(path, f"MRC data type {dtype} is not a real-valued image type")
+        raise CryoflexInputError(path, f"MRC data type {dtype} is not a real-valued image type", fix=_STACK_FIX)
     expected_bytes = data_offset + nx * ny * nz * dtype.itemsize
     actual_bytes = path.stat().st_size
     if actual_bytes < expected_bytes:
@@ -145,7 +146,9 @@ def _check_boxes(paths: Sequence[Path], headers: Sequence[_StackHeader]) -> int:
     """Return the common square box size of all stacks, or raise naming the first stack that disagrees."""
     first_path, first = paths[0], headers[0]
     if first.nx != first.ny:
-        raise CryoflexInputError(first_path, f"images are not square ({first.nx}x{first.ny} pixels)")
+        raise CryoflexInputError(
+            first_path, f"images are not square ({first.nx}x{first.ny} pixels)", fix="extract square particle boxes"
+        )
     for path, header in zip(paths[1:], headers[1:], strict=True):
         if (header.nx, header.ny) != (first.nx, first.ny):
             raise CryoflexInputError(
@@ -200,7 +203,9 @@ class ParticleStack:
         if len(image_paths) != len(image_indices):
             raise ValueError(f"{len(image_paths)} image paths but {len(image_indices)} image indices")
         if len(image_paths) == 0:
-            raise CryoflexInputError(base_dir, "the metadata lists no particle images")
+            raise CryoflexInputError(
+                base_dir, "the metadata lists no particle images", fix="give a particle file with rows"
+            )
         if max_open_files < 1:
             raise ValueError("max_open_files must be at least 1")
         self._file_ids, unique_written = _factorize(image_paths)
@@ -290,7 +295,9 @@ class ParticleStack:
                 mrc = mrcfile.mmap(self._paths[file_id], mode="r", permissive=True)
             if mrc.data is None:
                 mrc.close()
-                raise CryoflexInputError(self._paths[file_id], "MRC data block could not be memory-mapped")
+                raise CryoflexInputError(
+                    self._paths[file_id], "MRC data block could not be memory-mapped", fix=_STACK_FIX
+                )
             self._open_maps[file_id] = mrc
         else:
             self._open_maps.move_to_end(file_id)
