@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from cryoflex.analysis import figures
 from cryoflex.analysis.predict import (
@@ -251,3 +253,22 @@ def test_posterior_draws_benchmark_scores_both_kinds_of_draws(
     rows = json.loads(out.read_text())["rows"]
     assert [(row["draws"], row["kind"]) for row in rows] == [(4, "independent"), (4, "quasi-random")]
     assert all(row["particles"] == 40 and 0 < row["median_rmsd_A"] < 20 for row in rows)
+
+
+def test_a_run_whose_stacks_moved_opens_with_datadir(
+    trained_run: Path, tiny_adk_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The particle stacks moved after training: analyze (eval, reconstruct) take --datadir, as the error advises."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_adk_dataset, data)
+    moved = tmp_path / "moved_stacks"
+    (data / "stacks").rename(moved)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "analysis"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "particles": str(data / "particles.star")}))
+    args = ["analyze", str(run), "--clusters", "2", "--points", "2", "--posterior-samples", "0", "--device", "cpu"]
+    assert cli_main(args) == 2
+    assert "pass --datadir DIR" in capsys.readouterr().err
+    assert cli_main([*args, "--datadir", str(moved)]) == 0
+    assert load_run(run, device="cpu", datadir=moved).config.datadir == str(moved)

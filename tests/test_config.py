@@ -56,7 +56,7 @@ def test_stack_and_duplicate_images_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("particles: poses.pkl\nctf: ctf.pkl\nstack: particles.mrcs\nstructure: s.pdb\n")
     config = load_config(path, {"duplicate_images": "first"})
-    assert config.stack == "particles.mrcs" and config.duplicate_images == "first"
+    assert config.stack == str(tmp_path / "particles.mrcs") and config.duplicate_images == "first"
     assert load_config(path).duplicate_images == "refuse"
     with pytest.raises(CryoflexInputError, match="refuse, first, distinct") as caught:
         load_config(path, {"duplicate_images": "merge"})
@@ -163,3 +163,30 @@ def test_negative_weights_and_empty_layers_are_refused() -> None:
             load_config(None, {**inputs, name: value})
         assert refused.value.field == name
     assert load_config(None, {**inputs, "clash_weight": 0.0}).clash_weight == 0.0
+
+
+def test_input_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path in a YAML file means the file next to it; one on the command line, the working directory's."""
+    folder = tmp_path / "settings"
+    folder.mkdir()
+    (folder / "c.yaml").write_text("particles: ../data/particles.star\nconsensus_map: map.mrc\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("settings/c.yaml"), {"structure": "nominal.pdb"})
+    assert config.particles == str(tmp_path / "data" / "particles.star")
+    assert config.consensus_map == str(folder / "map.mrc")
+    assert config.structure == str(tmp_path / "nominal.pdb")
+    assert load_config(None, {"particles": "/abs/p.star", "structure": "s.pdb"}).particles == "/abs/p.star"
+
+
+@pytest.mark.parametrize("centre", [[1.0, 2.0, float("nan")], [0.0, float("inf"), 0.0], [1.0, 2.0]])
+def test_box_centre_must_be_three_finite_numbers(centre: list[float]) -> None:
+    with pytest.raises(CryoflexInputError, match="three finite numbers") as error:
+        load_config(None, {"particles": "p.star", "structure": "s.pdb", "box_centre_A": centre})
+    assert error.value.field == "box_centre_A"
+
+
+def test_a_missing_configuration_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(CryoflexInputError, match="no such configuration file"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(CryoflexInputError, match="no such configuration file"):
+        load_config(tmp_path)

@@ -173,6 +173,11 @@ def test_user_errors_name_file_and_field(simulation: Path, trained: TrainedRun, 
     other = _edited_truth(simulation, tmp_path / "other.npz", defocus_u_A=defocus_u_A[::-1].copy())
     with pytest.raises(CryoflexInputError, match=r"other.npz \[defocus_u_A\]: \d+ of 40 particles have another "):
         evaluate(trained, other, out_dir=tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("not arrays\n")
+    with pytest.raises(CryoflexInputError, match=r"notes.txt \[--truth\]: not a readable .npz file") as error:
+        read_truth(text)
+    assert "allow_pickle" not in str(error.value)  # numpy's advice to load objects unsafely is not passed on
     with pytest.raises(CryoflexInputError, match=r"\[--truth\]: no such file"):
         evaluate(trained, tmp_path / "absent.npz", out_dir=tmp_path)
     np.savez(tmp_path / "fieldless.npz", names=truth.names)

@@ -593,3 +593,11 @@ def test_malformed_image_name_is_printed_plainly(data_dir: Path, tmp_path: Path)
     blocks["particles"].loc[1, "rlnImageName"] = "first@relion31.mrcs"
     message = str(_error(_write_star(tmp_path / "bad_name.star", blocks)))
     assert "'first@relion31.mrcs'" in message and "np.str_" not in message
+
+
+def test_a_cs_file_of_python_objects_is_refused_without_numpys_unsafe_advice(tmp_path: Path) -> None:
+    path = tmp_path / "objects.cs"
+    with path.open("wb") as handle:
+        np.save(handle, np.array([{"uid": 1}], dtype=object), allow_pickle=True)
+    error = _error(path)
+    assert "not a readable cryoSPARC .cs file" in str(error) and "allow_pickle" not in str(error)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from cryoflex.cli import main as cli_main
 from cryoflex.config import TrainConfig, load_config
@@ -112,7 +113,9 @@ def test_a_run_that_raises_keeps_its_tensorboard_scalars(
     assert [event.step for event in events.Scalars("epoch/total")] == [3]  # 40 images / 16: 3 steps in epoch 1
 
 
-def test_cli_train_and_resume(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_and_resume(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
     common = ["train", "--out", str(run), "--no-progress", "--device", "cpu"]
     inputs = ["--particles", str(tiny_dataset / "particles.star"), "--structure", str(tiny_dataset / "nominal.pdb")]
@@ -124,7 +127,19 @@ def test_cli_train_and_resume(tiny_dataset: Path, tmp_path: Path, capsys: pytest
     assert cli_main([*common, "--resume", "--epochs", "2"]) == 0
     assert load_checkpoint(find_checkpoint(run))["epoch"] == 2
     assert cli_main([*common, "--resume", "--segments", "4"]) == 2
-    assert "keeps its configuration" in capsys.readouterr().err
+    assert "keeps its configuration, but segments 4 (saved: 2) was given" in capsys.readouterr().err
+    # the same command again, inputs and settings as saved, goes on; a relative path means the same file
+    moved_to = tmp_path / "elsewhere"
+    moved_to.mkdir()
+    monkeypatch.chdir(tiny_dataset)
+    relative = ["--particles", "particles.star", "--structure", str(tiny_dataset / "nominal.pdb")]
+    assert cli_main([*common, *relative, "--config", str(config), "--segments", "2", "--resume", "--epochs", "3",
+                     "--datadir", str(tiny_dataset)]) == 0  # fmt: skip
+    assert load_checkpoint(find_checkpoint(run))["epoch"] == 3
+    saved = load_config(run / "config.yaml")
+    assert saved.particles == str(tiny_dataset / "particles.star") and saved.datadir == str(tiny_dataset)
+    monkeypatch.chdir(moved_to)  # the run's paths are absolute: it opens from anywhere
+    assert cli_main([*common, "--resume", "--epochs", "3"]) == 0
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
@@ -317,6 +332,39 @@ def test_resuming_a_finished_run_says_how_to_extend_it(
     assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "already at 1 epochs" in out and "--resume --epochs" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    train(_config(tiny_dataset, epochs=2), run, resume=True)
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {**saved, "epochs": 2}
+    # fewer epochs than the run has: nothing to do, and the saved settings still describe the run
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "1", "--no-progress"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+
+
+def test_a_terminated_train_says_where_it_stopped_and_how_to_go_on(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (Slurm's scancel) stops train as Ctrl-C does, with the epoch kept and the command that goes on."""
+    import os
+    import signal
+
+    import cryoflex.train.loop as loop
+
+    run = tmp_path / "run"
+    train(_config(tiny_dataset, epochs=1), run)
+    original = loop.train_step
+
+    def terminated_step(*args, **kwargs):  # the signal arrives during the second epoch's first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", terminated_step)
+    capsys.readouterr()
+    code = cli_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress", "--device", "cpu"])
+    assert code == 128 + signal.SIGTERM
+    message = capsys.readouterr().err
+    assert "terminated" in message and "checkpoints up to epoch 1" in message
+    assert f"cryoflex train --out {run} --resume" in message
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only
 
 
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(

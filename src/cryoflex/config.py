@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -35,6 +37,10 @@ PRECISIONS = ("auto", "fp32", "bf16")  # the networks' arithmetic: auto = bf16 o
 CORRELATION_WEIGHTS = {"latent_kl_weight": 1e-3, "continuity_weight": 1e-2, "clash_weight": 1e-2}
 
 
+# the settings that name files or folders: stored absolute, so a run opens from any working directory
+PATH_SETTINGS = ("particles", "structure", "ctf", "stack", "datadir", "consensus_map")
+
+
 def is_device_name(name: str) -> bool:
     """Whether `name` is a device cryoflex takes: auto, cpu, cuda or cuda:N."""
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
@@ -42,7 +48,7 @@ def is_device_name(name: str) -> bool:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (paths are stored as given)."""
+    """Everything that defines a training run (input paths are stored absolute: PATH_SETTINGS)."""
 
     # inputs
     particles: str = ""
@@ -146,7 +152,8 @@ class TrainConfig:
              "downsample to an even box of at least 8 pixels"),
             ("device", is_device_name(self.device), "use auto, cpu, cuda or cuda:N"),
             ("precision", self.precision in PRECISIONS, f"use {', '.join(PRECISIONS)}"),
-            ("box_centre_A", self.box_centre_A is None or len(self.box_centre_A) == 3, "give three numbers X Y Z"),
+            ("box_centre_A", self.box_centre_A is None or (len(self.box_centre_A) == 3 and all(
+                math.isfinite(value) for value in self.box_centre_A)), "give three finite numbers X Y Z (in A)"),
             ("neighbour_list_every_steps", self.neighbour_list_every_steps >= 1, "use at least 1"),
             ("threads", self.threads >= 0, "use 0 (automatic) or a number of threads"),
             ("num_workers", self.num_workers >= 0, "use 0 (read in the training process) or a number of workers"),
@@ -196,18 +203,48 @@ class TrainConfig:
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at `path`, then `overrides` (None values ignored); validated."""
+def requested_settings(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, *, file_paths_from_its_folder: bool = True
+) -> dict[str, Any]:
+    """The settings the YAML file at `path` and then `overrides` give (None values ignored), each coerced to its type,
+    the PATH_SETTINGS made absolute: a relative path in the file against the file's folder (against the working
+    directory without file_paths_from_its_folder, as runs saved before paths were stored absolute need), one in
+    `overrides` (command-line flags) against the working directory."""
     loaded: Any = None
     if path is not None:
+        if not Path(path).is_file():
+            raise CryoflexInputError(path, "no such configuration file", "give the path of a YAML file of settings")
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise CryoflexInputError(path, f"cannot read the configuration: {error}", "check the YAML syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise CryoflexInputError(path, "the configuration must be a mapping of name: value", "see docs")
-    values = _coerce_settings(loaded or {}, path)
-    values.update(_coerce_settings({k: v for k, v in (overrides or {}).items() if v is not None}, None))
+            raise CryoflexInputError(
+                path, "the configuration must be a mapping of name: value", "write one 'name: value' per line, as "
+                "in a run's config.yaml",
+            )  # fmt: skip
+    from_file = _absolute_paths(
+        _coerce_settings(loaded or {}, path), Path(path).parent if path and file_paths_from_its_folder else None
+    )  # fmt: skip
+    given = _coerce_settings({k: v for k, v in (overrides or {}).items() if v is not None}, None)
+    return {**from_file, **_absolute_paths(given, None)}
+
+
+def _absolute_paths(values: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """`values` with each relative PATH_SETTINGS value made absolute against `folder` (None: the working directory);
+    kept unresolved otherwise (symbolic links stay as the user named them)."""
+    return {
+        name: os.path.abspath(os.path.join(folder or os.getcwd(), value))
+        if name in PATH_SETTINGS and isinstance(value, str) and value else value
+        for name, value in values.items()
+    }  # fmt: skip
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, *, file_paths_from_its_folder: bool = True
+) -> TrainConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` (requested_settings); validated."""
+    values = requested_settings(path, overrides, file_paths_from_its_folder=file_paths_from_its_folder)
     if values.get("likelihood") == "correlation":
         values = {**CORRELATION_WEIGHTS, **values}
     config = TrainConfig(**values)
@@ -221,7 +258,7 @@ def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> Trai
     on every particle (lr_schedule, validation_fraction), an encoder that read the full box without dropout, every
     residue rendered at its pseudo-atom (density) at a fixed width (learn_sigma) and sampled at the pixel centres
     (rendering), with segmentations drawn from their posterior (sample_segmentation)."""
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, file_paths_from_its_folder=False)
     saved = yaml.safe_load(Path(path).read_text())
     earlier: dict[str, Any] = {
         "likelihood": "correlation", "noise_model": "white", "lr_schedule": "constant", "validation_fraction": 0.0,

@@ -28,3 +28,12 @@ class CryoflexInputError(CryoflexError):
 
 class CryoflexOutputError(CryoflexError):
     """An output that could not be written (e.g. the disk is full): names the file, the cause and the fix (exit 1)."""
+
+
+def numpy_load_problem(error: Exception) -> str:
+    """Why numpy could not load a file, for an error message: numpy's own advice for files of Python objects (load
+    them with allow_pickle) would run code from the file, which cryoflex never does, so it is not passed on."""
+    text = str(error)
+    if "allow_pickle" in text or "pickled" in text:
+        return "not a numpy file of plain arrays (it is text, or holds Python objects, which cryoflex never loads)"
+    return text

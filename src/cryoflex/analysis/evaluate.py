@@ -37,7 +37,7 @@ from cryoflex.analysis.predict import (
     posterior_structures,
 )
 from cryoflex.analysis.run import TrainedRun
-from cryoflex.errors import CryoflexInputError
+from cryoflex.errors import CryoflexInputError, numpy_load_problem
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata
@@ -75,7 +75,9 @@ def read_truth(path: Path) -> Truth:
         with np.load(path, allow_pickle=False) as npz:
             fields = {name: npz[name] for name in npz.files}
     except (OSError, ValueError) as error:
-        raise CryoflexInputError(path, f"not a readable .npz file ({error})", fix=fix, field="--truth") from error
+        raise CryoflexInputError(
+            path, f"not a readable .npz file ({numpy_load_problem(error)})", fix=fix, field="--truth"
+        ) from error
     for name in _TRUTH_FIELDS:
         if name not in fields:
             raise CryoflexInputError(path, f"has no field {name!r}", fix=fix, field=name)

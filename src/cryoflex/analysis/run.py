@@ -93,16 +93,22 @@ def run_checkpoint(run_dir: Path, *, epoch: int | None = None, checkpoint: str |
 
 
 def load_run(
-    run_dir: Path, *, epoch: int | None = None, checkpoint: str | None = None, device: str = "auto"
+    run_dir: Path,
+    *,
+    epoch: int | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    datadir: str | Path | None = None,
 ) -> TrainedRun:
     """Reopen RUN at `epoch` or `checkpoint` (see run_checkpoint: default the last checkpoint).
 
-    The dataset uses the run's cache when present.
+    The dataset uses the run's cache when present. datadir: where the particle stacks are now, when they moved
+    since training (instead of the run's own datadir setting).
     """
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise CryoflexInputError(run.config, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
-    config = load_run_config(run.config)
+    config = load_run_config(run.config, None if datadir is None else {"datadir": str(datadir)})
     path = run_checkpoint(run.root, epoch=epoch, checkpoint=checkpoint)
     state = load_checkpoint(path, "cpu")
     check_likelihood_state(path, state, config.likelihood)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryoflex import __version__
 from cryoflex.errors import CryoflexError, CryoflexInputError
+from cryoflex.run_dir import RunDir
 
 # The --device help of every command that computes.
 DEVICE_HELP = "auto (default: the GPU when there is one), cpu, cuda or cuda:N"
@@ -45,11 +48,13 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint best|last or --epoch N: which checkpoint of a run analyze, eval and reconstruct load."""
+    """Which run state analyze, eval and reconstruct load: --checkpoint best|last or --epoch N, and --datadir."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", choices=("best", "last"),
                        help="last: the newest (default); best: the epoch with the best validation score")
     which.add_argument("--epoch", type=int, help="the checkpoint after this epoch")
+    parser.add_argument("--datadir", type=Path,
+                        help="the folder that holds the particle stacks now, if they moved since training")  # fmt: skip
 
 
 # Subcommand name -> module under cryoflex.cli. Each module defines add_arguments(parser) and run(args) -> int.
@@ -98,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None  # scancel, kill
     try:
         return int(args.run(args) or 0)
     except CryoflexError as error:
@@ -105,9 +112,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cryoflex {args.command}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, CryoflexInputError) else 1
-    except KeyboardInterrupt:
-        print(f"cryoflex {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"cryoflex {args.command}: {'terminated' if terminated else 'interrupted'}{_resume_hint(args)}",
+              file=sys.stderr)  # fmt: skip
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the command as Ctrl-C does: checkpoints already written stay, the rest is not written."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted train: the newest epoch checkpoint kept and the command that goes on from it."""
+    if args.command != "train" or getattr(args, "out", None) is None:
+        return ""
+    epochs = sorted(RunDir(args.out).checkpoints.glob("epoch_*.pt"))
+    if not epochs:
+        return f"; no epoch was finished in {args.out}"
+    last_epoch = int(epochs[-1].stem.removeprefix("epoch_"))
+    return (f"; {args.out} keeps its checkpoints up to epoch {last_epoch}. To go on: "
+            f"cryoflex train --out {args.out} --resume")  # fmt: skip
 
 
 if __name__ == "__main__":

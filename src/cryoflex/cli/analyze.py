@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_directory(args.out)
     apply_threads(args)
-    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
+    trained = load_run(
+        args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
+    )
     options = AnalyzeOptions(
         n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,
         volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_directory(args.out)
     apply_threads(args)
-    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
+    trained = load_run(
+        args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
+    )
     out = args.out if args.out is not None else trained.paths.eval
     result = evaluate(
         trained, args.truth, distance_groups=[tuple(pair) for pair in args.distance], fsc_samples=args.fsc_samples,

@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
             None, f"--memory-gb {args.memory_gb:g}", fix="give a positive size, e.g. --memory-gb 8", field="--memory-gb"
         )
     apply_threads(args)
-    trained = load_run(args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device)
+    trained = load_run(
+        args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
+    )
     options = ReconstructOptions(
         clusters=args.clusters, pc=args.pc, bins=args.bins, subsets=list(args.subset), consensus_only=args.all,
         analysis_dir=args.analysis, box_size_px=args.box_size_px, padding=args.padding, batch_size=args.batch_size,

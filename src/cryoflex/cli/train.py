@@ -39,14 +39,17 @@ from cryoflex.config import (
     TrainConfig,
     load_config,
     load_run_config,
+    requested_settings,
 )
 from cryoflex.errors import CryoflexInputError
 from cryoflex.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
-# flags that may change when a run is resumed (they do not change what is learned)
-_RESUMABLE = ("epochs", "device", "num_workers", "threads", "progress", "compile", "early_stopping_patience")
+# settings that may change when a run is resumed (they do not change what is learned; datadir: the stacks moved)
+_RESUMABLE = (
+    "epochs", "device", "num_workers", "threads", "progress", "compile", "early_stopping_patience", "datadir",
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,13 +167,17 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         raise CryoflexInputError(
             saved, "no saved configuration to resume from", "check --out, or train without --resume"
         )
-    fixed = sorted(set(overrides) - set(_RESUMABLE))
-    if fixed or args.config is not None:
+    kept = load_run_config(saved)
+    requested = requested_settings(args.config, overrides)
+    changed = sorted(name for name, value in requested.items()
+                     if name not in _RESUMABLE and value != getattr(kept, name))  # fmt: skip
+    if changed:
+        described = ", ".join(f"{name} {requested[name]!r} (saved: {getattr(kept, name)!r})" for name in changed)
         raise CryoflexInputError(
-            saved, f"a resumed run keeps its configuration, but {', '.join(fixed) or '--config'} was given",
-            f"drop those flags (only {', '.join(_RESUMABLE)} may change), or start a new run",
+            saved, f"a resumed run keeps its configuration, but {described} {'was' if len(changed) == 1 else 'were'} "
+            "given", f"drop those settings (only {', '.join(_RESUMABLE)} may change), or start a new run",
         )  # fmt: skip
-    return load_run_config(saved, {name: overrides[name] for name in overrides if name in _RESUMABLE})
+    return load_run_config(saved, {name: value for name, value in requested.items() if name in _RESUMABLE})
 
 
 def run(args: argparse.Namespace) -> int:

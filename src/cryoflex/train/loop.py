@@ -329,15 +329,16 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainR
     return result
 
 
-def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext) -> RunInputs:
-    """Check every input, then (rank 0) create the run directory and save the config, then build the dataset.
-
-    Nothing is written before the inputs pass their checks; rank 0 builds the image cache once for all ranks.
+def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext, *, resuming: bool) -> RunInputs:
+    """Check every input, then (rank 0) create the run directory and save the config of a new run, then build the
+    dataset. Nothing is written before the inputs pass their checks; rank 0 builds the image cache once for all ranks.
+    A resumed run's config is saved once it is known to train on (a resume with no epochs left changes nothing).
     """
     checked = check_inputs(config)
     if context.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        config.save(run.config)
+        if not resuming:
+            config.save(run.config)
         dataset = particle_dataset(config, checked.metadata, run, progress=config.progress)
     if context.distributed:
         torch.distributed.barrier()
@@ -355,7 +356,7 @@ def _train(
             "pass --resume to continue it, or choose another --out"
         )
     checkpoint = find_checkpoint(run.root) if resume else None  # a missing checkpoint is reported before any work
-    inputs = _prepare_inputs(config, run, context)
+    inputs = _prepare_inputs(config, run, context, resuming=checkpoint is not None)
     device = context.device
     # torchrun sets LOCAL_WORLD_SIZE: the processes that share this host's CPUs
     threads = configure_threads(
@@ -405,6 +406,8 @@ def _train(
             logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
             return TrainResult(run.root, start_epoch, step, {}, model)
         logger.info("resuming %s after epoch %d (step %d)", run.root, start_epoch, step)
+        if context.is_main:
+            config.save(run.config)  # the epochs (and any other setting that may change) it now trains to
     if fit is not None:
         with torch.no_grad():
             model.log_image_scale.fill_(math.log(fit.image_scale))

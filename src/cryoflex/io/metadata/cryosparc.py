@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoflex.errors import CryoflexInputError
+from cryoflex.errors import CryoflexInputError, numpy_load_problem
 from cryoflex.geometry.rotations import cryosparc_rotvec_to_matrix
 from cryoflex.io.atomic import save_npy_atomic
 from cryoflex.io.metadata.record import (
@@ -49,7 +49,7 @@ def _load_cs(path: Path) -> np.ndarray:
     except (OSError, ValueError, EOFError) as error:
         raise CryoflexInputError(
             path,
-            f"not a readable cryoSPARC .cs file ({error})",
+            f"not a readable cryoSPARC .cs file ({numpy_load_problem(error)})",
             fix="give the particles .cs file of a cryoSPARC job",
         ) from error
     if not isinstance(table, np.ndarray) or table.dtype.names is None or table.ndim != 1:
