@@ -135,6 +135,7 @@ def test_subset_clusters_are_numbered_from_one(
         (["--per-particle-cif", "3", "3"], "particle 3 given twice"),
         (["--subset-region", "1", "0", "-1", "1"], "each minimum below its maximum"),
         (["--clusters", "41"], "give --clusters 40 or fewer"),
+        (["--voxel-size-A", "0.01", "--volumes"], "give --voxel-size-A 0.25 or more"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(

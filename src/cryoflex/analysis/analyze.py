@@ -37,6 +37,7 @@ from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
 
 logger = logging.getLogger(__name__)
+MAX_VOLUME_BOX_PX = 512  # maps of --volumes: a float32 map of 512^3 voxels is 0.5 GB, and several are rendered
 
 _PARTICLES_CAPTION = (
     "The first particles as the model sees them (downsampled and normalised, top) and the images the model predicts "
@@ -78,10 +79,24 @@ class AnalyzeOptions:
     seed: int = 0  # k-means, UMAP and the posterior samples
 
 
+def volume_grid(run: TrainedRun, options: AnalyzeOptions) -> tuple[float, int]:
+    """(voxel size in A, even box in voxels) of the maps --volumes writes: the particles' box at --voxel-size-A (default
+    the run's pixel size). Refuses a grid above MAX_VOLUME_BOX_PX a side, which would not fit in memory."""
+    box_A = run.dataset.box_size_px * run.dataset.pixel_size_A
+    voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
+    box_px = int(np.ceil(box_A / voxel_A / 2) * 2)
+    if box_px > MAX_VOLUME_BOX_PX:
+        raise CryoflexInputError(
+            None, f"voxels of {voxel_A:g} A give maps of {box_px}^3 voxels ({box_px**3 * 4 / 2**30:,.1f} GB each) for "
+            f"the {box_A:g} A box", fix=f"give --voxel-size-A {box_A / MAX_VOLUME_BOX_PX:.3g} or more (at most "
+            f"{MAX_VOLUME_BOX_PX} voxels a side)", field="--voxel-size-A",
+        )  # fmt: skip
+    return voxel_A, box_px
+
+
 def _volumes(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
     """Maps along each traversal and at the k-means centres."""
-    voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
-    box_px = int(np.ceil(run.dataset.box_size_px * run.dataset.pixel_size_A / voxel_A / 2) * 2)
+    voxel_A, box_px = volume_grid(run, options)
     sigma_A = float(run.model.sigma_A.detach())  # the width the model renders (learned, unless fixed)
     paths = []
     for component in range(1, min(options.n_components, embedding.n_components) + 1):
@@ -240,6 +255,8 @@ def analyze_run(
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
     check_options(options, len(run.dataset), run.model.encoder.latent_dim)  # before minutes of encoding
+    if options.volumes:
+        volume_grid(run, options)
     out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
