@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,13 +182,21 @@ def test_memory_budget_splits_the_groups_into_passes_with_the_same_maps(dataset_
 # ------------------------------------------------------------ bad input
 
 
-def test_empty_group_and_too_few_particles_per_half_are_refused() -> None:
+def test_groups_too_small_for_two_half_maps(caplog: pytest.LogCaptureFixture) -> None:
+    """A required group (consensus, a subset file) too small is an error; a small cluster or bin is skipped."""
     in_half_a = half_split(100, 0)
+    empty = np.array([], dtype=np.int64)
     with pytest.raises(CryoflexInputError, match="group b holds no particles"):
-        check_groups({"a": np.arange(100), "b": np.array([], dtype=np.int64)}, in_half_a, Path("p.star"))
+        check_groups({"a": np.arange(100), "b": empty}, in_half_a, Path("p.star"), required={"a", "b"})
     with pytest.raises(CryoflexInputError, match="a half-map needs at least 10") as error:
-        check_groups({"few": np.arange(12)}, in_half_a, Path("p.star"))
-    assert "fewer --bins" in str(error.value)
+        check_groups({"few": np.arange(12)}, in_half_a, Path("p.star"), required={"few"})
+    assert "another subset" in str(error.value)
+    with caplog.at_level(logging.WARNING):
+        usable = check_groups({"a": np.arange(100), "few": np.arange(12), "none": empty}, in_half_a, Path("p.star"),
+                              required={"a"})  # fmt: skip
+    assert list(usable) == ["a"]
+    assert "2 of 2 groups have fewer than 10 particles in a half and are skipped: few (" in caplog.text
+    assert "none (0 + 0)" in caplog.text
 
 
 def test_bad_input_is_refused_with_file_and_fix(
@@ -206,10 +215,10 @@ def test_bad_input_is_refused_with_file_and_fix(
         assert _reconstruct(trained_run, out, "--all", "--memory-gb", memory) == 2
         assert "give a positive size" in capsys.readouterr().err
 
-    assert _reconstruct(trained_run, out, "--analysis", str(fake_analysis), "--pc", "1", "--bins", "10") == 2
-    assert "a half-map needs at least 10" in capsys.readouterr().err
-
     metadata = read_metadata(dataset_dir / "particles.star")
+    few = write_subset(metadata, np.arange(12), tmp_path / "few")[0]  # a subset file asked for is required
+    assert _reconstruct(trained_run, out, "--subset", str(few)) == 2
+    assert "a half-map needs at least 10" in capsys.readouterr().err
     star = write_subset(metadata, np.arange(30), tmp_path / "subset")[0]
     unknown = tmp_path / "unknown.star"
     unknown.write_text(star.read_text().replace("000001@", "000999@"))

@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,20 +333,42 @@ def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.
     return groups
 
 
-def check_groups(groups: dict[str, np.ndarray], in_half_a: np.ndarray, source: Path | None,
-                 min_per_half: int = MIN_PARTICLES_PER_HALF) -> None:  # fmt: skip
-    """Refuse an empty group, or one with fewer than min_per_half particles in either half, before any work."""
+def check_groups(
+    groups: dict[str, np.ndarray],
+    in_half_a: np.ndarray,
+    source: Path | None,
+    *,
+    required: Collection[str],
+    min_per_half: int = MIN_PARTICLES_PER_HALF,
+) -> dict[str, np.ndarray]:
+    """The groups that can be reconstructed, before any work: each needs min_per_half particles in both halves.
+
+    A required group (the consensus, a subset file the user gave) that cannot is an error; a cluster or PC bin that
+    cannot is skipped with a warning, so one small cluster does not stop the others' maps.
+    """
+    usable: dict[str, np.ndarray] = {}
+    skipped: list[str] = []
     for name, indices in groups.items():
-        if indices.size == 0:
-            raise CryoflexInputError(source, f"group {name} holds no particles",
-                                     fix="choose other groups (fewer --bins or clusters, another subset)")  # fmt: skip
         n_a = int(in_half_a[indices].sum())
         n_b = indices.size - n_a
-        if min(n_a, n_b) < min_per_half:
-            raise CryoflexInputError(
-                source, f"group {name} has {n_a} and {n_b} particles in its two halves; a half-map needs at least "
-                f"{min_per_half}", fix="reconstruct larger groups (fewer --bins or clusters, or --all)",
+        if min(n_a, n_b) >= min_per_half:
+            usable[name] = indices
+            continue
+        if name in required:
+            problem = (
+                "holds no particles" if indices.size == 0
+                else f"has {n_a} and {n_b} particles in its two halves; a half-map needs at least {min_per_half}"
             )  # fmt: skip
+            raise CryoflexInputError(source, f"group {name} {problem}",
+                                     fix="reconstruct larger groups (another subset, or --all)")  # fmt: skip
+        skipped.append(f"{name} ({n_a} + {n_b})")
+    if skipped:
+        logger.warning(
+            "%d of %d groups have fewer than %d particles in a half and are skipped: %s. Fewer --bins, or fewer "
+            "clusters in cryoflex analyze --clusters, give larger groups", len(skipped),
+            len(set(groups) - set(required)), min_per_half, ", ".join(skipped),
+        )  # fmt: skip
+    return usable
 
 
 # ------------------------------------------------------------ reconstruction
@@ -714,7 +736,8 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     groups = select_groups(run, options)
     source = run.dataset.metadata.source_path
     in_half_a = reconstruction_halves(run.dataset.metadata, run.paths.reconstruct / HALF_SPLIT_NAME, options.seed)
-    check_groups(groups, in_half_a, source)
+    groups = check_groups(groups, in_half_a, source,
+                          required={CONSENSUS, *(Path(path).stem for path in options.subsets)})  # fmt: skip
     dataset = reconstruction_dataset(run, options.box_size_px)
     box_size_px, voxel_size_A = dataset.box_size_px, dataset.pixel_size_A
     logger.info("reconstructing %d group(s) at %d px, %.3g A/px: %s", len(groups), box_size_px, voxel_size_A,
