@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from html.parser import HTMLParser
@@ -273,3 +274,24 @@ def test_a_run_whose_stacks_moved_opens_with_datadir(
     assert "pass --datadir DIR" in capsys.readouterr().err
     assert cli_main([*args, "--datadir", str(moved)]) == 0
     assert load_run(run, device="cpu", datadir=moved).config.datadir == str(moved)
+
+
+def test_a_particle_file_changed_since_training_is_reported(
+    trained_run: Path, tiny_adk_dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checkpoints record the particles they were trained on; other rows at analysis give a warning."""
+    from cryoflex.train.checkpoint import check_particles, find_checkpoint, load_checkpoint, particle_record
+
+    star = tiny_adk_dataset / "particles.star"
+    names = read_metadata(star).names
+    state = load_checkpoint(find_checkpoint(trained_run))
+    assert state["particles"] == particle_record(names) and state["particles"]["count"] == 40
+    with caplog.at_level(logging.WARNING, logger="cryoflex.train.checkpoint"):
+        check_particles(star, state, names)
+        assert not caplog.records
+        check_particles(star, state, names[:35])
+    assert "has 35 particles, the run was trained on 40" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cryoflex.train.checkpoint"):
+        check_particles(star, state, names[::-1])
+    assert "(the same count, other names or order)" in caplog.text

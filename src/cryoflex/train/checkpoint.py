@@ -7,9 +7,12 @@ last complete epoch intact and `--resume` continues from it with the same result
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ import torch
 from cryoflex.errors import CryoflexInputError, CryoflexOutputError
 from cryoflex.io.atomic import atomic_path, describe_write_failure
 from cryoflex.run_dir import RunDir
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -156,6 +161,26 @@ def check_optics_groups(
             fix="use the particle file the run was trained on" + (" (or train a new run)" if resuming else ""),
             field="rlnOpticsGroup",
         )  # fmt: skip
+
+
+def particle_record(names: Sequence[str] | np.ndarray) -> dict[str, Any]:
+    """What a checkpoint records of the particles it was trained on: their count and a digest of their names."""
+    digest = hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
+    return {"count": len(names), "names_sha256": digest}
+
+
+def check_particles(particles: Path | str, state: dict[str, Any], names: Sequence[str] | np.ndarray) -> None:
+    """Warn when the particle file is not the one the checkpoint was trained on (rows added, removed or renamed since):
+    the model then reads other particles than it learned from, which analysis allows but should say. Checkpoints
+    from before the record: nothing to check."""
+    saved = state.get("particles")
+    if saved is None or particle_record(names) == saved:
+        return
+    logger.warning(
+        "%s has %d particles, the run was trained on %d%s: the particle file changed since training; analysis "
+        "reads the particles as they are now", particles, len(names), saved["count"],
+        " (the same count, other names or order)" if len(names) == saved["count"] else "",
+    )  # fmt: skip
 
 
 def check_likelihood_state(path: Path, state: dict[str, Any], likelihood: str) -> None:

@@ -37,8 +37,10 @@ from cryoflex.threads import configure_threads
 from cryoflex.train.checkpoint import (
     check_likelihood_state,
     check_optics_groups,
+    check_particles,
     find_checkpoint,
     load_checkpoint,
+    particle_record,
     random_states,
     restore_random_states,
     save_checkpoint,
@@ -387,6 +389,7 @@ def _train(
     if checkpoint is not None and state is not None:
         check_likelihood_state(checkpoint, state, config.likelihood)
         check_optics_groups(config.particles, state, dataset.metadata.optics_group, resuming=True)
+        check_particles(config.particles, state, dataset.metadata.names)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints from before schedules had a constant rate: nothing to restore
@@ -420,6 +423,7 @@ def _train(
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     logs = closing.enter_context(RunLogs(run, resume_step=step)) if context.is_main else None
+    particles_trained_on = particle_record(dataset.metadata.names)
     validation_loader = None
     if context.is_main:
         logger.info(
@@ -532,6 +536,7 @@ def _train(
                 "scheduler": scheduler.state_dict(), "validation": dataclasses.asdict(record),
                 "random": random_states(device), "config": config.to_dict(), "metrics": metrics,
                 "normalisation": dataclasses.asdict(dataset.normalisation),
+                "particles": particles_trained_on,
             }, best=improved)  # fmt: skip
             logger.info(
                 "epoch %d/%d: %s%s, %.0f images/s (%d CPU threads)", epoch + 1, config.epochs, format_terms(metrics),
