@@ -601,3 +601,15 @@ def test_a_cs_file_of_python_objects_is_refused_without_numpys_unsafe_advice(tmp
         np.save(handle, np.array([{"uid": 1}], dtype=object), allow_pickle=True)
     error = _error(path)
     assert "not a readable cryoSPARC .cs file" in str(error) and "allow_pickle" not in str(error)
+
+
+def test_a_short_row_is_reported_as_short_not_as_nan(data_dir: Path, tmp_path: Path) -> None:
+    """A row with fewer values than columns (a file cut short) read as NaN: the error says the row is short."""
+    lines = (data_dir / "relion31.star").read_text().splitlines()
+    last = max(k for k, line in enumerate(lines) if "@" in line)
+    lines[last] = " ".join(lines[last].split()[:-3])
+    path = tmp_path / "short.star"
+    path.write_text("\n".join(lines) + "\n")
+    error = _error(path)
+    assert "has no value at row 5" in str(error) and "fewer values than the table has columns" in str(error)
+    assert "'nan'" not in str(error)

@@ -11,6 +11,7 @@ Sections of docs/conventions.md: "Rotations and projection", "Origins (particle 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -234,12 +235,16 @@ def _check_values(path: Path, field: str, values: np.ndarray, ok: np.ndarray, re
 
 
 def _first_bad_row(path: Path, field: str, where: str, raw: Any, row: int) -> CryoflexInputError:
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):  # no value at all: the row is short
+        problem = (f"{field} in {where} has no value at row {row + 1}: the row holds fewer values than the table has "
+                   "columns (a file cut short, or a '#' or an unquoted space inside a value)")  # fmt: skip
+    else:
+        problem = f"{field} in {where} is '{raw}' at row {row + 1}: every metadata value must be a finite number"
     return CryoflexInputError(
-        path,
-        f"{field} in {where} is '{raw}' at row {row + 1}: every metadata value must be a finite number",
+        path, problem,
         fix="repair or remove that row (e.g. with relion_star_handler or pandas) and read the file again",
         field=field,
-    )
+    )  # fmt: skip
 
 
 def _assemble_ctf(
