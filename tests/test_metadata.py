@@ -428,7 +428,7 @@ def test_missing_required_column_is_named(data_dir: Path, tmp_path: Path, column
 
 def test_missing_amplitude_contrast_needs_a_value(data_dir: Path) -> None:
     error = _error(data_dir / PFCRT)
-    assert error.field == "rlnAmplitudeContrast" and "amplitude_contrast" in error.fix
+    assert error.field == "rlnAmplitudeContrast" and "--amplitude-contrast 0.1" in error.fix
 
 
 def test_undefined_optics_group(data_dir: Path, tmp_path: Path) -> None:

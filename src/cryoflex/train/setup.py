@@ -144,7 +144,8 @@ def segmented_parts(config: TrainConfig, structure: Structure, *, warn: bool = F
     try:
         parts = parse_parts(config.parts, structure, config.segments)
     except ValueError as error:
-        raise CryoflexInputError(config.structure, str(error), "fix the parts setting", field="parts") from None
+        fix = "write each part as CHAIN:SEGMENTS or CHAIN:FIRST-LAST:SEGMENTS, e.g. --parts A:1-120:3 B:4"
+        raise CryoflexInputError(config.structure, str(error), fix, field="parts") from None
     field = "parts" if config.parts else "segments"
     for part in parts:
         n_residues = len(part.residue_indices)

@@ -177,7 +177,7 @@ def read_pickles(path: Path, ctf_path: Path | None, overrides: _Overrides) -> Pa
         ctf = _assemble_ctf(ctf_source, values, _CRYODRGN_CTF_SOURCES, n, "give a complete cryoDRGN ctf.pkl")
     box = _settle_box(path, "D", [("ctf.pkl D", box), (overrides.box_source, overrides.box_size_px)])
     pixel = _fill(path, "Apix", pixel, overrides.pixel_size_A, n)
-    pixel = _checked_pixel_size(path, "Apix", pixel, "pass the ctf.pkl (ctf_path) or the pixel size (pixel_size_A)")
+    pixel = _checked_pixel_size(path, "Apix", pixel, "pass the ctf.pkl (--ctf), which holds the pixel size")
     rotations = shifts_A = None
     if "poses" in found:
         poses_source, arrays = found["poses"]
@@ -187,7 +187,7 @@ def read_pickles(path: Path, ctf_path: Path | None, overrides: _Overrides) -> Pa
                 raise CryoflexInputError(
                     poses_source,
                     "poses.pkl stores shifts as fractions of the box size, which is not known",
-                    fix="pass the ctf.pkl (ctf_path), the particle stack (stack_path) or box_size_px",
+                    fix="pass the ctf.pkl (--ctf) or the particle stack (--stack), either of which gives the box size",
                     field="t",
                 )
             shifts_A = _finite_array(poses_source, "t", arrays[1]) * box * pixel[:, None]

@@ -138,7 +138,8 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
         overrides.pixel_size_A,
         n,
     )
-    pixel = _checked_pixel_size(path, "blob/psize_A", pixel, "use a .cs file with blob/ fields or pass pixel_size_A")
+    pixel_fix = "use the particles .cs of a cryoSPARC job (its blob/psize_A is the pixel size)"
+    pixel = _checked_pixel_size(path, "blob/psize_A", pixel, pixel_fix)
     rotations = shifts_A = None
     if prefix is not None:
         rotations = cryosparc_rotvec_to_matrix(np.asarray(_cs_field(path, table, f"{prefix}/pose")))

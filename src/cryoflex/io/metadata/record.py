@@ -253,8 +253,8 @@ def _assemble_ctf(
     """CTF parameters from the fields found; missing optional fields get 0 / 0 / 1, missing required raise."""
     missing = [sources[name] for name in _REQUIRED_CTF if values.get(name) is None]
     if missing:
-        if sources["amplitude_contrast"] in missing:
-            fix += "; or pass the amplitude contrast that was used (amplitude_contrast=0.1 if it was 0.1)"
+        if missing == [sources["amplitude_contrast"]]:  # RELION 3.0 files: the only field they may lack
+            fix += "; or pass the amplitude contrast that was used (--amplitude-contrast 0.1 if it was 0.1)"
         raise CryoflexInputError(
             path,
             f"missing CTF field(s) {', '.join(missing)}: cryoflex needs every particle's CTF",
