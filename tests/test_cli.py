@@ -12,6 +12,7 @@ import pytest
 import starfile
 
 from cryoflex.cli import build_parser, main
+from cryoflex.errors import CryoflexInputError
 from cryoflex.io.metadata import read_metadata, write_cryodrgn_pkl
 
 
@@ -199,3 +200,14 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path: Path, c
         err = capsys.readouterr().err
         assert "writes a directory" in err and "Traceback" not in err, command
     assert afile.read_text() == "kept"
+
+
+def test_info_on_a_directory_and_analyze_at_epoch_zero_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    assert "a directory, not a file" in capsys.readouterr().err
+    from cryoflex.train.checkpoint import find_checkpoint
+
+    with pytest.raises(CryoflexInputError, match="epochs are counted from 1"):
+        find_checkpoint(tmp_path, -1)

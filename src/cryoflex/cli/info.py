@@ -47,6 +47,8 @@ def summarise(
     suffix = path.suffix.lower()
     if not path.exists():
         raise CryoflexInputError(path, "file not found", "check the path")
+    if path.is_dir():
+        raise CryoflexInputError(path, "a directory, not a file", "give one particle, structure or stack file in it")
     if suffix in METADATA_SUFFIXES:
         return _summarise_metadata(path, datadir, check_images, reader_options)
     if suffix in STRUCTURE_SUFFIXES:
