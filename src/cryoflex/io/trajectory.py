@@ -104,6 +104,8 @@ def _warn_split_molecule(structure: Structure, source: str | Path, n_made_whole:
 
 def read_trajectory(topology_path: str | Path, trajectory_path: str | Path, *, stride: int = 1) -> Structure:
     """Every `stride`-th frame of a trajectory as a multi-model Structure (coordinates in A, as in the trajectory)."""
+    # MDAnalysis logs its own notes (netCDF4 missing, attributes guessed) that say nothing about the user's files
+    logging.getLogger("MDAnalysis").setLevel(logging.ERROR)
     try:
         import MDAnalysis as mda
     except ImportError as error:
