@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +31,16 @@ def test_segmented_parts_use_the_same_groups(data_dir: Path) -> None:
     np.testing.assert_array_equal(parts[1].residue_indices, select_residues("B", structure))
     with pytest.raises(ValueError, match=r"segment part 'A:300-310:2': 'A:300-310' selects no residue"):
         parse_parts(["A:300-310:2"], structure, default_segments=5)
+
+
+def test_a_range_past_the_chain_selects_what_is_there_and_says_so(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    structure = read_structure(data_dir / "mmcif_1ake_chimerax.cif")
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.residues"):
+        np.testing.assert_array_equal(select_residues("A:122-500", structure), np.arange(121, 214))
+    assert "'A:122-500' reaches past chain A's residues 1-214" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cryoflex.io.residues"):
+        select_residues("A:122-159", structure)
+    assert not caplog.records

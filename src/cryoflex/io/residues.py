@@ -6,11 +6,14 @@ One parser for every option that names residues (segmented parts of `cryoflex tr
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
 
 from cryoflex.io.structure import Structure
+
+logger = logging.getLogger(__name__)
 
 _GROUP_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<first>-?\d+)-(?P<last>-?\d+))?$")
 
@@ -30,7 +33,14 @@ def select_residues(spec: str, structure: Structure) -> np.ndarray:
         raise ValueError(f"no chain {match['chain']!r}; chains are {sorted(set(chain_ids.tolist()))}")
     if match["first"] is not None:
         numbers = np.asarray(structure.residue_numbers)
-        selected &= (numbers >= int(match["first"])) & (numbers <= int(match["last"]))
+        first, last = int(match["first"]), int(match["last"])
+        in_chain = numbers[selected]
+        if first < in_chain.min() or last > in_chain.max():
+            logger.warning(
+                "%r reaches past chain %s's residues %d-%d: it selects the residues of the chain within it",
+                spec.strip(), match["chain"], in_chain.min(), in_chain.max(),
+            )  # fmt: skip
+        selected &= (numbers >= first) & (numbers <= last)
     indices = np.flatnonzero(selected)
     if indices.size == 0:
         raise ValueError(f"{spec.strip()!r} selects no residue; check the residue numbers of the structure")
