@@ -211,3 +211,11 @@ def test_info_on_a_directory_and_analyze_at_epoch_zero_are_clear_errors(
 
     with pytest.raises(CryoflexInputError, match="epochs are counted from 1"):
         find_checkpoint(tmp_path, -1)
+
+
+def test_an_unknown_option_is_reported_with_the_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", "run", "--bogus"])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "cryoflex analyze: error: unrecognized arguments: --bogus" in message and "--posterior-samples" in message

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, subparser=sub)
     return parser
 
 
@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; user errors end with a message and exit code 2 (1 for an output that cannot
     be written), not a traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the subcommand's usage, which lists the options it has
+        (getattr(args, "subparser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
