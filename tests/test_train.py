@@ -145,7 +145,7 @@ def test_cli_train_and_resume(
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("segmens: 4\n")
-    with pytest.raises(CryoflexInputError, match="unknown setting"):
+    with pytest.raises(CryoflexInputError, match=r"(?s)unknown setting.*did you mean segments\?"):
         load_config(path)
     with pytest.raises(CryoflexInputError, match="segments"):
         load_config(None, {"particles": "p.star", "structure": "s.pdb", "segments": -1})

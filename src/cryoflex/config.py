@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -273,8 +274,10 @@ def _coerce_settings(values: dict[str, Any], source: Path | None) -> dict[str, A
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted(set(values) - set(hints))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], hints, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise CryoflexInputError(
-            source, f"unknown setting(s) {', '.join(unknown)}", f"valid settings: {', '.join(sorted(hints))}",
+            source, f"unknown setting(s) {', '.join(unknown)}", f"{hint}valid settings: {', '.join(sorted(hints))}",
             field=unknown[0],
         )  # fmt: skip
     return {name: coerce_setting(value, hints[name], name, source) for name, value in values.items()}
