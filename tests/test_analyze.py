@@ -287,11 +287,11 @@ def test_a_particle_file_changed_since_training_is_reported(
     state = load_checkpoint(find_checkpoint(trained_run))
     assert state["particles"] == particle_record(names) and state["particles"]["count"] == 40
     with caplog.at_level(logging.WARNING, logger="cryoflex.train.checkpoint"):
-        check_particles(star, state, names)
+        check_particles(star, state, names, resuming=False)
         assert not caplog.records
-        check_particles(star, state, names[:35])
+        check_particles(star, state, names[:35], resuming=False)
     assert "has 35 particles, the run was trained on 40" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cryoflex.train.checkpoint"):
-        check_particles(star, state, names[::-1])
-    assert "(the same count, other names or order)" in caplog.text
+        check_particles(star, state, names[::-1], resuming=True)
+    assert "(the same count, other names or order)" in caplog.text and "training goes on with" in caplog.text

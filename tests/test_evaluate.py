@@ -171,8 +171,10 @@ def test_user_errors_name_file_and_field(simulation: Path, trained: TrainedRun, 
         evaluate(trained, missing, out_dir=tmp_path)
     # another simulation's truth names the same particles ('000001@...'): its defocus gives it away
     other = _edited_truth(simulation, tmp_path / "other.npz", defocus_u_A=defocus_u_A[::-1].copy())
-    with pytest.raises(CryoflexInputError, match=r"other.npz \[defocus_u_A\]: \d+ of 40 particles have another "):
+    with pytest.raises(CryoflexInputError, match=r"other.npz \[defocus_u_A\]: the defocus of \d+ of 40 particles"):
         evaluate(trained, other, out_dir=tmp_path)
+    refined = _edited_truth(simulation, tmp_path / "refined.npz", defocus_u_A=defocus_u_A + 150.0)  # CTF refinement
+    assert evaluate(trained, refined, fsc_samples=3, out_dir=tmp_path / "refined")["rmsd_A"]
     text = tmp_path / "notes.txt"
     text.write_text("not arrays\n")
     with pytest.raises(CryoflexInputError, match=r"notes.txt \[--truth\]: not a readable .npz file") as error:

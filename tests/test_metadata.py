@@ -611,5 +611,5 @@ def test_a_short_row_is_reported_as_short_not_as_nan(data_dir: Path, tmp_path: P
     path = tmp_path / "short.star"
     path.write_text("\n".join(lines) + "\n")
     error = _error(path)
-    assert "has no value at row 5" in str(error) and "fewer values than the table has columns" in str(error)
+    assert "has no number at row 5" in str(error) and "fewer values than the table has columns" in str(error)
     assert "'nan'" not in str(error)

@@ -190,7 +190,7 @@ def test_groups_too_small_for_two_half_maps(caplog: pytest.LogCaptureFixture) ->
         check_groups({"a": np.arange(100), "b": empty}, in_half_a, Path("p.star"), required={"a", "b"})
     with pytest.raises(CryoflexInputError, match="a half-map needs at least 10") as error:
         check_groups({"few": np.arange(12)}, in_half_a, Path("p.star"), required={"few"})
-    assert "another subset" in str(error.value)
+    assert "a larger subset" in str(error.value)
     with caplog.at_level(logging.WARNING):
         usable = check_groups({"a": np.arange(100), "few": np.arange(12), "none": empty}, in_half_a, Path("p.star"),
                               required={"a"})  # fmt: skip
@@ -211,9 +211,12 @@ def test_bad_input_is_refused_with_file_and_fix(
     assert "--box-size-px" in capsys.readouterr().err
     assert _reconstruct(trained_run, out, "--padding", "0") == 2
     assert "give --padding 1 or more" in capsys.readouterr().err
-    for memory in ("0", "-1", "nan"):
+    for memory in ("0", "-1", "nan", "inf"):
         assert _reconstruct(trained_run, out, "--all", "--memory-gb", memory) == 2
         assert "give a positive size" in capsys.readouterr().err
+
+    assert _reconstruct(trained_run, out, "--analysis", str(fake_analysis), "--pc", "1", "--bins", "10") == 2
+    assert "none of the 10 groups asked for has 10 particles in each half" in capsys.readouterr().err
 
     metadata = read_metadata(dataset_dir / "particles.star")
     few = write_subset(metadata, np.arange(12), tmp_path / "few")[0]  # a subset file asked for is required

@@ -332,6 +332,8 @@ def test_resuming_a_finished_run_says_how_to_extend_it(
     assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "already at 1 epochs" in out and "--resume --epochs" in out
+    # segments 0 (automatic) asked again matches the count chosen and saved when the run started
+    assert cli_main(["train", "--out", str(run), "--resume", "--segments", "0", "--no-progress"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     train(_config(tiny_dataset, epochs=2), run, resume=True)
     assert yaml.safe_load((run / "config.yaml").read_text()) == {**saved, "epochs": 2}

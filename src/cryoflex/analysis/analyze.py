@@ -19,6 +19,7 @@ Every numeric output is deterministic: the same run and options give byte-identi
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +87,11 @@ def volume_grid(run: TrainedRun, options: AnalyzeOptions) -> tuple[float, int]:
     voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
     box_px = int(np.ceil(box_A / voxel_A / 2) * 2)
     if box_px > MAX_VOLUME_BOX_PX:
+        smallest_A = math.ceil(box_A / MAX_VOLUME_BOX_PX * 1000) / 1000  # rounded up: the advice itself must fit
         raise CryoflexInputError(
             None, f"voxels of {voxel_A:g} A give maps of {box_px}^3 voxels ({box_px**3 * 4 / 2**30:,.1f} GB each) for "
-            f"the {box_A:g} A box", fix=f"give --voxel-size-A {box_A / MAX_VOLUME_BOX_PX:.3g} or more (at most "
-            f"{MAX_VOLUME_BOX_PX} voxels a side)", field="--voxel-size-A",
+            f"the {box_A:g} A box", fix=f"give --voxel-size-A {smallest_A:g} or more (at most {MAX_VOLUME_BOX_PX} "
+            "voxels a side)", field="--voxel-size-A",
         )  # fmt: skip
     return voxel_A, box_px
 

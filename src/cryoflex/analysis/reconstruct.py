@@ -360,7 +360,7 @@ def check_groups(
                 else f"has {n_a} and {n_b} particles in its two halves; a half-map needs at least {min_per_half}"
             )  # fmt: skip
             raise CryoflexInputError(source, f"group {name} {problem}",
-                                     fix="reconstruct larger groups (another subset, or --all)")  # fmt: skip
+                                     fix="give more particles (a larger subset)")  # fmt: skip
         skipped.append(f"{name} ({n_a} + {n_b})")
     if skipped:
         logger.warning(
@@ -736,8 +736,14 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     groups = select_groups(run, options)
     source = run.dataset.metadata.source_path
     in_half_a = reconstruction_halves(run.dataset.metadata, run.paths.reconstruct / HALF_SPLIT_NAME, options.seed)
+    asked = len(groups) - 1
     groups = check_groups(groups, in_half_a, source,
                           required={CONSENSUS, *(Path(path).stem for path in options.subsets)})  # fmt: skip
+    if asked and len(groups) == 1 and (options.pc is not None or options.clusters):
+        raise CryoflexInputError(
+            source, f"none of the {asked} groups asked for has {MIN_PARTICLES_PER_HALF} particles in each half",
+            fix="fewer --bins, or fewer clusters (cryoflex analyze --clusters); --all for the consensus alone",
+        )  # fmt: skip
     dataset = reconstruction_dataset(run, options.box_size_px)
     box_size_px, voxel_size_A = dataset.box_size_px, dataset.pixel_size_A
     logger.info("reconstructing %d group(s) at %d px, %.3g A/px: %s", len(groups), box_size_px, voxel_size_A,

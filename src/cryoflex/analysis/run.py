@@ -119,7 +119,7 @@ def load_run(
     structure = placed_structure(config, dataset.box_size_px * dataset.pixel_size_A)
     optics_groups = np.unique(dataset.metadata.optics_group)
     check_optics_groups(config.particles, state, optics_groups, resuming=False)
-    check_particles(config.particles, state, dataset.metadata.names)
+    check_particles(config.particles, state, dataset.metadata.names, resuming=False)
     # the groups the model learned noise spectra for (checkpoints from before: one spectrum, for every group)
     trained_groups = state["model"].get("noise_optics_groups", torch.as_tensor(optics_groups)).numpy()
     model = build_model(config, structure, dataset.box_size_px, dataset.pixel_size_A, trained_groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -105,8 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None  # scancel, kill
+    # SIGTERM (scancel, kill) stops like Ctrl-C; not under torchrun, which stops every rank with it when one fails, and
+    # not outside the main thread, where handlers cannot be set
+    handle_sigterm = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if handle_sigterm else None
     try:
         return int(args.run(args) or 0)
     except CryoflexError as error:
@@ -120,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -129,6 +132,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once: a second SIGTERM during the clean-up ends the process
     raise Terminated
 
 

@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from cryoflex.cli import (
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.run import load_run
 
     check_output_directory(args.out)
-    if not args.memory_gb > 0:  # also NaN
+    if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise CryoflexInputError(
             None, f"--memory-gb {args.memory_gb:g}", fix="give a positive size, e.g. --memory-gb 8", field="--memory-gb"
         )

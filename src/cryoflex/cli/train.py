@@ -170,7 +170,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     kept = load_run_config(saved)
     requested = requested_settings(args.config, overrides)
     changed = sorted(name for name, value in requested.items()
-                     if name not in _RESUMABLE and value != getattr(kept, name))  # fmt: skip
+                     if name not in _RESUMABLE and value != getattr(kept, name)
+                     and not (name == "segments" and value == 0))  # 0: the count was chosen, and saved, at the start
+    # fmt: skip
     if changed:
         described = ", ".join(f"{name} {requested[name]!r} (saved: {getattr(kept, name)!r})" for name in changed)
         raise CryoflexInputError(

@@ -35,12 +35,12 @@ def select_residues(spec: str, structure: Structure) -> np.ndarray:
         numbers = np.asarray(structure.residue_numbers)
         first, last = int(match["first"]), int(match["last"])
         in_chain = numbers[selected]
-        if first < in_chain.min() or last > in_chain.max():
+        selected &= (numbers >= first) & (numbers <= last)
+        if selected.any() and (first < in_chain.min() or last > in_chain.max()):  # none selected: the error below
             logger.warning(
                 "%r reaches past chain %s's residues %d-%d: it selects the residues of the chain within it",
                 spec.strip(), match["chain"], in_chain.min(), in_chain.max(),
             )  # fmt: skip
-        selected &= (numbers >= first) & (numbers <= last)
     indices = np.flatnonzero(selected)
     if indices.size == 0:
         raise ValueError(f"{spec.strip()!r} selects no residue; check the residue numbers of the structure")

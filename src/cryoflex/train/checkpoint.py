@@ -172,17 +172,20 @@ def particle_record(names: Sequence[str] | np.ndarray) -> dict[str, Any]:
     return {"count": len(names), "names_sha256": digest}
 
 
-def check_particles(particles: Path | str, state: dict[str, Any], names: Sequence[str] | np.ndarray) -> None:
+def check_particles(
+    particles: Path | str, state: dict[str, Any], names: Sequence[str] | np.ndarray, *, resuming: bool
+) -> None:
     """Warn when the particle file is not the one the checkpoint was trained on (rows added, removed or renamed since):
-    the model then reads other particles than it learned from, which analysis allows but should say. Checkpoints
-    from before the record: nothing to check."""
+    the model then reads other particles than it learned from, which analysis and a resumed training allow but
+    should say. Checkpoints from before the record: nothing to check."""
     saved = state.get("particles")
     if saved is None or particle_record(names) == saved:
         return
     logger.warning(
-        "%s has %d particles, the run was trained on %d%s: the particle file changed since training; analysis "
-        "reads the particles as they are now", particles, len(names), saved["count"],
+        "%s has %d particles, the run was trained on %d%s: the particle file changed since; %s the particles as "
+        "they are now", particles, len(names), saved["count"],
         " (the same count, other names or order)" if len(names) == saved["count"] else "",
+        "training goes on with" if resuming else "analysis reads",
     )  # fmt: skip
 
 

@@ -389,7 +389,8 @@ def _train(
     if checkpoint is not None and state is not None:
         check_likelihood_state(checkpoint, state, config.likelihood)
         check_optics_groups(config.particles, state, dataset.metadata.optics_group, resuming=True)
-        check_particles(config.particles, state, dataset.metadata.names)
+        if context.is_main:
+            check_particles(config.particles, state, dataset.metadata.names, resuming=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints from before schedules had a constant rate: nothing to restore

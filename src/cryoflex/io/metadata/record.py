@@ -234,10 +234,15 @@ def _check_values(path: Path, field: str, values: np.ndarray, ok: np.ndarray, re
         )
 
 
-def _first_bad_row(path: Path, field: str, where: str, raw: Any, row: int) -> CryoflexInputError:
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)):  # no value at all: the row is short
-        problem = (f"{field} in {where} has no value at row {row + 1}: the row holds fewer values than the table has "
-                   "columns (a file cut short, or a '#' or an unquoted space inside a value)")  # fmt: skip
+def _first_bad_row(
+    path: Path, field: str, where: str, raw: Any, row: int, *, text_table: bool = False
+) -> CryoflexInputError:
+    """The error for the first row whose `field` is not a finite number. text_table: a STAR table, where a value that
+    reads as NaN is also what a row with too few values gives."""
+    if text_table and (raw is None or (isinstance(raw, float) and math.isnan(raw))):
+        problem = (f"{field} in {where} has no number at row {row + 1}: it reads as NaN, written so or because the "
+                   "row holds fewer values than the table has columns (a file cut short, or a '#' or an unquoted space "
+                   "inside a value)")  # fmt: skip
     else:
         problem = f"{field} in {where} is '{raw}' at row {row + 1}: every metadata value must be a finite number"
     return CryoflexInputError(

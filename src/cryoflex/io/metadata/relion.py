@@ -123,7 +123,7 @@ def _finite_column(path: Path, table: pd.DataFrame, column: str, block: str) -> 
     finite = np.isfinite(values)
     if not finite.all():
         row = int(np.argmin(finite))
-        raise _first_bad_row(path, column, f"data_{block}", table[column].iloc[row], row)
+        raise _first_bad_row(path, column, f"data_{block}", table[column].iloc[row], row, text_table=True)
     return values
 
 
