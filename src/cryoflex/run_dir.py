@@ -35,6 +35,10 @@ class RunDir:
         """The checkpoint after `epoch` (1-based, completed epochs), or last.pt when epoch is None."""
         return self.checkpoints / ("last.pt" if epoch is None else f"epoch_{epoch:04d}.pt")
 
+    def epoch_checkpoints(self) -> list[Path]:
+        """The epoch_NNNN.pt checkpoints present, oldest first."""
+        return sorted(self.checkpoints.glob("epoch_*.pt")) if self.checkpoints.is_dir() else []
+
     @property
     def last_checkpoint(self) -> Path:
         return self.checkpoint(None)

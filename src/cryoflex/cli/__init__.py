@@ -140,7 +140,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """For an interrupted train: the newest epoch checkpoint kept and the command that goes on from it."""
     if args.command != "train" or getattr(args, "out", None) is None:
         return ""
-    epochs = sorted(RunDir(args.out).checkpoints.glob("epoch_*.pt"))
+    epochs = RunDir(args.out).epoch_checkpoints()
     if not epochs:
         return f"; no epoch was finished in {args.out}"
     last_epoch = int(epochs[-1].stem.removeprefix("epoch_"))

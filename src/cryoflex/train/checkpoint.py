@@ -86,13 +86,12 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], *, best: bool = False)
 
 def find_checkpoint(run_dir: Path, epoch: int | None = None) -> Path:
     """The checkpoint of `epoch` (1-based, completed epochs), or the last one."""
-    directory = RunDir(run_dir).checkpoints
     if epoch is not None and epoch < 1:
         raise CryoflexInputError(run_dir, f"no epoch {epoch}: epochs are counted from 1", "give --epoch 1 or more",
                                  field="--epoch")  # fmt: skip
     path = RunDir(run_dir).checkpoint(epoch)
     if not path.is_file():
-        available = sorted(p.name for p in directory.glob("epoch_*.pt")) if directory.is_dir() else []
+        available = [p.name for p in RunDir(run_dir).epoch_checkpoints()]
         raise CryoflexInputError(
             path, "no such checkpoint",
             f"available: {', '.join(available)}" if available else "train first (cryoflex train), or check RUN",

@@ -34,6 +34,10 @@ from cryoflex.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 _MAP_EXTENT_TOLERANCE = 0.02  # a consensus map spanning the particles' box within 2% was reconstructed in it
+_MAP_PLACEMENT_FIX = (
+    "give the consensus map reconstructed from these particles (RELION Refine3D or cryoSPARC refinement, the "
+    "particles' box) that the structure was fitted into, or --box-centre-A X Y Z, or --centre-structure"
+)
 
 
 @dataclass
@@ -72,15 +76,17 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
         logger.info("%s has %d models: the first is the nominal structure", path, structure.n_models)
         structure = structure.model(0)
     box_centre_A = None
+    map_spans_box = True
     if config.consensus_map is not None:
         box_centre_A = box_centre_from_map_A(Path(config.consensus_map))
         logger.info("box centre from %s: (%.1f, %.1f, %.1f) A", config.consensus_map, *box_centre_A)
         extent_A = map_extent_A(Path(config.consensus_map))
-        if not np.allclose(extent_A, box_size_A, rtol=_MAP_EXTENT_TOLERANCE):
+        extent = " x ".join(f"{value:.1f}" for value in extent_A)
+        map_spans_box = bool(np.allclose(extent_A, box_size_A, rtol=_MAP_EXTENT_TOLERANCE))
+        if not map_spans_box:
             logger.warning(
                 "%s spans %s A, the particles' box %.1f A: its centre voxel is the particles' box centre only if it "
-                "was cut or padded symmetrically from a map of that box", config.consensus_map,
-                " x ".join(f"{value:.1f}" for value in extent_A), box_size_A,
+                "was cut or padded symmetrically from a map of that box", config.consensus_map, extent, box_size_A,
             )  # fmt: skip
     elif config.box_centre_A is not None:
         box_centre_A = np.asarray(config.box_centre_A, dtype=np.float64)
@@ -92,27 +98,15 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
     except CryoflexInputError as error:
         if config.consensus_map is None:
             raise
-        raise _map_placement_error(Path(config.consensus_map), box_size_A, error) from None
-    return structure.with_coords(coords_A[None], translated=True)
-
-
-def _map_placement_error(map_path: Path, box_size_A: float, error: CryoflexInputError) -> CryoflexInputError:
-    """The placement error when a consensus map placed the structure: the map is the likelier culprit when its grid
-    does not span the particles' box (then its centre voxel is not the particles' box centre)."""
-    extent_A = map_extent_A(map_path)
-    extent = " x ".join(f"{value:.1f}" for value in extent_A)
-    if np.allclose(extent_A, box_size_A, rtol=_MAP_EXTENT_TOLERANCE):
-        problem = f"placed by this map's centre voxel, {error.problem}"
-    else:
-        problem = (
+        # the map is the likelier culprit when its grid does not span the particles' box
+        problem = f"placed by this map's centre voxel, {error.problem}" if map_spans_box else (
             f"the map spans {extent} A but the particles' box {box_size_A:.1f} A, so its centre voxel is not the "
             f"particles' box centre; placed by it, {error.problem}"
-        )
-    fix = (
-        "give the consensus map reconstructed from these particles (RELION Refine3D or cryoSPARC refinement, the "
-        "particles' box) that the structure was fitted into, or --box-centre-A X Y Z, or --centre-structure"
-    )
-    return CryoflexInputError(map_path, problem, fix=fix, field="--consensus-map")
+        )  # fmt: skip
+        map_path = config.consensus_map
+        raise CryoflexInputError(map_path, problem, fix=_MAP_PLACEMENT_FIX, field="--consensus-map") from None
+    return structure.with_coords(coords_A[None], translated=True)
+
 
 
 # The automatic segment count (config segments 0). On the AdK benchmark 40 segments were 0.04-0.09 A better than 20
