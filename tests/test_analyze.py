@@ -150,6 +150,24 @@ def test_bad_options_are_refused_before_any_work(
     assert not out.exists()
 
 
+def test_long_loops_show_progress_unless_asked_not_to(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Encoding and weighting every particle take most of an analysis: each reports its progress (one plain line at
+    the end when stderr is not a terminal); --no-progress silences them. --pcs above the latent's size warns."""
+    args = ["analyze", str(trained_run), "--clusters", "2", "--points", "2", "--posterior-samples", "4", "--pcs", "3",
+            "--device", "cpu"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert cli_main([*args, "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().err
+    assert "encoding: 40/40 img" in printed
+    assert "posterior weights (4 draws each): 40/40 img" in printed
+    assert "posterior uncertainty: 40/40 particle" in printed
+    assert "--pcs 3: the run's latent has 2 dimensions, so 2 principal components are traversed" in caplog.text
+    assert cli_main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "40/40" not in capsys.readouterr().err
+
+
 class _Captions(HTMLParser):
     def __init__(self) -> None:
         super().__init__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,27 @@ def test_cli_writes_json_plots_and_summary(
     assert "best fixed conformation" in printed and "Pearson" in printed and "wrote" in printed
     assert "uncertainty ranks errors: Spearman r = " in printed
     assert result["uncertainty"]["posterior_samples"] == DEFAULT_POSTERIOR_SAMPLES
+
+
+def test_a_second_evaluation_into_the_same_folder_leaves_no_stale_plot(
+    simulation: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """An evaluation with fewer --distance pairs removes the earlier one's extra plots; progress is shown unless
+    --no-progress; an --fsc-samples above the particle count warns that all are used."""
+    out = tmp_path / "eval"
+    base = ["eval", str(run_dir), "--truth", str(simulation / "truth.npz"), "--out", str(out), "--device", "cpu",
+            "--posterior-samples", "4"]  # fmt: skip
+    pairs = ["--distance", "A:122-159", "A:30-59", "--distance", "A:122-159", "A"]
+    assert cli_main([*base, *pairs, "--fsc-samples", "2"]) == 0
+    assert (out / "distance_2.png").exists()
+    assert "posterior structures: 40/40 img" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert cli_main([*base, *pairs[:3], "--fsc-samples", "100", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["distance_1.png", "fsc.png", "rmsd_histogram.png"]
+    assert json.loads((out / "eval.json").read_text())["fsc"]["n_samples"] == 40
+    assert "FSC of all 40 images: --fsc-samples asked 100" in caplog.text
+    assert "40/40" not in capsys.readouterr().err
 
 
 def test_baselines_and_clashes_match_independent_numpy(simulation: Path, trained: TrainedRun, tmp_path: Path) -> None:

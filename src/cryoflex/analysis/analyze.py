@@ -78,6 +78,7 @@ class AnalyzeOptions:
     subset_region: tuple[float, float, float, float] | None = None  # pc1 min, pc1 max, pc2 min, pc2 max
     posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES  # per-particle structures: 0 = decode at the latent mean
     seed: int = 0  # k-means, UMAP and the posterior samples
+    progress: bool = True  # progress of the long loops (encoding, posterior weights, structures)
 
 
 def volume_grid(run: TrainedRun, options: AnalyzeOptions) -> tuple[float, int]:
@@ -143,6 +144,9 @@ def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) ->
     if options.n_components < 1:
         raise CryoflexInputError(None, f"{options.n_components} principal components", fix="give --pcs 1 or more",
                                  field="--pcs")  # fmt: skip
+    if options.n_components > latent_dim:
+        logger.warning("--pcs %d: the run's latent has %d dimensions, so %d principal components are traversed",
+                       options.n_components, latent_dim, latent_dim)  # fmt: skip
     if options.volume_voxel_A is not None and not options.volume_voxel_A > 0:
         raise CryoflexInputError(None, f"voxel size {options.volume_voxel_A:g} A",
                                  fix="give a positive --voxel-size-A, or leave it out for the run's pixel size",
@@ -231,12 +235,15 @@ def _per_particle(
         spread_path = out_dir / export.PER_PARTICLE_SPREAD_NAME if with_spread else None
         coords_path = out_dir / export.PER_PARTICLE_NAME
         expected_rmsd_A = export.export_per_particle(
-            model, posterior, coords_path, samples=samples, seed=seed, spread_path=spread_path, progress=True
+            model, posterior, coords_path, samples=samples, seed=seed, spread_path=spread_path,
+            progress=options.progress,
         )
         files += [coords_path] + ([spread_path] if spread_path is not None else [])
     elif with_spread:
         logger.info("per-particle uncertainty from %d posterior samples each", samples)
-        expected_rmsd_A = export.expected_rmsds_A(model, posterior, samples=samples, seed=seed, progress=True)
+        expected_rmsd_A = export.expected_rmsds_A(
+            model, posterior, samples=samples, seed=seed, progress=options.progress
+        )
     if not with_spread:
         return None
     names = run.dataset.metadata.names
@@ -264,7 +271,9 @@ def analyze_run(
     model, structure = run.model, run.structure
     logger.info("encoding %d particles", len(run.dataset))
     samples, seed = options.posterior_samples, options.seed
-    posterior = particle_posteriors(model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed)
+    posterior = particle_posteriors(
+        model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed, progress=options.progress
+    )
     latents = posterior_latents(posterior, samples, seed)
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
     if len(embedding.kmeans_centres) < options.n_clusters:

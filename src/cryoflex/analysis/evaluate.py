@@ -43,6 +43,7 @@ from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata
 from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
+from cryoflex.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -261,28 +262,32 @@ def _decode_and_score(
     batch_size: int,
     samples: int,
     seed: int,
+    progress: bool,
 ) -> _Decoded:
     """Every image's posterior-mean structure chunk by chunk (memory of one chunk), scored against
     true_A(start, stop)."""
     posterior = particle_posteriors(
-        run.model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed, batch_size=batch_size
-    )
+        run.model, run.dataset, weighted=run.has_likelihood, samples=samples, seed=seed, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
     n = len(posterior.mean)
     decoded = _Decoded(np.empty(n), np.empty(n), np.empty((len(groups), n)), np.empty(n), {})
+    chunks = posterior_structures(run.model, posterior, samples=samples, seed=seed, batch_size=batch_size)
     start = 0
-    for posterior_chunk in posterior_structures(run.model, posterior, samples=samples, seed=seed,
-                                                batch_size=batch_size):  # fmt: skip
-        stop = start + len(posterior_chunk.coords_A)
-        decoded.expected_rmsd_A[start:stop] = posterior_chunk.expected_rmsd_A
-        chunk = posterior_chunk.coords_A.astype(np.float64)
-        truth_chunk = true_A(start, stop)
-        decoded.direct_rmsd_A[start:stop] = rmsd_A(chunk, truth_chunk)
-        decoded.superposed_rmsd_A[start:stop] = superposed_rmsd_A(chunk, truth_chunk)
-        for g, (group_a, group_b) in enumerate(groups):
-            decoded.distances_A[g, start:stop] = centroid_distance_A(chunk, group_a, group_b)
-        for i in keep[(keep >= start) & (keep < stop)]:
-            decoded.kept[int(i)] = chunk[i - start]
-        start = stop
+    with Progress(n, "posterior structures", unit="img", enabled=progress) as bar:
+        for posterior_chunk in chunks:
+            stop = start + len(posterior_chunk.coords_A)
+            decoded.expected_rmsd_A[start:stop] = posterior_chunk.expected_rmsd_A
+            chunk = posterior_chunk.coords_A.astype(np.float64)
+            truth_chunk = true_A(start, stop)
+            decoded.direct_rmsd_A[start:stop] = rmsd_A(chunk, truth_chunk)
+            decoded.superposed_rmsd_A[start:stop] = superposed_rmsd_A(chunk, truth_chunk)
+            for g, (group_a, group_b) in enumerate(groups):
+                decoded.distances_A[g, start:stop] = centroid_distance_A(chunk, group_a, group_b)
+            for i in keep[(keep >= start) & (keep < stop)]:
+                decoded.kept[int(i)] = chunk[i - start]
+            bar.update(stop - start)
+            start = stop
     return decoded
 
 
@@ -395,6 +400,7 @@ def evaluate(
     out_dir: Path | None = None,
     batch_size: int = 256,
     posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `run` against truth.npz; writes OUT/eval.json and PNG plots (OUT default RUN/eval), returns the dict.
 
@@ -433,12 +439,15 @@ def evaluate(
     conformations, nominal = truth.conformations_A, structure.coords_A[0]
     n = len(names)
     rng = np.random.default_rng(seed)
+    if fsc_samples > n:
+        logger.warning("FSC of all %d images: --fsc-samples asked %d, the run has %d", n, fsc_samples, n)
     fsc_pick = np.sort(rng.choice(n, size=min(fsc_samples, n), replace=False))
     clash_pick = np.sort(rng.choice(n, size=min(clash_samples, n), replace=False))
 
     logger.info("decoding %d images", n)
     decoded = _decode_and_score(run, lambda start, stop: conformations[true_index[start:stop]], groups,
-                                np.union1d(fsc_pick, clash_pick), batch_size, posterior_samples, seed)  # fmt: skip
+                                np.union1d(fsc_pick, clash_pick), batch_size, posterior_samples, seed,
+                                progress)  # fmt: skip
     rmsd, rmsd_per_image = _rmsd_section(decoded, nominal, conformations, true_index)
     distances, true_distances = _distance_section(distance_groups, groups, decoded, conformations, true_index)
     grid = _volume_grid(run, voxel_size_A)
@@ -544,4 +553,7 @@ def _write_plots(
     frequency = fsc_curves["frequency_per_A"]
     curves = {name: fsc_curves[name] for name in ("prediction", "nominal")}
     save(fsc_figure(frequency, curves, n_fsc_images), "fsc.png")
+    for stale in sorted(out.glob("distance_*.png")):  # from an earlier evaluation here with more --distance pairs
+        if stale.name not in written:
+            stale.unlink()
     return written

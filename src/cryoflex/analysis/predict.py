@@ -25,6 +25,7 @@ from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.errors import CryoflexInputError
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.losses import log_importance_weights
+from cryoflex.progress import Progress
 
 NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
 _KEPT_DRAWS_BYTES = 256 * 2**20  # a chunk's decoded draws are kept up to this size for their RMSDs, else decoded again
@@ -67,16 +68,19 @@ def _batches(dataset: ParticleDataset, batch_size: int, num_workers: int) -> Ite
 
 @torch.no_grad()
 def latent_posteriors(
-    model: CryoSphere, dataset: ParticleDataset, *, batch_size: int = 256, num_workers: int = 0
-) -> LatentPosterior:
+    model: CryoSphere, dataset: ParticleDataset, *, batch_size: int = 256, num_workers: int = 0,
+    progress: bool = False,
+) -> LatentPosterior:  # fmt: skip
     """Mean and std of q(z | image) for every particle, float32 (n_particles, L), in dataset order."""
     model.eval()
     device = model.nominal_coords_A.device
     means, stds = [], []
-    for batch in _batches(dataset, batch_size, num_workers):
-        mean, std = model.encoder(batch.images.to(device))
-        means.append(mean.float().cpu().numpy())
-        stds.append(std.float().cpu().numpy())
+    with Progress(len(dataset), "encoding", unit="img", enabled=progress) as bar:
+        for batch in _batches(dataset, batch_size, num_workers):
+            mean, std = model.encoder(batch.images.to(device))
+            means.append(mean.float().cpu().numpy())
+            stds.append(std.float().cpu().numpy())
+            bar.update(len(mean))
     return LatentPosterior(np.concatenate(means), np.concatenate(stds))
 
 
@@ -88,13 +92,16 @@ def particle_posteriors(
     samples: int = DEFAULT_POSTERIOR_SAMPLES,
     seed: int = 0,
     batch_size: int = 256,
+    progress: bool = False,
 ) -> LatentPosterior:
     """q(z | image) of every particle; with `weighted` (a model trained with the Gaussian likelihood) and more than
     one sample, also the importance weights of the `samples` draws that posterior_structures takes with `seed`."""
-    posterior = latent_posteriors(model, dataset, batch_size=batch_size)
+    posterior = latent_posteriors(model, dataset, batch_size=batch_size, progress=progress)
     if not weighted or samples <= 1:
         return posterior
-    log_weights = importance_log_weights(model, dataset, posterior, samples=samples, seed=seed, batch_size=batch_size)
+    log_weights = importance_log_weights(
+        model, dataset, posterior, samples=samples, seed=seed, batch_size=batch_size, progress=progress
+    )
     return replace(posterior, log_weights=log_weights, weights_seed=seed)
 
 
@@ -198,6 +205,7 @@ def importance_log_weights(
     positions: np.ndarray | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> np.ndarray:
     """(n, samples) log importance weights of the draws posterior_structures takes with the same samples, seed and
     positions (the particles' rows in `dataset`, default all; `posterior` holds those particles'):
@@ -215,16 +223,18 @@ def importance_log_weights(
     chunks = [positions[start : start + batch_size].tolist() for start in range(0, n, batch_size)]
     out = np.empty((n, samples), np.float64)
     start = 0
-    for batch in particle_loader(dataset, chunks, num_workers=num_workers):
-        batch = batch.to(device)
-        stop = start + len(batch)
-        mean = torch.as_tensor(posterior.mean[start:stop], device=device, dtype=torch.float32)
-        std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
-        noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
-        latent = mean[:, None] + std[:, None] * noise
-        nll = model.image_nll(latent, batch)
-        out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
-        start = stop
+    with Progress(n, f"posterior weights ({samples} draws each)", unit="img", enabled=progress) as bar:
+        for batch in particle_loader(dataset, chunks, num_workers=num_workers):
+            batch = batch.to(device)
+            stop = start + len(batch)
+            mean = torch.as_tensor(posterior.mean[start:stop], device=device, dtype=torch.float32)
+            std = torch.as_tensor(posterior.std[start:stop], device=device, dtype=torch.float32)
+            noise = torch.as_tensor(posterior_noise(seed, positions[start:stop], samples, mean.shape[1]), device=device)
+            latent = mean[:, None] + std[:, None] * noise
+            nll = model.image_nll(latent, batch)
+            out[start:stop] = log_importance_weights(nll, latent, mean, std).double().cpu().numpy()
+            bar.update(stop - start)
+            start = stop
     return out
 
 

@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means, UMAP and the posterior draws (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,
         per_particle_cif=args.per_particle_cif, subset_clusters=args.subset_clusters,
         subset_region=None if args.subset_region is None else tuple(args.subset_region),
-        posterior_samples=args.posterior_samples, seed=args.seed,
+        posterior_samples=args.posterior_samples, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     report = analyze_run(trained, args.out or trained.paths.analysis, options)
     print(f"analysis of {args.run_dir} (epoch {trained.epoch}): {report}")

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the image samples and the posterior draws (default 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_threads_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         trained, args.truth, distance_groups=[tuple(pair) for pair in args.distance], fsc_samples=args.fsc_samples,
         seed=args.seed, voxel_size_A=args.voxel_size_A, out_dir=out, posterior_samples=args.posterior_samples,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(f"epoch {result['epoch']}, {result['n_images']} images")
     print("\n".join(summary_lines(result)))
