@@ -133,6 +133,9 @@ def test_groups_from_clusters_pc_bins_and_subset(dataset_dir: Path, tmp_path: Pa
     assert list(bins) == ["pc1_bin01", "pc1_bin02", "pc1_bin03"]
     np.testing.assert_array_equal(bins["pc1_bin01"], [1, 5])  # the two lowest PC1 values
     np.testing.assert_array_equal(bins["pc1_bin03"], [0, 4])
+    for n_bins in (1, 0):  # one bin is the consensus: nothing to compare it with
+        with pytest.raises(CryoflexInputError, match="give --bins 2 or more"):
+            pc_bin_groups(pca, 1, n_bins)
     with pytest.raises(CryoflexInputError, match="no PC3"):
         pc_bin_groups(pca, 3, 2)
 

@@ -127,10 +127,11 @@ def posterior_latents(posterior: LatentPosterior, samples: int, seed: int) -> np
 
 
 def latent_means(
-    model: CryoSphere, dataset: ParticleDataset, *, batch_size: int = 256, num_workers: int = 0
-) -> np.ndarray:
+    model: CryoSphere, dataset: ParticleDataset, *, batch_size: int = 256, num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:  # fmt: skip
     """(n_particles, L) float32 means of q(z | image), in dataset order."""
-    return latent_posteriors(model, dataset, batch_size=batch_size, num_workers=num_workers).mean
+    return latent_posteriors(model, dataset, batch_size=batch_size, num_workers=num_workers, progress=progress).mean
 
 
 @torch.no_grad()

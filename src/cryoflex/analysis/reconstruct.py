@@ -228,8 +228,9 @@ def pc_bin_groups(pca: np.ndarray, component: int, n_bins: int) -> dict[str, np.
             None, f"no PC{component}: the analysis has {pca.shape[1]} principal components",
             fix=f"choose --pc among 1..{pca.shape[1]}", field="--pc",
         )  # fmt: skip
-    if n_bins < 1:
-        raise CryoflexInputError(None, f"{n_bins} bins", fix="give --bins 1 or more", field="--bins")
+    if n_bins < 2:
+        problem = "one bin holds every particle, and its map is the consensus map" if n_bins == 1 else f"{n_bins} bins"
+        raise CryoflexInputError(None, problem, fix="give --bins 2 or more", field="--bins")
     order = np.argsort(pca[:, component - 1], kind="stable")
     return {f"pc{component}_bin{k + 1:02d}": np.sort(chunk) for k, chunk in enumerate(np.array_split(order, n_bins))}
 
@@ -284,7 +285,7 @@ def _positions_by_image(subset: ParticleMetadata, metadata: ParticleMetadata) ->
     return positions
 
 
-def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np.ndarray:
+def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int, progress: bool = False) -> np.ndarray:
     """Each particle's latent for the model-bias check: the posterior latents `cryoflex analyze` wrote
     (latent/latents.npy, those its clusters and PCA come from), else the means of q(z | image), a rougher guide: the
     encoder's mean says less about an image than the importance-weighted draws do (docs/low_snr.md)."""
@@ -301,7 +302,7 @@ def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int) -> np
         return latents.astype(np.float32)
     logger.info("encoding %d particles for the structures of the model-bias check (no latents of `cryoflex analyze` "
                 "at %s: the encoder's means)", n, analysis_dir)  # fmt: skip
-    return latent_means(run.model, run.dataset, batch_size=batch_size)
+    return latent_means(run.model, run.dataset, batch_size=batch_size, progress=progress)
 
 
 def select_groups(run: TrainedRun, options: ReconstructOptions) -> dict[str, np.ndarray]:
@@ -730,7 +731,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     """Every output of `cryoflex reconstruct` under out_dir; returns the path of its report.html."""
     out_dir = Path(out_dir)
     for flag, value in (("--padding", options.padding), ("--batch-size", options.batch_size),
-                        ("--max-structures", options.max_structures), ("--bins", options.bins)):  # fmt: skip
+                        ("--max-structures", options.max_structures)):  # fmt: skip
         if value < 1:
             raise CryoflexInputError(None, f"{flag} {value}", fix=f"give {flag} 1 or more", field=flag)
     groups = select_groups(run, options)
@@ -761,7 +762,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     }  # fmt: skip
     files += write_fsc(maps, in_half_a, voxel_size_A, out_dir, provenance)
 
-    latents = particle_latents(run, analysis_dir, options.batch_size)
+    latents = particle_latents(run, analysis_dir, options.batch_size, options.progress)
     rng = np.random.default_rng(options.seed)
     structure_maps = {}
     for name, indices in groups.items():
