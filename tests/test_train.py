@@ -250,6 +250,15 @@ def test_segments_above_the_residues_are_refused_before_any_output(
     assert "more than a third" in caplog.text
 
 
+def test_a_part_past_its_chain_warns_once_per_training(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The input checks and the model's construction both parse --parts; the user reads the warning once."""
+    with caplog.at_level(logging.WARNING):
+        train(_config(tiny_dataset, parts=["A:1-120:2", "A:121-500:2"], epochs=1), tmp_path / "run")
+    assert sum("reaches past chain A" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_inputs_are_checked_before_the_cache_and_the_run_directory(tiny_dataset: Path, tmp_path: Path) -> None:
     """Issue 13.4: a bad structure is reported before any cache is built, and leaves nothing that blocks a rerun."""
     bad = tmp_path / "bad.pdb"

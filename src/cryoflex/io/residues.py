@@ -18,11 +18,12 @@ logger = logging.getLogger(__name__)
 _GROUP_PATTERN = re.compile(r"^(?P<chain>[^:]+)(?::(?P<first>-?\d+)-(?P<last>-?\d+))?$")
 
 
-def select_residues(spec: str, structure: Structure) -> np.ndarray:
+def select_residues(spec: str, structure: Structure, *, warn: bool = True) -> np.ndarray:
     """0-based positions (file order) of the residues of group `spec`; ValueError with the reason when it is bad.
 
     Residue numbers are the author numbers of the file, inclusive at both ends; the range is not checked against
-    gaps, so "A:1-120" on a chain numbered from 3 selects residues 3..120.
+    gaps, so "A:1-120" on a chain numbered from 3 selects residues 3..120. A range reaching past its chain warns
+    (unless `warn` is false: a caller that parses the same group again).
     """
     match = _GROUP_PATTERN.match(spec.strip())
     if match is None:
@@ -36,7 +37,8 @@ def select_residues(spec: str, structure: Structure) -> np.ndarray:
         first, last = int(match["first"]), int(match["last"])
         in_chain = numbers[selected]
         selected &= (numbers >= first) & (numbers <= last)
-        if selected.any() and (first < in_chain.min() or last > in_chain.max()):  # none selected: the error below
+        past_chain = first < in_chain.min() or last > in_chain.max()
+        if warn and selected.any() and past_chain:  # none selected: the error below
             logger.warning(
                 "%r reaches past chain %s's residues %d-%d: it selects the residues of the chain within it",
                 spec.strip(), match["chain"], in_chain.min(), in_chain.max(),

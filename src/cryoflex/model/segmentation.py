@@ -162,10 +162,13 @@ def _pad_columns(block: torch.Tensor, first_column: int, n_columns: int) -> torc
 _PART_PATTERN = re.compile(r"^(?P<group>.+):(?P<segments>\d+)$")
 
 
-def parse_parts(specs: Sequence[str], structure: Structure, default_segments: int) -> list[SegmentedPart]:
+def parse_parts(
+    specs: Sequence[str], structure: Structure, default_segments: int, *, warn: bool = True
+) -> list[SegmentedPart]:
     """Parts from specs like "A:8" (all of chain A, 8 segments) or "A:1-120:3" (chain A residues 1..120, 3 segments).
 
-    No specs: the whole structure is one part with default_segments. Raises ValueError with the reason for bad specs.
+    No specs: the whole structure is one part with default_segments. Raises ValueError with the reason for bad specs;
+    with `warn`, warns of a residue range that reaches past its chain.
     """
     if not specs:
         return [SegmentedPart("all", np.arange(structure.n_residues), default_segments)]
@@ -177,7 +180,7 @@ def parse_parts(specs: Sequence[str], structure: Structure, default_segments: in
                 f"segment part {spec!r}: expected CHAIN:SEGMENTS or CHAIN:START-END:SEGMENTS, e.g. A:1-120:3"
             )
         try:
-            indices = select_residues(match["group"], structure)
+            indices = select_residues(match["group"], structure, warn=warn)
         except ValueError as error:
             raise ValueError(f"segment part {spec!r}: {error}") from None
         parts.append(SegmentedPart(spec.strip(), indices, int(match["segments"])))

@@ -132,11 +132,12 @@ def resolved_segments(config: TrainConfig, n_residues: int, image_snr: float) ->
 
 
 def segmented_parts(config: TrainConfig, structure: Structure, *, warn: bool = False) -> list[SegmentedPart]:
-    """The parts to segment; refuses more segments than residues in a part (and with warn, warns above a third)."""
+    """The parts to segment; refuses more segments than residues in a part (and with warn, warns above a third or of
+    a residue range past its chain: the input checks warn, the model's construction parses the same parts again)."""
     if config.segments == 0 and not config.parts:
         raise ValueError("segments 0 (automatic) is resolved when training starts (resolved_segments)")
     try:
-        parts = parse_parts(config.parts, structure, config.segments)
+        parts = parse_parts(config.parts, structure, config.segments, warn=warn)
     except ValueError as error:
         fix = "write each part as CHAIN:SEGMENTS or CHAIN:FIRST-LAST:SEGMENTS, e.g. --parts A:1-120:3 B:4"
         raise CryoflexInputError(config.structure, str(error), fix, field="parts") from None
