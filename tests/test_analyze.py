@@ -294,6 +294,28 @@ def test_a_run_whose_stacks_moved_opens_with_datadir(
     assert load_run(run, device="cpu", datadir=moved).config.datadir == str(moved)
 
 
+def test_a_run_whose_stacks_are_gone_is_analysed_from_its_cache(
+    tiny_adk_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scratch space cleared after training: the run's cache of the images (at the training box) is all analysis
+    and a reconstruction at that box need, so it stands in for the stacks, with a warning; another box is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_adk_dataset, data)
+    run = tmp_path / "run"
+    assert cli_main(["train", "--particles", str(data / "particles.star"), "--structure", str(data / "nominal.pdb"),
+                     "--out", str(run), "--epochs", "1", "--segments", "3", "--latent-dim", "2", "--batch-size", "16",
+                     "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    shutil.rmtree(data / "stacks")
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["analyze", str(run), "--clusters", "2", "--points", "2", "--posterior-samples", "2",
+                         "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert "the images cached at 32 px" in caplog.text
+    assert len(pd.read_csv(run / "analysis" / "latent" / "latent_embedding.csv")) == 40
+    assert cli_main(["reconstruct", str(run), "--all", "--device", "cpu", "--no-progress"]) == 0  # at the cached box
+    assert (run / "reconstruct" / "consensus.mrc").is_file()
+    assert cli_main(["reconstruct", str(run), "--all", "--box-size-px", "16", "--device", "cpu"]) == 2
+
+
 def test_a_particle_file_changed_since_training_is_reported(
     trained_run: Path, tiny_adk_dataset: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

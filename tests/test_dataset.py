@@ -1,6 +1,7 @@
 """ParticleDataset: items, normalisation, input errors, the on-disk cache and DataLoader workers."""
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -18,7 +19,7 @@ from cryoflex.data.dataset import ImageNormalisation, ParticleDataset, estimate_
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.errors import CryoflexInputError
 from cryoflex.io.metadata import CTFParameters, read_metadata
-from cryoflex.io.particles import open_particle_images, write_stack
+from cryoflex.io.particles import StackNotFoundError, open_particle_images, write_stack
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
 
@@ -266,6 +267,34 @@ def test_cache_is_built_once_and_matches_direct_reading(simulated_copy, tmp_path
     other_box = ParticleDataset(metadata, box_size_px=8, cache_dir=cache_dir, normalisation=UNIT)
     assert other_box.cache_path != cached.cache_path
     assert builds == [16, 16, 8]
+
+
+def test_the_cache_stands_in_for_stacks_no_longer_on_disk(simulated_copy, tmp_path, caplog):
+    """A run analysed after its stacks were removed reads its cache, with a warning; a box it holds no cache of, or no
+    cache at all, is the usual missing-stack error."""
+    metadata = read_metadata(simulated_copy)
+    cache_dir = tmp_path / "cache"
+    cached = ParticleDataset(metadata, box_size_px=16, cache_dir=cache_dir, normalisation=UNIT)
+    full_box = ParticleDataset(metadata, cache_dir=cache_dir, normalisation=UNIT)
+    expected, expected_full = _item(cached, 7)["image"].numpy(), _item(full_box, 7)["image"].numpy()
+    for stack in simulated_copy.parent.rglob("*.mrcs"):
+        stack.unlink()
+    with caplog.at_level(logging.WARNING):
+        stand_in = ParticleDataset(metadata, box_size_px=16, cache_dir=cache_dir, normalisation=UNIT)
+    assert stand_in.cache_path == cached.cache_path
+    assert (stand_in.original_box_size_px, stand_in.pixel_size_A) == (BOX_PX, cached.pixel_size_A)
+    np.testing.assert_array_equal(_item(stand_in, 7)["image"].numpy(), expected)
+    assert "not found; the images cached at 16 px" in caplog.text and "give --datadir" in caplog.text
+    np.testing.assert_array_equal(
+        _item(ParticleDataset(metadata, cache_dir=cache_dir, normalisation=UNIT), 7)["image"].numpy(), expected_full
+    )
+    for missing in (dict(box_size_px=8, cache_dir=cache_dir), dict(box_size_px=16)):
+        with pytest.raises(StackNotFoundError, match="particle stack not found"):
+            ParticleDataset(metadata, normalisation=UNIT, **missing)
+    stat = simulated_copy.stat()  # the particle file changed since the cache: the cache is not its images
+    os.utime(simulated_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(StackNotFoundError):
+        ParticleDataset(metadata, box_size_px=16, cache_dir=cache_dir, normalisation=UNIT)
 
 
 def test_corrupt_cache_is_rebuilt(simulated_copy, tmp_path, capsys):

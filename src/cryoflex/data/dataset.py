@@ -2,7 +2,8 @@
 
 Images are read through open_particle_images (resolved by rlnImageName, never reordered) and Fourier-cropped
 (cryoflex.data.downsample). With a cache_dir, all downsampled images are written once to one contiguous float32
-.npy (n, D, D) with a JSON sidecar that says which metadata and box it was built from; later runs memory-map it.
+.npy (n, D, D) with a JSON sidecar that says which metadata and box it was built from; later runs memory-map it,
+and it stands in for stacks that are no longer on disk (a run analysed after its scratch space was cleared).
 The dataset holds no open file handles in its pickled state, so DataLoader workers each open their own.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,10 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.io.atomic import atomic_path, reserve_space, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, training_field_name
-from cryoflex.io.particles import ParticleStack, open_particle_images
+from cryoflex.io.particles import ParticleStack, StackNotFoundError, open_particle_images
 from cryoflex.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 CHUNK_IMAGES = 256
@@ -159,8 +163,14 @@ class ParticleDataset(torch.utils.data.Dataset):
         _check_training_fields(metadata)
         self._metadata = metadata
         self._original_pixel_size_A = _single_pixel_size_A(metadata)
-        stack = open_particle_images(metadata, None if datadir is None else Path(datadir))
-        self._original_box_size_px = stack.box_size_px
+        self._stack: ParticleStack | None = None
+        self._cache_path: Path | None = None
+        try:
+            stack = open_particle_images(metadata, None if datadir is None else Path(datadir))
+            self._original_box_size_px = stack.box_size_px
+        except StackNotFoundError as missing:
+            stack = None
+            self._use_cache_of_missing_stacks(missing, cache_dir, box_size_px)
         self._box_size_px = self._original_box_size_px if box_size_px is None else int(box_size_px)
         try:
             check_box_out(self._original_box_size_px, self._box_size_px)
@@ -174,13 +184,12 @@ class ParticleDataset(torch.utils.data.Dataset):
         self._poses = PoseBatch(torch.from_numpy(rotations), torch.from_numpy(shifts_A))
         self._ctf = CTFBatch.from_record(metadata.ctf, dtype=torch.float32)
         self._optics_groups = torch.from_numpy(np.asarray(metadata.optics_group, dtype=np.int64))
-        self._stack: ParticleStack | None = stack
-        self._cache_path: Path | None = None
         self._cache: np.ndarray | None = None
-        if cache_dir is not None:
+        if stack is not None and cache_dir is not None:
             self._cache_path = self._ensure_cache(stack, Path(cache_dir), progress)
             stack.close()
-            self._stack = None
+        elif stack is not None:
+            self._stack = stack
         if normalisation is None:
             normalisation = self._estimate_normalisation()
         self._normalisation = normalisation
@@ -273,8 +282,9 @@ class ParticleDataset(torch.utils.data.Dataset):
                 field="images",
             ) from err
 
-    def _cache_description(self) -> dict[str, Any]:
-        """What the cache must have been built from to be reused (also written as its JSON sidecar)."""
+    def _cache_description(self, original_box_size_px: int, box_size_px: int) -> dict[str, Any]:
+        """What the cache of images at box_size_px must have been built from to be reused (also written as its JSON
+        sidecar)."""
         source = self._metadata.source_path.resolve()
         stat = source.stat()
         return {
@@ -284,17 +294,20 @@ class ParticleDataset(torch.utils.data.Dataset):
             "source_mtime_ns": stat.st_mtime_ns,
             "image_refs_sha256": _image_refs_digest(self._metadata),
             "n_images": self.n,
-            "box_size_px": self._box_size_px,
-            "original_box_size_px": self._original_box_size_px,
+            "box_size_px": box_size_px,
+            "original_box_size_px": original_box_size_px,
             "original_pixel_size_A": self._original_pixel_size_A,
         }
 
+    def _cache_prefix(self) -> str:
+        """The start of the cache files' names: the particle file's stem and a key of its full path."""
+        source = self._metadata.source_path
+        return f"{source.stem}.{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:10]}."
+
     def _ensure_cache(self, stack: ParticleStack, cache_dir: Path, progress: bool) -> Path:
         """Path of an up-to-date .npy cache in cache_dir, building it from `stack` when missing or stale."""
-        description = self._cache_description()
-        source = self._metadata.source_path
-        key = hashlib.sha256(description["source_path"].encode()).hexdigest()[:10]
-        npy_path = cache_dir / f"{source.stem}.{key}.{self._box_size_px}px.npy"
+        description = self._cache_description(self._original_box_size_px, self._box_size_px)
+        npy_path = cache_dir / f"{self._cache_prefix()}{self._box_size_px}px.npy"
         sidecar = npy_path.with_suffix(".json")
         if _cache_is_valid(npy_path, sidecar, description):
             return npy_path
@@ -303,6 +316,35 @@ class ParticleDataset(torch.utils.data.Dataset):
         _write_cache(npy_path, self.n, self._box_size_px, images, progress)
         write_text_atomic(sidecar, json.dumps(description, indent=2) + "\n")
         return npy_path
+
+    def _use_cache_of_missing_stacks(
+        self, missing: StackNotFoundError, cache_dir: Path | None, box_size_px: int | None
+    ) -> None:
+        """Read the images from an up-to-date cache in cache_dir (at box_size_px, or at the stacks' own box for None)
+        in place of stacks no longer on disk, with a warning; re-raise `missing` when there is none."""
+        prefix = self._cache_prefix()
+        sidecars = [] if cache_dir is None or not Path(cache_dir).is_dir() else sorted(Path(cache_dir).iterdir())
+        for sidecar in sidecars:
+            if not (sidecar.name.startswith(prefix) and sidecar.name.endswith("px.json")):
+                continue
+            try:
+                original_box_size_px = int(json.loads(sidecar.read_text())["original_box_size_px"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            box = original_box_size_px if box_size_px is None else int(box_size_px)
+            npy_path = sidecar.with_suffix(".npy")
+            if npy_path.name == f"{prefix}{box}px.npy" and _cache_is_valid(
+                npy_path, sidecar, self._cache_description(original_box_size_px, box)
+            ):
+                self._cache_path, self._original_box_size_px = npy_path, original_box_size_px
+                logger.warning(
+                    "%s: not found; the images cached at %d px in %s stand in for the stacks (images at another "
+                    "box, as reconstruct --box-size-px or training at another --downsample read, need the stacks "
+                    "themselves: give --datadir)",
+                    missing.path, box, npy_path.parent,
+                )  # fmt: skip
+                return
+        raise missing
 
 
 def _whole_batch(batch: ParticleBatch) -> ParticleBatch:

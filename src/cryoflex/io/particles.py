@@ -74,6 +74,10 @@ def _candidate_paths(written: str, base_dir: Path, datadir: Path | None) -> list
     return list(first_flag.items())
 
 
+class StackNotFoundError(CryoflexInputError):
+    """A particle stack that the metadata names is not on disk (a run's image cache can stand in for analysis)."""
+
+
 def _resolve(written: str, base_dir: Path, datadir: Path | None) -> tuple[Path, bool]:
     """The first existing candidate of _candidate_paths, and whether it matched by file name alone."""
     candidates = _candidate_paths(written, base_dir, datadir)
@@ -81,7 +85,7 @@ def _resolve(written: str, base_dir: Path, datadir: Path | None) -> tuple[Path, 
         if candidate.is_file():
             return candidate, by_name
     tried = "\n    ".join(str(c) for c, _ in candidates)
-    raise CryoflexInputError(
+    raise StackNotFoundError(
         written,
         f"particle stack not found (relative paths resolved against {base_dir}); tried:\n    {tried}",
         fix=_DATADIR_FIX,
