@@ -163,9 +163,22 @@ def test_long_loops_show_progress_unless_asked_not_to(
     assert "encoding: 40/40 img" in printed
     assert "posterior weights (4 draws each): 40/40 img" in printed
     assert "posterior uncertainty: 40/40 particle" in printed
-    assert "--pcs 3: the run's latent has 2 dimensions, so 2 principal components are traversed" in caplog.text
+    assert "--pcs 3 is above the run's latent dimension (2): 2 principal components are traversed" in caplog.text
     assert cli_main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "40/40" not in capsys.readouterr().err
+
+
+def test_umap_without_umap_learn_is_refused_before_the_encoding(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "umap" else find_spec(name, *a))
+    out = tmp_path / "analysis"
+    assert cli_main(["analyze", str(trained_run), "--umap", "--out", str(out), "--device", "cpu"]) == 2
+    assert "pip install umap-learn, or leave out --umap" in capsys.readouterr().err
+    assert not out.exists()
 
 
 class _Captions(HTMLParser):
@@ -295,7 +308,7 @@ def test_a_run_whose_stacks_moved_opens_with_datadir(
 
 
 def test_a_run_whose_stacks_are_gone_is_analysed_from_its_cache(
-    tiny_adk_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_adk_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Scratch space cleared after training: the run's cache of the images (at the training box) is all analysis
     and a reconstruction at that box need, so it stands in for the stacks, with a warning; another box is refused."""
@@ -309,11 +322,13 @@ def test_a_run_whose_stacks_are_gone_is_analysed_from_its_cache(
     with caplog.at_level(logging.WARNING):
         assert cli_main(["analyze", str(run), "--clusters", "2", "--points", "2", "--posterior-samples", "2",
                          "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
-    assert "the images cached at 32 px" in caplog.text
+    assert "using the run's images cached at 32 px" in caplog.text
     assert len(pd.read_csv(run / "analysis" / "latent" / "latent_embedding.csv")) == 40
     assert cli_main(["reconstruct", str(run), "--all", "--device", "cpu", "--no-progress"]) == 0  # at the cached box
     assert (run / "reconstruct" / "consensus.mrc").is_file()
+    capsys.readouterr()
     assert cli_main(["reconstruct", str(run), "--all", "--box-size-px", "16", "--device", "cpu"]) == 2
+    assert "particle stack not found" in capsys.readouterr().err
 
 
 def test_a_particle_file_changed_since_training_is_reported(

@@ -202,6 +202,31 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path: Path, c
     assert afile.read_text() == "kept"
 
 
+def test_an_out_under_a_file_a_bad_seed_and_negative_threads_are_refused_before_anything_runs(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each used to end in a traceback (NotADirectoryError, numpy's or torch's seed errors) or to pass silently."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    run = str(tmp_path / "run")
+    simulate = ["simulate", "--topology", str(data_dir / "adk.psf"), "--trajectory", str(data_dir / "adk_dims.dcd"),
+                "--n-images", "4"]  # fmt: skip
+    cases = [
+        ([*simulate, "--out", str(afile / "sub")], "is a file, so no directory can be made under it"),
+        (["analyze", run, "--out", str(afile / "sub" / "deeper")], "is a file, so no directory can be made under it"),
+        ([*simulate, "--out", str(tmp_path / "sim"), "--seed", "-1"], "give a seed from 0 to 2^63 - 1"),
+        (["reconstruct", run, "--seed", str(2**64)], "give a seed from 0 to 2^63 - 1"),
+        ([*simulate, "--out", str(tmp_path / "sim"), "--threads", "-1"], "give 0 (automatic) or a number of threads"),
+        (["simulate", "--topology", str(data_dir / "adk.psf"), "--n-images", "4", "--out", str(tmp_path / "sim")],
+         "--topology was given without --trajectory"),
+    ]  # fmt: skip
+    for command, expected in cases:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, command
+    assert afile.read_text() == "kept" and not (tmp_path / "sim").exists()
+
+
 def test_info_on_a_directory_and_analyze_at_epoch_zero_are_clear_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

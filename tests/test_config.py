@@ -101,6 +101,18 @@ def test_invalid_loader_and_clash_settings_are_refused_before_training() -> None
             load_config(None, {"particles": "p.star", "structure": "s.pdb", name: value})
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("learning_rate", float("inf")), ("segmentation_learning_rate", float("inf")), ("seed", -1), ("seed", 2**64)],
+)
+def test_an_infinite_rate_and_a_seed_torch_cannot_take_are_refused_before_training(name: str, value: float) -> None:
+    """An infinite rate used to train until the loss was non-finite; a negative or huge seed ended in a traceback
+    after config.yaml and the cache were written."""
+    with pytest.raises(CryoflexInputError) as error:
+        load_config(None, {"particles": "p.star", "structure": "s.pdb", name: value})
+    assert error.value.field == name
+
+
 def test_a_sleep_phase_without_several_draws_is_refused_not_ignored() -> None:
     inputs = {"particles": "p.star", "structure": "s.pdb", "sleep_phase": True}
     assert load_config(None, inputs).sleep_phase

@@ -284,7 +284,9 @@ def test_the_cache_stands_in_for_stacks_no_longer_on_disk(simulated_copy, tmp_pa
     assert stand_in.cache_path == cached.cache_path
     assert (stand_in.original_box_size_px, stand_in.pixel_size_A) == (BOX_PX, cached.pixel_size_A)
     np.testing.assert_array_equal(_item(stand_in, 7)["image"].numpy(), expected)
-    assert "not found; the images cached at 16 px" in caplog.text and "give --datadir" in caplog.text
+    assert "not found; using the run's images cached at 16 px" in caplog.text and "give --datadir" in caplog.text
+    unpickled = pickle.loads(pickle.dumps(stand_in))  # as DataLoader workers receive it
+    np.testing.assert_array_equal(_item(unpickled, 7)["image"].numpy(), expected)
     np.testing.assert_array_equal(
         _item(ParticleDataset(metadata, cache_dir=cache_dir, normalisation=UNIT), 7)["image"].numpy(), expected_full
     )

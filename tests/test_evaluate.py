@@ -99,8 +99,9 @@ def test_a_second_evaluation_into_the_same_folder_leaves_no_stale_plot(
     simulation: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    """An evaluation with fewer --distance pairs removes the earlier one's extra plots; progress is shown unless
-    --no-progress; an --fsc-samples above the particle count warns that all are used."""
+    """An evaluation with fewer --distance pairs removes the plots the earlier one listed and this one did not write
+    (not other files); progress is shown unless --no-progress; an --fsc-samples above the particle count says that
+    all are used; a voxel too small for memory is refused."""
     out = tmp_path / "eval"
     base = ["eval", str(run_dir), "--truth", str(simulation / "truth.npz"), "--out", str(out), "--device", "cpu",
             "--posterior-samples", "4"]  # fmt: skip
@@ -108,12 +109,17 @@ def test_a_second_evaluation_into_the_same_folder_leaves_no_stale_plot(
     assert cli_main([*base, *pairs, "--fsc-samples", "2"]) == 0
     assert (out / "distance_2.png").exists()
     assert "posterior structures: 40/40 img" in capsys.readouterr().err
-    with caplog.at_level(logging.WARNING):
+    (out / "distance_matrix.png").write_bytes(b"the user's own figure")
+    with caplog.at_level(logging.INFO):
         assert cli_main([*base, *pairs[:3], "--fsc-samples", "100", "--no-progress"]) == 0
-    assert sorted(p.name for p in out.glob("*.png")) == ["distance_1.png", "fsc.png", "rmsd_histogram.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "distance_1.png", "distance_matrix.png", "fsc.png", "rmsd_histogram.png"
+    ]  # fmt: skip
     assert json.loads((out / "eval.json").read_text())["fsc"]["n_samples"] == 40
-    assert "FSC of all 40 images: --fsc-samples asked 100" in caplog.text
+    assert "--fsc-samples 100 is above the run's 40 images: the FSC uses all of them" in caplog.text
     assert "40/40" not in capsys.readouterr().err
+    assert cli_main([*base, "--voxel-size-A", "0.1", "--no-progress"]) == 2  # 1,280^3 voxels: refused before decoding
+    assert "give --voxel-size-A 0.5 or more" in capsys.readouterr().err
 
 
 def test_baselines_and_clashes_match_independent_numpy(simulation: Path, trained: TrainedRun, tmp_path: Path) -> None:

@@ -214,6 +214,8 @@ def test_bad_input_is_refused_with_file_and_fix(
     assert "--box-size-px" in capsys.readouterr().err
     assert _reconstruct(trained_run, out, "--padding", "0") == 2
     assert "give --padding 1 or more" in capsys.readouterr().err
+    assert _reconstruct(trained_run, out, "--all", "--padding", "100") == 2  # 183 GB a map: refused, not attempted
+    assert "--padding 100 at 32 px needs" in capsys.readouterr().err
     for memory in ("0", "-1", "nan", "inf"):
         assert _reconstruct(trained_run, out, "--all", "--memory-gb", memory) == 2
         assert "give a positive size" in capsys.readouterr().err

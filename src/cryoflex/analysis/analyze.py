@@ -18,6 +18,7 @@ Every numeric output is deterministic: the same run and options give byte-identi
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Sequence
@@ -145,8 +146,11 @@ def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) ->
         raise CryoflexInputError(None, f"{options.n_components} principal components", fix="give --pcs 1 or more",
                                  field="--pcs")  # fmt: skip
     if options.n_components > latent_dim:
-        logger.warning("--pcs %d: the run's latent has %d dimensions, so %d principal components are traversed",
-                       options.n_components, latent_dim, latent_dim)  # fmt: skip
+        logger.warning("--pcs %d is above the run's latent dimension (%d): %d principal component%s traversed",
+                       options.n_components, latent_dim, latent_dim, " is" if latent_dim == 1 else "s are")  # fmt: skip
+    if options.umap and importlib.util.find_spec("umap") is None:
+        raise CryoflexInputError(None, "UMAP needs the optional package umap-learn, which is not installed",
+                                 fix="pip install umap-learn, or leave out --umap", field="--umap")  # fmt: skip
     if options.volume_voxel_A is not None and not options.volume_voxel_A > 0:
         raise CryoflexInputError(None, f"voxel size {options.volume_voxel_A:g} A",
                                  fix="give a positive --voxel-size-A, or leave it out for the run's pixel size",

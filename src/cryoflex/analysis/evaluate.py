@@ -201,6 +201,7 @@ class _VolumeGrid:
 # Default FSC voxel: every residue has the same Gaussian width, so the Gaussian envelope cancels out of the FSC and
 # noise-free maps at a coarse pixel stay correlated up to Nyquist; at 1.5 A the curves resolve C-alpha placement.
 DEFAULT_FSC_VOXEL_A = 1.5
+MAX_FSC_BOX_PX = 256  # float64 maps of 256^3 voxels are 128 MiB each, and each sampled image makes three
 
 
 def _volume_grid(run: TrainedRun, voxel_size_A: float | None) -> _VolumeGrid:
@@ -209,6 +210,13 @@ def _volume_grid(run: TrainedRun, voxel_size_A: float | None) -> _VolumeGrid:
     default_A = min(run.dataset.pixel_size_A, DEFAULT_FSC_VOXEL_A)
     voxel = default_A if voxel_size_A is None else float(voxel_size_A)
     box_px = int(math.ceil(box_A / voxel / 2) * 2)
+    if box_px > MAX_FSC_BOX_PX:
+        smallest_A = math.ceil(box_A / MAX_FSC_BOX_PX * 1000) / 1000  # rounded up: the advice itself must fit
+        raise CryoflexInputError(
+            None, f"voxels of {voxel:g} A give FSC maps of {box_px}^3 voxels ({box_px**3 * 8 / 2**30:,.1f} GB each) "
+            f"for the {box_A:g} A box", fix=f"give --voxel-size-A {smallest_A:g} or more (at most {MAX_FSC_BOX_PX} "
+            "voxels a side), or leave it out", field="--voxel-size-A",
+        )  # fmt: skip
     amplitudes = torch.as_tensor(run.structure.amplitudes_e, dtype=torch.float64, device=run.device)
     return _VolumeGrid(box_px, voxel, run.config.sigma_A, amplitudes, run.device)
 
@@ -440,17 +448,17 @@ def evaluate(
     n = len(names)
     rng = np.random.default_rng(seed)
     if fsc_samples > n:
-        logger.warning("FSC of all %d images: --fsc-samples asked %d, the run has %d", n, fsc_samples, n)
+        logger.info("--fsc-samples %d is above the run's %d images: the FSC uses all of them", fsc_samples, n)
     fsc_pick = np.sort(rng.choice(n, size=min(fsc_samples, n), replace=False))
     clash_pick = np.sort(rng.choice(n, size=min(clash_samples, n), replace=False))
 
+    grid = _volume_grid(run, voxel_size_A)  # refuses a grid too large before the decoding
     logger.info("decoding %d images", n)
     decoded = _decode_and_score(run, lambda start, stop: conformations[true_index[start:stop]], groups,
                                 np.union1d(fsc_pick, clash_pick), batch_size, posterior_samples, seed,
                                 progress)  # fmt: skip
     rmsd, rmsd_per_image = _rmsd_section(decoded, nominal, conformations, true_index)
     distances, true_distances = _distance_section(distance_groups, groups, decoded, conformations, true_index)
-    grid = _volume_grid(run, voxel_size_A)
     logger.info("FSC of %d images on a %d^3 grid at %.3g A", len(fsc_pick), grid.box_size_px, grid.voxel_size_A)
     fsc, fsc_curves = _fsc_summary(grid, np.stack([decoded.kept[int(i)] for i in fsc_pick]),
                                    conformations[true_index[fsc_pick]], nominal)  # fmt: skip
@@ -459,6 +467,7 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else run.paths.eval
     out.mkdir(parents=True, exist_ok=True)
     plots = _write_plots(out, rmsd_per_image, distances, decoded.distances_A, true_distances, fsc_curves, len(fsc_pick))
+    _remove_earlier_plots(out, plots)
     result = {
         "run": str(run.run_dir), "epoch": run.epoch, "truth": str(truth.path), "n_images": n, "seed": seed,
         "nominal_vs_truth_nominal_rmsd_A": _frame_rmsd_A(nominal, truth), "rmsd_A": rmsd, "distances": distances,
@@ -553,7 +562,16 @@ def _write_plots(
     frequency = fsc_curves["frequency_per_A"]
     curves = {name: fsc_curves[name] for name in ("prediction", "nominal")}
     save(fsc_figure(frequency, curves, n_fsc_images), "fsc.png")
-    for stale in sorted(out.glob("distance_*.png")):  # from an earlier evaluation here with more --distance pairs
-        if stale.name not in written:
-            stale.unlink()
     return written
+
+
+def _remove_earlier_plots(out: Path, written: Sequence[str]) -> None:
+    """Delete the plots an earlier evaluation into `out` listed in its eval.json that this one did not write again
+    (distance plots of more --distance pairs); nothing else in the folder is touched."""
+    try:
+        earlier = json.loads((out / EVAL_JSON).read_text()).get("plots", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in earlier:
+        if isinstance(name, str) and name not in written and Path(name).name == name and name.endswith(".png"):
+            (out / name).unlink(missing_ok=True)

@@ -230,7 +230,8 @@ def pc_bin_groups(pca: np.ndarray, component: int, n_bins: int) -> dict[str, np.
         )  # fmt: skip
     if n_bins < 2:
         problem = "one bin holds every particle, and its map is the consensus map" if n_bins == 1 else f"{n_bins} bins"
-        raise CryoflexInputError(None, problem, fix="give --bins 2 or more", field="--bins")
+        raise CryoflexInputError(None, problem, fix="give --bins 2 or more (--all for the consensus alone)",
+                                 field="--bins")  # fmt: skip
     order = np.argsort(pca[:, component - 1], kind="stable")
     return {f"pc{component}_bin{k + 1:02d}": np.sort(chunk) for k, chunk in enumerate(np.array_split(order, n_bins))}
 
@@ -285,7 +286,9 @@ def _positions_by_image(subset: ParticleMetadata, metadata: ParticleMetadata) ->
     return positions
 
 
-def particle_latents(run: TrainedRun, analysis_dir: Path, batch_size: int, progress: bool = False) -> np.ndarray:
+def particle_latents(
+    run: TrainedRun, analysis_dir: Path, batch_size: int, *, progress: bool = False
+) -> np.ndarray:
     """Each particle's latent for the model-bias check: the posterior latents `cryoflex analyze` wrote
     (latent/latents.npy, those its clusters and PCA come from), else the means of q(z | image), a rougher guide: the
     encoder's mean says less about an image than the importance-weighted draws do (docs/low_snr.md)."""
@@ -747,6 +750,13 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
         )  # fmt: skip
     dataset = reconstruction_dataset(run, options.box_size_px)
     box_size_px, voxel_size_A = dataset.box_size_px, dataset.pixel_size_A
+    map_bytes = 2 * accumulator_bytes(box_size_px, options.padding)
+    if map_bytes > options.memory_budget_bytes:
+        raise CryoflexInputError(
+            None, f"--padding {options.padding} at {box_size_px} px needs {map_bytes / 2**30:,.1f} GB for one map's "
+            f"two half accumulators, above --memory-gb {options.memory_budget_bytes / 2**30:g}",
+            fix="give --padding 2 (the default), a smaller --box-size-px, or a larger --memory-gb", field="--padding",
+        )  # fmt: skip
     logger.info("reconstructing %d group(s) at %d px, %.3g A/px: %s", len(groups), box_size_px, voxel_size_A,
                 ", ".join(f"{name} ({indices.size})" for name, indices in groups.items()))  # fmt: skip
     maps = reconstruct_groups(dataset, groups, in_half_a, padding=options.padding, batch_size=options.batch_size,
@@ -762,7 +772,7 @@ def reconstruct_run(run: TrainedRun, out_dir: Path, options: ReconstructOptions)
     }  # fmt: skip
     files += write_fsc(maps, in_half_a, voxel_size_A, out_dir, provenance)
 
-    latents = particle_latents(run, analysis_dir, options.batch_size, options.progress)
+    latents = particle_latents(run, analysis_dir, options.batch_size, progress=options.progress)
     rng = np.random.default_rng(options.seed)
     structure_maps = {}
     for name, indices in groups.items():

@@ -26,12 +26,28 @@ THREADS_HELP = (
 
 
 def check_output_directory(out: Path | None) -> None:
-    """Refuse an --out that names an existing file: every command writes a directory there."""
-    if out is not None and out.exists() and not out.is_dir():
+    """Refuse an --out that names an existing file, or lies under one: every command writes a directory there."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
         raise CryoflexInputError(
             out, "this is a file, and the command writes a directory here",
             "pass --out a directory: a new one, or one this command wrote before", field="--out",
         )  # fmt: skip
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CryoflexInputError(
+            out, f"{parent} is a file, so no directory can be made under it",
+            "pass --out a directory: a new one, or one this command wrote before", field="--out",
+        )  # fmt: skip
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a --seed that numpy and torch cannot take (they need 0 <= seed < 2^63)."""
+    if not 0 <= seed < 2**63:
+        raise CryoflexInputError(None, f"seed {seed}", fix="give a seed from 0 to 2^63 - 1", field="--seed")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +61,9 @@ def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's CPU threads from --threads (imports torch: call it in run(), not at parse time)."""
     from cryoflex.threads import set_threads
 
+    if args.threads < 0:
+        raise CryoflexInputError(None, f"--threads {args.threads}", fix="give 0 (automatic) or a number of threads",
+                                 field="--threads")  # fmt: skip
     set_threads(args.threads)
 
 

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output directory (default RUN/analysis)")
     parser.add_argument("--clusters", type=int, default=6, help="k-means clusters (default 6)")
     parser.add_argument("--umap", action="store_true", help="also a UMAP embedding (pip install umap-learn)")
-    parser.add_argument("--pcs", type=int, default=2, help="principal components to traverse (default 2)")
+    parser.add_argument("--pcs", type=int,
+                        help="principal components to traverse (default 2, or 1 for a run with a latent of 1)")
     parser.add_argument("--points", type=int, default=10, help="structures per traversal, 5th-95th pct (default 10)")
     parser.add_argument("--volumes", action="store_true", help="maps along the traversals and at the cluster centres")
     parser.add_argument("--voxel-size-A", type=float, help="voxel of the maps (default: the run's pixel size)")
@@ -67,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     trained = load_run(
         args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
     )
+    pcs = min(2, trained.model.encoder.latent_dim) if args.pcs is None else args.pcs
     options = AnalyzeOptions(
-        n_clusters=args.clusters, umap=args.umap, n_components=args.pcs, n_points=args.points,
+        n_clusters=args.clusters, umap=args.umap, n_components=pcs, n_points=args.points,
         volumes=args.volumes, volume_voxel_A=args.voxel_size_A, per_particle=args.per_particle,
         per_particle_cif=args.per_particle_cif, subset_clusters=args.subset_clusters,
         subset_region=None if args.subset_region is None else tuple(args.subset_region),

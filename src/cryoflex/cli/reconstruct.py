@@ -31,6 +31,7 @@ from cryoflex.cli import (
     add_threads_argument,
     apply_threads,
     check_output_directory,
+    check_seed,
 )
 from cryoflex.errors import CryoflexInputError
 
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.analysis.run import load_run
 
     check_output_directory(args.out)
+    check_seed(args.seed)
     if not (math.isfinite(args.memory_gb) and args.memory_gb > 0):
         raise CryoflexInputError(
             None, f"--memory-gb {args.memory_gb:g}", fix="give a positive size, e.g. --memory-gb 8", field="--memory-gb"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import add_threads_argument, apply_threads, check_output_directory
+from cryoflex.cli import add_threads_argument, apply_threads, check_output_directory, check_seed
 from cryoflex.errors import CryoflexInputError
 
 # Flags of SimulationConfig's fields: (type, help). Defaults stay in SimulationConfig (cryoflex.simulate imports torch,
@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from cryoflex.simulate import SimulationConfig, read_noise_spectrum, simulate_dataset
 
     check_output_directory(args.out)
+    if args.seed is not None:
+        check_seed(args.seed)
     written = [name for name in ("particles.star", "truth.npz", "stacks") if (args.out / name).exists()]
     if written:
         raise CryoflexInputError(
@@ -85,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         from cryoflex.io.trajectory import read_trajectory
 
         ensemble = read_trajectory(args.topology, args.trajectory)
+    elif args.topology is not None or args.trajectory is not None:
+        given_flag, missing_flag = ("--topology", "--trajectory") if args.topology is not None else (
+            "--trajectory", "--topology")  # fmt: skip
+        raise CryoflexInputError(args.topology or args.trajectory, f"{given_flag} was given without {missing_flag}",
+                                 "pass both: --topology T --trajectory X", field=missing_flag)  # fmt: skip
     else:
         raise CryoflexInputError(None, "no ensemble given", "pass --structure FILE or --topology T --trajectory X")
     given = {name: getattr(args, name) for name in _SIMULATION_FLAGS if getattr(args, name) is not None}
@@ -106,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
                 args.weights, f"cannot read it as numbers ({error})", "one weight per conformation, one per line",
                 field="--weights",
             ) from error
-        if weights.shape != (ensemble.n_models,) or np.any(weights < 0) or weights.sum() <= 0:
-            raise CryoflexInputError(
-                args.weights,
-                f"need {ensemble.n_models} non-negative weights, got {weights.size}",
-                "one weight per conformation, one per line",
-            )
+        if weights.shape != (ensemble.n_models,):
+            problem = f"need {ensemble.n_models} weights, one per conformation; got {weights.size}"
+        elif not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0):
+            problem = "weights must be finite, none negative, and not all zero"
+        else:
+            problem = ""
+        if problem:
+            raise CryoflexInputError(args.weights, problem, "one weight per conformation, one per line",
+                                     field="--weights")  # fmt: skip
     star = simulate_dataset(ensemble, config, args.out, weights=weights, progress=not args.no_progress)
     print(f"wrote {config.n_images} images: {star}")
     return 0

@@ -338,9 +338,8 @@ class ParticleDataset(torch.utils.data.Dataset):
             ):
                 self._cache_path, self._original_box_size_px = npy_path, original_box_size_px
                 logger.warning(
-                    "%s: not found; the images cached at %d px in %s stand in for the stacks (images at another "
-                    "box, as reconstruct --box-size-px or training at another --downsample read, need the stacks "
-                    "themselves: give --datadir)",
+                    "%s: not found; using the run's images cached at %d px in %s instead. Training, and reconstruct "
+                    "--box-size-px at another box, need the stacks (give --datadir if they moved)",
                     missing.path, box, npy_path.parent,
                 )  # fmt: skip
                 return

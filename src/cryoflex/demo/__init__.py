@@ -121,7 +121,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0, device: str =
     train_seconds = time.perf_counter() - started
 
     run = load_run(out_dir / "run", device=device)
-    result = evaluate(run, out_dir / "data" / "truth.npz", distance_groups=[(LID, NMP)], out_dir=out_dir / "eval")
+    result = evaluate(run, out_dir / "data" / "truth.npz", distance_groups=[(LID, NMP)], out_dir=out_dir / "eval",
+                      progress=True)  # fmt: skip
     assignment = model_assignment(run.model)
     rows = segment_table(assignment, run.structure)
     ids = segment_ids(assignment)

@@ -505,9 +505,12 @@ def _train(
                     k % config.neighbour_list_every_steps == 0,
                 )  # fmt: skip
                 if not math.isfinite(values["total"]):
+                    kept = run.epoch_checkpoints()
+                    where = f"the last good checkpoint, {kept[-1]}, is intact" if kept else "no epoch was finished"
                     raise TrainingDiverged(
-                        f"non-finite loss at epoch {epoch + 1}, step {step + 1}: {values}. The last good checkpoint "
-                        f"in {run.checkpoints} is intact; lower --learning-rate and --resume, or check the inputs"
+                        f"non-finite loss at epoch {epoch + 1}, step {step + 1}: {values}; {where}. A resumed run "
+                        "keeps its learning rates: start a new run (another --out) with a lower --learning-rate, or "
+                        "check the inputs"
                     )
                 scheduler.step()
                 step += 1
