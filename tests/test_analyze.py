@@ -288,6 +288,21 @@ def test_posterior_draws_benchmark_scores_both_kinds_of_draws(
     assert all(row["particles"] == 40 and 0 < row["median_rmsd_A"] < 20 for row in rows)
 
 
+def test_a_checkpoint_given_as_the_run_or_a_particle_file_gone_is_a_clear_error(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--clusters", "2", "--device", "cpu"]
+    assert cli_main(["analyze", str(trained_run / "checkpoints" / "last.pt"), *args]) == 2
+    assert "give the run folder" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache", "analysis"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "particles": str(tmp_path / "moved.star")}))
+    assert cli_main(["analyze", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "the particle file this run was trained on is not there" in err and "config.yaml" in err
+
+
 def test_a_run_whose_stacks_moved_opens_with_datadir(
     trained_run: Path, tiny_adk_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -227,6 +227,13 @@ def test_an_out_under_a_file_a_bad_seed_and_negative_threads_are_refused_before_
     assert afile.read_text() == "kept" and not (tmp_path / "sim").exists()
 
 
+def test_verbose_is_taken_before_or_after_the_subcommand() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["-v", "info", "x.star"]).verbose
+    assert parser.parse_args(["info", "x.star", "-v"]).verbose
+    assert not parser.parse_args(["info", "x.star"]).verbose
+
+
 def test_info_on_a_directory_and_analyze_at_epoch_zero_are_clear_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -103,8 +103,8 @@ def test_a_second_evaluation_into_the_same_folder_leaves_no_stale_plot(
     (not other files); progress is shown unless --no-progress; an --fsc-samples above the particle count says that
     all are used; a voxel too small for memory is refused."""
     out = tmp_path / "eval"
-    base = ["eval", str(run_dir), "--truth", str(simulation / "truth.npz"), "--out", str(out), "--device", "cpu",
-            "--posterior-samples", "4"]  # fmt: skip
+    base = ["eval", str(run_dir), "--truth", str(simulation), "--out", str(out), "--device", "cpu",
+            "--posterior-samples", "4"]  # fmt: skip  (the folder cryoflex simulate wrote: its truth.npz is read)
     pairs = ["--distance", "A:122-159", "A:30-59", "--distance", "A:122-159", "A"]
     assert cli_main([*base, *pairs, "--fsc-samples", "2"]) == 0
     assert (out / "distance_2.png").exists()

@@ -72,8 +72,11 @@ def read_truth(path: Path) -> Truth:
     """Read truth.npz; CryoflexInputError naming the field when it is missing or inconsistent."""
     path = Path(path)
     fix = "give the truth.npz written by cryoflex simulate for these particles"
+    if path.is_dir() and (path / "truth.npz").is_file():
+        path = path / "truth.npz"  # the folder cryoflex simulate wrote
     if not path.is_file():
-        raise CryoflexInputError(path, "no such file", fix=fix, field="--truth")
+        raise CryoflexInputError(path, "a directory, not a file" if path.is_dir() else "no such file", fix=fix,
+                                 field="--truth")  # fmt: skip
     try:
         with np.load(path, allow_pickle=False) as npz:
             fields = {name: npz[name] for name in npz.files}

@@ -107,9 +107,18 @@ def load_run(
     since training (instead of the run's own datadir setting).
     """
     run = RunDir(run_dir)
+    if Path(run_dir).is_file() and Path(run_dir).suffix == ".pt":
+        raise CryoflexInputError(run_dir, "a checkpoint, not a run folder",
+                                 "give the run folder (the --out of cryoflex train), and choose the checkpoint with "
+                                 "--epoch N or --checkpoint best|last")  # fmt: skip
     if not run.config.is_file():
         raise CryoflexInputError(run.config, "not a cryoflex run (no config.yaml)", "give the --out of cryoflex train")
     config = load_run_config(run.config, None if datadir is None else {"datadir": str(datadir)})
+    if not Path(config.particles).is_file():
+        raise CryoflexInputError(
+            config.particles, "the particle file this run was trained on is not there",
+            f"put it back, or edit the particles: line of {run.config} to where it is now", field="particles",
+        )  # fmt: skip
     path = run_checkpoint(run.root, epoch=epoch, checkpoint=checkpoint)
     state = load_checkpoint(path, "cpu")
     check_likelihood_state(path, state, config.likelihood)

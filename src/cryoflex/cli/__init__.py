@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(sub)
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show debug messages and full tracebacks")  # also after the subcommand  # fmt: skip
         sub.set_defaults(run=module.run, subparser=sub)
     return parser
 
@@ -161,7 +163,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return ""
     epochs = RunDir(args.out).epoch_checkpoints()
     if not epochs:
-        return f"; no epoch was finished in {args.out}"
+        return f"; no epoch was finished in {args.out}, so start again: the same command without --resume"
     last_epoch = int(epochs[-1].stem.removeprefix("epoch_"))
     return (f"; {args.out} keeps its checkpoints up to epoch {last_epoch}. To go on: "
             f"cryoflex train --out {args.out} --resume")  # fmt: skip

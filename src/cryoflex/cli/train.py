@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             f"To train on: cryoflex train --out {args.out} --resume --early-stopping-patience 0"
         )
     elif result.last_metrics:
-        print(f"trained {result.epochs_done} epochs ({result.steps_done} steps): {args.out}")
+        epochs = "1 epoch" if result.epochs_done == 1 else f"{result.epochs_done} epochs"
+        print(f"trained to {epochs} ({result.steps_done:,} steps): {args.out}")
     else:
         print(
             f"{args.out} is already at {result.epochs_done} epochs: nothing to do. To train it further: "

@@ -407,7 +407,7 @@ def _train(
             )  # fmt: skip
             return TrainResult(run.root, start_epoch, step, {}, model, stopped_early=True)
         if start_epoch >= config.epochs:
-            logger.info("%s is already at %d epochs: nothing to train", run.root, start_epoch)
+            logger.debug("%s is already at %d epochs: nothing to train", run.root, start_epoch)  # the CLI says so
             return TrainResult(run.root, start_epoch, step, {}, model)
         logger.info("resuming %s after epoch %d (step %d)", run.root, start_epoch, step)
         if context.is_main:
