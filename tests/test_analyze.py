@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -166,6 +167,26 @@ def test_long_loops_show_progress_unless_asked_not_to(
     assert "--pcs 3 is above the run's latent dimension (2): 2 principal components are traversed" in caplog.text
     assert cli_main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "40/40" not in capsys.readouterr().err
+
+
+def test_a_second_analysis_into_one_folder_removes_what_the_first_made_and_it_did_not(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """Per-particle files, subsets and traversals of the first analysis's options would otherwise look like the second
+    one's outputs; a file the user put there stays."""
+    out = tmp_path / "analysis"
+    base = ["analyze", str(trained_run), "--out", str(out), "--clusters", "2", "--points", "2",
+            "--posterior-samples", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cli_main([*base, "--epoch", "1", "--per-particle", "--subset-clusters", "1"]) == 0
+    first = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert Path("per_particle_coords.npy") in first and Path("subsets/clusters_1.star") in first
+    (out / "notes.txt").write_text("mine")
+    assert cli_main(base) == 0
+    second = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert Path("per_particle_coords.npy") not in second and Path("subsets/clusters_1.star") not in second
+    assert {Path("notes.txt"), Path("report.html"), Path("traversals/traversal_pc1.pdb")} <= second
+    listed = set(map(Path, json.loads((out / "analysis_files.json").read_text())["files"]))
+    assert listed == second - {Path("notes.txt"), Path("analysis_files.json")}
 
 
 def test_umap_without_umap_learn_is_refused_before_the_encoding(

@@ -19,6 +19,7 @@ Every numeric output is deterministic: the same run and options give byte-identi
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from cryoflex.analysis.predict import (
 )
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
+from cryoflex.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 MAX_VOLUME_BOX_PX = 512  # maps of --volumes: a float32 map of 512^3 voxels is 0.5 GB, and several are rendered
@@ -255,6 +257,42 @@ def _per_particle(
     return expected_rmsd_A
 
 
+MANIFEST_NAME = "analysis_files.json"  # the files an analysis wrote, so the next one into the folder can tidy them
+
+
+def file_states(out_dir: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under out_dir with its (inode, modification time in ns): what an analysis finds there."""
+    states = {}
+    for path in Path(out_dir).rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            states[path] = (stat.st_ino, stat.st_mtime_ns)
+    return states
+
+
+def remove_earlier_outputs(out_dir: Path, before: dict[Path, tuple[int, int]]) -> list[Path]:
+    """Delete the files the previous analysis into out_dir listed in its manifest that this one did not write again
+    (still as `before`, file_states at its start): per-particle files, subsets or traversals of other options, which
+    would otherwise sit beside this analysis's outputs as if they were its own. Files the previous analysis did not
+    write are never touched. Then lists this analysis's files in the manifest; returns the paths removed."""
+    manifest = out_dir / MANIFEST_NAME
+    try:
+        earlier = [out_dir / str(name) for name in json.loads(manifest.read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = []
+    now = file_states(out_dir)
+    removed = [path for path in earlier if path in before and now.get(path) == before[path]]
+    for path in removed:
+        path.unlink()
+    written = sorted(str(path.relative_to(out_dir)) for path, state in now.items()
+                     if path != manifest and before.get(path) != state)  # fmt: skip
+    write_text_atomic(manifest, json.dumps({"files": written}, indent=1) + "\n")
+    if removed:
+        logger.info("removed %d output(s) of the earlier analysis in %s that this one did not make again: %s",
+                    len(removed), out_dir, ", ".join(str(p.relative_to(out_dir)) for p in removed))  # fmt: skip
+    return removed
+
+
 def analyze_run(
     run: TrainedRun,
     out_dir: Path,
@@ -263,14 +301,16 @@ def analyze_run(
     extra_sections: list[report.ReportSection] | None = None,
     extra_tables: dict[str, list[dict]] | None = None,
 ) -> Path:
-    """Write every analysis output of `run` under out_dir; returns the report's path.
+    """Write every analysis output of `run` under out_dir; returns the report's path. Outputs of an earlier analysis
+    into the same folder that this one does not make again are removed (remove_earlier_outputs).
 
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
+    out_dir = Path(out_dir)
+    before = file_states(out_dir)
     check_options(options, len(run.dataset), run.model.encoder.latent_dim)  # before minutes of encoding
     if options.volumes:
         volume_grid(run, options)
-    out_dir = Path(out_dir)
     names = run.dataset.metadata.names
     model, structure = run.model, run.structure
     logger.info("encoding %d particles", len(run.dataset))
@@ -357,4 +397,5 @@ def analyze_run(
         out_dir / "report.html", title=f"cryoflex analysis of {run.run_dir.name} (epoch {run.epoch})",
         sections=sections, config=run.config.to_dict(), tables=tables, files=files,
     )  # fmt: skip
+    remove_earlier_outputs(out_dir, before)
     return path
