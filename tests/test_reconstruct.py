@@ -143,6 +143,13 @@ def test_groups_from_clusters_pc_bins_and_subset(dataset_dir: Path, tmp_path: Pa
     chosen = np.array([3, 17, 64, 99])
     star = write_subset(metadata, chosen[::-1], tmp_path / "mine")[0]
     np.testing.assert_array_equal(subset_group(star, metadata, PIXEL_A), chosen)
+    refined = replace(metadata.ctf, defocus_u_A=metadata.ctf.defocus_u_A + 300.0)  # CTF refinement: the same particles
+    star = write_subset(replace(metadata, ctf=refined), chosen, tmp_path / "refined")[0]
+    np.testing.assert_array_equal(subset_group(star, metadata, PIXEL_A), chosen)
+    other = replace(metadata.ctf, defocus_u_A=metadata.ctf.defocus_u_A[::-1] + 5000.0)  # another simulation's rows
+    star = write_subset(replace(metadata, ctf=other), chosen, tmp_path / "other")[0]
+    with pytest.raises(CryoflexInputError, match="lists another dataset's particles"):
+        subset_group(star, metadata, PIXEL_A)
 
 
 def test_star_subsets_of_cryosparc_and_symmetry_expanded_runs_find_their_particles(

@@ -41,6 +41,7 @@ from cryoflex.errors import CryoflexInputError, numpy_load_problem
 from cryoflex.imaging.volume import gaussian_volume
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata
+from cryoflex.io.metadata.record import SAME_PARTICLE_DEFOCUS_A, defocus_disagrees
 from cryoflex.io.residues import select_residues
 from cryoflex.io.structure import Structure
 from cryoflex.progress import Progress
@@ -49,9 +50,6 @@ logger = logging.getLogger(__name__)
 
 EVAL_JSON = "eval.json"
 CLASH_CUTOFF_A = 4.0
-# another simulation's truth: most particles' defocus differs by thousands of A (simulate draws it over a range of
-# 15,000 A by default); CTF refinement after the simulation moves a particle's by tens to hundreds
-_DEFOCUS_MATCH_A = 500.0
 _TRUTH_FIELDS = ("conformation_index", "conformations_A", "names")
 _FRAME_WARNING_RMSD_A = 1.0
 
@@ -137,14 +135,14 @@ def check_truth_matches_particles(metadata: ParticleMetadata, rows: np.ndarray, 
     if truth.defocus_u_A is None or metadata.ctf is None:
         return
     in_file_A, in_truth_A = metadata.ctf.defocus_u_A, truth.defocus_u_A[rows]
-    differ = np.abs(in_file_A - in_truth_A) > _DEFOCUS_MATCH_A
-    if 2 * differ.sum() > differ.size:  # most particles: another dataset, not a refined one
+    differ = defocus_disagrees(in_file_A, in_truth_A)
+    if differ is not None:  # most particles: another dataset, not a refined one
         first = int(np.argmax(differ))
         raise CryoflexInputError(
             truth.path,
             f"the defocus of {int(differ.sum())} of {differ.size} particles in {metadata.source_path} is more than "
-            f"{_DEFOCUS_MATCH_A:g} A from the truth's (e.g. {metadata.names[first]}: {in_file_A[first]:.1f} A, the "
-            f"truth {in_truth_A[first]:.1f} A): it is the truth of another simulation",
+            f"{SAME_PARTICLE_DEFOCUS_A:g} A from the truth's (e.g. {metadata.names[first]}: {in_file_A[first]:.1f} A, "
+            f"the truth {in_truth_A[first]:.1f} A): it is the truth of another simulation",
             fix="evaluate against the truth.npz written beside these particles by cryoflex simulate",
             field="defocus_u_A",
         )

@@ -57,6 +57,7 @@ from cryoflex.imaging.backprojection import FourierAccumulator, lowpass, wiener_
 from cryoflex.imaging.volume import gaussian_volume, write_volume_mrc
 from cryoflex.io.atomic import save_npy_atomic, write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata, read_metadata
+from cryoflex.io.metadata.record import SAME_PARTICLE_DEFOCUS_A, defocus_disagrees
 from cryoflex.io.particles import stack_key
 from cryoflex.io.structure import write_structure
 from cryoflex.progress import Progress
@@ -255,11 +256,23 @@ def subset_group(path: Path, metadata: ParticleMetadata, pixel_size_A: float) ->
     if np.unique(positions).size != positions.size:
         raise CryoflexInputError(path, "lists some of the run's particles twice", fix="list each particle once",
                                  field="rlnImageName")  # fmt: skip
+    if subset.ctf is not None and metadata.ctf is not None:
+        differ = defocus_disagrees(subset.ctf.defocus_u_A, metadata.ctf.defocus_u_A[positions])
+        if differ is not None:
+            first = int(np.argmax(differ))
+            mine_A, runs_A = subset.ctf.defocus_u_A[first], metadata.ctf.defocus_u_A[positions[first]]
+            raise CryoflexInputError(
+                path, f"the defocus of {int(differ.sum())} of its {differ.size} particles is more than "
+                f"{SAME_PARTICLE_DEFOCUS_A:g} A from the run's particles of the same names (e.g. "
+                f"{subset.names[first]}: {mine_A:.1f} A, the run's {runs_A:.1f} A): it lists another dataset's "
+                "particles", fix="give a subset of the particles this run was trained on", field="rlnDefocusU",
+            )  # fmt: skip
     if not np.allclose(subset.pixel_size_A, pixel_size_A, rtol=1e-4):
         raise CryoflexInputError(
             path, f"pixel size {float(subset.pixel_size_A[0]):g} A does not match the run's {pixel_size_A:g} A",
             fix="give a subset of the run's own particle file", field="rlnImagePixelSize",
         )  # fmt: skip
+    logger.info("subset %s: %d particles, all found in the run's %d", path, positions.size, metadata.n_particles)
     return np.sort(positions).astype(np.int64)
 
 

@@ -35,6 +35,17 @@ _REQUIRED_CTF = (
     "amplitude_contrast",
 )
 _OPTIONAL_CTF_DEFAULTS = {"phase_shift_deg": 0.0, "bfactor_A2": 0.0, "scale": 1.0}
+# How far two files of the same particles may disagree on a particle's defocus: CTF refinement moves it by tens to
+# hundreds of A, while another dataset's particles under the same names differ by thousands (cryoflex simulate draws
+# defocus over a range of 15,000 A by default)
+SAME_PARTICLE_DEFOCUS_A = 500.0
+
+
+def defocus_disagrees(first_A: np.ndarray, second_A: np.ndarray) -> np.ndarray | None:
+    """Where two defocus columns of the same-named particles are more than SAME_PARTICLE_DEFOCUS_A apart, when most
+    of them are (the files describe other particles); None when they describe the same ones."""
+    differ = np.abs(np.asarray(first_A) - np.asarray(second_A)) > SAME_PARTICLE_DEFOCUS_A
+    return differ if 2 * differ.sum() > differ.size else None
 
 
 @dataclass(frozen=True, eq=False)
