@@ -81,6 +81,9 @@ def test_info_relion30_with_amplitude_contrast_option(data_dir, capsys):
     path = data_dir / "FinalRefinement-OriginalParticles-PfCRT.star"
     assert main(["info", str(path), "--amplitude-contrast", "0.1", "--box-size-px", "300", "--no-images"]) == 0
     assert "relion3.0" in capsys.readouterr().out
+    path = data_dir / "relion31.star"  # states its pixel size: an option that disagrees names the option to leave out
+    assert main(["info", str(path), "--pixel-size-A", "123", "--no-images"]) == 2
+    assert "leave out --pixel-size-A, or correct the file" in capsys.readouterr().err
 
 
 def test_info_user_error_has_no_traceback(data_dir, capsys):

@@ -176,7 +176,7 @@ def read_pickles(path: Path, ctf_path: Path | None, overrides: _Overrides) -> Pa
         values = {name: columns[source] for name, source in _CRYODRGN_CTF_SOURCES.items() if source in columns}
         ctf = _assemble_ctf(ctf_source, values, _CRYODRGN_CTF_SOURCES, n, "give a complete cryoDRGN ctf.pkl")
     box = _settle_box(path, "D", [("ctf.pkl D", box), (overrides.box_source, overrides.box_size_px)])
-    pixel = _fill(path, "Apix", pixel, overrides.pixel_size_A, n)
+    pixel = _fill(path, "Apix", pixel, overrides.pixel_size_A, n, setting="pixel_size_A")
     pixel = _checked_pixel_size(path, "Apix", pixel, "pass the ctf.pkl (--ctf), which holds the pixel size")
     rotations = shifts_A = None
     if "poses" in found:

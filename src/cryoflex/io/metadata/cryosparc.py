@@ -137,6 +137,7 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
         blob_pixel if blob_pixel is not None else alignment_pixel,
         overrides.pixel_size_A,
         n,
+        setting="pixel_size_A",
     )
     pixel_fix = "use the particles .cs of a cryoSPARC job (its blob/psize_A is the pixel size)"
     pixel = _checked_pixel_size(path, "blob/psize_A", pixel, pixel_fix)
@@ -152,7 +153,8 @@ def read_cs(path: Path, overrides: _Overrides) -> ParticleMetadata:
         if radians is not None:
             values[name] = np.degrees(radians)
     values["amplitude_contrast"] = _fill(
-        path, "ctf/amp_contrast", values["amplitude_contrast"], overrides.amplitude_contrast, n
+        path, "ctf/amp_contrast", values["amplitude_contrast"], overrides.amplitude_contrast, n,
+        setting="amplitude_contrast",
     )
     fix = (
         "cryoSPARC keeps CTF and image fields in the job's passthrough .cs file; export the particles "

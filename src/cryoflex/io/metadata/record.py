@@ -208,15 +208,22 @@ def _settle_box(path: Path, field: str, stated: Sequence[tuple[str, int | None]]
     return known[0][1] if known else None
 
 
-def _fill(path: Path, field: str, from_file: np.ndarray | None, override: float | None, n: int) -> np.ndarray | None:
-    """A per-particle value from the file, else the caller's override; the two must agree when both exist."""
+# The command-line option that gives each overridable value
+_OVERRIDE_OPTIONS = {"pixel_size_A": "--pixel-size-A", "amplitude_contrast": "--amplitude-contrast"}
+
+
+def _fill(
+    path: Path, field: str, from_file: np.ndarray | None, override: float | None, n: int, *, setting: str
+) -> np.ndarray | None:
+    """A per-particle value from the file, else the caller's override (`setting`, a field of _Overrides); the two must
+    agree when both exist."""
     if from_file is None:
         return None if override is None else np.full(n, float(override))
     if override is not None and not np.allclose(from_file, override, rtol=1e-6, atol=0.0):
         raise CryoflexInputError(
             path,
             f"the file gives {field} {np.unique(from_file)[:5].tolist()} but {override} was passed",
-            fix=f"leave out the {field} option, or correct the file",
+            fix=f"leave out {_OVERRIDE_OPTIONS[setting]}, or correct the file",
             field=field,
         )
     return from_file

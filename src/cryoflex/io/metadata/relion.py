@@ -351,10 +351,12 @@ def _star_pixel_size(tables: _StarTables, overrides: _Overrides) -> np.ndarray:
         detector_um, magnification = tables.present("rlnDetectorPixelSize"), tables.present("rlnMagnification")
         _check_values(tables.path, "rlnMagnification", magnification, magnification > 0, "positive")
         pixel = detector_um * 1e4 / magnification
-    pixel = _fill(tables.path, "rlnImagePixelSize", pixel, overrides.pixel_size_A, len(tables.particles))
+    pixel = _fill(
+        tables.path, "rlnImagePixelSize", pixel, overrides.pixel_size_A, len(tables.particles), setting="pixel_size_A"
+    )
     fix = (
         "RELION 3.1+ files give rlnImagePixelSize in data_optics, RELION 3.0 files rlnDetectorPixelSize and "
-        "rlnMagnification; or pass the pixel size (pixel_size_A)"
+        "rlnMagnification; or pass the pixel size (--pixel-size-A)"
     )
     return _checked_pixel_size(tables.path, "rlnImagePixelSize", pixel, fix)
 
@@ -414,7 +416,8 @@ def _star_ctf(tables: _StarTables, overrides: _Overrides) -> CTFParameters:
     values = {name: tables.values(column) for name, column in _STAR_CTF_COLUMNS.items()}
     n = len(tables.particles)
     values["amplitude_contrast"] = _fill(
-        tables.path, "rlnAmplitudeContrast", values["amplitude_contrast"], overrides.amplitude_contrast, n
+        tables.path, "rlnAmplitudeContrast", values["amplitude_contrast"], overrides.amplitude_contrast, n,
+        setting="amplitude_contrast",
     )
     fix = (
         "use the particle STAR from Extract/Refine3D, which has rlnDefocusU, rlnDefocusV, rlnDefocusAngle "
