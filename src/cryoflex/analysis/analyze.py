@@ -150,6 +150,8 @@ def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) ->
     if options.n_components > latent_dim:
         logger.warning("--pcs %d is above the run's latent dimension (%d): %d principal component%s traversed",
                        options.n_components, latent_dim, latent_dim, " is" if latent_dim == 1 else "s are")  # fmt: skip
+    if options.volume_voxel_A is not None and not options.volumes:
+        logger.warning("--voxel-size-A sets the voxel of the maps of --volumes; without --volumes no map is made")
     if options.umap and importlib.util.find_spec("umap") is None:
         raise CryoflexInputError(None, "UMAP needs the optional package umap-learn, which is not installed",
                                  fix="pip install umap-learn, or leave out --umap", field="--umap")  # fmt: skip

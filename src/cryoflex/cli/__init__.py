@@ -44,6 +44,13 @@ def check_output_directory(out: Path | None) -> None:
         )  # fmt: skip
 
 
+def check_datadir(datadir: str | Path | None) -> None:
+    """Refuse a --datadir that is not a folder (every command that takes one looks for the stacks there)."""
+    if datadir is not None and not Path(datadir).is_dir():
+        raise CryoflexInputError(datadir, "not a folder", "give the folder that holds the particle stacks",
+                                 field="--datadir")  # fmt: skip
+
+
 def check_seed(seed: int) -> None:
     """Refuse a --seed that numpy and torch cannot take (they need 0 <= seed < 2^63)."""
     if not 0 <= seed < 2**63:
@@ -132,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handle_sigterm = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if handle_sigterm else None
     try:
+        check_datadir(getattr(args, "datadir", None))
         return int(args.run(args) or 0)
     except CryoflexError as error:
         if args.verbose:
