@@ -252,6 +252,19 @@ def test_segments_above_the_residues_are_refused_before_any_output(
     assert "more than a third" in caplog.text
 
 
+def test_images_that_fail_their_checks_leave_no_run_folder(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A box the stacks cannot be downsampled to is found when the images are opened, after the config is saved:
+    the half-made folder goes, so the next attempt is not mistaken for a run to resume."""
+    with pytest.raises(CryoflexInputError, match="box"):
+        train(_config(tiny_dataset, downsample=64), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(CryoflexInputError, match="box"):
+        train(_config(tiny_dataset, downsample=64), tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 def test_a_part_past_its_chain_warns_once_per_training(
     tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,10 +339,18 @@ def _prepare_inputs(config: TrainConfig, run: RunDir, context: ProcessContext, *
     """
     checked = check_inputs(config)
     if context.is_main:
+        created = not run.root.exists()
         run.root.mkdir(parents=True, exist_ok=True)
         if not resuming:
             config.save(run.config)
-        dataset = particle_dataset(config, checked.metadata, run, progress=config.progress)
+        try:
+            dataset = particle_dataset(config, checked.metadata, run, progress=config.progress)
+        except CryoflexInputError:  # the images' own checks (poses, box): leave no half-made run to resume
+            if created:
+                shutil.rmtree(run.root)
+            elif not resuming:
+                run.config.unlink(missing_ok=True)
+            raise
     if context.distributed:
         torch.distributed.barrier()
     if not context.is_main:
