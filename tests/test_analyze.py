@@ -189,6 +189,18 @@ def test_a_second_analysis_into_one_folder_removes_what_the_first_made_and_it_di
     assert listed == second - {Path("notes.txt"), Path("analysis_files.json")}
 
 
+def test_a_region_holding_no_particle_is_refused_with_where_they_lie(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "analysis"
+    region = ["--subset-region", "100", "200", "100", "200"]
+    assert cli_main(["analyze", str(trained_run), "--out", str(out), "--clusters", "2", "--posterior-samples", "2",
+                     *region, "--device", "cpu", "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "no particle lies in the region PC1 100 to 200, PC2 100 to 200: the particles span PC1 " in err
+    assert not out.exists()  # refused before anything was written
+
+
 def test_umap_without_umap_learn_is_refused_before_the_encoding(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,11 +19,13 @@ from cryoflex.analysis import report
 from cryoflex.analysis.export import write_subset
 from cryoflex.analysis.reconstruct import (
     CONSENSUS,
+    ModelBias,
     check_groups,
     cluster_groups,
     group_passes,
     half_split,
     model_bias,
+    model_bias_summary,
     particle_latents,
     pc_bin_groups,
     reconstruct_groups,
@@ -207,6 +209,10 @@ def test_groups_too_small_for_two_half_maps(caplog: pytest.LogCaptureFixture) ->
     assert list(usable) == ["a"]
     assert "2 of 2 groups have fewer than 10 particles in a half and are skipped: few (" in caplog.text
     assert "none (0 + 0)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # many small bins: the warning names five, then counts the rest
+        check_groups({f"bin{k:03d}": np.array([k]) for k in range(100)}, in_half_a, Path("p.star"), required=set())
+    assert "bin004 (" in caplog.text and "bin005 (" not in caplog.text and "and 95 more" in caplog.text
 
 
 def test_bad_input_is_refused_with_file_and_fix(
@@ -445,3 +451,16 @@ def test_analyze_report_shows_the_reconstruction(trained_run: Path, tmp_path: Pa
                      "--device", "cpu"]) == 0  # fmt: skip
     page = (analysis / "report.html").read_text()
     assert "Density from the particles" in page and "Model-bias check" in page and "resolution_0.143_A" in page
+
+
+def test_the_model_bias_verdict_judges_the_groups_not_the_consensus() -> None:
+    """The consensus map is every particle's: whether it agrees best with its own structures says nothing about the
+    motion, so the verdict names only the groups."""
+    fsc = np.array([[0.9, 0.95, 0.8], [0.7, 0.9, 0.6], [0.6, 0.7, 0.9]])  # consensus row: best against cluster_01
+    bias = ModelBias([CONSENSUS, "cluster_01", "cluster_02"], fsc, np.zeros((3, 3)), 5.0)
+    assert model_bias_summary(bias).startswith("supported by the data: every group's map agrees best with its own")
+    fsc[1] = [0.7, 0.6, 0.9]  # cluster_01's map agrees better with cluster_02's structures
+    assert model_bias_summary(bias) == (
+        "supported by the data for cluster_02; not for cluster_01 (their maps agree better with another group's "
+        "structures)"
+    )

@@ -183,6 +183,21 @@ def check_options(options: AnalyzeOptions, n_particles: int, latent_dim: int) ->
                                      field="--subset-region")  # fmt: skip
 
 
+def check_region_holds_particles(embedding: latent.LatentEmbedding, options: AnalyzeOptions) -> None:
+    """Refuse a --subset-region that no particle lies in, saying where the particles lie on PC1 and PC2."""
+    if options.subset_region is None:
+        return
+    x0, x1, y0, y1 = options.subset_region
+    if export.select_by_region(embedding.pca[:, :2], (x0, x1), (y0, y1)).size == 0:
+        pc1, pc2 = embedding.pca[:, 0], embedding.pca[:, 1]
+        raise CryoflexInputError(
+            None, f"no particle lies in the region PC1 {x0:g} to {x1:g}, PC2 {y0:g} to {y1:g}: the particles span "
+            f"PC1 {pc1.min():.2f} to {pc1.max():.2f} and PC2 {pc2.min():.2f} to {pc2.max():.2f}",
+            fix="give a region within those ranges (the PCA plot of a run without it shows where the particles lie)",
+            field="--subset-region",
+        )  # fmt: skip
+
+
 def _subsets(run: TrainedRun, embedding: latent.LatentEmbedding, options: AnalyzeOptions, out: Path) -> list[Path]:
     paths: list[Path] = []
     metadata = run.dataset.metadata
@@ -322,6 +337,7 @@ def analyze_run(
     )
     latents = posterior_latents(posterior, samples, seed)
     embedding = latent.embed(latents, n_clusters=options.n_clusters, seed=options.seed, umap=options.umap)
+    check_region_holds_particles(embedding, options)  # before anything is written
     if len(embedding.kmeans_centres) < options.n_clusters:
         logger.warning(
             "%d k-means clusters instead of the %d asked: the particles have only %d distinct latents",

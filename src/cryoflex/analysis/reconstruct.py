@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 CONSENSUS = "consensus"
 HALF_SPLIT_NAME = "half_split.npy"
 MIN_PARTICLES_PER_HALF = 10
+_LISTED = 5  # skipped groups a warning names (then how many more)
 _STRUCTURES_PER_RENDER = 32  # decoded structures rendered as one set of pseudo-atoms (bounds the Gaussian tables)
 _CHIMERAX_COLOURS = (
     "cornflowerblue", "orange", "mediumseagreen", "crimson", "mediumpurple", "sienna", "hotpink", "gold",
@@ -383,7 +384,8 @@ def check_groups(
         logger.warning(
             "%d of %d groups have fewer than %d particles in a half and are skipped: %s. Fewer --bins, or fewer "
             "clusters in cryoflex analyze --clusters, give larger groups", len(skipped),
-            len(set(groups) - set(required)), min_per_half, ", ".join(skipped),
+            len(set(groups) - set(required)), min_per_half,
+            ", ".join(skipped[:_LISTED]) + (f" and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""),
         )  # fmt: skip
     return usable
 
@@ -633,13 +635,15 @@ def write_model_bias(bias: ModelBias, out_dir: Path) -> list[Path]:
 
 
 def model_bias_summary(bias: ModelBias) -> str:
-    """One line: for which groups the map agrees best with the group's own structures."""
-    best = bias.own_best
-    if len(bias.groups) < 2:
+    """One line: for which groups the map agrees best with the group's own structures. The consensus is not judged:
+    its structures are every particle's, so its map says nothing about the motion."""
+    judged = [name for name in bias.groups if name != CONSENSUS]
+    best = [name for name in bias.own_best if name != CONSENSUS]
+    if len(bias.groups) < 2 or not judged:
         return "one group only: nothing to compare"
-    if len(best) == len(bias.groups):
+    if len(best) == len(judged):
         return f"supported by the data: every group's map agrees best with its own structures ({', '.join(best)})"
-    others = [name for name in bias.groups if name not in best]
+    others = [name for name in judged if name not in best]
     return (f"supported by the data for {', '.join(best) or 'no group'}; not for {', '.join(others)} (their maps "
             f"agree better with another group's structures)")  # fmt: skip
 
