@@ -113,6 +113,12 @@ def test_an_infinite_rate_and_a_seed_torch_cannot_take_are_refused_before_traini
     assert error.value.field == name
 
 
+def test_a_missing_input_is_called_missing() -> None:
+    with pytest.raises(CryoflexInputError, match=r"(?s)not given.*give the particle file \(--particles\)") as error:
+        load_config(None, {"structure": "s.pdb"})
+    assert error.value.field == "particles"
+
+
 def test_a_sleep_phase_without_several_draws_is_refused_not_ignored() -> None:
     inputs = {"particles": "p.star", "structure": "s.pdb", "sleep_phase": True}
     assert load_config(None, inputs).sleep_phase

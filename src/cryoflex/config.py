@@ -185,7 +185,9 @@ class TrainConfig:
         ]  # fmt: skip
         for name, ok, fix in checks:
             if not ok:
-                raise CryoflexInputError(source, f"invalid value {getattr(self, name)!r}", fix, field=name)
+                value = getattr(self, name)
+                problem = "not given" if value in ("", None) else f"invalid value {value!r}"
+                raise CryoflexInputError(source, problem, fix, field=name)
         placement = [self.consensus_map is not None, self.box_centre_A is not None, self.centre_structure]
         if sum(placement) > 1:
             raise CryoflexInputError(
