@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryoflex.analysis.predict import (
 )
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError
+from cryoflex.imaging.volume import map_box_px
 from cryoflex.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -89,14 +89,7 @@ def volume_grid(run: TrainedRun, options: AnalyzeOptions) -> tuple[float, int]:
     the run's pixel size). Refuses a grid above MAX_VOLUME_BOX_PX a side, which would not fit in memory."""
     box_A = run.dataset.box_size_px * run.dataset.pixel_size_A
     voxel_A = options.volume_voxel_A or run.dataset.pixel_size_A
-    box_px = int(np.ceil(box_A / voxel_A / 2) * 2)
-    if box_px > MAX_VOLUME_BOX_PX:
-        smallest_A = math.ceil(box_A / MAX_VOLUME_BOX_PX * 1000) / 1000  # rounded up: the advice itself must fit
-        raise CryoflexInputError(
-            None, f"voxels of {voxel_A:g} A give maps of {box_px}^3 voxels ({box_px**3 * 4 / 2**30:,.1f} GB each) for "
-            f"the {box_A:g} A box", fix=f"give --voxel-size-A {smallest_A:g} or more (at most {MAX_VOLUME_BOX_PX} "
-            "voxels a side)", field="--voxel-size-A",
-        )  # fmt: skip
+    box_px = map_box_px(box_A, voxel_A, max_box_px=MAX_VOLUME_BOX_PX, bytes_per_voxel=4, maps="maps")
     return voxel_A, box_px
 
 

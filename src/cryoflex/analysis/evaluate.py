@@ -38,7 +38,7 @@ from cryoflex.analysis.predict import (
 )
 from cryoflex.analysis.run import TrainedRun
 from cryoflex.errors import CryoflexInputError, numpy_load_problem
-from cryoflex.imaging.volume import gaussian_volume
+from cryoflex.imaging.volume import gaussian_volume, map_box_px
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.metadata import ParticleMetadata
 from cryoflex.io.metadata.record import SAME_PARTICLE_DEFOCUS_A, defocus_disagrees
@@ -210,14 +210,7 @@ def _volume_grid(run: TrainedRun, voxel_size_A: float | None) -> _VolumeGrid:
     box_A = run.dataset.box_size_px * run.dataset.pixel_size_A
     default_A = min(run.dataset.pixel_size_A, DEFAULT_FSC_VOXEL_A)
     voxel = default_A if voxel_size_A is None else float(voxel_size_A)
-    box_px = int(math.ceil(box_A / voxel / 2) * 2)
-    if box_px > MAX_FSC_BOX_PX:
-        smallest_A = math.ceil(box_A / MAX_FSC_BOX_PX * 1000) / 1000  # rounded up: the advice itself must fit
-        raise CryoflexInputError(
-            None, f"voxels of {voxel:g} A give FSC maps of {box_px}^3 voxels ({box_px**3 * 8 / 2**30:,.1f} GB each) "
-            f"for the {box_A:g} A box", fix=f"give --voxel-size-A {smallest_A:g} or more (at most {MAX_FSC_BOX_PX} "
-            "voxels a side), or leave it out", field="--voxel-size-A",
-        )  # fmt: skip
+    box_px = map_box_px(box_A, voxel, max_box_px=MAX_FSC_BOX_PX, bytes_per_voxel=8, maps="FSC maps")
     amplitudes = torch.as_tensor(run.structure.amplitudes_e, dtype=torch.float64, device=run.device)
     return _VolumeGrid(box_px, voxel, run.config.sigma_A, amplitudes, run.device)
 

@@ -12,15 +12,32 @@ cryoflex.io.maps.write_mrc sets the origin and writes N*START = 0, so both readi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import overload
 
 import numpy as np
 import torch
 
+from cryoflex.errors import CryoflexInputError
 from cryoflex.io.maps import write_mrc
 
 _SLAB_ELEMENTS = 1 << 25  # upper bound on n * slab * N elements held at once
+
+
+def map_box_px(box_A: float, voxel_A: float, *, max_box_px: int, bytes_per_voxel: int, maps: str) -> int:
+    """The even number of voxels a side that spans box_A at voxel_A; refuses more than max_box_px, which would not
+    fit in memory, with the smallest --voxel-size-A that fits (`maps`: what the maps are, for the message)."""
+    box_px = int(math.ceil(box_A / voxel_A / 2) * 2)
+    if box_px > max_box_px:
+        smallest_A = math.ceil(box_A / max_box_px * 1000) / 1000  # rounded up: the advice itself must fit
+        raise CryoflexInputError(
+            None, f"voxels of {voxel_A:g} A give {maps} of {box_px}^3 voxels "
+            f"({box_px**3 * bytes_per_voxel / 2**30:,.1f} GB each) for the {box_A:g} A box",
+            fix=f"give --voxel-size-A {smallest_A:g} or more (at most {max_box_px} voxels a side)",
+            field="--voxel-size-A",
+        )  # fmt: skip
+    return box_px
 
 
 def _axis_table(centres_A: torch.Tensor, grid_A: torch.Tensor, sigma_A: float) -> torch.Tensor:
