@@ -77,13 +77,21 @@ def test_info_structure_chains(data_dir, capsys):
     assert [(c["chain_id"], c["n_residues"]) for c in summary["chains"]] == [("A", 214), ("B", 214)]
 
 
-def test_info_relion30_with_amplitude_contrast_option(data_dir, capsys):
+def test_info_relion30_with_amplitude_contrast_option(data_dir, tmp_path, capsys):
     path = data_dir / "FinalRefinement-OriginalParticles-PfCRT.star"
     assert main(["info", str(path), "--amplitude-contrast", "0.1", "--box-size-px", "300", "--no-images"]) == 0
     assert "relion3.0" in capsys.readouterr().out
     path = data_dir / "relion31.star"  # states its pixel size: an option that disagrees names the option to leave out
     assert main(["info", str(path), "--pixel-size-A", "123", "--no-images"]) == 2
     assert "leave out --pixel-size-A, or correct the file" in capsys.readouterr().err
+    table = starfile.read(data_dir / "FinalRefinement-OriginalParticles-PfCRT.star")
+    path = tmp_path / "no_pixel.star"  # states no pixel size: a bad option is the option's fault, not a row's
+    starfile.write(table.drop(columns=["rlnDetectorPixelSize", "rlnMagnification"]), path)
+    for flags, expected in ((["--pixel-size-A", "-4", "--amplitude-contrast", "0.1"], "--pixel-size-A -4"),
+                            (["--pixel-size-A", "1.2", "--amplitude-contrast", "1.5"], "--amplitude-contrast 1.5")):
+        assert main(["info", str(path), *flags, "--box-size-px", "300", "--no-images"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "particle row" not in err, flags
 
 
 def test_info_user_error_has_no_traceback(data_dir, capsys):

@@ -265,6 +265,15 @@ def test_images_that_fail_their_checks_leave_no_run_folder(tiny_dataset: Path, t
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_a_validation_share_that_leaves_few_particles_to_train_on_warns(
+    tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        train(_config(tiny_dataset, validation_fraction=0.9, epochs=1), tmp_path / "run")
+    assert "more held out for validation): under 1000" in caplog.text
+    assert "and a smaller validation_fraction" in caplog.text
+
+
 def test_a_part_past_its_chain_warns_once_per_training(
     tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -443,10 +443,12 @@ def _train(
             model.segmentation.n_segments, config.latent_dim, device, context.world_size,
         )  # fmt: skip
         logger.info("%s", density_description(model, config.density))
-        if len(dataset) < FEW_PARTICLES:
+        if len(train_indices) < FEW_PARTICLES:
+            held_out = f" ({len(validation_indices)} more held out for validation)" if len(validation_indices) else ""
             logger.warning(
-                "training on only %d particles: under %d, the segments and motions mostly fit noise; "
-                "use the full particle set for results", len(dataset), FEW_PARTICLES,
+                "training on only %d particles%s: under %d, the segments and motions mostly fit noise; use the full "
+                "particle set for results%s", len(train_indices), held_out, FEW_PARTICLES,
+                ", and a smaller validation_fraction" if len(validation_indices) > len(train_indices) else "",
             )  # fmt: skip
         if len(validation_indices):
             logger.info(

@@ -208,8 +208,12 @@ def _settle_box(path: Path, field: str, stated: Sequence[tuple[str, int | None]]
     return known[0][1] if known else None
 
 
-# The command-line option that gives each overridable value
+# The command-line option that gives each overridable value, the values it may take, and the advice when it is not one
 _OVERRIDE_OPTIONS = {"pixel_size_A": "--pixel-size-A", "amplitude_contrast": "--amplitude-contrast"}
+_OVERRIDE_VALID = {
+    "pixel_size_A": (lambda value: value > 0, "give the pixel size in A, a positive number"),
+    "amplitude_contrast": (lambda value: 0 <= value <= 1, "give a fraction from 0 to 1, e.g. 0.1"),
+}
 
 
 def _fill(
@@ -217,6 +221,11 @@ def _fill(
 ) -> np.ndarray | None:
     """A per-particle value from the file, else the caller's override (`setting`, a field of _Overrides); the two must
     agree when both exist."""
+    if from_file is None and override is not None:
+        valid, fix = _OVERRIDE_VALID[setting]
+        if not (math.isfinite(override) and valid(override)):
+            option = _OVERRIDE_OPTIONS[setting]
+            raise CryoflexInputError(None, f"{option} {override:g}", fix=fix, field=option)
     if from_file is None:
         return None if override is None else np.full(n, float(override))
     if override is not None and not np.allclose(from_file, override, rtol=1e-6, atol=0.0):
