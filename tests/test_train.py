@@ -410,7 +410,7 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(
         train(_config(tiny_dataset, epochs=1, progress=True), tmp_path / "run")
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s" not in err
-    assert "only 40 particles" in caplog.text
+    assert "training on only 38 particles (2 more held out for validation)" in caplog.text  # 40, 5% held out
 
 
 def test_epoch_progress_lines_and_short_terms() -> None:
