@@ -42,6 +42,15 @@ CORRELATION_WEIGHTS = {"latent_kl_weight": 1e-3, "continuity_weight": 1e-2, "cla
 PATH_SETTINGS = ("particles", "structure", "ctf", "stack", "datadir", "consensus_map")
 
 
+SEED_LIMIT = 2**63  # numpy and torch take seeds from 0 to 2^63 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a --seed that numpy and torch cannot take."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise CryoflexInputError(None, f"seed {seed}", fix="give a seed from 0 to 2^63 - 1", field="--seed")
+
+
 def is_device_name(name: str) -> bool:
     """Whether `name` is a device cryoflex takes: auto, cpu, cuda or cuda:N."""
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
@@ -146,7 +155,7 @@ class TrainConfig:
             ("learning_rate", 0 < self.learning_rate < math.inf, "use a positive, finite learning rate"),
             ("segmentation_learning_rate", 0 < self.segmentation_learning_rate < math.inf,
              "use a positive, finite learning rate"),
-            ("seed", 0 <= self.seed < 2**63, "use a seed from 0 to 2^63 - 1"),
+            ("seed", 0 <= self.seed < SEED_LIMIT, "use a seed from 0 to 2^63 - 1"),
             ("sigma_A", self.sigma_A > 0, "use a positive Gaussian width"),
             ("tau", self.tau > 0, "use a positive temperature"),
             ("density", self.density in DENSITIES, f"use one of {', '.join(DENSITIES)}"),

@@ -20,6 +20,7 @@ from scipy.stats import qmc
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
+from cryoflex.config import check_seed
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.data.dataset import ParticleDataset, particle_loader
 from cryoflex.errors import CryoflexInputError
@@ -153,14 +154,13 @@ def decode_latents(
 
 
 def check_posterior_options(samples: int, seed: int) -> None:
-    """Refuse a negative number of posterior samples or a negative seed (numpy seeds are non-negative)."""
+    """Refuse a negative number of posterior samples or a seed numpy cannot take (check_seed)."""
     if samples < 0:
         raise CryoflexInputError(
             None, f"{samples} posterior samples", fix="give 0 (decode at the latent mean) or more",
             field="--posterior-samples",
         )  # fmt: skip
-    if seed < 0:
-        raise CryoflexInputError(None, f"seed {seed}", fix="give a seed of 0 or more", field="--seed")
+    check_seed(seed)
 
 
 def posterior_noise(seed: int, positions: np.ndarray, samples: int, latent_dim: int) -> np.ndarray:

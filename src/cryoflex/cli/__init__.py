@@ -51,12 +51,6 @@ def check_datadir(datadir: str | Path | None) -> None:
                                  field="--datadir")  # fmt: skip
 
 
-def check_seed(seed: int) -> None:
-    """Refuse a --seed that numpy and torch cannot take (they need 0 <= seed < 2^63)."""
-    if not 0 <= seed < 2**63:
-        raise CryoflexInputError(None, f"seed {seed}", fix="give a seed from 0 to 2^63 - 1", field="--seed")
-
-
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """--threads for the commands that compute without a training loop: a fixed count (no timing)."""
     parser.add_argument("--threads", type=int, default=0,

@@ -31,8 +31,8 @@ from cryoflex.cli import (
     add_threads_argument,
     apply_threads,
     check_output_directory,
-    check_seed,
 )
+from cryoflex.config import check_seed
 from cryoflex.errors import CryoflexInputError
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryoflex.cli import add_threads_argument, apply_threads, check_output_directory, check_seed
+from cryoflex.cli import add_threads_argument, apply_threads, check_output_directory
+from cryoflex.config import check_seed
 from cryoflex.errors import CryoflexInputError
 
 # Flags of SimulationConfig's fields: (type, help). Defaults stay in SimulationConfig (cryoflex.simulate imports torch,
