@@ -46,6 +46,7 @@ from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.data.dataset import particle_loader
 from cryoflex.geometry.superposition import superpose_A
 from cryoflex.io.atomic import write_text_atomic
+from cryoflex.model.cryosphere import noise_over_draws
 from cryoflex.model.losses import (
     ClashNeighbourList,
     clash_loss,
@@ -101,10 +102,12 @@ class Objective:
                 latent = mean[:, None] + std[:, None] * noise
                 coords_A, density_A, _ = model.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
                 rows = torch.arange(len(batch)).repeat_interleave(self.samples)
-                images = model.render(density_A, batch.poses[rows], batch.ctf[rows])
-                noise = model.noise_spectra(batch.optics_groups[rows])
-                nll = gaussian_image_nll(images, batch.images[rows], noise, model.log_image_scale)
-                log_w = log_importance_weights(nll.view(len(batch), -1), latent, mean, std, config.latent_kl_weight)
+                spectra = model.render_spectra(density_A, batch.poses[rows], batch.ctf[rows])
+                nll = gaussian_image_nll(
+                    spectra.unflatten(0, (len(batch), self.samples)), torch.fft.rfft2(batch.images)[:, None],
+                    noise_over_draws(model.noise_spectra(batch.optics_groups)), model.log_image_scale,
+                )  # fmt: skip
+                log_w = log_importance_weights(nll, latent, mean, std, config.latent_kl_weight)
                 bound = torch.logsumexp(log_w, 1) - np.log(self.samples)
                 loss = -bound.sum()
                 if config.continuity_weight > 0 and len(self.pairs):

@@ -116,8 +116,8 @@ def likelihood_cost(rounds: int = 5, repeats: int = 20) -> list[dict]:
     rows = []
     for box in (32, 64):
         generator = torch.Generator().manual_seed(0)
-        predicted = torch.randn(256, box, box, generator=generator)
-        observed = torch.randn(256, box, box, generator=generator)
+        predicted = torch.fft.rfft2(torch.randn(256, box, box, generator=generator))  # the likelihood reads spectra
+        observed = torch.fft.rfft2(torch.randn(256, box, box, generator=generator))
         spectra = torch.zeros(2, n_shells(box), requires_grad=True)
         scale = torch.zeros((), requires_grad=True)
         groups = torch.arange(256) % 2

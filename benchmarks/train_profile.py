@@ -19,7 +19,7 @@ linear functional of its output (so every stage pays its backward pass once):
   optimiser     fused Adam step over all parameters
 With --default-objective the step is training's own (train_throughput.DEFAULT_OBJECTIVE: 8 draws per image, the
 default band-limited rendering): the stages after the encoder see the B x 8 draws, and the projector stage is the
-whole image formation, whose band-limited spectrum carries the CTF (no separate CTF stage).
+whole image formation, the band-limited half spectra with the CTF that the likelihood reads (no separate CTF stage).
 The whole step is train_step as the training loop runs it. "other" = whole step - sum of the stages (autograd
 bookkeeping, the read-back of the loss values, what the isolated timings do not see). "x projector" = whole step /
 projector time: the issue's target is <= 1.5.
@@ -60,16 +60,22 @@ def forward_backward(
 ) -> Callable[[], None]:
     """A call of function(*inputs) and the backward pass of a fixed random linear functional of its outputs; the
     inputs at the `constant` positions get no gradient (as in training: the images, the nominal structure)."""
-    leaves = [x.detach().requires_grad_(k not in constant and x.is_floating_point()) for k, x in enumerate(inputs)]
+    leaves = [
+        x.detach().requires_grad_(k not in constant and (x.is_floating_point() or x.is_complex()))
+        for k, x in enumerate(inputs)
+    ]
+
+    def real_outputs(result: object) -> tuple[torch.Tensor, ...]:  # a spectrum as its real and imaginary parts
+        results = result if isinstance(result, tuple) else (result,)
+        return tuple(torch.view_as_real(r) if r.is_complex() else r for r in results)
+
     with torch.no_grad():
-        probe = function(*leaves)
-    outputs = probe if isinstance(probe, tuple) else (probe,)
+        outputs = real_outputs(function(*leaves))
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
 
     def run() -> None:
-        result = function(*leaves)
-        results = result if isinstance(result, tuple) else (result,)
+        results = real_outputs(function(*leaves))
         torch.stack([(r * w).sum() for r, w in zip(results, weights, strict=True)]).sum().backward()
 
     return run
@@ -128,14 +134,18 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
 
         return apply_ctf(projected, formation.ctf_rfft(ctf))
 
-    def project(coords: torch.Tensor) -> torch.Tensor:  # band-limited: the CTF is part of the spectrum
-        return formation.images(coords, model.amplitudes_e, poses, ctf if band_limited else None, sigma_A=model.sigma_A)
+    def project(coords: torch.Tensor) -> torch.Tensor:
+        """What the model renders: band-limited, the half spectra with the CTF (the likelihood reads them); else the
+        point-sampled images without it (the CTF stage convolves them)."""
+        if band_limited:
+            return formation.spectra(coords, model.amplitudes_e, poses, ctf, sigma_A=model.sigma_A)
+        return formation.images(coords, model.amplitudes_e, poses, None, sigma_A=model.sigma_A)
 
     def loss_terms(
         predicted: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     ) -> torch.Tensor:
         fake = replace(
-            output, predicted_images=predicted, coords_A=coords, latent_mean=mean, latent_std=std,
+            output, predicted=predicted, coords_A=coords, latent_mean=mean, latent_std=std,
             assignment=assignment, segmentation_kl=model.segmentation.kl_divergence(),
         )  # fmt: skip
         return losses(fake, batch.images, 1.0, False)["total"]
@@ -157,7 +167,7 @@ def profile_row(row: Row, data_dir: Path, run_dir: Path, repeats: int, objective
         "projector": median_ms(forward_backward(project, coords_A), repeats),
         "CTF": None if band_limited else median_ms(forward_backward(convolve, project(coords_A).detach()), repeats),
         "losses": median_ms(
-            forward_backward(loss_terms, output.predicted_images, coords_A, output.latent_mean, output.latent_std),
+            forward_backward(loss_terms, output.predicted, coords_A, output.latent_mean, output.latent_std),
             repeats,
         ),
         "optimiser": median_ms(optimizer.step, repeats),

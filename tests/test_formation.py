@@ -57,14 +57,18 @@ def test_images_are_the_projection_convolved_with_the_batch_ctf() -> None:
 def test_model_simulator_and_contrast_check_all_form_images_through_one_formation(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
-    original = ImageFormation.images
+    calls: list[int] = []  # images rendered by ImageFormation's renderers: point samples or band-limited spectra
+    from cryoflex.imaging import formation
 
-    def counted(self, coords_A, amplitudes, poses, ctf, sigma_A=None):
-        calls.append(len(poses))
-        return original(self, coords_A, amplitudes, poses, ctf, sigma_A)
+    def counted(renderer):
+        def render(*args, **kwargs):
+            calls.append(len(args[0]))
+            return renderer(*args, **kwargs)
 
-    monkeypatch.setattr(ImageFormation, "images", counted)
+        return render
+
+    for name in ("project_on_grid", "band_limited_spectra"):
+        monkeypatch.setattr(formation, name, counted(getattr(formation, name)))
     ensemble = read_trajectory(data_dir / "adk.psf", data_dir / "adk_dims.dcd", stride=40)
     config = SimulationConfig(n_images=12, box_size_px=24, pixel_size_A=5.0, sigma_A=5.0, batch_size=12, seed=2)
     star = simulate_dataset(ensemble, config, tmp_path / "sim", progress=False)
@@ -82,7 +86,7 @@ def test_model_simulator_and_contrast_check_all_form_images_through_one_formatio
     batch = inputs.dataset.__getitems__([3, 1])
     output = model(batch)
     assert calls == [5, 3, 2]
-    assert output.predicted_images.shape == (2, 24, 24)
+    assert output.predicted_images().shape == (2, 24, 24)
 
 
 def test_ctf_batch_fields_are_those_of_the_metadata_record() -> None:

@@ -10,6 +10,7 @@ import torch
 from scipy.spatial.distance import pdist, squareform
 
 from cryoflex.io.structure import read_structure
+from cryoflex.model.cryosphere import ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
     clash_loss,
@@ -244,14 +245,14 @@ def test_real_adenylate_kinase_has_no_clashes(data_dir: Path) -> None:
 
 
 def test_gaussian_image_nll_equals_the_likelihood_at_the_shared_scale_and_each_best_offset() -> None:
-    """Independent computation: the given scale times predicted, each image's least-squares offset b (numpy), then
-    the Gaussian negative log-likelihood."""
+    """Independent computation in pixels: the given scale times predicted, each image's least-squares offset b
+    (numpy), then the Gaussian negative log-likelihood; gaussian_image_nll reads the images' spectra."""
     generator = torch.Generator().manual_seed(3)
     predicted = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
     observed = 0.7 * predicted + 0.2 + 0.5 * torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
     log_variance = torch.tensor(-1.2, dtype=torch.float64)
     log_scale = torch.tensor(np.log(0.6), dtype=torch.float64)
-    nll = gaussian_image_nll(predicted, observed, log_variance, log_scale)
+    nll = gaussian_image_nll(torch.fft.rfft2(predicted), torch.fft.rfft2(observed), log_variance, log_scale)
     for i in range(4):
         target = observed[i].flatten().numpy() - 0.6 * predicted[i].flatten().numpy()
         (offset,), *_ = np.linalg.lstsq(np.ones((64, 1)), target, rcond=None)
@@ -313,12 +314,19 @@ def test_the_reported_correlation_is_each_images_first_draw_and_the_objective_ke
     generator = torch.Generator().manual_seed(8)
     observed = torch.randn(3, 6, 6, generator=generator, dtype=torch.float64)
     predicted = torch.randn(3 * 4, 6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
-    reported = correlation_term(predicted, observed, 4, "gaussian")
+    reported = correlation_term(_output(torch.fft.rfft2(predicted)), observed, "gaussian")  # band-limited: spectra
     firsts = predicted.detach()[::4]
     expected = np.mean([1 - np.corrcoef(firsts[b].ravel(), observed[b].ravel())[0, 1] for b in range(3)])
     assert reported.item() == pytest.approx(expected, abs=1e-12) and not reported.requires_grad
-    objective = correlation_term(predicted[::4], observed, 1, "correlation")
+    objective = correlation_term(_output(predicted[::4]), observed, "correlation")
     assert objective.item() == pytest.approx(expected, abs=1e-12) and objective.requires_grad
+
+
+def _output(predicted: torch.Tensor) -> ModelOutput:
+    """A ModelOutput of these predictions (images, or spectra), one latent draw each, with nothing else in it."""
+    unused = dict.fromkeys(("coords_A", "latent_mean", "latent_std", "segmentation_kl", "log_noise_variance",
+                            "log_image_scale", "sigma_A", "assignment"), torch.zeros(()))  # fmt: skip
+    return ModelOutput(predicted=predicted, latent=torch.zeros(len(predicted), 2), **unused)
 
 
 def test_the_objective_rebuilds_the_clash_list_from_each_images_first_draw() -> None:
@@ -337,7 +345,7 @@ def test_the_objective_rebuilds_the_clash_list_from_each_images_first_draw() -> 
     objective = LossTerms(config, SimpleNamespace(nominal_coords_A=coords[0, 0]), TWO_CHAINS, n_images=10)
     torch.manual_seed(0)
     output = ModelOutput(
-        predicted_images=torch.randn(images * draws, 8, 8), coords_A=coords.flatten(0, 1),
+        predicted=torch.fft.rfft2(torch.randn(images * draws, 8, 8)), coords_A=coords.flatten(0, 1),
         latent=torch.randn(images * draws, 4), latent_mean=torch.zeros(images, 4), latent_std=torch.ones(images, 4),
         assignment=torch.ones(n, 1), segmentation_kl=torch.tensor(0.0), log_noise_variance=torch.tensor(0.0),
         log_image_scale=torch.tensor(0.0), sigma_A=torch.tensor(2.0),

@@ -16,8 +16,8 @@ from cryoflex.imaging.noise import (
     sample_noise,
     shell_counts,
     shell_index,
-    shell_nll,
     shell_sums,
+    stationary_nll,
 )
 from cryoflex.model.losses import gaussian_image_nll
 
@@ -31,10 +31,10 @@ def _circulant_covariance(variances: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("box", [6, 5])
-def test_shell_nll_is_the_gaussian_density_of_stationary_noise_with_the_offset_free(box: int) -> None:
+def test_stationary_nll_is_the_gaussian_density_of_stationary_noise_with_the_offset_free(box: int) -> None:
     """Against scipy's multivariate normal with the explicit covariance (frequency 0 given no variance: the offset is
     free), its pseudo-determinant and pseudo-inverse: -log p = -logpdf - (P - 1) log(2 pi) / 2, scipy given each
-    residual minus its mean (its support), shell_nll the residual with an offset."""
+    residual minus its mean (its support), stationary_nll the spectrum of the residual with an offset."""
     generator = np.random.default_rng(0)
     log_variances = generator.normal(size=n_shells(box))
     full_grid_shells = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(box) * box, np.fft.fftfreq(box) * box,
@@ -48,7 +48,7 @@ def test_shell_nll_is_the_gaussian_density_of_stationary_noise_with_the_offset_f
         - 0.5 * (box * box - 1) * np.log(2 * np.pi)
         for r in residuals
     ]
-    got = shell_nll(torch.as_tensor(residuals + 2.5), torch.as_tensor(log_variances))
+    got = stationary_nll(torch.fft.rfft2(torch.as_tensor(residuals + 2.5)), torch.as_tensor(log_variances))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
 
 
@@ -59,8 +59,9 @@ def test_equal_shells_are_white_noise_and_the_likelihood_follows_the_scale() -> 
     predicted = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64)
     observed = torch.randn(4, 8, 8, generator=generator, dtype=torch.float64) + 3.0
     log_scale, log_variance = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
-    white = gaussian_image_nll(predicted, observed, log_variance, log_scale)
-    shells = gaussian_image_nll(predicted, observed, log_variance.expand(n_shells(8)).clone(), log_scale)
+    spectra = torch.fft.rfft2(predicted), torch.fft.rfft2(observed)
+    white = gaussian_image_nll(*spectra, log_variance, log_scale)
+    shells = gaussian_image_nll(*spectra, log_variance.expand(n_shells(8)).clone(), log_scale)
     torch.testing.assert_close(shells, white - 0.5 * log_variance, rtol=1e-12, atol=1e-10)
 
 
@@ -148,14 +149,15 @@ def test_shells_that_hold_next_to_no_noise_are_found() -> None:
 
 
 def test_a_spectrum_per_image_is_each_image_scored_and_sampled_with_its_own() -> None:
-    """(B, S) spectra: each image's likelihood is shell_nll with its own (S,) spectrum, and noise sampled with them
+    """(B, S) spectra: each image's likelihood is stationary_nll with its own (S,) spectrum, and noise sampled with them
     has each image's spectrum (two spectra, 2,000 images each, within 6% per shell)."""
     box = 12
     generator = torch.Generator().manual_seed(2)
     spectra = torch.randn(3, n_shells(box), generator=generator, dtype=torch.float64)
     residuals = torch.randn(3, box, box, generator=generator, dtype=torch.float64)
-    expected = torch.cat([shell_nll(r[None], s) for r, s in zip(residuals, spectra, strict=True)])
-    torch.testing.assert_close(shell_nll(residuals, spectra), expected, rtol=1e-12, atol=1e-12)
+    residual_spectra = torch.fft.rfft2(residuals)
+    expected = torch.cat([stationary_nll(r[None], s) for r, s in zip(residual_spectra, spectra, strict=True)])
+    torch.testing.assert_close(stationary_nll(residual_spectra, spectra), expected, rtol=1e-12, atol=1e-12)
 
     torch.manual_seed(3)
     flat = torch.zeros(n_shells(box), dtype=torch.float64)

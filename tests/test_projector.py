@@ -402,9 +402,9 @@ def test_image_formation_passes_its_tf32_setting_to_the_renderer(monkeypatch: py
 
     def spy(*args: object, tf32: bool = False, **kwargs: object) -> torch.Tensor:
         seen.append(tf32)
-        return torch.zeros(1, 8, 8)
+        return torch.zeros(1, 8, 5, dtype=torch.complex64) if band_limited else torch.zeros(1, 8, 8)
 
-    monkeypatch.setattr(formation_module, "band_limited_images" if band_limited else "project_on_grid", spy)
+    monkeypatch.setattr(formation_module, "band_limited_spectra" if band_limited else "project_on_grid", spy)
     formation = ImageFormation(8, 2.0, band_limited=band_limited)
     poses = PoseBatch(torch.eye(3)[None], torch.zeros(1, 2))
     ctf = CTFBatch.from_values(10000.0, 10000.0, 0.0, 300.0, 2.7, 0.1)

@@ -23,7 +23,7 @@ from cryoflex.errors import CryoflexInputError
 from cryoflex.geometry.rotations import uniform_random_rotations
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.noise import n_shells, shell_counts, shell_sums
-from cryoflex.model.cryosphere import CryoSphere
+from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.train.checkpoint import find_checkpoint, load_checkpoint
 from cryoflex.train.distributed import epoch_batches
 from cryoflex.train.loop import TrainingDiverged, train
@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     import cryoflex.train.objective as objective
 
     def not_a_number(predicted: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-        return predicted.sum((1, 2)) * float("nan")
+        return predicted.real.sum((-2, -1)) * float("nan")  # images (B, N, N) or draws' spectra (B, K, N, N//2 + 1)
 
     monkeypatch.setattr(objective, "correlation_loss", not_a_number)
     monkeypatch.setattr(objective, "gaussian_image_nll", not_a_number)
@@ -598,7 +598,10 @@ def test_tensorboard_pairs_each_observed_image_with_its_own_prediction(tmp_path:
                                        add_images=lambda tag, images, step: logged.update(images=images))  # fmt: skip
     images, draws = 5, 3
     predicted = torch.eye(16)[: images * draws].view(-1, 4, 4)  # prediction k lights pixel k: scaling keeps it
-    output = SimpleNamespace(assignment=torch.ones(8, 1), predicted_images=predicted)
+    unused = dict.fromkeys(("coords_A", "latent_mean", "latent_std", "segmentation_kl", "log_noise_variance",
+                            "log_image_scale", "sigma_A"), torch.zeros(()))  # fmt: skip
+    output = ModelOutput(predicted=torch.fft.rfft2(predicted), latent=torch.zeros(images * draws, 2),
+                         assignment=torch.ones(8, 1), **unused)  # band-limited rendering: spectra
     logs.figures(None, output, torch.randn(images, 4, 4), step=0)  # type: ignore[arg-type]
     assert logged["images"].shape == (8, 1, 4, 4)  # four predictions above four observed images
     shown = [int(image.argmax()) for image in logged["images"][:4, 0]]

@@ -27,7 +27,7 @@ def particle_images_figure(run: TrainedRun, path: Path, n_images: int = 6) -> Pa
     """The first particles (normalised, as the model sees them) above the model's predicted images at their poses."""
     count = min(n_images, len(run.dataset))
     batch = run.dataset.__getitems__(list(range(count))).to(run.device)
-    predicted = run.model(batch).predicted_images.float().cpu().numpy()
+    predicted = run.model(batch).predicted_images().float().cpu().numpy()
     observed = batch.images.float().cpu().numpy()
     figure = new_figure(1.6 * count, 3.4)
     for k in range(count):

@@ -163,7 +163,7 @@ def spectrum_from_sums(sums: torch.Tensor, box_size_px: int, cosines: int) -> to
     return torch.cat([positive[..., : box_size_px - box_size_px // 2, :], negative[..., 1:, :].flip(-2)], dim=-2)
 
 
-def band_limited_images(
+def band_limited_spectra(
     x_A: torch.Tensor,
     y_A: torch.Tensor,
     amplitudes: torch.Tensor,
@@ -174,10 +174,11 @@ def band_limited_images(
     transfer: torch.Tensor | None,
     tf32: bool = False,
 ) -> torch.Tensor:
-    """Images (B, N, N) of Gaussians at projected positions x_A, y_A (B, n) in A from the box centre, amplitudes
-    (B, n), band-limited to the box's Nyquist frequency; transfer the CTF on the rfft2 grid (B or 1, N, N//2 + 1) or
-    None; tf32: the phase sums' batched products on TF32 tensor cores, on CUDA (projector.tf32_products).
-    Differentiable in positions, amplitudes, a tensor width and the transfer."""
+    """Half spectra (B, N, N//2 + 1) on the rfft2 grid of the images of Gaussians at projected positions x_A, y_A
+    (B, n) in A from the box centre, amplitudes (B, n), band-limited to the box's Nyquist frequency: torch.fft.irfft2
+    of them, with s=(N, N), gives the images. transfer: the CTF on the rfft2 grid (B or 1, N, N//2 + 1) or None; tf32:
+    the phase sums' batched products on TF32 tensor cores, on CUDA (projector.tf32_products). Differentiable in
+    positions, amplitudes, a tensor width and the transfer."""
     terms = phase_terms(box_size_px, pixel_size_A, x_A.dtype, x_A.device)
     # phases from pixel 0, where the DFT puts its origin: the box centre is pixel N//2
     origin_A = (box_size_px // 2) * pixel_size_A
@@ -189,4 +190,4 @@ def band_limited_images(
     )
     if transfer is not None:
         envelope = envelope * transfer
-    return torch.fft.irfft2(spectrum * envelope, s=(box_size_px, box_size_px))
+    return spectrum * envelope

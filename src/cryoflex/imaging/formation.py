@@ -4,8 +4,9 @@ ImageFormation owns one image geometry (box, pixel size, Gaussian width) and how
 at the pixel centres (cryoflex.imaging.projector), or band-limited to the box's Nyquist frequency as a Fourier-cropped
 image is (cryoflex.imaging.band_limited); then the CTF on the torch.fft.rfft2 grid (cryoflex.imaging.ctf). The
 model's render, the simulator's clean images, the training loop's contrast check and the figures all call images();
-code that works in Fourier space on the same grid (e.g. back-projection for a reconstruction) takes the CTF from
-ctf_rfft().
+the model's likelihood, which is a sum over the same grid (cryoflex.imaging.noise), takes the half spectra from
+spectra(), which band-limited rendering computes directly (no inverse FFT, and none forward for the likelihood); code
+that works in Fourier space (e.g. back-projection for a reconstruction) takes the CTF from ctf_rfft().
 Images are noise-free; the simulator adds its noise itself.
 
 The physics runs in the structures' dtype: poses and CTF parameters are cast to it (a no-op for the float32 batches
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from cryoflex.imaging.band_limited import band_limited_images
+from cryoflex.imaging.band_limited import band_limited_spectra
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
 from cryoflex.imaging.ctf import ctf_rfft
 from cryoflex.imaging.projector import batched_amplitudes, pixel_coordinates_A, project_on_grid, projected_positions_A
@@ -70,17 +71,41 @@ class ImageFormation:
         this geometry's Gaussian width (a model's learned width, a 0-dim tensor). Differentiable in coordinates,
         amplitudes, poses, CTF parameters and a tensor width.
         """
+        if self.band_limited:
+            return images_from_spectra(self.spectra(coords_A, amplitudes, poses, ctf, sigma_A))
         dtype, device = coords_A.dtype, coords_A.device
         poses = poses.to(device, dtype=dtype)
         transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
-        sigma_A = self.sigma_A if sigma_A is None else sigma_A
-        if self.band_limited:
-            x_A, y_A = projected_positions_A(coords_A, poses.rotations, poses.shifts_A)
-            return band_limited_images(
-                x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
-                pixel_size_A=self.pixel_size_A, sigma_A=sigma_A, transfer=transfer, tf32=self.tf32_products,
-            )  # fmt: skip
         grid_A = self.pixel_grid_A(device, dtype)
+        sigma_A = self.sigma_A if sigma_A is None else sigma_A
         return project_on_grid(
             coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer, tf32=self.tf32_products
         )
+
+    def spectra(
+        self,
+        coords_A: torch.Tensor,
+        amplitudes: torch.Tensor,
+        poses: PoseBatch,
+        ctf: CTFBatch | None,
+        sigma_A: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The images' half spectra (B, N, N//2 + 1), torch.fft.rfft2 of images() with the same arguments: rendered
+        directly when band-limited, else the FFT of the point-sampled images."""
+        if not self.band_limited:
+            return torch.fft.rfft2(self.images(coords_A, amplitudes, poses, ctf, sigma_A))
+        dtype, device = coords_A.dtype, coords_A.device
+        poses = poses.to(device, dtype=dtype)
+        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        x_A, y_A = projected_positions_A(coords_A, poses.rotations, poses.shifts_A)
+        return band_limited_spectra(
+            x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
+            pixel_size_A=self.pixel_size_A, sigma_A=self.sigma_A if sigma_A is None else sigma_A, transfer=transfer,
+            tf32=self.tf32_products,
+        )  # fmt: skip
+
+
+def images_from_spectra(spectra: torch.Tensor) -> torch.Tensor:
+    """Half spectra on the rfft2 grid of N x N images, (..., N, N//2 + 1) -> the images (..., N, N)."""
+    box_size_px = spectra.shape[-2]
+    return torch.fft.irfft2(spectra, s=(box_size_px, box_size_px))

@@ -65,14 +65,19 @@ def per_pixel_variance(log_noise_variance: torch.Tensor, box_size_px: int) -> to
     return (weights * variances).sum(dim=(-2, -1)).mean() / weights.sum()
 
 
-def shell_nll(residual: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
-    """(B, N, N) residual images, (S,) or (B, S) log variance per shell -> (B,) -log p(residual) in nats up to a
-    constant, the image's offset fitted (module docstring)."""
-    box_size_px = residual.shape[-1]
-    spectrum = torch.fft.rfft2(residual)
-    power = spectrum.real.square() + spectrum.imag.square()
+def stationary_nll(residual_spectra: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
+    """Residual images' half spectra (..., N, N//2 + 1) (torch.fft.rfft2) -> (...) -log p(residual) in nats up to a
+    constant, the image's offset fitted (module docstring). log_noise_variance: a scalar, white noise of that per-pixel
+    variance (P log sigma^2 / 2 for its normaliser, P = N^2 pixels); or one log variance per shell, (S,) for every
+    image or (..., S) broadcast against the residuals' leading dimensions."""
+    box_size_px = residual_spectra.shape[-2]
+    power = torch.view_as_real(residual_spectra).square().sum(-1)
     weights = multiplicity(box_size_px, power.dtype, power.device)
-    log_variances = frequency_log_variances(log_noise_variance.to(power.dtype), box_size_px)
+    log_noise_variance = log_noise_variance.to(power.dtype)
+    if log_noise_variance.dim() == 0:
+        quadratic = (power * weights).sum(dim=(-2, -1)) / (2.0 * box_size_px**2)
+        return quadratic * torch.exp(-log_noise_variance) + 0.5 * box_size_px**2 * log_noise_variance
+    log_variances = frequency_log_variances(log_noise_variance, box_size_px)
     quadratic = (power * (weights * torch.exp(-log_variances))).sum(dim=(-2, -1)) / (2.0 * box_size_px**2)
     return quadratic + 0.5 * (weights * log_variances).sum(dim=(-2, -1))
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.imaging.batches import CTFBatch, PoseBatch
-from cryoflex.imaging.formation import ImageFormation
+from cryoflex.imaging.formation import ImageFormation, images_from_spectra
 from cryoflex.imaging.noise import sample_noise
 from cryoflex.model.deformation import deform, segment_centres_A
 from cryoflex.model.losses import gaussian_image_nll
@@ -32,7 +32,9 @@ LIKELIHOOD_CONSTANTS = ("log_noise_variance", "log_image_scale")
 class ModelOutput:
     """What one forward pass produces for a batch of B images of D x D pixels and n residues, M segments."""
 
-    predicted_images: torch.Tensor  # (B K, D, D): K samples per image, image-major
+    # (B K, D, D) the predicted images, K samples per image, image-major, as the renderer makes them: band-limited
+    # rendering makes their half spectra (B K, D, D//2 + 1), complex, which the likelihood reads without the images
+    predicted: torch.Tensor
     coords_A: torch.Tensor  # (B K, n, 3), model frame (before the pose)
     latent: torch.Tensor  # (B K, L): the latent each structure was decoded from
     latent_mean: torch.Tensor  # (B, L)
@@ -46,6 +48,15 @@ class ModelOutput:
     sigma_A: torch.Tensor  # scalar: the width of the Gaussians rendered, in A
     # scalar, with the sleep phase: -log q(z | image) of images simulated from prior draws z (mean over them)
     sleep_nll: torch.Tensor | None = None
+
+    def predicted_images(self, step: int = 1) -> torch.Tensor:
+        """Every step-th predicted image (B K / step, D, D) (step K: each image's first draw)."""
+        predicted = self.predicted[::step]
+        return images_from_spectra(predicted) if predicted.is_complex() else predicted
+
+    def predicted_spectra(self) -> torch.Tensor:
+        """The predicted images' half spectra (B K, D, D//2 + 1) (torch.fft.rfft2)."""
+        return self.predicted if self.predicted.is_complex() else torch.fft.rfft2(self.predicted)
 
 
 class CryoSphere(nn.Module):
@@ -201,6 +212,10 @@ class CryoSphere(nn.Module):
         poses, with this CTF, at this model's width."""
         return self.formation.images(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
 
+    def render_spectra(self, density_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch) -> torch.Tensor:
+        """As render, the images' half spectra (B, D, D//2 + 1) (torch.fft.rfft2), what the likelihood reads."""
+        return self.formation.spectra(density_A, self.density_amplitudes_e, poses, ctf, sigma_A=self.sigma_A)
+
     def noise_spectra(self, optics_groups: torch.Tensor) -> torch.Tensor:
         """The noise model for images of these optics groups (B,): the white log variance (scalar), else each image's
         group's log variance per shell (B, S), or the one spectrum (S,) all share when there is one group (the same
@@ -223,10 +238,9 @@ class CryoSphere(nn.Module):
         samples = latent.shape[1]
         _, density_A, _ = self.decode_with_density(latent.flatten(0, 1), sample_segmentation=False)
         rows = torch.arange(len(batch), device=latent.device).repeat_interleave(samples)
-        images = self.render(density_A, batch.poses[rows], batch.ctf[rows])
-        noise = self.noise_spectra(batch.optics_groups[rows])
-        nll = gaussian_image_nll(images, batch.images[rows], noise, self.log_image_scale)
-        return nll.view(len(batch), samples)
+        spectra = self.render_spectra(density_A, batch.poses[rows], batch.ctf[rows]).unflatten(0, (len(batch), samples))
+        noise = noise_over_draws(self.noise_spectra(batch.optics_groups))
+        return gaussian_image_nll(spectra, torch.fft.rfft2(batch.images)[:, None], noise, self.log_image_scale)
 
     def sleep_nll(self, batch: ParticleBatch) -> torch.Tensor:
         """Mean -log q(z | image) over one image per particle simulated from a prior draw z: the structure decoded at
@@ -268,11 +282,13 @@ class CryoSphere(nn.Module):
         coords_A, density_A, assignment = self.decode_with_density(
             latent, sample_segmentation=self.training and self.sample_segmentation
         )
-        images = self.render(density_A, poses, ctf)
+        # as the renderer makes them: spectra when band-limited, else pixels (what 1 - correlation reads)
+        render = self.render_spectra if self.formation.band_limited else self.render
+        predicted = render(density_A, poses, ctf)
         sleep = self.training and samples > 1 and self.sleep_phase
         return ModelOutput(
             sleep_nll=self.sleep_nll(batch) if sleep else None,
-            predicted_images=images,
+            predicted=predicted,
             coords_A=coords_A,
             latent=latent,
             latent_mean=latent_mean,
@@ -283,3 +299,9 @@ class CryoSphere(nn.Module):
             log_image_scale=self.log_image_scale,
             sigma_A=self.sigma_A,
         )
+
+
+def noise_over_draws(log_noise_variance: torch.Tensor) -> torch.Tensor:
+    """noise_spectra's noise model broadcast over each image's draws: each image's spectrum (B, S) -> (B, 1, S), the
+    white variance and the one spectrum for all unchanged."""
+    return log_noise_variance[:, None] if log_noise_variance.dim() == 2 else log_noise_variance

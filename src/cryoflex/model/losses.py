@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-from cryoflex.imaging.noise import shell_nll
+from cryoflex.imaging.noise import stationary_nll
 
 # Distances computed at once when the clash list is built on a GPU: 2^26 (B x rows x n), about 1 GiB of float32
 # temporaries in all.
@@ -63,28 +63,26 @@ def correlation_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.T
 
 
 def gaussian_image_nll(
-    predicted: torch.Tensor, observed: torch.Tensor, log_noise_variance: torch.Tensor, log_image_scale: torch.Tensor
+    predicted_spectra: torch.Tensor,
+    observed_spectra: torch.Tensor,
+    log_noise_variance: torch.Tensor,
+    log_image_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, N, N) images -> (B,) -log p(observed | predicted) in nats (up to a constant): the observed image is
-    s * predicted + b + Gaussian noise, with one scale s = exp(log_image_scale) for every image (learned, as the noise
-    is) and each image's least-squares offset b. A scalar log_noise_variance is white noise of per-pixel variance
-    sigma^2; one value per Fourier shell, (S,) for every image or (B, S) for each, is noise with that variance in each
-    shell (cryoflex.imaging.noise).
+    """-log p(observed | predicted) in nats (up to a constant) from the images' half spectra (torch.fft.rfft2,
+    (..., N, N//2 + 1), predicted and observed broadcast against each other, e.g. (B, K, ...) draws against (B, 1,
+    ...) images) -> (...): the observed image is s * predicted + b + Gaussian noise, with one scale
+    s = exp(log_image_scale) for every image (learned, as the noise is) and each image's least-squares offset b. A
+    scalar log_noise_variance is white noise of per-pixel variance sigma^2; one value per Fourier shell, (S,) for every
+    image or (..., S) for each, is noise with that variance in each shell (cryoflex.imaging.noise.stationary_nll).
 
-    White, with P pixels and x~ an image minus its mean:
-    ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2) / 2.
+    White, with P pixels and x~ an image minus its mean: ||observed~ - s predicted~||^2 / (2 sigma^2) + P log(sigma^2)
+    / 2, which the spectra give by Parseval's theorem without the images (the model renders spectra directly: an
+    inverse and a forward FFT per draw fewer than in pixels).
     One shared scale, not one per image: at SNR 0.001 an image's own least-squares scale is as uncertain as its value,
     and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
     the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
-    if log_noise_variance.dim() >= 1:
-        return shell_nll(observed - torch.exp(log_image_scale) * predicted, log_noise_variance)
-    predicted_flat = predicted.flatten(start_dim=1)
-    observed_flat = observed.flatten(start_dim=1)
-    residual = observed_flat - torch.exp(log_image_scale) * predicted_flat
-    residual = residual - residual.mean(dim=1, keepdim=True)
-    n_pixels = observed_flat.shape[1]
-    return residual.square().sum(dim=1) / (2.0 * torch.exp(log_noise_variance)) + 0.5 * n_pixels * log_noise_variance
+    return stationary_nll(observed_spectra - torch.exp(log_image_scale) * predicted_spectra, log_noise_variance)
 
 
 def log_importance_weights(

@@ -99,8 +99,8 @@ class RunLogs:
             high = images.amax(dim=(1, 2), keepdim=True)
             return ((images - low) / (high - low).clamp_min(1e-12)).unsqueeze(1)
 
-        samples = len(output.predicted_images) // len(observed)  # the first of each image's latent draws
-        predicted = output.predicted_images[::samples][:count].detach().float()
+        samples = len(output.latent) // len(observed)  # the first of each image's latent draws
+        predicted = output.predicted_images(step=samples)[:count].detach().float()
         pairs = torch.cat([scaled(predicted), scaled(observed[:count].float())])
         self.tensorboard.add_images("predicted (top) vs observed (bottom)", pairs.cpu(), step)
 

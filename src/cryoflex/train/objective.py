@@ -29,7 +29,7 @@ import torch
 from cryoflex.config import TrainConfig
 from cryoflex.data.batch import ParticleBatch
 from cryoflex.imaging.noise import per_pixel_variance
-from cryoflex.model.cryosphere import CryoSphere, ModelOutput
+from cryoflex.model.cryosphere import CryoSphere, ModelOutput, noise_over_draws
 from cryoflex.model.losses import (
     ClashNeighbourList,
     clash_loss,
@@ -72,7 +72,7 @@ def prior_log_evidence(model: CryoSphere, batch: ParticleBatch, generator: torch
     return torch.logsumexp(torch.cat(log_likelihoods, dim=1), dim=1) - math.log(EVIDENCE_DRAWS)
 
 
-def correlation_term(predicted: torch.Tensor, observed: torch.Tensor, samples: int, likelihood: str) -> torch.Tensor:
+def correlation_term(output: ModelOutput, observed: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Mean 1 - correlation of the predicted images (B x samples, image-major) with the observed ones (B, N, N).
 
     The objective with likelihood "correlation" (one draw per image). With the Gaussian likelihood it is only
@@ -80,9 +80,10 @@ def correlation_term(predicted: torch.Tensor, observed: torch.Tensor, samples: i
     draws, for 1/samples of the work (7 ms of an 84 ms default step at 214 residues and 64 px).
     """
     if likelihood == "correlation":  # TrainConfig.draws_per_image: always one draw
-        return correlation_loss(predicted, observed).mean()
+        return correlation_loss(output.predicted_images(), observed).mean()
+    samples = len(output.latent) // len(observed)
     with torch.no_grad():
-        return correlation_loss(predicted[::samples], observed).mean()
+        return correlation_loss(output.predicted_images(step=samples), observed).mean()
 
 
 class LossTerms:
@@ -110,19 +111,17 @@ class LossTerms:
     ) -> dict[str, torch.Tensor]:
         config = self.config
         samples = len(output.latent) // len(observed)
-        observed_per_sample = observed.repeat_interleave(samples, 0) if samples > 1 else observed
         terms = {
-            IMAGE_TERM: correlation_term(output.predicted_images, observed, samples, config.likelihood),
+            IMAGE_TERM: correlation_term(output, observed, config.likelihood),
             "latent_kl": standard_normal_kl(output.latent_mean, output.latent_std).mean(),
             "segmentation_kl": output.segmentation_kl / self.n_images,
         }
         kl_weight = self.latent_kl_weight(epoch_progress)
         if config.likelihood == "gaussian":
-            noise = output.log_noise_variance  # white (scalar), one spectrum (S,), or each image's (B, S): per draw
-            noise_per_sample = noise.repeat_interleave(samples, 0) if noise.dim() == 2 and samples > 1 else noise
-            image_nll = gaussian_image_nll(
-                output.predicted_images, observed_per_sample, noise_per_sample, output.log_image_scale
-            ).view(len(observed), samples)
+            image_nll = gaussian_image_nll(  # (B, samples): each image's spectrum against its draws'
+                output.predicted_spectra().unflatten(0, (len(observed), samples)), torch.fft.rfft2(observed)[:, None],
+                noise_over_draws(output.log_noise_variance), output.log_image_scale,
+            )  # fmt: skip
             terms[NLL_TERM] = image_nll.mean()
             # reported, not losses; the noise as one per-pixel variance, whatever its spectrum (the batch's mean)
             terms["noise_variance"] = per_pixel_variance(output.log_noise_variance.detach(), observed.shape[-1])
