@@ -233,6 +233,8 @@ def test_bad_input_is_refused_with_file_and_fix(
         assert _reconstruct(trained_run, out, "--all", "--memory-gb", memory) == 2
         assert "give a positive size" in capsys.readouterr().err
 
+    assert _reconstruct(trained_run, out, "--bins", "3") == 2  # not silently ignored
+    assert "--bins without --pc" in capsys.readouterr().err
     assert _reconstruct(trained_run, out, "--analysis", str(fake_analysis), "--pc", "1", "--bins", "10") == 2
     assert "none of the 10 groups asked for has 10 particles in each half" in capsys.readouterr().err
 

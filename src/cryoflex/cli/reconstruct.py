@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one map per particle subset (star or .cs, e.g. from cryoflex analyze --subset-clusters)",
     )
     groups.add_argument("--all", action="store_true", help="the consensus map only")
-    parser.add_argument("--bins", type=int, default=5, help="bins along --pc (default 5)")
+    parser.add_argument("--bins", type=int, help="bins along --pc (default 5)")
     parser.add_argument("--box-size-px", type=int,
                         help="box of the maps, read from the original stacks and Fourier-cropped (default: the run's "
                         "training box, from its cache); at most the particles' box")  # fmt: skip
@@ -92,12 +92,17 @@ def run(args: argparse.Namespace) -> int:
         raise CryoflexInputError(
             None, f"--memory-gb {args.memory_gb:g}", fix="give a positive size, e.g. --memory-gb 8", field="--memory-gb"
         )
+    if args.bins is not None and args.pc is None:
+        raise CryoflexInputError(
+            None, "--bins without --pc", fix="add --pc K to bin the particles along principal component K",
+            field="--bins",
+        )  # fmt: skip
     apply_threads(args)
     trained = load_run(
         args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
     )
     options = ReconstructOptions(
-        clusters=args.clusters, pc=args.pc, bins=args.bins, subsets=list(args.subset), consensus_only=args.all,
+        clusters=args.clusters, pc=args.pc, **({} if args.bins is None else {"bins": args.bins}), subsets=list(args.subset), consensus_only=args.all,
         analysis_dir=args.analysis, box_size_px=args.box_size_px, padding=args.padding, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, memory_budget_bytes=int(args.memory_gb * 2**30),
         max_structures=args.max_structures, deformed=args.deformed,
