@@ -141,7 +141,8 @@ def _config_with_map(data_dir, map_path):
 
 
 def test_a_map_of_another_box_is_named_when_placement_fails(adk, data_dir, tmp_path, caplog):
-    """A consensus map whose grid does not span the particles' box: the error blames the map, not the structure."""
+    """A consensus map whose grid does not span the particles' box: the error blames the map, not the structure, and
+    says so once (no warning before it); where the placement succeeds, a warning says the same."""
     _, coords = adk
     centre = coords.mean(axis=0)
     small = tmp_path / "small_box.mrc"  # 40 voxels of 2 A, centred 50 A off the structure: 80 A, not 128 A
@@ -151,6 +152,11 @@ def test_a_map_of_another_box_is_named_when_placement_fails(adk, data_dir, tmp_p
     assert error.value.path == str(small) and error.value.field == "--consensus-map"
     assert "spans 80.0 x 80.0 x 80.0 A but the particles' box 128.0 A" in str(error.value)
     assert "outside the 128 A box" in str(error.value)
+    assert "spans" not in caplog.text
+    centred = tmp_path / "centred_small_box.mrc"  # the same grid with its centre voxel on the structure: placed
+    _hand_made_map(centred, tuple(centre - 40.0), (0, 0, 0), shape_zyx=(40, 40, 40), voxel_A=2.0)
+    with caplog.at_level(logging.WARNING, "cryoflex.train.setup"):
+        placed_structure(_config_with_map(data_dir, centred), box_size_A=128.0)
     assert "spans 80.0 x 80.0 x 80.0 A, the particles' box 128.0 A" in caplog.text
 
 

@@ -83,11 +83,6 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
         extent_A = map_extent_A(Path(config.consensus_map))
         extent = " x ".join(f"{value:.1f}" for value in extent_A)
         map_spans_box = bool(np.allclose(extent_A, box_size_A, rtol=_MAP_EXTENT_TOLERANCE))
-        if not map_spans_box:
-            logger.warning(
-                "%s spans %s A, the particles' box %.1f A: its centre voxel is the particles' box centre only if it "
-                "was cut or padded symmetrically from a map of that box", config.consensus_map, extent, box_size_A,
-            )  # fmt: skip
     elif config.box_centre_A is not None:
         box_centre_A = np.asarray(config.box_centre_A, dtype=np.float64)
     try:
@@ -105,6 +100,11 @@ def placed_structure(config: TrainConfig, box_size_A: float) -> Structure:
         )  # fmt: skip
         map_path = config.consensus_map
         raise CryoflexInputError(map_path, problem, fix=_MAP_PLACEMENT_FIX, field="--consensus-map") from None
+    if not map_spans_box:  # placed, but perhaps wrongly (a failed placement says this in its error)
+        logger.warning(
+            "%s spans %s A, the particles' box %.1f A: its centre voxel is the particles' box centre only if it "
+            "was cut or padded symmetrically from a map of that box", config.consensus_map, extent, box_size_A,
+        )  # fmt: skip
     return structure.with_coords(coords_A[None], translated=True)
 
 
