@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir, epoch=args.epoch, checkpoint=args.checkpoint, device=args.device, datadir=args.datadir
     )
     options = ReconstructOptions(
-        clusters=args.clusters, pc=args.pc, **({} if args.bins is None else {"bins": args.bins}), subsets=list(args.subset), consensus_only=args.all,
+        clusters=args.clusters, pc=args.pc, subsets=list(args.subset), consensus_only=args.all,
+        **({} if args.bins is None else {"bins": args.bins}),
         analysis_dir=args.analysis, box_size_px=args.box_size_px, padding=args.padding, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, memory_budget_bytes=int(args.memory_gb * 2**30),
         max_structures=args.max_structures, deformed=args.deformed,
