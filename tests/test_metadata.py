@@ -470,6 +470,8 @@ def test_disagreeing_box_sizes(data_dir: Path, tmp_path: Path) -> None:
     error = _error(_write_star(tmp_path / "boxes.star", blocks))
     assert error.field == "rlnImageSize" and "128" in str(error) and "196" in str(error)
     assert _error(data_dir / "relion31.star", box_size_px=128).field == "rlnImageSize"
+    error = _error(data_dir / "pose.star.pkl", ctf_path=data_dir / "ctf1.pkl", box_size_px=128)
+    assert error.field == "D" and error.path == str(data_dir / "ctf1.pkl")  # the file that says otherwise, not poses
 
 
 def test_duplicated_and_malformed_image_names(data_dir: Path, tmp_path: Path) -> None:

@@ -175,7 +175,8 @@ def read_pickles(path: Path, ctf_path: Path | None, overrides: _Overrides) -> Pa
         box, pixel = int(boxes[0]), columns["Apix"]
         values = {name: columns[source] for name, source in _CRYODRGN_CTF_SOURCES.items() if source in columns}
         ctf = _assemble_ctf(ctf_source, values, _CRYODRGN_CTF_SOURCES, n, "give a complete cryoDRGN ctf.pkl")
-    box = _settle_box(path, "D", [("ctf.pkl D", box), (overrides.box_source, overrides.box_size_px)])
+    box_path = found["ctf"][0] if "ctf" in found else path  # the file that states the box (ctf.pkl), if any
+    box = _settle_box(box_path, "D", [("ctf.pkl D", box), (overrides.box_source, overrides.box_size_px)])
     pixel = _fill(path, "Apix", pixel, overrides.pixel_size_A, n, setting="pixel_size_A")
     pixel = _checked_pixel_size(path, "Apix", pixel, "pass the ctf.pkl (--ctf), which holds the pixel size")
     rotations = shifts_A = None
