@@ -170,23 +170,34 @@ def test_long_loops_show_progress_unless_asked_not_to(
 
 
 def test_a_second_analysis_into_one_folder_removes_what_the_first_made_and_it_did_not(
-    trained_run: Path, tmp_path: Path
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Per-particle files, subsets and traversals of the first analysis's options would otherwise look like the second
-    one's outputs; a file the user put there stays."""
+    one's outputs; a file the user put there stays, and so does one another program wrote there meanwhile."""
+    from cryoflex.analysis import figures
+
     out = tmp_path / "analysis"
     base = ["analyze", str(trained_run), "--out", str(out), "--clusters", "2", "--points", "2",
             "--posterior-samples", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    particle_images_figure = figures.particle_images_figure
+
+    def while_another_program_writes(run: object, path: Path) -> Path:
+        (out / "other_program.log").write_text("written during the analysis, not by it")
+        return particle_images_figure(run, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(figures, "particle_images_figure", while_another_program_writes)
     assert cli_main([*base, "--epoch", "1", "--per-particle", "--subset-clusters", "1"]) == 0
+    monkeypatch.undo()
     first = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert Path("per_particle_coords.npy") in first and Path("subsets/clusters_1.star") in first
     (out / "notes.txt").write_text("mine")
     assert cli_main(base) == 0
     second = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert Path("per_particle_coords.npy") not in second and Path("subsets/clusters_1.star") not in second
-    assert {Path("notes.txt"), Path("report.html"), Path("traversals/traversal_pc1.pdb")} <= second
+    assert {Path("notes.txt"), Path("other_program.log"), Path("report.html"),
+            Path("traversals/traversal_pc1.pdb")} <= second  # fmt: skip
     listed = set(map(Path, json.loads((out / "analysis_files.json").read_text())["files"]))
-    assert listed == second - {Path("notes.txt"), Path("analysis_files.json")}
+    assert listed == second - {Path("notes.txt"), Path("other_program.log"), Path("analysis_files.json")}
 
 
 def test_a_region_holding_no_particle_is_refused_with_where_they_lie(

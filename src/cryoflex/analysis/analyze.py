@@ -270,33 +270,22 @@ def _per_particle(
 MANIFEST_NAME = "analysis_files.json"  # the files an analysis wrote, so the next one into the folder can tidy them
 
 
-def file_states(out_dir: Path) -> dict[Path, tuple[int, int]]:
-    """Every file under out_dir with its (inode, modification time in ns): what an analysis finds there."""
-    states = {}
-    for path in Path(out_dir).rglob("*"):
-        if path.is_file():
-            stat = path.stat()
-            states[path] = (stat.st_ino, stat.st_mtime_ns)
-    return states
-
-
-def remove_earlier_outputs(out_dir: Path, before: dict[Path, tuple[int, int]]) -> list[Path]:
+def remove_earlier_outputs(out_dir: Path, written: Sequence[Path]) -> list[Path]:
     """Delete the files the previous analysis into out_dir listed in its manifest that this one did not write again
-    (still as `before`, file_states at its start): per-particle files, subsets or traversals of other options, which
-    would otherwise sit beside this analysis's outputs as if they were its own. Files the previous analysis did not
-    write are never touched. Then lists this analysis's files in the manifest; returns the paths removed."""
+    (`written`): per-particle files, subsets or traversals of other options, which would otherwise sit beside this
+    analysis's outputs as if they were its own. Files no analysis listed are never touched, nor looked for (out_dir may
+    be a large project folder). Then lists this analysis's files in the manifest; returns the paths removed."""
     manifest = out_dir / MANIFEST_NAME
     try:
         earlier = [out_dir / str(name) for name in json.loads(manifest.read_text())["files"]]
     except (OSError, ValueError, KeyError, TypeError):
         earlier = []
-    now = file_states(out_dir)
-    removed = [path for path in earlier if path in before and now.get(path) == before[path]]
+    kept = {Path(path).resolve() for path in written}
+    removed = [path for path in earlier if path.resolve() not in kept and path.is_file()]
     for path in removed:
         path.unlink()
-    written = sorted(str(path.relative_to(out_dir)) for path, state in now.items()
-                     if path != manifest and before.get(path) != state)  # fmt: skip
-    write_text_atomic(manifest, json.dumps({"files": written}, indent=1) + "\n")
+    listed = sorted({str(Path(path).relative_to(out_dir)) for path in written})
+    write_text_atomic(manifest, json.dumps({"files": listed}, indent=1) + "\n")
     if removed:
         logger.info("removed %d output(s) of the earlier analysis in %s that this one did not make again: %s",
                     len(removed), out_dir, ", ".join(str(p.relative_to(out_dir)) for p in removed))  # fmt: skip
@@ -317,7 +306,6 @@ def analyze_run(
     extra_sections and extra_tables (e.g. a comparison with the truth) are added to the report.
     """
     out_dir = Path(out_dir)
-    before = file_states(out_dir)
     check_options(options, len(run.dataset), run.model.encoder.latent_dim)  # before minutes of encoding
     if options.volumes:
         volume_grid(run, options)
@@ -383,6 +371,7 @@ def analyze_run(
         uncertainty_tables["Per-particle uncertainty (expected RMSD under the posterior, A)"] = [
             uncertainty_summary(expected_rmsd_A, options.posterior_samples)
         ]
+    written = [*files, *(figure for section in sections for _, figure in section.figures)]  # not the extras' figures
     sections += extra_sections or []
     reconstruction_sections, reconstruction_tables = report.reconstruction_content(
         run.paths.reconstruct, run.fingerprint, latent.labels_fingerprint(embedding.kmeans_labels)
@@ -391,6 +380,7 @@ def analyze_run(
     if run.metrics_path.is_file():
         curves = report.training_curves_figure(run.metrics_path, out_dir / "training_curves.png")
         noise = figures.noise_spectrum_figure(run, out_dir / "noise_spectrum.png")
+        written += [curves, *([noise] if noise else [])]
         sections.append(report.ReportSection(
             "Training", [(_TRAINING_CAPTION, curves), *([(_NOISE_CAPTION, noise)] if noise else [])]
         ))  # fmt: skip
@@ -408,5 +398,5 @@ def analyze_run(
         out_dir / "report.html", title=f"cryoflex analysis of {run.run_dir.name} (epoch {run.epoch})",
         sections=sections, config=run.config.to_dict(), tables=tables, files=files,
     )  # fmt: skip
-    remove_earlier_outputs(out_dir, before)
+    remove_earlier_outputs(out_dir, [*written, path])
     return path
