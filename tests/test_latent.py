@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryoflex.analysis.latent import embed, plot_embedding, save_embedding, traversal_latents
+from cryoflex.analysis.latent import embed, plot_embedding, save_embedding, sklearn_seed, traversal_latents
 
 
 def _three_blobs(n_per_blob: int = 30, seed: int = 1) -> np.ndarray:
@@ -35,6 +35,15 @@ def test_pca_and_kmeans_recover_the_structure() -> None:
     for cluster in range(3):
         members = latents[embedding.kmeans_labels == cluster]
         np.testing.assert_allclose(embedding.kmeans_centres[cluster], members.mean(0), atol=1e-5)
+
+
+def test_any_seed_cryoflex_takes_reaches_k_means() -> None:
+    """scikit-learn takes seeds below 2^32 only; cryoflex's go to 2^63 - 1 (config.check_seed): those are hashed into
+    its range, the same each time, and the smaller ones are passed as they are."""
+    latents = _three_blobs()
+    large = [embed(latents, n_clusters=3, seed=2**63 - 1).kmeans_labels for _ in range(2)]
+    np.testing.assert_array_equal(*large)
+    assert sklearn_seed(2**63 - 1) < 2**32 and sklearn_seed(2**32 - 1) == 2**32 - 1
 
 
 def test_clusters_are_numbered_by_decreasing_size() -> None:

@@ -73,11 +73,17 @@ def _principal_components(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return coordinates, ratio, pca.components_.astype(np.float64), pca.mean_.astype(np.float64)
 
 
+def sklearn_seed(seed: int) -> int:
+    """A seed scikit-learn (and umap-learn) take, from 0 to 2^32 - 1: cryoflex's own seeds go up to 2^63 - 1
+    (config.check_seed), so a larger one is hashed into that range (numpy's SeedSequence); a smaller one is kept."""
+    return seed if seed < 2**32 else int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
 def _ordered_kmeans(latents: np.ndarray, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """k-means labels and centres, clusters renumbered by decreasing size then first member."""
     values = latents.astype(np.float64)
     k = min(n_clusters, len(np.unique(values, axis=0)))
-    fitted = KMeans(n_clusters=k, n_init=_KMEANS_N_INIT, random_state=seed).fit(values)
+    fitted = KMeans(n_clusters=k, n_init=_KMEANS_N_INIT, random_state=sklearn_seed(seed)).fit(values)
     labels = fitted.labels_.astype(np.int64)
     sizes = np.bincount(labels, minlength=k)
     first_member = np.array([np.flatnonzero(labels == c)[0] for c in range(k)])
@@ -94,7 +100,7 @@ def _umap_2d(latents: np.ndarray, seed: int) -> np.ndarray:
     except ImportError as error:
         raise ImportError("UMAP needs the optional package umap-learn: pip install umap-learn") from error
     n_neighbors = max(2, min(15, latents.shape[0] - 1))
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed)
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=sklearn_seed(seed))
     return reducer.fit_transform(latents.astype(np.float32)).astype(np.float32)
 
 
