@@ -455,6 +455,19 @@ def test_non_finite_values_name_column_and_row(
     assert error.field == column and f"row {row + 1}" in str(error)
 
 
+@pytest.mark.parametrize(("column", "value"), [("rlnVoltage", 0.0), ("rlnAmplitudeContrast", 1.5),
+                                               ("rlnImagePixelSize", -1.0)])  # fmt: skip
+def test_a_bad_optics_value_is_blamed_on_its_optics_group_not_a_particle(
+    data_dir: Path, tmp_path: Path, column: str, value: float
+) -> None:
+    blocks = _relion31_blocks(data_dir)
+    blocks["optics"].loc[0, column] = value
+    error = _error(_write_star(tmp_path / "optics.star", blocks))
+    group = blocks["optics"].loc[0, "rlnOpticsGroup"]
+    assert error.field == column and f"in optics group {group} of data_optics" in str(error)
+    assert "correct that value in data_optics" in str(error) and "remove that particle" not in str(error)
+
+
 @pytest.mark.parametrize("column", ["rlnDefocusU", "rlnDefocusV"])
 def test_negative_defocus_names_column_and_row(data_dir: Path, tmp_path: Path, column: str) -> None:
     """Defocus is positive for underfocus in RELION; a negative value is a broken row, not an overfocus to model."""

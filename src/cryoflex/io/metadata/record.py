@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -249,15 +249,25 @@ def _half_sets(path: Path, field: str, values: np.ndarray | None) -> np.ndarray 
     return np.asarray(values, dtype=np.int64)
 
 
-def _check_values(path: Path, field: str, values: np.ndarray, ok: np.ndarray, requirement: str) -> None:
-    """Raise naming the field and first particle row whose value breaks `requirement`."""
+# Where a per-particle value of `field` at a particle row comes from, and how to correct it there: the row itself in
+# most files; a STAR file's optics values come from the particle's optics group (relion._StarTables.locate)
+Locate = Callable[[str, int], tuple[str, str]]
+
+
+def particle_row(field: str, row: int) -> tuple[str, str]:
+    """The Locate of a value held by each particle's own row."""
+    return f"at particle row {row + 1}", "correct or remove that particle"
+
+
+def _check_values(
+    path: Path, field: str, values: np.ndarray, ok: np.ndarray, requirement: str, locate: Locate = particle_row
+) -> None:
+    """Raise naming the field and where the first particle's value that breaks `requirement` comes from."""
     if not ok.all():
         row = int(np.argmin(ok))
+        where, fix = locate(field, row)
         raise CryoflexInputError(
-            path,
-            f"{field} is {values[row]:g} at particle row {row + 1}; it must be {requirement}",
-            fix="correct or remove that particle",
-            field=field,
+            path, f"{field} is {values[row]:g} {where}; it must be {requirement}", fix=fix, field=field
         )
 
 
@@ -280,7 +290,12 @@ def _first_bad_row(
 
 
 def _assemble_ctf(
-    path: Path, values: Mapping[str, np.ndarray | None], sources: Mapping[str, str], n: int, fix: str
+    path: Path,
+    values: Mapping[str, np.ndarray | None],
+    sources: Mapping[str, str],
+    n: int,
+    fix: str,
+    locate: Locate = particle_row,
 ) -> CTFParameters:
     """CTF parameters from the fields found; missing optional fields get 0 / 0 / 1, missing required raise."""
     missing = [sources[name] for name in _REQUIRED_CTF if values.get(name) is None]
@@ -302,17 +317,22 @@ def _assemble_ctf(
     ctf = CTFParameters(**complete)
     for name in ("defocus_u_A", "defocus_v_A"):  # RELION's and cryoSPARC's defocus is positive for underfocus
         defocus = getattr(ctf, name)
-        _check_values(path, sources[name], defocus, defocus >= 0, "0 or more (Angstrom, positive for underfocus)")
-    _check_values(path, sources["voltage_kV"], ctf.voltage_kV, ctf.voltage_kV > 0, "positive (kV)")
+        _check_values(
+            path, sources[name], defocus, defocus >= 0, "0 or more (Angstrom, positive for underfocus)", locate
+        )
+    _check_values(path, sources["voltage_kV"], ctf.voltage_kV, ctf.voltage_kV > 0, "positive (kV)", locate)
     contrast = ctf.amplitude_contrast
-    _check_values(path, sources["amplitude_contrast"], contrast, (contrast >= 0) & (contrast <= 1), "between 0 and 1")
+    ok = (contrast >= 0) & (contrast <= 1)
+    _check_values(path, sources["amplitude_contrast"], contrast, ok, "between 0 and 1", locate)
     return ctf
 
 
-def _checked_pixel_size(path: Path, field: str, pixel_size_A: np.ndarray | None, fix: str) -> np.ndarray:
+def _checked_pixel_size(
+    path: Path, field: str, pixel_size_A: np.ndarray | None, fix: str, locate: Locate = particle_row
+) -> np.ndarray:
     if pixel_size_A is None:
         raise CryoflexInputError(path, "the file states no pixel size", fix=fix, field=field)
-    _check_values(path, field, pixel_size_A, pixel_size_A > 0, "positive (Angstrom)")
+    _check_values(path, field, pixel_size_A, pixel_size_A > 0, "positive (Angstrom)", locate)
     return pixel_size_A
 
 

@@ -31,6 +31,7 @@ from cryoflex.io.metadata.record import (
     _Overrides,
     _required,
     _settle_box,
+    particle_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,14 @@ class _StarTables:
         if self.optics is not None and self.optics_row is not None and column in self.optics.columns:
             return _finite_column(self.path, self.optics, column, str(self.optics_block))[self.optics_row]
         return None
+
+    def locate(self, column: str, row: int) -> tuple[str, str]:
+        """Where particle row `row`'s value of `column` comes from, and how to correct it there (record.Locate): the
+        particle's own row, else its optics group's."""
+        if column in self.particles.columns or self.optics is None or column not in self.optics.columns:
+            return particle_row(column, row)
+        return (f"in optics group {self.optics_group[row]} of data_{self.optics_block} (particle row {row + 1} and "
+                "every particle of that group)", f"correct that value in data_{self.optics_block}")  # fmt: skip
 
     def present(self, column: str) -> np.ndarray:
         """values() of a column the caller has checked is present."""
@@ -349,7 +358,7 @@ def _star_pixel_size(tables: _StarTables, overrides: _Overrides) -> np.ndarray:
     pixel = tables.values("rlnImagePixelSize")
     if pixel is None and tables.has("rlnDetectorPixelSize") and tables.has("rlnMagnification"):
         detector_um, magnification = tables.present("rlnDetectorPixelSize"), tables.present("rlnMagnification")
-        _check_values(tables.path, "rlnMagnification", magnification, magnification > 0, "positive")
+        _check_values(tables.path, "rlnMagnification", magnification, magnification > 0, "positive", tables.locate)
         pixel = detector_um * 1e4 / magnification
     pixel = _fill(
         tables.path, "rlnImagePixelSize", pixel, overrides.pixel_size_A, len(tables.particles), setting="pixel_size_A"
@@ -358,7 +367,7 @@ def _star_pixel_size(tables: _StarTables, overrides: _Overrides) -> np.ndarray:
         "RELION 3.1+ files give rlnImagePixelSize in data_optics, RELION 3.0 files rlnDetectorPixelSize and "
         "rlnMagnification; or pass the pixel size (--pixel-size-A)"
     )
-    return _checked_pixel_size(tables.path, "rlnImagePixelSize", pixel, fix)
+    return _checked_pixel_size(tables.path, "rlnImagePixelSize", pixel, fix, tables.locate)
 
 
 def _star_box(tables: _StarTables, overrides: _Overrides) -> int | None:
@@ -424,7 +433,7 @@ def _star_ctf(tables: _StarTables, overrides: _Overrides) -> CTFParameters:
         "per particle and rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast in data_optics (3.1+) "
         "or per particle (RELION 3.0)"
     )
-    return _assemble_ctf(tables.path, values, _STAR_CTF_COLUMNS, n, fix)
+    return _assemble_ctf(tables.path, values, _STAR_CTF_COLUMNS, n, fix, tables.locate)
 
 
 def read_star(path: Path, overrides: _Overrides, duplicate_images: str) -> ParticleMetadata:
