@@ -57,6 +57,14 @@ class ImageFormation:
         """The CTF of this batch on the torch.fft.rfft2 grid of these images: (B, N, N//2+1), RELION's sign."""
         return ctf_rfft(self.box_size_px, self.pixel_size_A, ctf)
 
+    def _in_dtype_of(
+        self, coords_A: torch.Tensor, poses: PoseBatch, ctf: CTFBatch | None
+    ) -> tuple[PoseBatch, torch.Tensor | None]:
+        """The poses, and the CTF on the rfft2 grid (None without a CTF), on the structures' device and dtype."""
+        dtype, device = coords_A.dtype, coords_A.device
+        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        return poses.to(device, dtype=dtype), transfer
+
     def images(
         self,
         coords_A: torch.Tensor,
@@ -73,10 +81,8 @@ class ImageFormation:
         """
         if self.band_limited:
             return images_from_spectra(self.spectra(coords_A, amplitudes, poses, ctf, sigma_A))
-        dtype, device = coords_A.dtype, coords_A.device
-        poses = poses.to(device, dtype=dtype)
-        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
-        grid_A = self.pixel_grid_A(device, dtype)
+        poses, transfer = self._in_dtype_of(coords_A, poses, ctf)
+        grid_A = self.pixel_grid_A(coords_A.device, coords_A.dtype)
         sigma_A = self.sigma_A if sigma_A is None else sigma_A
         return project_on_grid(
             coords_A, amplitudes, poses.rotations, grid_A, sigma_A, poses.shifts_A, transfer, tf32=self.tf32_products
@@ -94,9 +100,7 @@ class ImageFormation:
         directly when band-limited, else the FFT of the point-sampled images."""
         if not self.band_limited:
             return torch.fft.rfft2(self.images(coords_A, amplitudes, poses, ctf, sigma_A))
-        dtype, device = coords_A.dtype, coords_A.device
-        poses = poses.to(device, dtype=dtype)
-        transfer = None if ctf is None else self.ctf_rfft(ctf.to(device, dtype=dtype))
+        poses, transfer = self._in_dtype_of(coords_A, poses, ctf)
         x_A, y_A = projected_positions_A(coords_A, poses.rotations, poses.shifts_A)
         return band_limited_spectra(
             x_A, y_A, batched_amplitudes(amplitudes, *x_A.shape), box_size_px=self.box_size_px,
