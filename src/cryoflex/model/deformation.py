@@ -367,5 +367,7 @@ def deform(
         offsets = np.cumsum([0] + [end - first for _, first, end in bands]).tolist()
         with_offsets = [(m, first, end, offset) for (m, first, end), offset in zip(bands, offsets[:-1], strict=True)]
         moved = _SegmentRotations.apply(start, centres_A, rotation_vectors, *coefficients, with_offsets)
-    translated = moved + translations_A.transpose(1, 2) @ assignment.transpose(0, 1)  # (B, 3, n)
-    return translated.transpose(1, 2)
+    # sum_m G_im t_m, (B, 3, n), as one (3 B, M) x (M, n) product: the batched form of a transposed view, without
+    # gradient (analysis), expands G to B copies (8 ms against 0.4 ms for 2,048 structures of 214 residues)
+    translation_A = (translations_A.transpose(1, 2).reshape(-1, n_segments) @ assignment.transpose(0, 1)).view_as(moved)
+    return (moved + translation_A).transpose(1, 2)
