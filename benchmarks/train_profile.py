@@ -45,6 +45,7 @@ from cryoflex.data.dataset import particle_loader
 from cryoflex.io.atomic import write_text_atomic
 from cryoflex.model.cryosphere import CryoSphere
 from cryoflex.model.networks import Encoder
+from cryoflex.threads import flush_denormals
 from cryoflex.train.distributed import epoch_batches
 from cryoflex.train.loop import train_step
 from cryoflex.train.objective import LossTerms
@@ -201,6 +202,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
+    flush_denormals()  # as cryoflex's commands do, before torch starts its threads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", type=Row.parse, default=[Row.parse(r) for r in DEFAULT_ROWS])
     parser.add_argument("--repeats", type=int, default=10)

@@ -49,6 +49,7 @@ from cryoflex.io.atomic import write_text_atomic
 from cryoflex.io.structure import Structure, read_structure, write_structure
 from cryoflex.io.trajectory import read_trajectory
 from cryoflex.simulate import SimulationConfig, simulate_dataset
+from cryoflex.threads import flush_denormals
 from cryoflex.train.distributed import epoch_batches, resolve_device
 from cryoflex.train.loop import train_step
 from cryoflex.train.objective import LossTerms
@@ -386,6 +387,7 @@ def run_all(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 def main() -> None:
+    flush_denormals()  # as cryoflex's commands do, before torch starts its threads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--quick", action="store_true", help=f"tiny rows {' '.join(QUICK_ROWS)}, {QUICK_STEPS} steps")

@@ -9,6 +9,12 @@ import pytest
 # between thread counts, so tests that compare runs bit for bit need one fixed count. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# cryoflex's commands flush subnormal floats to zero before any torch work (cryoflex.threads.flush_denormals); the tests
+# compute with the same arithmetic, whichever test happens to start a command first.
+from cryoflex.threads import flush_denormals  # noqa: E402  (imports torch, after OMP_NUM_THREADS)
+
+flush_denormals()
+
 DATA_DIR = Path(__file__).parent / "data"
 
 

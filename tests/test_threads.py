@@ -3,7 +3,11 @@ decisions (with a fake clock), and --threads reaching torch. Nothing here measur
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,3 +220,43 @@ def test_counts_within_ten_percent_do_not_alternate() -> None:
     machine.seconds_per_image = {2: 1.5e-3, 1: 1.00e-3}  # 1 is 50% faster: switch
     machine.run(tuner, 100)
     assert tuner.threads == 1
+
+
+def _nonzero_subnormal_products(setup: str) -> tuple[int, int]:
+    """In a fresh process with 2 torch threads: run setup, then a (1024, 64) x (64, 1024) matrix product of entries
+    1e-20, whose every term and sum (6.4e-39) is subnormal, split between the threads; returns how many entries
+    stayed non-zero, and of how many."""
+    script = "\n".join([
+        "import torch", "from cryoflex.threads import flush_denormals, set_threads", "torch.set_num_threads(2)", setup,
+        "x = torch.full((1024, 64), 1e-20) @ torch.full((64, 1024), 1e-20)",
+        "print(int(torch.count_nonzero(x)), x.numel())",
+    ])  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    nonzero, total = result.stdout.split()
+    return int(nonzero), int(total)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="subnormal flushing is x86's (SSE3)")
+def test_commands_flush_subnormals_in_every_thread() -> None:
+    assert _nonzero_subnormal_products("pass") == (1 << 20, 1 << 20)  # torch's default keeps them
+    # set_threads (every command's first step) flushes before torch starts its threads: all of them inherit it
+    assert _nonzero_subnormal_products("set_threads(2)")[0] == 0
+    # flushed only after the threads started, the other thread keeps its subnormals: the order matters
+    nonzero, total = _nonzero_subnormal_products("torch.randn(1024, 64) @ torch.randn(64, 1024); flush_denormals()")
+    assert 0 < nonzero < total
+
+
+def test_training_flushes_subnormals_before_any_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cryoflex.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "flush_denormals", lambda: calls.append("flush"))
+
+    def start_processes(device: str) -> None:
+        calls.append("start")
+        raise RuntimeError("stopped before any work")
+
+    monkeypatch.setattr(loop, "start_processes", start_processes)
+    with pytest.raises(RuntimeError, match="stopped before any work"):
+        loop.train(SimpleNamespace(device="cpu"), tmp_path)  # type: ignore[arg-type]
+    assert calls == ["flush", "start"]

@@ -101,8 +101,10 @@ def run_demo(out_dir: Path, *, quick: bool = False, seed: int = 0, device: str =
     from cryoflex.analysis.structures import model_assignment, segment_ids, segment_table
     from cryoflex.config import load_config
     from cryoflex.simulate import SimulationConfig, simulate_dataset
+    from cryoflex.threads import flush_denormals
     from cryoflex.train.loop import train
 
+    flush_denormals()  # before the simulation starts torch's threads (train's own call would come too late for them)
     settings = QUICK if quick else FULL
     out_dir = Path(out_dir)
     ensemble = adk_ensemble()

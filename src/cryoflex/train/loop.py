@@ -34,7 +34,7 @@ from cryoflex.imaging.noise import n_shells, shell_counts, shell_sums
 from cryoflex.model.cryosphere import CryoSphere, ModelOutput
 from cryoflex.model.losses import correlation_loss
 from cryoflex.run_dir import RunDir
-from cryoflex.threads import configure_threads
+from cryoflex.threads import configure_threads, flush_denormals
 from cryoflex.train.checkpoint import (
     check_likelihood_state,
     check_optics_groups,
@@ -321,6 +321,7 @@ def nominal_fit(model: CryoSphere, loader: DataLoader, device: torch.device) -> 
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
     """Train (or continue, with resume) the run in run_dir; one process, or one rank of a torchrun launch."""
+    flush_denormals()  # before reading the images starts torch's threads, so that they inherit it
     context = start_processes(config.device)
     try:
         with contextlib.ExitStack() as closing:  # closes the logs also when training raises, keeping what they hold
