@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cryoflex.analysis import figures
+from cryoflex.analysis.analyze import uncertainty_summary
 from cryoflex.analysis.predict import (
     decode_latents,
     latent_means,
@@ -285,6 +286,7 @@ def test_per_particle_uncertainty_outputs(trained_run: Path, tiny_adk_dataset: P
     html = (out / "report.html").read_text()
     assert "Per-particle uncertainty (expected RMSD under the posterior, A)" in html
     assert "median_A" in html and "p10_A" in html and "p90_A" in html
+    assert "population_A" in html and "median_over_population" in html
     parser = _Captions()
     parser.feed(html)
     assert any(c.startswith("How sure the model is of each particle's structure") for c in parser.captions)
@@ -409,3 +411,14 @@ def test_a_particle_file_changed_since_training_is_reported(
     with caplog.at_level(logging.WARNING, logger="cryoflex.train.checkpoint"):
         check_particles(star, state, names[::-1], resuming=True)
     assert "(the same count, other names or order)" in caplog.text and "training goes on with" in caplog.text
+
+
+def test_the_uncertainty_summary_warns_when_the_images_say_little(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cryoflex.analysis.analyze"):
+        informative = uncertainty_summary(np.array([0.2, 0.24, 0.3]), 64, population_A=1.5)
+        assert not caplog.records
+        assert informative["population_A"] == 1.5 and informative["median_over_population"] == pytest.approx(0.16)
+        uninformative = uncertainty_summary(np.array([1.1, 1.3, 1.9]), 64, population_A=1.5)
+    assert uninformative["median_over_population"] == pytest.approx(1.3 / 1.5)
+    [record] = caplog.records
+    assert "say little about their own conformations" in record.getMessage() and "87%" in record.getMessage()

@@ -16,6 +16,7 @@ from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES, predict
 from cryoflex.analysis.predict import (
     LatentPosterior,
     decode_latents,
+    population_expected_rmsd_A,
     posterior_noise,
     posterior_structures,
 )
@@ -102,6 +103,20 @@ def test_expected_rmsd_is_the_same_when_the_draws_are_decoded_again(
     monkeypatch.setattr(predict, "_KEPT_DRAWS_BYTES", 0)
     np.testing.assert_array_equal(_expected(model, posterior, samples=4, seed=2), kept)
     assert kept.min() > 0
+
+
+def test_the_population_expected_rmsd_is_that_of_a_particle_whose_posterior_is_the_prior(model: CryoSphere) -> None:
+    # an image that says nothing leaves the prior as its posterior: posterior_structures then reports this figure
+    prior = LatentPosterior(np.zeros((1, 2), np.float32), np.ones((1, 2), np.float32))
+    for samples, seed in ((64, 0), (256, 3)):
+        population_A = population_expected_rmsd_A(model, samples=samples, seed=seed, batch_size=48)
+        assert population_A == pytest.approx(float(_expected(model, prior, samples=samples, seed=seed)[0]), rel=1e-5)
+        # and by hand: the mean RMSD of the decoded draws from their mean
+        latents = posterior_noise(seed, np.zeros(1), samples, 2)[0]
+        drawn = np.stack([_decode_one(model, torch.as_tensor(z)) for z in latents])
+        by_hand = np.sqrt(((drawn - drawn.mean(0)) ** 2).sum(-1).mean(-1)).mean()
+        assert population_A == pytest.approx(by_hand, rel=1e-5)
+    assert population_A > 0.1  # the randomised decoder moves the structures by angstroms
 
 
 @pytest.mark.parametrize("samples", [0, 1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from cryoflex.analysis.predict import (
     check_posterior_options,
     decode_latents,
     particle_posteriors,
+    population_expected_rmsd_A,
     posterior_latents,
 )
 from cryoflex.analysis.run import TrainedRun
@@ -62,9 +64,14 @@ _NOISE_CAPTION = (
 _UNCERTAINTY_CAPTION = (
     "How sure the model is of each particle's structure: the expected RMSD of the structures decoded from {samples} "
     "samples of the particle's posterior from the structure reported for it (A). A small value means an informative "
-    "image; a large one, an image that says little, whose structure is close to a population average. Per particle in "
-    "per_particle_uncertainty.csv, per residue (the RMS spread) in per_particle_spread_A.npy with --per-particle"
+    "image; a large one, an image that says little, whose structure is close to a population average. The dotted "
+    "line is the population's ({population_A:.2f} A: the same for structures decoded from the prior), what a "
+    "particle whose image says nothing would get. Per particle in per_particle_uncertainty.csv, per residue (the RMS "
+    "spread) in per_particle_spread_A.npy with --per-particle"
 )
+# The particles' median expected RMSD over the population's from which analysis warns that single particles' structures
+# are mostly the population's average (docs/low_snr.md: 0.16 on the AdK benchmark at SNR 0.1, 0.85 at SNR 0.001).
+UNINFORMATIVE_RATIO = 0.75
 
 
 @dataclass
@@ -227,11 +234,22 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
     return shown
 
 
-def uncertainty_summary(expected_rmsd_A: np.ndarray, samples: int) -> dict[str, int | float]:
-    """The report's row for the particles' expected RMSDs: 10th percentile, median and 90th percentile in A."""
+def uncertainty_summary(expected_rmsd_A: np.ndarray, samples: int, population_A: float) -> dict[str, int | float]:
+    """The report's row for the particles' expected RMSDs: 10th percentile, median and 90th percentile in A, the
+    population's (population_expected_rmsd_A) and the median's share of it; logs a warning where that share
+    is UNINFORMATIVE_RATIO or more."""
     low, median, high = np.percentile(expected_rmsd_A, [10, 50, 90])
+    ratio = float(median / population_A) if population_A > 0 else math.nan
+    if ratio >= UNINFORMATIVE_RATIO:
+        logger.warning(
+            "the particles' images say little about their own conformations: their median expected RMSD (%.2f A) is "
+            "%.0f%% of the population's (%.2f A), so each particle's structure is mostly the population's average. "
+            "The population (latent space, clusters, traversals, reconstructions of subsets) is what the data "
+            "support, not single particles.", median, 100 * ratio, population_A,
+        )  # fmt: skip
     return {"particles": len(expected_rmsd_A), "posterior_samples": samples, "p10_A": float(low),
-            "median_A": float(median), "p90_A": float(high)}  # fmt: skip
+            "median_A": float(median), "p90_A": float(high), "population_A": population_A,
+            "median_over_population": ratio}  # fmt: skip
 
 
 def _per_particle(
@@ -365,11 +383,14 @@ def analyze_run(
     ]
     uncertainty_tables: dict[str, list[dict]] = {}
     if expected_rmsd_A is not None:
-        histogram = figures.uncertainty_histogram_figure(expected_rmsd_A, out_dir / "per_particle_uncertainty.png")
-        caption = _UNCERTAINTY_CAPTION.format(samples=options.posterior_samples)
+        population_A = population_expected_rmsd_A(model, seed=options.seed)
+        histogram = figures.uncertainty_histogram_figure(
+            expected_rmsd_A, population_A, out_dir / "per_particle_uncertainty.png"
+        )
+        caption = _UNCERTAINTY_CAPTION.format(samples=options.posterior_samples, population_A=population_A)
         sections.append(report.ReportSection("Per-particle uncertainty", [(caption, histogram)]))
         uncertainty_tables["Per-particle uncertainty (expected RMSD under the posterior, A)"] = [
-            uncertainty_summary(expected_rmsd_A, options.posterior_samples)
+            uncertainty_summary(expected_rmsd_A, options.posterior_samples, population_A)
         ]
     written = [*files, *(figure for section in sections for _, figure in section.figures)]  # not the extras' figures
     sections += extra_sections or []

@@ -86,13 +86,15 @@ def traversal_figure(
     return save_figure(figure, path)
 
 
-def uncertainty_histogram_figure(expected_rmsd_A: np.ndarray, path: Path) -> Path:
-    """Histogram of the particles' expected RMSD under the posterior (A), median marked."""
+def uncertainty_histogram_figure(expected_rmsd_A: np.ndarray, population_A: float, path: Path) -> Path:
+    """Histogram of the particles' expected RMSD under the posterior (A), its median and the population's marked
+    (predict.population_expected_rmsd_A: a particle whose image says nothing)."""
     figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot()
     axes.hist(expected_rmsd_A, bins=min(50, max(10, len(expected_rmsd_A) // 20)), color="tab:blue")
     median_A = float(np.median(expected_rmsd_A))
     axes.axvline(median_A, color="black", ls="--", lw=1, label=f"median {median_A:.2f} A")
+    axes.axvline(population_A, color="tab:red", ls=":", lw=1.5, label=f"population {population_A:.2f} A")
     axes.set_xlabel("expected RMSD of the particle's structure under its posterior (A)")
     axes.set_ylabel("particles")
     axes.legend()

@@ -29,6 +29,7 @@ from cryoflex.model.losses import log_importance_weights
 from cryoflex.progress import Progress
 
 NOISE_BLOCK = 1024  # particles per random stream of the posterior samples
+POPULATION_SAMPLES = 1024  # prior draws for the population's expected RMSD (population_expected_rmsd_A)
 _KEPT_DRAWS_BYTES = 256 * 2**20  # a chunk's decoded draws are kept up to this size for their RMSDs, else decoded again
 _SOBOL_STREAM = 2**31  # the stream key of the Sobol points' scrambling (block keys are particle // NOISE_BLOCK)
 _UNIFORM_CLIP = 1e-12  # keeps the normal quantiles finite (|z| <= 7)
@@ -151,6 +152,24 @@ def decode_latents(
         else:
             points_A, _ = model.decode(chunk, sample_segmentation=False)
         yield points_A.float().cpu().numpy()
+
+
+def population_expected_rmsd_A(
+    model: CryoSphere, *, samples: int = POPULATION_SAMPLES, seed: int = 0, batch_size: int = 256
+) -> float:
+    """The expected RMSD, in A, of the structures decoded at `samples` prior draws z ~ N(0, I) from their mean: what
+    posterior_structures reports for a particle whose image says nothing (its posterior is then the prior). The
+    scale for the particles' own expected RMSDs: near it, an image tells little about its particle's conformation.
+    Quasi-random draws as for a particle (posterior_noise); decoded twice (the mean first), so memory is one batch."""
+    check_posterior_options(samples, seed)
+    latents = posterior_noise(seed, np.zeros(1, np.int64), max(samples, 1), model.encoder.latent_dim)[0]
+    mean_A = sum(drawn.astype(np.float64).sum(0) for drawn in decode_latents(model, latents, batch_size=batch_size))
+    mean_A = mean_A / len(latents)
+    rmsds_A = [
+        np.sqrt(np.square(drawn - mean_A).sum(-1).mean(-1))
+        for drawn in decode_latents(model, latents, batch_size=batch_size)
+    ]
+    return float(np.concatenate(rmsds_A).mean())
 
 
 def check_posterior_options(samples: int, seed: int) -> None:
