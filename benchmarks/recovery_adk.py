@@ -37,7 +37,12 @@ from scipy.stats import spearmanr
 
 from cryoflex.analysis import DEFAULT_POSTERIOR_SAMPLES
 from cryoflex.analysis.metrics import centroid_distance_A, domain_f1, recovery_summary, rmsd_A
-from cryoflex.analysis.predict import decode_latents, particle_posteriors, posterior_structures
+from cryoflex.analysis.predict import (
+    decode_latents,
+    particle_posteriors,
+    population_expected_rmsd_A,
+    posterior_structures,
+)
 from cryoflex.analysis.run import TrainedRun, load_run
 from cryoflex.config import load_config
 from cryoflex.io.atomic import write_text_atomic
@@ -117,6 +122,9 @@ def _scores(run: TrainedRun, truth_A: np.ndarray, lid: np.ndarray, nmp: np.ndarr
         at_latent_mean_distance_correlation=at_mean_figures["distance_correlation"],
         spread_error_spearman=float(spearmanr(expected_rmsd_A, rmsd_A(predicted, truth_A)).statistic),
         sigma_A=float(model.sigma_A.detach()),  # the width the model renders (learned unless fixed)
+        # how much the images say, as analysis reports it: the particles' median expected RMSD against the population's
+        median_expected_rmsd_A=float(np.median(expected_rmsd_A)),
+        population_expected_rmsd_A=population_expected_rmsd_A(model, seed=seed),
     )  # fmt: skip
     # The particles held out of training (the validation share): what a particle the model never trained on gets.
     # The encoder learns q(z | image) of the training images from their importance weights, so its mean says more
