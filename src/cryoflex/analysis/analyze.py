@@ -70,7 +70,8 @@ _UNCERTAINTY_CAPTION = (
     "spread) in per_particle_spread_A.npy with --per-particle"
 )
 # The particles' median expected RMSD over the population's from which analysis warns that single particles' structures
-# are mostly the population's average (docs/low_snr.md: 0.16 on the AdK benchmark at SNR 0.1, 0.85 at SNR 0.001).
+# are mostly the population's average (docs/low_snr.md: on the AdK benchmark 0.16, 0.33, 0.58 and 0.84 at SNR 0.1, 0.01,
+# 0.003 and 0.001, where the particles beat the best constant structure down to 0.003 and not at 0.001).
 UNINFORMATIVE_RATIO = 0.75
 
 
