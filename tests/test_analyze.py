@@ -414,11 +414,14 @@ def test_a_particle_file_changed_since_training_is_reported(
 
 
 def test_the_uncertainty_summary_warns_when_the_images_say_little(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="cryoflex.analysis.analyze"):
+    with caplog.at_level(logging.INFO, logger="cryoflex.analysis.analyze"):
         informative = uncertainty_summary(np.array([0.2, 0.24, 0.3]), 64, population_A=1.5)
-        assert not caplog.records
         assert informative["population_A"] == 1.5 and informative["median_over_population"] == pytest.approx(0.16)
+        [record] = caplog.records
+        assert record.levelno == logging.INFO and "16% of the population's (1.50 A" in record.getMessage()
+        caplog.clear()
         uninformative = uncertainty_summary(np.array([1.1, 1.3, 1.9]), 64, population_A=1.5)
     assert uninformative["median_over_population"] == pytest.approx(1.3 / 1.5)
     [record] = caplog.records
+    assert record.levelno == logging.WARNING
     assert "say little about their own conformations" in record.getMessage() and "87%" in record.getMessage()

@@ -237,8 +237,8 @@ def _traversal_figures(run: TrainedRun, embedding: latent.LatentEmbedding, optio
 
 def uncertainty_summary(expected_rmsd_A: np.ndarray, samples: int, population_A: float) -> dict[str, int | float]:
     """The report's row for the particles' expected RMSDs: 10th percentile, median and 90th percentile in A, the
-    population's (population_expected_rmsd_A) and the median's share of it; logs a warning where that share
-    is UNINFORMATIVE_RATIO or more."""
+    population's (population_expected_rmsd_A) and the median's share of it, which it logs: as a warning where that
+    share is UNINFORMATIVE_RATIO or more."""
     low, median, high = np.percentile(expected_rmsd_A, [10, 50, 90])
     ratio = float(median / population_A) if population_A > 0 else math.nan
     if ratio >= UNINFORMATIVE_RATIO:
@@ -247,6 +247,11 @@ def uncertainty_summary(expected_rmsd_A: np.ndarray, samples: int, population_A:
             "%.0f%% of the population's (%.2f A), so each particle's structure is mostly the population's average. "
             "The population (latent space, clusters, traversals, reconstructions of subsets) is what the data "
             "support, not single particles.", median, 100 * ratio, population_A,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "the particles' median expected RMSD is %.2f A, %.0f%% of the population's (%.2f A: what an image that "
+            "says nothing would get)", median, 100 * ratio, population_A,
         )  # fmt: skip
     return {"particles": len(expected_rmsd_A), "posterior_samples": samples, "p10_A": float(low),
             "median_A": float(median), "p90_A": float(high), "population_A": population_A,
