@@ -11,6 +11,7 @@ from scipy.stats import multivariate_normal
 
 from cryoflex.errors import CryoflexInputError
 from cryoflex.imaging.noise import (
+    multiplicity,
     n_shells,
     per_pixel_variance,
     sample_noise,
@@ -28,6 +29,65 @@ def _circulant_covariance(variances: np.ndarray) -> np.ndarray:
     box = variances.shape[0]
     columns = [np.fft.ifft2(variances * np.fft.fft2(e.reshape(box, box))).real.ravel() for e in np.eye(box * box)]
     return np.stack(columns, axis=1)
+
+
+def _residual_nll(residual_spectra: torch.Tensor, log_noise_variance: torch.Tensor) -> torch.Tensor:
+    """stationary_nll of residuals: observed images that are the residuals, nothing predicted."""
+    zero = torch.zeros((), dtype=residual_spectra.real.dtype)
+    return stationary_nll(residual_spectra, torch.zeros_like(residual_spectra), zero, log_noise_variance)
+
+
+def _composed_nll(
+    observed: torch.Tensor, predicted: torch.Tensor, log_scale: torch.Tensor, log_noise_variance: torch.Tensor
+) -> torch.Tensor:
+    """stationary_nll written with torch's operations on complex tensors, autograd's gradient (the reference)."""
+    box = predicted.shape[-2]
+    power = (observed - log_scale.exp() * predicted).abs().square()
+    weights = multiplicity(box, torch.float64, power.device)
+    if log_noise_variance.dim() == 0:
+        return (power * weights).sum((-2, -1)) / (2 * box**2) * (-log_noise_variance).exp() + 0.5 * box**2 * (
+            log_noise_variance
+        )
+    log_variances = log_noise_variance[..., shell_index(box, power.device)]
+    quadratic = (power * weights * (-log_variances).exp()).sum((-2, -1)) / (2 * box**2)
+    return quadratic + 0.5 * (weights * log_variances).sum((-2, -1))
+
+
+@pytest.mark.parametrize(
+    ("observed_shape", "predicted_shape", "noise_shape"),
+    [
+        ((3, 1), (3, 4), (n_shells(6),)),  # training: each image against its draws, one spectrum
+        ((3, 1), (3, 4), (3, 1, n_shells(6))),  # a spectrum per image (optics groups)
+        ((3, 1), (3, 4), ()),  # white
+        ((3,), (3,), (3, n_shells(6))),
+        ((2, 3), (3,), (n_shells(6),)),  # predicted broadcast over the observed
+        ((), (), (2, n_shells(6))),  # more spectra of the noise than images
+    ],
+)
+def test_stationary_nll_and_its_gradient_equal_torch_operations_on_complex_spectra(
+    observed_shape: tuple[int, ...], predicted_shape: tuple[int, ...], noise_shape: tuple[int, ...]
+) -> None:
+    """The hand-written quadratic form (one autograd function) against the same likelihood composed of torch's
+    complex operations: values and the gradients in every input, float64, to 1e-12; and torch.autograd.gradcheck."""
+    generator = torch.Generator().manual_seed(5)
+
+    def spectra(shape: tuple[int, ...]) -> torch.Tensor:
+        images = torch.randn(*shape, 6, 6, generator=generator, dtype=torch.float64)
+        return torch.fft.rfft2(images).requires_grad_()
+
+    observed, predicted = spectra(observed_shape), spectra(predicted_shape)
+    log_scale = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
+    log_noise = torch.randn(noise_shape, generator=generator, dtype=torch.float64).requires_grad_()
+    inputs = (observed, predicted, log_scale, log_noise)
+    got, expected = stationary_nll(*inputs), _composed_nll(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(got.shape, generator=generator, dtype=torch.float64)
+    for grad_got, grad_expected in zip(
+        torch.autograd.grad((got * weights).sum(), inputs), torch.autograd.grad((expected * weights).sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(grad_got, grad_expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(stationary_nll, inputs)
 
 
 @pytest.mark.parametrize("box", [6, 5])
@@ -48,7 +108,7 @@ def test_stationary_nll_is_the_gaussian_density_of_stationary_noise_with_the_off
         - 0.5 * (box * box - 1) * np.log(2 * np.pi)
         for r in residuals
     ]
-    got = stationary_nll(torch.fft.rfft2(torch.as_tensor(residuals + 2.5)), torch.as_tensor(log_variances))
+    got = _residual_nll(torch.fft.rfft2(torch.as_tensor(residuals + 2.5)), torch.as_tensor(log_variances))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
 
 
@@ -156,8 +216,8 @@ def test_a_spectrum_per_image_is_each_image_scored_and_sampled_with_its_own() ->
     spectra = torch.randn(3, n_shells(box), generator=generator, dtype=torch.float64)
     residuals = torch.randn(3, box, box, generator=generator, dtype=torch.float64)
     residual_spectra = torch.fft.rfft2(residuals)
-    expected = torch.cat([stationary_nll(r[None], s) for r, s in zip(residual_spectra, spectra, strict=True)])
-    torch.testing.assert_close(stationary_nll(residual_spectra, spectra), expected, rtol=1e-12, atol=1e-12)
+    expected = torch.cat([_residual_nll(r[None], s) for r, s in zip(residual_spectra, spectra, strict=True)])
+    torch.testing.assert_close(_residual_nll(residual_spectra, spectra), expected, rtol=1e-12, atol=1e-12)
 
     torch.manual_seed(3)
     flat = torch.zeros(n_shells(box), dtype=torch.float64)

@@ -82,7 +82,7 @@ def gaussian_image_nll(
     and fitting it throws away a tenth of what the image says about its conformation (the evidence then grows with
     the correlation squared instead of linearly). The offset is free: fitting it costs nothing measurable.
     """
-    return stationary_nll(observed_spectra - torch.exp(log_image_scale) * predicted_spectra, log_noise_variance)
+    return stationary_nll(observed_spectra, predicted_spectra, log_image_scale, log_noise_variance)
 
 
 def log_importance_weights(
