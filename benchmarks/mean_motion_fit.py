@@ -111,7 +111,8 @@ class Objective:
                 bound = torch.logsumexp(log_w, 1) - np.log(self.samples)
                 loss = -bound.sum()
                 if config.continuity_weight > 0 and len(self.pairs):
-                    continuity = continuity_loss(coords_A, self.pairs, self.reference_A).view(len(batch), -1).mean(1)
+                    continuity = continuity_loss(coords_A, self.pairs[:, 0], self.reference_A)
+                    continuity = continuity.view(len(batch), -1).mean(1)
                     loss = loss + config.continuity_weight * continuity.sum()
                 if config.clash_weight > 0:
                     self.neighbours.update(coords_A.detach())

@@ -10,6 +10,7 @@ import torch
 from scipy.spatial.distance import pdist, squareform
 
 from cryoflex.io.structure import read_structure
+from cryoflex.model import losses
 from cryoflex.model.cryosphere import ModelOutput
 from cryoflex.model.losses import (
     ClashNeighbourList,
@@ -139,14 +140,14 @@ def test_continuity_loss_value_gradient_and_empty(dtype: torch.dtype) -> None:
     pairs = consecutive_pairs(["A", "A", "A", "A"])
     reference = torch.full((3,), 3.8, dtype=dtype)
     coords.requires_grad_(True)
-    loss = continuity_loss(coords, pairs, reference)
+    loss = continuity_loss(coords, pairs[:, 0], reference)
     # batch 0: distances 3, 4, 0; batch 1: 3.8, sqrt(0.64 + 16), 0 (coincident residues)
     expected_0 = ((3.0 - 3.8) ** 2 + (4.0 - 3.8) ** 2 + 3.8**2) / 3
     expected_1 = (0.0 + (np.sqrt(16.64) - 3.8) ** 2 + 3.8**2) / 3
     torch.testing.assert_close(loss, torch.tensor([expected_0, expected_1], dtype=dtype))
     loss.sum().backward()
     assert torch.isfinite(coords.grad).all()
-    empty = continuity_loss(coords, torch.zeros((0, 2), dtype=torch.int64), torch.zeros(0, dtype=dtype))
+    empty = continuity_loss(coords, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype))
     torch.testing.assert_close(empty, torch.zeros(2, dtype=dtype))
 
 
@@ -165,6 +166,38 @@ def test_clash_loss_with_neighbour_list_equals_dense(seed: int) -> None:
     sparse_gradient = torch.autograd.grad(clash_loss(coords, pairs).sum(), coords)[0]
     dense_gradient = torch.autograd.grad(dense_clash_loss(coords, TWO_CHAINS).sum(), coords)[0]
     torch.testing.assert_close(sparse_gradient, dense_gradient, rtol=0, atol=1e-12)
+
+
+def test_clash_loss_screened_in_blocks_of_pairs_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The close pairs are screened a block of pairs at a time: blocks of 2 pairs (many blocks, some clashing, some
+    not) give the dense loss and gradient; so do structures whose memory is component-major, as the deformation's."""
+    monkeypatch.setattr(losses, "_SCREENED_PAIRS", 2)
+    coords = _random_coords(5, batch=4, n=len(TWO_CHAINS), box_A=14.0)
+    pairs = ClashNeighbourList(TWO_CHAINS, skin_A=6.0).update(coords)
+    assert len(pairs) > 10
+    component_major = coords.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    for structures in (coords.clone().requires_grad_(True), component_major):
+        sparse, dense = clash_loss(structures, pairs), dense_clash_loss(structures, TWO_CHAINS)
+        assert (dense > 0).all()
+        torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+        sparse_gradient = torch.autograd.grad(sparse.sum(), structures)[0]
+        dense_gradient = torch.autograd.grad(dense.sum(), structures)[0]
+        torch.testing.assert_close(sparse_gradient, dense_gradient, rtol=0, atol=1e-12)
+
+
+def test_continuity_loss_skips_chain_breaks() -> None:
+    """Against numpy, pair by pair, on two chains: the distance across the break is not counted."""
+    coords = _random_coords(6, batch=2, n=len(TWO_CHAINS), box_A=14.0)
+    pairs = consecutive_pairs(TWO_CHAINS)
+    reference = torch.linspace(3.0, 4.0, len(pairs), dtype=coords.dtype)
+    array = coords.numpy()
+    references = reference.tolist()
+    expected = [
+        np.mean([(np.linalg.norm(c[i] - c[j]) - r) ** 2 for (i, j), r in zip(pairs.tolist(), references, strict=True)])
+        for c in array
+    ]
+    assert len(pairs) == len(TWO_CHAINS) - 2
+    np.testing.assert_allclose(continuity_loss(coords, pairs[:, 0], reference).numpy(), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -241,7 +274,7 @@ def test_real_adenylate_kinase_has_no_clashes(data_dir: Path) -> None:
     assert torch.equal(dense_clash_loss(coords, structure.chain_ids), torch.zeros(1, dtype=torch.float64))
     consecutive = consecutive_pairs(structure.chain_ids)
     reference = (coords[0, consecutive[:, 0]] - coords[0, consecutive[:, 1]]).norm(dim=-1)
-    assert continuity_loss(coords, consecutive, reference).item() == pytest.approx(0.0, abs=1e-20)
+    assert continuity_loss(coords, consecutive[:, 0], reference).item() == pytest.approx(0.0, abs=1e-20)
 
 
 def test_gaussian_image_nll_equals_the_likelihood_at_the_shared_scale_and_each_best_offset() -> None:

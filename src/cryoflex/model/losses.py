@@ -26,6 +26,8 @@ from cryoflex.imaging.noise import stationary_nll
 # Distances computed at once when the clash list is built on a GPU: 2^26 (B x rows x n), about 1 GiB of float32
 # temporaries in all.
 _DISTANCE_BLOCK_ELEMENTS = 2**26
+# Listed pairs screened for clashes at once: their differences over a batch of 256 structures are 3 MB of float32.
+_SCREENED_PAIRS = 1024
 
 
 def _safe_distance(diff: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -153,28 +155,22 @@ def _same_chain_next(chain_ids: Sequence[str] | np.ndarray) -> np.ndarray:
     return ids[1:] == ids[:-1]
 
 
-def _pair_distances_A(coords_A: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """(B, n, 3), (P, 2) -> (B, P) distances between the residues of each pair.
+def continuity_loss(
+    coords_A: torch.Tensor, first_residues: torch.Tensor, reference_distances_A: torch.Tensor
+) -> torch.Tensor:
+    """(B, n, 3), (P,) residues i followed by i + 1 in their chain (consecutive_pairs(...)[:, 0]) -> (B,) mean over
+    those pairs of (d - d_ref)^2 in A^2 (keeps consecutive C-alpha distances). 0 when there are none (no 0/0).
 
-    Gathered component-major, (B, 3, P), so every pass runs along the pairs rather than over 3 numbers at a time
-    (the deformation's structures are (B, 3, n) in memory, so the transposed view costs nothing), with index_select,
-    whose backward is an index_add: 2.5-3x faster forward + backward than indexing (B, n, 3) with the pairs.
+    Every distance between neighbours in file order is taken from two shifted slices of the structures,
+    component-major (B, 3, n) as the deformation holds them (the transposed view costs nothing), and the pairs pick
+    theirs: 0.53x the time of gathering both residues of every pair, forward and backward (2,750 residues).
     """
     columns = coords_A.transpose(1, 2)
-    pairs = pairs.to(coords_A.device)
-    return _safe_distance(columns.index_select(2, pairs[:, 0]) - columns.index_select(2, pairs[:, 1]), dim=1)
-
-
-def continuity_loss(
-    coords_A: torch.Tensor, pairs: torch.Tensor, reference_distances_A: torch.Tensor
-) -> torch.Tensor:
-    """(B, n, 3) -> (B,) mean over pairs of (d - d_ref)^2 in A^2 (keeps consecutive C-alpha distances).
-
-    0 when there are no pairs (no 0/0).
-    """
-    distances_A = _pair_distances_A(coords_A, pairs)
-    squared_error = (distances_A - reference_distances_A.to(coords_A)) ** 2
-    return squared_error.sum(dim=-1) / max(pairs.shape[0], 1)
+    distances_A = _safe_distance(columns[..., 1:] - columns[..., :-1], dim=1)
+    squared_error = (
+        distances_A.index_select(1, first_residues.to(coords_A.device)) - reference_distances_A.to(coords_A)
+    ) ** 2
+    return squared_error.sum(dim=-1) / max(len(first_residues), 1)
 
 
 class ClashNeighbourList:
@@ -272,9 +268,32 @@ def clash_loss(coords_A: torch.Tensor, pairs: torch.Tensor, *, cutoff_A: float =
     """(B, n, 3), (P, 2) -> (B,) sum over pairs of relu(cutoff - d)^2, divided by n (a fixed normaliser).
 
     Dividing by the residue count rather than by the number of clashing pairs keeps the value finite and
-    continuous when nothing clashes or when the neighbour list is rebuilt. Memory O(B x P).
+    continuous when nothing clashes or when the neighbour list is rebuilt. Only a structure's pairs closer than the
+    cutoff add to the value or the gradient, a few percent of the list's B x P: they are found without gradient
+    (_close_entries) and the loss is taken on them alone, 0.28x the time of taking it on every listed pair, forward
+    and backward (2,750 residues, 8,146 pairs, 256 structures). Memory O(B x P) bits.
     """
-    return _clash_sum(_pair_distances_A(coords_A, pairs), cutoff_A) / coords_A.shape[1]
+    pairs = pairs.to(coords_A.device)
+    with torch.no_grad():
+        structures, listed = _close_entries(coords_A, pairs, cutoff_A)
+    first, second = pairs[listed, 0], pairs[listed, 1]
+    overlaps = torch.relu(cutoff_A - _safe_distance(coords_A[structures, first] - coords_A[structures, second])) ** 2
+    return coords_A.new_zeros(len(coords_A)).index_add(0, structures, overlaps) / coords_A.shape[1]
+
+
+def _close_entries(coords_A: torch.Tensor, pairs: torch.Tensor, cutoff_A: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, 3), (P, 2) -> the structure and the pair (K,), (K,) of each pair closer than cutoff_A in a structure.
+
+    The structures are laid out residue-major, (n, 3, B), so each pair gathers two contiguous rows and the
+    differences run along the batch; _SCREENED_PAIRS pairs at a time, so the differences stay in cache."""
+    rows = coords_A.permute(1, 2, 0).contiguous()
+    close = torch.empty(len(pairs), len(coords_A), dtype=torch.bool, device=coords_A.device)
+    for start in range(0, len(pairs), _SCREENED_PAIRS):
+        block = pairs[start : start + _SCREENED_PAIRS]
+        differences = rows.index_select(0, block[:, 0]) - rows.index_select(0, block[:, 1])
+        torch.lt(differences.square_().sum(1), cutoff_A**2, out=close[start : start + _SCREENED_PAIRS])
+    listed, structures = close.nonzero(as_tuple=True)
+    return structures, listed
 
 
 def _clash_sum(distances_A: torch.Tensor, cutoff_A: float) -> torch.Tensor:

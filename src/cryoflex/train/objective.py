@@ -139,7 +139,7 @@ class LossTerms:
             data_term = image_term + kl_weight * terms["latent_kl"]
         total = data_term + config.segmentation_kl_weight * terms["segmentation_kl"]
         if config.continuity_weight > 0 and len(self.pairs):
-            terms["continuity"] = continuity_loss(output.coords_A, self.pairs, self.reference_A).mean()
+            terms["continuity"] = continuity_loss(output.coords_A, self.pairs[:, 0], self.reference_A).mean()
             total = total + config.continuity_weight * terms["continuity"]
         if config.clash_weight > 0:
             if rebuild_neighbours:  # from each image's first draw: the list serves the next steps' draws anyway
