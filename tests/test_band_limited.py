@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import cryoflex.imaging.band_limited as band_limited
 import cryoflex.imaging.projector as projector
 from cryoflex.data.downsample import fourier_crop
 from cryoflex.geometry.rotations import uniform_random_rotations
@@ -71,7 +72,12 @@ def test_ctf_multiplies_the_spectrum_as_for_a_cropped_image() -> None:
 
 
 @pytest.mark.parametrize("box", [8, 9])
-def test_phase_sums_backward_is_exact(box: int) -> None:
+@pytest.mark.parametrize("chunk", [1, None])
+def test_phase_sums_backward_is_exact(box: int, chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradcheck, for an even box (whose Nyquist cosine's derivative is outside the table) and an odd one, with the
+    batch in one chunk and one image per chunk."""
+    if chunk is not None:
+        monkeypatch.setattr(band_limited, "images_per_chunk", lambda *_: chunk)
     rng = np.random.default_rng(3)
     x, y = (torch.as_tensor(rng.uniform(0, 30, size=(2, 5)), dtype=F64).requires_grad_() for _ in range(2))
     weights = torch.as_tensor(rng.uniform(0.5, 2, size=(2, 5)), dtype=F64).requires_grad_()
