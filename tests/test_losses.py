@@ -168,10 +168,13 @@ def test_clash_loss_with_neighbour_list_equals_dense(seed: int) -> None:
     torch.testing.assert_close(sparse_gradient, dense_gradient, rtol=0, atol=1e-12)
 
 
-def test_clash_loss_screened_in_blocks_of_pairs_equals_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The close pairs are screened a block of pairs at a time: blocks of 2 pairs (many blocks, some clashing, some
-    not) give the dense loss and gradient; so do structures whose memory is component-major, as the deformation's."""
+@pytest.mark.parametrize("screened", [True, False])
+def test_clash_loss_screened_in_blocks_of_pairs_equals_dense(screened: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the close pairs are screened a block of pairs at a time: blocks of 2 pairs (many blocks, some clashing,
+    some not) give the dense loss and gradient; so do structures whose memory is component-major, as the
+    deformation's, and every listed pair taken at once, as on an accelerator."""
     monkeypatch.setattr(losses, "_SCREENED_PAIRS", 2)
+    monkeypatch.setattr(losses, "_screens_close_pairs", lambda device: screened)
     coords = _random_coords(5, batch=4, n=len(TWO_CHAINS), box_A=14.0)
     pairs = ClashNeighbourList(TWO_CHAINS, skin_A=6.0).update(coords)
     assert len(pairs) > 10

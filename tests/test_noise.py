@@ -60,6 +60,7 @@ def _composed_nll(
         ((3, 1), (3, 4), (3, 1, n_shells(6))),  # a spectrum per image (optics groups)
         ((3, 1), (3, 4), ()),  # white
         ((3,), (3,), (3, n_shells(6))),
+        ((3, 1), (3, 3), (3, n_shells(6))),  # broadcast from the right: a spectrum per draw, not per image
         ((2, 3), (3,), (n_shells(6),)),  # predicted broadcast over the observed
         ((), (), (2, n_shells(6))),  # more spectra of the noise than images
     ],

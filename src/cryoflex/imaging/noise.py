@@ -77,9 +77,10 @@ def stationary_nll(
     (torch.fft.rfft2), broadcast against each other (e.g. (B, 1, ...) images against (B, K, ...) draws) -> the
     broadcast leading shape. log_noise_variance: a scalar, white noise of that per-pixel variance (P log sigma^2 / 2
     for its normaliser, P = N^2 pixels); or one log variance per shell, (S,) for every image or (..., S) broadcast
-    against the leading dimensions. Differentiable in everything; the residual's quadratic form and its gradient are
-    one autograd function (_ResidualPower): 0.3x the time of the same sum in torch's complex operations at 64 and
-    128 px, 0.6x at 32 px (256 draws against 32 images, forward and backward; docs/benchmarks.md)."""
+    against the leading dimensions; log_scale: a scalar tensor. Differentiable once in everything: the residual's
+    quadratic form and its gradient are one autograd function (_ResidualPower), 0.3x the time of the same sum in
+    torch's complex operations at 64 and 128 px, 0.6x at 32 px (256 draws against 32 images, forward and backward;
+    docs/benchmarks.md)."""
     box_size_px = predicted_spectra.shape[-2]
     real = torch.view_as_real(predicted_spectra)
     weights = multiplicity(box_size_px, real.dtype, real.device)
@@ -101,13 +102,13 @@ def stationary_nll(
 
 
 def _grouped(coefficients: torch.Tensor, leading: torch.Size) -> torch.Tensor:
-    """(..., N, M) coefficients -> (G, N, M), one row per group of residuals that share them: the residuals' leading
-    shape must start with the coefficients' (their trailing 1s dropped), else they are expanded to it (a copy)."""
-    shared = list(coefficients.shape[:-2])
-    while shared and shared[-1] == 1:
-        shared.pop()
-    if tuple(shared) != tuple(leading[: len(shared)]):
-        shared = list(leading)
+    """(..., N, M) coefficients -> (G, N, M), one row per group of consecutive residuals that share them. Their
+    leading shape, aligned on the right as broadcasting aligns it and with its trailing 1s dropped, must be the start
+    of the residuals' leading shape; otherwise they are expanded to it (a copy)."""
+    aligned = [1] * (len(leading) - (coefficients.dim() - 2)) + list(coefficients.shape[:-2])
+    while aligned and aligned[-1] == 1:
+        aligned.pop()
+    if tuple(aligned) != tuple(leading[: len(aligned)]):
         coefficients = coefficients.expand(*leading, *coefficients.shape[-2:])
     return coefficients.reshape(-1, *coefficients.shape[-2:])
 
@@ -148,7 +149,7 @@ class _ResidualPower(torch.autograd.Function):
             grad_predicted = residual * (factor * -scale).view(residual.shape[:-1] + (1,))
             grad_predicted = grad_predicted.sum_to_size(predicted.shape)
             if ctx.needs_input_grad[2]:
-                grad_log_scale = torch.dot(grad_predicted.flatten(), predicted.flatten())
+                grad_log_scale = torch.dot(grad_predicted.flatten(), predicted.flatten()).reshape(scale.shape)
         if ctx.needs_input_grad[0]:
             grad_observed = (residual * factor.view(residual.shape[:-1] + (1,))).sum_to_size(ctx.observed_shape)
         return grad_observed, grad_predicted, grad_log_scale, grad_coefficients

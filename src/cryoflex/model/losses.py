@@ -269,16 +269,27 @@ def clash_loss(coords_A: torch.Tensor, pairs: torch.Tensor, *, cutoff_A: float =
 
     Dividing by the residue count rather than by the number of clashing pairs keeps the value finite and
     continuous when nothing clashes or when the neighbour list is rebuilt. Only a structure's pairs closer than the
-    cutoff add to the value or the gradient, a few percent of the list's B x P: they are found without gradient
-    (_close_entries) and the loss is taken on them alone, 0.28x the time of taking it on every listed pair, forward
-    and backward (2,750 residues, 8,146 pairs, 256 structures). Memory O(B x P) bits.
+    cutoff add to the value or the gradient, a few percent of the list's B x P. On a CPU they are found without
+    gradient (_close_entries) and the loss is taken on them alone, 0.28x the time of taking it on every listed pair,
+    forward and backward (2,750 residues, 8,146 pairs, 256 structures). Elsewhere every listed pair is taken: finding
+    the close ones would wait on the device once per step (torch.nonzero), where memory bandwidth makes the dense
+    form cheap. Memory O(B x P).
     """
     pairs = pairs.to(coords_A.device)
+    if not _screens_close_pairs(coords_A.device):
+        columns = coords_A.transpose(1, 2)  # component-major, as the deformation holds the structures
+        distances_A = _safe_distance(columns.index_select(2, pairs[:, 0]) - columns.index_select(2, pairs[:, 1]), dim=1)
+        return _clash_sum(distances_A, cutoff_A) / coords_A.shape[1]
     with torch.no_grad():
         structures, listed = _close_entries(coords_A, pairs, cutoff_A)
     first, second = pairs[listed, 0], pairs[listed, 1]
     overlaps = torch.relu(cutoff_A - _safe_distance(coords_A[structures, first] - coords_A[structures, second])) ** 2
     return coords_A.new_zeros(len(coords_A)).index_add(0, structures, overlaps) / coords_A.shape[1]
+
+
+def _screens_close_pairs(device: torch.device) -> bool:
+    """Whether clash_loss finds a structure's close pairs first (on a CPU) rather than taking every listed pair."""
+    return device.type == "cpu"
 
 
 def _close_entries(coords_A: torch.Tensor, pairs: torch.Tensor, cutoff_A: float) -> tuple[torch.Tensor, torch.Tensor]:
